@@ -1,0 +1,117 @@
+"""The decoding cache: what each layer must remember between forward calls.
+
+- full attention layer: keys and values [B, nKV, L, D], preallocated and grown by doubling;
+- Gated DeltaNet layer: the conv window [B, conv_dim, W] (the last W pre-conv inputs) and the recurrent
+  state [B, H, dk, dv] in float32. Both have a fixed size: their cost per token does not grow.
+
+The cache also keeps, per sequence, which cached positions are padding (left padding in a batch of
+prompts of different lengths) and the next position id, so later calls need no mask bookkeeping.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import FULL, Config
+
+
+@dataclass
+class AttentionCache:
+    keys: torch.Tensor  # [B, nKV, capacity, D]
+    values: torch.Tensor
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [B, nKV, T, D] at positions start.. and return all keys and values so far."""
+        end = start + k.shape[2]
+        if end > self.keys.shape[2]:
+            grow = max(end, 2 * self.keys.shape[2])
+            self.keys = _grow(self.keys, grow)
+            self.values = _grow(self.values, grow)
+        self.keys[:, :, start:end] = k
+        self.values[:, :, start:end] = v
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+
+@dataclass
+class LinearAttentionCache:
+    conv_window: torch.Tensor  # [B, conv_dim, W]
+    recurrent_state: torch.Tensor  # [B, H, dk, dv], float32
+
+
+def _grow(x: torch.Tensor, length: int) -> torch.Tensor:
+    out = x.new_zeros(*x.shape[:2], length, *x.shape[3:])
+    out[:, :, : x.shape[2]] = x
+    return out
+
+
+class Cache:
+    """Per-layer decoding state for a batch of `batch_size` sequences."""
+
+    def __init__(self, config: Config, batch_size: int, device=None, dtype=torch.float32, capacity: int = 256):
+        self.config = config
+        self.batch_size = batch_size
+        self.length = 0  # positions processed so far (padding included)
+        self.layers: list[AttentionCache | LinearAttentionCache] = []
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        for kind in config.layer_types:
+            if kind == FULL:
+                shape = (batch_size, config.num_key_value_heads, capacity, config.head_dim)
+                self.layers.append(AttentionCache(torch.zeros(shape, device=dev, dtype=dtype),
+                                                  torch.zeros(shape, device=dev, dtype=dtype)))
+            else:
+                self.layers.append(LinearAttentionCache(
+                    torch.zeros(batch_size, config.linear_conv_dim, config.linear_conv_kernel_dim, device=dev, dtype=dtype),
+                    torch.zeros(batch_size, config.linear_num_value_heads, config.linear_key_head_dim,
+                                config.linear_value_head_dim, device=dev, dtype=torch.float32),
+                ))
+        self.key_mask = torch.ones(batch_size, capacity, dtype=torch.bool, device=dev)  # False = padding
+        self.next_position = torch.zeros(batch_size, dtype=torch.long, device=dev)
+        self.has_padding = False
+
+    def record(self, mask: torch.Tensor | None, T: int) -> torch.Tensor | None:
+        """Note T new positions (mask [B, T], 1 = real token) and return the key mask [B, length+T]
+        when any cached position is padding, else None."""
+        end = self.length + T
+        if end > self.key_mask.shape[1]:
+            grown = torch.ones(self.batch_size, max(end, 2 * self.key_mask.shape[1]), dtype=torch.bool,
+                               device=self.key_mask.device)
+            grown[:, : self.length] = self.key_mask[:, : self.length]
+            self.key_mask = grown
+        if mask is not None:
+            m = mask.to(torch.bool)
+            self.key_mask[:, self.length:end] = m
+            if not bool(m.all()):
+                self.has_padding = True
+        else:
+            self.key_mask[:, self.length:end] = True
+        return self.key_mask[:, :end] if self.has_padding else None
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Copies of every tensor, to restore later (speculative decoding, tests)."""
+        out = {"length": torch.tensor(self.length), "next_position": self.next_position.clone(),
+               "key_mask": self.key_mask[:, : self.length].clone(), "has_padding": torch.tensor(self.has_padding)}
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer, AttentionCache):
+                out[f"{i}.keys"] = layer.keys[:, :, : self.length].clone()
+                out[f"{i}.values"] = layer.values[:, :, : self.length].clone()
+            else:
+                out[f"{i}.conv_window"] = layer.conv_window.clone()
+                out[f"{i}.recurrent_state"] = layer.recurrent_state.clone()
+        return out
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.length = int(state["length"])
+        self.next_position.copy_(state["next_position"])
+        self.key_mask[:, : self.length] = state["key_mask"]
+        self.has_padding = bool(state["has_padding"])
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer, AttentionCache):
+                if self.length > layer.keys.shape[2]:
+                    layer.keys, layer.values = _grow(layer.keys, self.length), _grow(layer.values, self.length)
+                layer.keys[:, :, : self.length] = state[f"{i}.keys"]
+                layer.values[:, :, : self.length] = state[f"{i}.values"]
+            else:
+                layer.conv_window.copy_(state[f"{i}.conv_window"])
+                layer.recurrent_state.copy_(state[f"{i}.recurrent_state"])

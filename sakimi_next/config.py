@@ -1,0 +1,287 @@
+"""Model configuration: one dataclass with the Hugging Face Qwen3-Next field names, and the presets.
+
+The field names are exactly those of `transformers.Qwen3NextConfig`, so `Config.to_hf_dict()` is a
+`config.json` that transformers reads and `Config.from_hf_dict()` reads theirs back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+LINEAR = "linear_attention"
+FULL = "full_attention"
+
+
+class ConfigError(ValueError):
+    """An impossible or inconsistent configuration; the message names the field."""
+
+
+def hybrid_layer_types(num_layers: int, full_attention_interval: int = 4) -> list[str]:
+    """Qwen3-Next's 3:1 pattern: every `full_attention_interval`-th layer is full attention."""
+    return [FULL if (i + 1) % full_attention_interval == 0 else LINEAR for i in range(num_layers)]
+
+
+@dataclass
+class Config:
+    # vocabulary and trunk
+    vocab_size: int = 4096
+    hidden_size: int = 256
+    num_hidden_layers: int = 8
+    intermediate_size: int = 768  # SwiGLU width of the dense MLP
+    hidden_act: str = "silu"
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = True
+    initializer_range: float = 0.02
+    max_position_embeddings: int = 8192
+    layer_types: list[str] = field(default_factory=list)  # empty = the 3:1 hybrid pattern
+    # gated attention (every 4th layer)
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 1
+    head_dim: int = 64
+    rope_theta: float = 10000.0
+    partial_rotary_factor: float = 0.25  # RoPE on the first quarter of each head, NeoX style
+    attention_bias: bool = False
+    attention_dropout: float = 0.0
+    # gated deltanet (the other layers)
+    linear_num_key_heads: int = 4
+    linear_num_value_heads: int = 8
+    linear_key_head_dim: int = 64
+    linear_value_head_dim: int = 64
+    linear_conv_kernel_dim: int = 4
+    # sparse mixture of experts (off when num_experts == 0)
+    num_experts: int = 0
+    num_experts_per_tok: int = 2
+    moe_intermediate_size: int = 256
+    shared_expert_intermediate_size: int = 256
+    norm_topk_prob: bool = True
+    decoder_sparse_step: int = 1
+    mlp_only_layers: list[int] = field(default_factory=list)
+    router_aux_loss_coef: float = 0.001
+    # multi-token prediction blocks (released Qwen3-Next has one; transformers ignores them)
+    mtp_num_hidden_layers: int = 0
+    # special tokens (filled in from the tokenizer)
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        if not self.layer_types:
+            self.layer_types = hybrid_layer_types(self.num_hidden_layers)
+        self.layer_types = list(self.layer_types)
+        self.mlp_only_layers = list(self.mlp_only_layers)
+        self.validate()
+
+    # ------------------------------------------------------------------ derived sizes
+    @property
+    def linear_key_dim(self) -> int:
+        return self.linear_num_key_heads * self.linear_key_head_dim
+
+    @property
+    def linear_value_dim(self) -> int:
+        return self.linear_num_value_heads * self.linear_value_head_dim
+
+    @property
+    def linear_conv_dim(self) -> int:
+        """Channels of the depthwise conv: q, k and v of all heads."""
+        return 2 * self.linear_key_dim + self.linear_value_dim
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    def is_moe_layer(self, i: int) -> bool:
+        return (
+            self.num_experts > 0
+            and i not in self.mlp_only_layers
+            and (i + 1) % self.decoder_sparse_step == 0
+        )
+
+    @property
+    def is_moe(self) -> bool:
+        return any(self.is_moe_layer(i) for i in range(self.num_hidden_layers))
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        def positive(*names):
+            for n in names:
+                v = getattr(self, n)
+                if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                    raise ConfigError(f"{n} ({v!r}) must be a positive integer")
+
+        positive("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size",
+                 "num_attention_heads", "num_key_value_heads", "head_dim", "linear_num_key_heads",
+                 "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim",
+                 "linear_conv_kernel_dim", "max_position_embeddings", "decoder_sparse_step")
+        if self.hidden_act != "silu":
+            raise ConfigError(f"hidden_act ({self.hidden_act!r}) must be 'silu'")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(f"num_attention_heads ({self.num_attention_heads}) must be divisible by "
+                              f"num_key_value_heads ({self.num_key_value_heads})")
+        if self.linear_num_value_heads % self.linear_num_key_heads:
+            raise ConfigError(f"linear_num_value_heads ({self.linear_num_value_heads}) must be divisible by "
+                              f"linear_num_key_heads ({self.linear_num_key_heads})")
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ConfigError(f"layer_types has {len(self.layer_types)} entries but num_hidden_layers is "
+                              f"{self.num_hidden_layers}")
+        bad = sorted(set(self.layer_types) - {LINEAR, FULL})
+        if bad:
+            raise ConfigError(f"layer_types contains {bad[0]!r}; each entry must be {LINEAR!r} or {FULL!r}")
+        if not 0.0 < self.partial_rotary_factor <= 1.0:
+            raise ConfigError(f"partial_rotary_factor ({self.partial_rotary_factor}) must be in (0, 1]")
+        if self.rotary_dim % 2:
+            raise ConfigError(f"head_dim ({self.head_dim}) * partial_rotary_factor ({self.partial_rotary_factor}) "
+                              f"= {self.rotary_dim} rotary dims, which must be even")
+        if not self.rope_theta > 0:
+            raise ConfigError(f"rope_theta ({self.rope_theta}) must be positive")
+        if not self.rms_norm_eps > 0:
+            raise ConfigError(f"rms_norm_eps ({self.rms_norm_eps}) must be positive")
+        if not self.initializer_range > 0:
+            raise ConfigError(f"initializer_range ({self.initializer_range}) must be positive")
+        if self.attention_bias:
+            raise ConfigError("attention_bias (True) is not supported; Qwen3-Next has no attention biases")
+        if self.num_experts < 0:
+            raise ConfigError(f"num_experts ({self.num_experts}) must be >= 0")
+        if self.num_experts > 0:
+            positive("num_experts_per_tok", "moe_intermediate_size")
+            if self.num_experts_per_tok > self.num_experts:
+                raise ConfigError(f"num_experts_per_tok ({self.num_experts_per_tok}) must be <= "
+                                  f"num_experts ({self.num_experts})")
+            if self.shared_expert_intermediate_size < 0:
+                raise ConfigError(f"shared_expert_intermediate_size ({self.shared_expert_intermediate_size}) "
+                                  "must be >= 0")
+        for i in self.mlp_only_layers:
+            if not 0 <= i < self.num_hidden_layers:
+                raise ConfigError(f"mlp_only_layers contains {i}, outside 0..{self.num_hidden_layers - 1}")
+        if self.mtp_num_hidden_layers not in (0, 1):
+            raise ConfigError(f"mtp_num_hidden_layers ({self.mtp_num_hidden_layers}) must be 0 or 1")
+        for n in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            v = getattr(self, n)
+            if v is not None and not 0 <= v < self.vocab_size:
+                raise ConfigError(f"{n} ({v}) must be in 0..{self.vocab_size - 1} (below vocab_size)")
+
+    # ------------------------------------------------------------------ conversion
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"unknown config field {unknown[0]!r}")
+        return cls(**d)
+
+    def replace(self, **changes) -> "Config":
+        return dataclasses.replace(self, **changes)
+
+    def to_hf_dict(self) -> dict:
+        """A `config.json` for `transformers.Qwen3NextConfig` (model_type qwen3_next).
+
+        Dense layers are expressed as transformers understands them: `num_experts = 0` when the model
+        has no experts. RoPE settings are written both in the old top-level form and as
+        `rope_parameters`, so transformers 4.57+ and 5.x read the same thing.
+        """
+        d = self.to_dict()
+        mtp = d.pop("mtp_num_hidden_layers")
+        d.update(
+            model_type="qwen3_next",
+            architectures=["Qwen3NextForCausalLM"],
+            rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta,
+                             "partial_rotary_factor": self.partial_rotary_factor},
+            use_cache=True,
+            output_router_logits=False,
+            dtype="float32",
+        )
+        if mtp:
+            d["mtp_num_hidden_layers"] = mtp  # the name the released checkpoints use
+        return d
+
+    @classmethod
+    def from_hf_dict(cls, d: dict) -> "Config":
+        """Read a transformers `config.json` dict. Fields this project does not model are ignored,
+        except those that change the computation, which are refused with a ConfigError."""
+        if d.get("model_type", "qwen3_next") != "qwen3_next":
+            raise ConfigError(f"model_type is {d.get('model_type')!r}, not 'qwen3_next'")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ConfigError(f"hidden_act ({d['hidden_act']!r}) is not supported; only 'silu'")
+        if d.get("attention_bias", False):
+            raise ConfigError("attention_bias (True) is not supported")
+        rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise ConfigError(f"rope_parameters.rope_type ({rope_type!r}) is not supported; only 'default'")
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        kw["rope_theta"] = float(rope.get("rope_theta", d.get("rope_theta", 10000.0)))
+        kw["partial_rotary_factor"] = float(rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 0.25)))
+        if "layer_types" not in d or d["layer_types"] is None:
+            kw["layer_types"] = hybrid_layer_types(d["num_hidden_layers"], d.get("full_attention_interval", 4))
+        if isinstance(kw.get("eos_token_id"), list):
+            kw["eos_token_id"] = kw["eos_token_id"][0] if kw["eos_token_id"] else None
+        kw["mlp_only_layers"] = kw.get("mlp_only_layers") or []
+        kw["mtp_num_hidden_layers"] = int(d.get("mtp_num_hidden_layers", d.get("num_nextn_predict_layers", 0)) or 0)
+        for k in ("num_experts",):
+            kw[k] = int(kw.get(k) or 0)
+        return cls(**kw)
+
+    def save(self, path: str | Path) -> None:
+        from .util import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Config":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Presets. Vocabulary, depth, width and attention heads are those of the original project's table;
+# the free dimensions follow Qwen3-Next's proportions (fixed head dims, twice as many value heads as
+# key heads in the DeltaNet layers, SwiGLU MLP) sized so that the true counts match the names.
+# Every preset ties the LM head to the embedding, as Qwen3's small models do.
+PRESETS: dict[str, dict] = {
+    # 4,456,240 parameters. At hidden 128 the model gets its size from 128-dim heads and a wide MLP.
+    "tiny_5m": dict(
+        vocab_size=2048, num_hidden_layers=4, hidden_size=128, intermediate_size=1536,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=128,
+        linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=128, linear_value_head_dim=128,
+        max_position_embeddings=8192,
+    ),
+    # 9,425,888 parameters (the recommended preset; the SPEC's "tiny example" shapes).
+    "tiny_10m": dict(
+        vocab_size=4096, num_hidden_layers=8, hidden_size=256, intermediate_size=768,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=64,
+        linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=64, linear_value_head_dim=64,
+        max_position_embeddings=16384,
+    ),
+    # 78,608,912 parameters: 52,853,264 in the layers plus a 25,755,648 (tied) embedding; the name
+    # counts non-embedding parameters, as the 50k vocabulary alone is half a 50M budget.
+    "small_50m": dict(
+        vocab_size=50304, num_hidden_layers=12, hidden_size=512, intermediate_size=1536,
+        num_attention_heads=8, num_key_value_heads=2, head_dim=128,
+        linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=128, linear_value_head_dim=128,
+        max_position_embeddings=32768,
+    ),
+}
+
+RECOMMENDED_PRESET = "tiny_10m"
+
+
+def preset(name: str, **overrides) -> Config:
+    """Build a preset's Config; `overrides` replace individual fields."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return Config(**{**PRESETS[name], **overrides})
+
+
+def nominal_size(name: str) -> float:
+    """The size the preset's name promises, in parameters (tiny_10m -> 1e7)."""
+    tag = name.split("_")[1]
+    return float(tag.rstrip("m")) * 1e6
+
+
+def fmt_count(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"

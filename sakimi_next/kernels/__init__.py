@@ -1,0 +1,58 @@
+"""Gated delta rule kernels. Each has the same contract (see `naive.py`):
+
+- `recurrent`: the plain step-by-step reference (`naive.py`), used for decoding one token.
+- `chunk`: chunks of 64 with a hand-derived backward (`chunk.py`), for training and prefill on any device.
+- `fla`: flash-linear-attention's Triton kernels (`fla.py`), only when CUDA is available and `fla` imports.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .chunk import chunk_gated_delta_rule
+from .naive import recurrent_gated_delta_rule, recurrent_step
+
+KERNELS = ("auto", "chunk", "recurrent", "fla")
+
+
+def fla_available() -> bool:
+    """True when CUDA is present and flash-linear-attention imports (never imported without CUDA)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        from . import fla  # noqa: F401
+
+        return fla.available()
+    except Exception:
+        return False
+
+
+def resolve_kernel(name: str, device: torch.device | str) -> str:
+    """`auto` -> `fla` on CUDA when installed, else `chunk`. Raises ValueError for an unusable choice."""
+    device = torch.device(device)
+    if name not in KERNELS:
+        raise ValueError(f"unknown kernel {name!r}; choose one of: {', '.join(KERNELS)}")
+    if name == "auto":
+        return "fla" if device.type == "cuda" and fla_available() else "chunk"
+    if name == "fla" and not (device.type == "cuda" and fla_available()):
+        raise ValueError("kernel 'fla' needs a CUDA device and the flash-linear-attention package (pip install flash-linear-attention)")
+    return name
+
+
+def gated_delta_rule(kernel: str, q, k, v, g, beta, scale=None, initial_state=None, output_final_state=True):
+    """Dispatch to the named kernel (already resolved: chunk, recurrent or fla)."""
+    if kernel == "chunk":
+        return chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state)
+    if kernel == "recurrent":
+        return recurrent_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state)
+    if kernel == "fla":
+        from .fla import fla_gated_delta_rule
+
+        return fla_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state)
+    raise ValueError(f"unknown kernel {kernel!r}")
+
+
+__all__ = [
+    "KERNELS", "chunk_gated_delta_rule", "recurrent_gated_delta_rule", "recurrent_step",
+    "resolve_kernel", "gated_delta_rule", "fla_available",
+]

@@ -1,0 +1,77 @@
+"""The plain gated delta rule, one time step after another: the reference every fast kernel is tested
+against, and the kernel used when decoding one token at a time.
+
+Shapes: q, k [B, T, Hk, K]; v [B, T, H, V]; g, beta [B, T, H]; state [B, H, K, V], H a multiple of Hk
+(value head j reads key head j // (H // Hk)). q and k arrive l2-normalised; `scale` multiplies q.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def recurrent_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """S_t = exp(g_t) S_{t-1};  S_t += k_t (beta_t (v_t - S_t^T k_t))^T;  o_t = S_t^T (scale q_t).
+
+    Returns o [B, T, H, V] in v's dtype and the final state [B, H, K, V] (float32, or float64 for
+    float64 inputs) when `output_final_state`. Differentiable by autograd.
+    """
+    B, T, Hk, K = k.shape
+    H, V = v.shape[-2:]
+    scale = K**-0.5 if scale is None else scale
+    dt = _compute_dtype(v)
+    r = H // Hk
+    q, k = (x.to(dt).repeat_interleave(r, dim=2) if r > 1 else x.to(dt) for x in (q, k))
+    v, g, beta = v.to(dt), g.to(dt), beta.to(dt)
+    q = q * scale
+    S = torch.zeros(B, H, K, V, dtype=dt, device=v.device) if initial_state is None else initial_state.to(dt)
+    outs = []
+    for t in range(T):
+        S = S * g[:, t].exp()[..., None, None]
+        kt = k[:, t]  # [B, H, K]
+        delta = beta[:, t, :, None] * (v[:, t] - torch.einsum("bhkv,bhk->bhv", S, kt))
+        S = S + kt[..., None] * delta[..., None, :]
+        outs.append(torch.einsum("bhkv,bhk->bhv", S, q[:, t]))
+    o = torch.stack(outs, dim=1).to(v.dtype)
+    return o, (S if output_final_state else None)
+
+
+def recurrent_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    state: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One decoding step, updating `state` in place (no autograd).
+
+    q, k [B, Hk, K]; v [B, H, V]; g, beta [B, H]; state [B, H, K, V] float32. Returns o [B, H, V].
+    """
+    B, Hk, K = k.shape
+    H, V = v.shape[-2:]
+    r = H // Hk
+    dt = state.dtype
+    # view the value heads as [Hk, r] groups so each key head is read once, without copies
+    S = state.view(B, Hk, r, K, V)
+    S.mul_(g.to(dt).exp().view(B, Hk, r, 1, 1))
+    kt = k.to(dt).view(B, Hk, 1, 1, K)
+    kv = (kt @ S).squeeze(-2)  # [B, Hk, r, V] = S^T k
+    delta = (v.to(dt).view(B, Hk, r, V) - kv) * beta.to(dt).view(B, Hk, r, 1)
+    S.add_(k.to(dt).view(B, Hk, 1, K, 1) * delta.unsqueeze(-2))
+    o = ((q.to(dt) * scale).view(B, Hk, 1, 1, K) @ S).squeeze(-2)
+    return o.reshape(B, H, V).to(v.dtype)

@@ -1,0 +1,457 @@
+"""Qwen3-Next in one file: a hybrid of Gated DeltaNet (linear attention) and Gated Attention layers.
+
+    input_ids -> embed_tokens -> [DecoderLayer x N] -> norm -> lm_head -> logits
+    DecoderLayer:  h = x + mixer(input_layernorm(x));  out = h + mlp(post_attention_layernorm(h))
+    mixer: GatedDeltaNet for "linear_attention" layers, GatedAttention for "full_attention" (every 4th)
+
+It computes what `transformers.Qwen3NextForCausalLM` computes, with the same parameter names and shapes,
+so a state dict moves between the two without renaming. The gated delta rule itself lives in
+`kernels/` (a plain recurrent reference, a chunked kernel, and flash-linear-attention on CUDA).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .cache import AttentionCache, Cache, LinearAttentionCache
+from .config import FULL, LINEAR, Config
+from .kernels import gated_delta_rule, recurrent_step, resolve_kernel
+from .kernels.conv import causal_conv1d, causal_conv1d_step, update_window
+from .moe import SparseMoeBlock
+
+
+class RMSNorm(nn.Module):
+    """Zero-centred RMSNorm: x / rms(x) * (1 + w) in float32; w starts at zero."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * (1.0 + self.weight.float())).type_as(x)
+
+
+class RMSNormGated(nn.Module):
+    """RMSNorm of each value head, times a plain weight (starts at one), times silu(z)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight * xf.to(dtype) * F.silu(z.float())).to(dtype)
+
+
+def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
+
+
+# ----------------------------------------------------------------------------------------- attention
+class RotaryEmbedding(nn.Module):
+    """cos/sin of NeoX-style RoPE for the first `rotary_dim` dims of each head."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        dim = config.rotary_dim
+        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids [B, T] -> cos, sin [B, T, rotary_dim]."""
+        freqs = position_ids[..., None].float() * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, T, h, D]; rotates pairs (i, i + rot/2) of the first rot dims, passes the rest through."""
+    rot = cos.shape[-1]
+    cos, sin = cos[:, :, None], sin[:, :, None]
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    x1, x2 = x_rot[..., : rot // 2], x_rot[..., rot // 2:]
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return torch.cat((x_rot * cos + rotated * sin, x_pass), dim=-1)
+
+
+class GatedAttention(nn.Module):
+    """Causal GQA softmax attention with q/k norms, partial RoPE and a sigmoid output gate per channel."""
+
+    def __init__(self, config: Config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+        H, D = config.hidden_size, config.head_dim
+        self.q_proj = nn.Linear(H, self.num_heads * D * 2, bias=False)  # query and gate, per head
+        self.k_proj = nn.Linear(H, self.num_kv_heads * D, bias=False)
+        self.v_proj = nn.Linear(H, self.num_kv_heads * D, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * D, H, bias=False)
+        self.q_norm = RMSNorm(D, eps=config.rms_norm_eps)
+        self.k_norm = RMSNorm(D, eps=config.rms_norm_eps)
+        self.dropout = config.attention_dropout
+
+    def forward(self, x, rope, attn_mask=None, cache: AttentionCache | None = None, cache_start: int = 0):
+        """x [B, T, H]; rope = (cos, sin) [B, T, rot]; attn_mask [B, 1, T, L] bool (True = attend) or
+        None for plain causal attention over the T new positions (and everything cached before)."""
+        B, T, _ = x.shape
+        D = self.head_dim
+        q, gate = self.q_proj(x).view(B, T, self.num_heads, 2 * D).split(D, dim=-1)
+        q = self.q_norm(q)
+        k = self.k_norm(self.k_proj(x).view(B, T, self.num_kv_heads, D))
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, D)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if cache is not None:
+            k, v = cache.append(k, v, cache_start)
+        # with a cache and several new tokens, SDPA's is_causal would align the wrong corner
+        is_causal = attn_mask is None and T > 1
+        if is_causal and k.shape[2] != T:
+            attn_mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - T)
+            is_causal = False
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=D**-0.5,
+            dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.num_heads != self.num_kv_heads,
+        )
+        y = y.transpose(1, 2).reshape(B, T, self.num_heads * D)
+        return self.o_proj(y * torch.sigmoid(gate.reshape(B, T, -1)))
+
+
+# ------------------------------------------------------------------------------------- gated deltanet
+class GatedDeltaNet(nn.Module):
+    """Linear attention with the gated delta rule.
+
+    Projections are grouped per key head as in the released weights: in_proj_qkvz gives, for each of
+    the Hk key heads, [q dk | k dk | v r*dv | z r*dv] (r = Hv/Hk value heads per key head), and
+    in_proj_ba gives [b r | a r]. q, k, v pass a depthwise causal conv + SiLU; beta = sigmoid(b),
+    g = -exp(A_log) * softplus(a + dt_bias) is the per-step log decay.
+    """
+
+    def __init__(self, config: Config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_k_heads, self.num_v_heads = config.linear_num_key_heads, config.linear_num_value_heads
+        self.head_k_dim, self.head_v_dim = config.linear_key_head_dim, config.linear_value_head_dim
+        self.key_dim, self.value_dim = config.linear_key_dim, config.linear_value_dim
+        self.conv_dim = config.linear_conv_dim
+        H, r = config.hidden_size, self.num_v_heads // self.num_k_heads
+        self.in_proj_qkvz = nn.Linear(H, 2 * self.key_dim + 2 * self.value_dim, bias=False)
+        self.in_proj_ba = nn.Linear(H, 2 * self.num_v_heads, bias=False)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, config.linear_conv_kernel_dim, bias=False,
+                                groups=self.conv_dim, padding=config.linear_conv_kernel_dim - 1)
+        self.dt_bias = nn.Parameter(torch.ones(self.num_v_heads))
+        self.A_log = nn.Parameter(torch.empty(self.num_v_heads).uniform_(0.01, 16).log())
+        self.norm = RMSNormGated(self.head_v_dim, eps=config.rms_norm_eps)
+        self.out_proj = nn.Linear(self.value_dim, H, bias=False)
+        self.split_qkvz = [self.head_k_dim, self.head_k_dim, r * self.head_v_dim, r * self.head_v_dim]
+        self.kernel = "chunk"
+
+    def forward(self, x, pad_mask=None, cache: LinearAttentionCache | None = None):
+        """x [B, T, H]; pad_mask [B, T] (1 = token, 0 = padding) or None. Returns [B, T, H]."""
+        if pad_mask is not None:  # padding must not leak into the conv window or the state
+            x = x * pad_mask[..., None].to(x.dtype)
+        B, T, _ = x.shape
+        Hk, Hv, dk, dv = self.num_k_heads, self.num_v_heads, self.head_k_dim, self.head_v_dim
+        q, k, v, z = self.in_proj_qkvz(x).view(B, T, Hk, -1).split(self.split_qkvz, dim=-1)
+        b, a = self.in_proj_ba(x).view(B, T, Hk, -1).chunk(2, dim=-1)
+        qkv = torch.cat((q.reshape(B, T, -1), k.reshape(B, T, -1), v.reshape(B, T, -1)), dim=-1)
+
+        if cache is not None and T == 1:
+            qkv = causal_conv1d_step(qkv[:, 0], self.conv1d.weight, cache.conv_window)[:, None]
+        else:
+            window = cache.conv_window if cache is not None else None
+            new_qkv = qkv
+            qkv = causal_conv1d(qkv, self.conv1d.weight, window)
+            if cache is not None:
+                update_window(cache.conv_window, new_qkv)
+        q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        q = l2norm(q.reshape(B, T, Hk, dk).float())
+        k = l2norm(k.reshape(B, T, Hk, dk).float())
+        v = v.reshape(B, T, Hv, dv)
+        beta = b.reshape(B, T, Hv).sigmoid()
+        g = -self.A_log.float().exp() * F.softplus(a.reshape(B, T, Hv).float() + self.dt_bias)
+
+        if cache is not None and T == 1 and self.kernel != "fla":
+            o = recurrent_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], cache.recurrent_state,
+                               dk**-0.5)[:, None]
+        else:
+            state = cache.recurrent_state if cache is not None else None
+            o, final = gated_delta_rule(self.kernel, q, k, v, g, beta, dk**-0.5, state, cache is not None)
+            if cache is not None:
+                cache.recurrent_state.copy_(final)
+        o = self.norm(o, z.reshape(B, T, Hv, dv))
+        return self.out_proj(o.reshape(B, T, self.value_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: Config, layer_idx: int):
+        super().__init__()
+        self.layer_type = config.layer_types[layer_idx]
+        if self.layer_type == FULL:
+            self.self_attn = GatedAttention(config, layer_idx)
+        else:
+            self.linear_attn = GatedDeltaNet(config, layer_idx)
+        self.mlp = SparseMoeBlock(config) if config.is_moe_layer(layer_idx) else MLP(
+            config.hidden_size, config.intermediate_size)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, x, ctx: "_ForwardContext", cache=None):
+        h = self.input_layernorm(x)
+        if self.layer_type == FULL:
+            h = self.self_attn(h, ctx.rope, ctx.attn_mask, cache, ctx.cache_start)
+        else:
+            h = self.linear_attn(h, ctx.pad_mask, cache)
+        x = x + h
+        h = self.mlp(self.post_attention_layernorm(x))
+        if isinstance(h, tuple):  # MoE returns (output, router_logits)
+            h, router_logits = h
+            ctx.router_logits.append(router_logits)
+        return x + h
+
+
+@dataclass
+class _ForwardContext:
+    """What every layer of one forward call shares."""
+
+    rope: tuple[torch.Tensor, torch.Tensor]
+    attn_mask: torch.Tensor | None  # [B, 1, T, L] bool, or None for plain causal
+    pad_mask: torch.Tensor | None  # [B, T], or None when nothing is padding
+    cache_start: int
+    router_logits: list
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor  # [B, T, V] (or the last `logits_to_keep` positions)
+    loss: torch.Tensor | None = None  # cross-entropy (+ weighted auxiliary losses when present)
+    aux_loss: torch.Tensor | None = None  # MoE load-balancing loss (unweighted)
+    mtp_loss: torch.Tensor | None = None  # multi-token-prediction loss (unweighted)
+    hidden_states: torch.Tensor | None = None  # final hidden states after the last norm [B, T, H]
+
+
+class Qwen3NextModel(nn.Module):
+    """The trunk: embedding, decoder layers, final norm (transformers' `model.` prefix)."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+
+
+class Qwen3NextForCausalLM(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        self.config = config
+        self.model = Qwen3NextModel(config)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.kernel = "chunk"
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ setup
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The reference initialisation (from the global RNG: seed it first): N(0, initializer_range)
+        for matrices, the embedding and the conv; zeros for the zero-centred norms; ones for the gated
+        norm and dt_bias; A_log = log U(0.01, 16)."""
+        if self.device.type == "meta":
+            return
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Conv1d)):
+                module.weight.normal_(0.0, std)
+            elif isinstance(module, nn.Embedding):
+                module.weight.normal_(0.0, std)
+                if module.padding_idx is not None:
+                    module.weight[module.padding_idx].zero_()
+            elif isinstance(module, RMSNorm):
+                module.weight.zero_()
+            elif isinstance(module, RMSNormGated):
+                module.weight.fill_(1.0)
+            elif isinstance(module, GatedDeltaNet):
+                module.dt_bias.fill_(1.0)
+                module.A_log.copy_(torch.empty_like(module.A_log).uniform_(0.01, 16).log())
+            elif isinstance(module, SparseMoeBlock):
+                module.reset_parameters(std)
+
+    def set_kernel(self, name: str, device=None) -> str:
+        """Choose the gated delta rule kernel for every DeltaNet layer (auto|chunk|recurrent|fla)."""
+        device = device if device is not None else self.device
+        self.kernel = resolve_kernel(name, device)
+        for m in self.modules():
+            if isinstance(m, GatedDeltaNet):
+                m.kernel = self.kernel
+        return self.kernel
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def new_cache(self, batch_size: int, capacity: int = 256) -> Cache:
+        dtype = self.model.embed_tokens.weight.dtype
+        return Cache(self.config, batch_size, self.device, dtype, capacity)
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        logits_to_keep: int = 0,
+        return_hidden: bool = False,
+    ) -> CausalLMOutput:
+        """input_ids [B, T] -> logits [B, T, V].
+
+        targets [B, T]: the token each position should predict (already shifted, nanoGPT style; -100 is
+        ignored). attention_mask [B, T] (or [B, cached + T]): 1 for tokens, 0 for left padding.
+        cache: continue from (and update) a decoding cache; any T works, one token or many.
+        logits_to_keep: compute logits for only the last k positions (0 = all).
+        """
+        B, T = input_ids.shape
+        self._check_ids(input_ids)
+        pad_mask = None
+        if attention_mask is not None:
+            pad_mask = attention_mask[:, -T:].to(torch.bool)
+            if not torch.compiler.is_compiling() and bool(pad_mask.all()):
+                pad_mask = None
+        start = cache.length if cache is not None else 0
+
+        if position_ids is None:
+            if pad_mask is not None:  # left padding: the first real token is position 0 (as generate does)
+                offset = cache.next_position[:, None] if cache is not None else 0
+                position_ids = (pad_mask.long().cumsum(-1) - 1).clamp(min=0) + offset
+            elif cache is not None:
+                position_ids = cache.next_position[:, None] + torch.arange(T, device=input_ids.device)
+            else:
+                position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+
+        attn_mask = None
+        if cache is not None:
+            key_mask = cache.record(pad_mask, T)
+            if key_mask is not None:
+                attn_mask = _padded_causal_mask(key_mask, T)
+            cache.next_position = position_ids[:, -1] + 1
+            cache.length = start + T
+        elif pad_mask is not None:
+            attn_mask = _padded_causal_mask(pad_mask, T)
+
+        x = self.model.embed_tokens(input_ids)
+        ctx = _ForwardContext(self.model.rotary_emb(position_ids, x.dtype), attn_mask, pad_mask, start, [])
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, ctx, cache.layers[i] if cache is not None else None)
+        hidden = self.model.norm(x)
+
+        h = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
+        logits = F.linear(h, self.lm_head_weight)
+        out = CausalLMOutput(logits=logits, hidden_states=hidden if return_hidden else None)
+        if ctx.router_logits:
+            from .moe import load_balancing_loss
+
+            out.aux_loss = load_balancing_loss(ctx.router_logits, self.config, pad_mask)
+        if targets is not None:
+            out.loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+            if out.aux_loss is not None:
+                out.loss = out.loss + self.config.router_aux_loss_coef * out.aux_loss
+        return out
+
+    def _check_ids(self, input_ids: torch.Tensor) -> None:
+        if torch.compiler.is_compiling() or input_ids.numel() == 0:
+            return
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"token id {bad} is outside the vocabulary (0..{self.config.vocab_size - 1})")
+
+
+def _padded_causal_mask(key_mask: torch.Tensor, T: int) -> torch.Tensor:
+    """key_mask [B, L] (False = padding) -> [B, 1, T, L]: causal over the last T positions, padding
+    hidden. A padding query may always see itself, so no row is empty (an empty row gives NaN)."""
+    L = key_mask.shape[1]
+    causal = torch.ones(T, L, dtype=torch.bool, device=key_mask.device).tril(L - T)
+    diagonal = torch.zeros(T, L, dtype=torch.bool, device=key_mask.device)
+    diagonal[torch.arange(T), torch.arange(L - T, L)] = True
+    return ((causal & key_mask[:, None, :]) | diagonal)[:, None]
+
+
+def count_parameters(config: Config) -> dict[str, int]:
+    """Exact parameter counts by name, from a model built on the meta device (no memory, no init)."""
+    with torch.device("meta"):
+        model = Qwen3NextForCausalLM(config)
+    return {name: p.numel() for name, p in model.named_parameters()}
+
+
+def parameter_breakdown(config: Config) -> list[tuple[str, int, int]]:
+    """Rows of (part, parameters per unit, number of units); the totals add up to the model's count."""
+    counts = count_parameters(config)
+    kinds = config.layer_types
+
+    def layer_part(i: int, prefix: str) -> int:
+        return sum(n for k, n in counts.items() if k.startswith(f"model.layers.{i}.{prefix}"))
+
+    rows: list[tuple[str, int, int]] = [("embedding", counts["model.embed_tokens.weight"], 1)]
+    for kind, prefix, label in ((LINEAR, "linear_attn.", "Gated DeltaNet layer"),
+                                (FULL, "self_attn.", "Gated Attention layer")):
+        idx = [i for i, t in enumerate(kinds) if t == kind]
+        if idx:
+            rows.append((label, layer_part(idx[0], prefix), len(idx)))
+    dense = [i for i in range(config.num_hidden_layers) if not config.is_moe_layer(i)]
+    moe = [i for i in range(config.num_hidden_layers) if config.is_moe_layer(i)]
+    if dense:
+        rows.append(("SwiGLU MLP", layer_part(dense[0], "mlp."), len(dense)))
+    if moe:
+        rows.append((f"MoE block ({config.num_experts} experts)", layer_part(moe[0], "mlp."), len(moe)))
+    norms = sum(n for k, n in counts.items() if k.endswith("layernorm.weight") or k == "model.norm.weight")
+    rows.append(("norms (2 per layer + final)", norms, 1))
+    if config.tie_word_embeddings:
+        rows.append(("LM head (tied to the embedding)", 0, 1))
+    else:
+        rows.append(("LM head", counts["lm_head.weight"], 1))
+    rest = sum(counts.values()) - sum(p * u for _, p, u in rows)
+    if rest:
+        rows.append(("other (MTP)", rest, 1))
+    return rows
+
+
+def active_parameters(config: Config) -> int:
+    """Parameters used per token: all of them, minus the experts a token is not routed to."""
+    total = sum(count_parameters(config).values())
+    if not config.is_moe:
+        return total
+    per_expert = 3 * config.hidden_size * config.moe_intermediate_size
+    n_moe = sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
+    return total - n_moe * (config.num_experts - config.num_experts_per_tok) * per_expert

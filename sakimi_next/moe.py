@@ -1,0 +1,117 @@
+"""Qwen3-Next's sparse mixture of experts, as transformers computes it.
+
+A router (`gate`, H -> E, no bias) scores every token; softmax in float32, top-k, renormalised when
+`norm_topk_prob`; the chosen SwiGLU experts run only on the tokens routed to them; a shared SwiGLU
+expert, scaled by sigmoid(shared_expert_gate(x)), is added for every token.
+
+Expert weights are stacked the way transformers 5 keeps them in memory:
+`experts.gate_up_proj [E, 2I, H]` (gate rows first, then up) and `experts.down_proj [E, H, I]`
+(`interop.py` converts to the per-expert names stored on disk).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import Config
+
+
+class TopKRouter(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        self.top_k, self.norm_topk_prob = config.num_experts_per_tok, config.norm_topk_prob
+        self.weight = nn.Parameter(torch.zeros(config.num_experts, config.hidden_size))
+
+    def forward(self, x: torch.Tensor):
+        """x [N, H] -> router logits [N, E], routing weights [N, k], chosen experts [N, k]."""
+        logits = F.linear(x, self.weight)
+        probs = F.softmax(logits, dim=-1, dtype=torch.float32)
+        weights, experts = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return logits, weights.to(logits.dtype), experts
+
+
+class Experts(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        E, H, I = config.num_experts, config.hidden_size, config.moe_intermediate_size
+        self.num_experts = E
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))
+        self.down_proj = nn.Parameter(torch.empty(E, H, I))
+
+    def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [N, H]; experts, weights [N, k]. Tokens are grouped by expert (one sort), so each expert
+        multiplies only the rows routed to it and experts no token chose cost nothing."""
+        N, k = experts.shape
+        flat = experts.flatten()
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        token = order // k  # which token each sorted assignment belongs to
+        rows = x[token]
+        out = torch.empty_like(rows)
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            seg = rows[start:start + n]
+            gate, up = F.linear(seg, self.gate_up_proj[e]).chunk(2, dim=-1)
+            out[start:start + n] = F.linear(F.silu(gate) * up, self.down_proj[e])
+            start += n
+        out = out * weights.flatten()[order, None].to(out.dtype)
+        return torch.zeros_like(x).index_add_(0, token, out)
+
+
+class SharedExpert(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class SparseMoeBlock(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        self.gate = TopKRouter(config)
+        self.experts = Experts(config)
+        self.shared_expert = SharedExpert(config.hidden_size, config.shared_expert_intermediate_size)
+        self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
+
+    @torch.no_grad()
+    def reset_parameters(self, std: float) -> None:
+        for p in (self.gate.weight, self.experts.gate_up_proj, self.experts.down_proj):
+            p.normal_(0.0, std)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, T, H] -> (output [B, T, H], router logits [B*T, E])."""
+        B, T, H = x.shape
+        flat = x.reshape(-1, H)
+        logits, weights, experts = self.gate(flat)
+        out = self.experts(flat, experts, weights)
+        out = out + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
+        return out.reshape(B, T, H), logits
+
+
+def load_balancing_loss(router_logits: list[torch.Tensor], config: Config,
+                        pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Switch-Transformer load-balancing loss over all MoE layers, as transformers computes it:
+    E * sum_e (fraction of top-k assignments to e) * (mean router probability of e); padding excluded."""
+    E, k = config.num_experts, config.num_experts_per_tok
+    counts = torch.zeros(E, dtype=torch.float32, device=router_logits[0].device)
+    prob_sum = torch.zeros_like(counts)
+    rows = 0.0
+    weight = None if pad_mask is None else pad_mask.reshape(-1).float()
+    for logits in router_logits:
+        probs = F.softmax(logits.float(), dim=-1)
+        chosen = torch.topk(probs, k, dim=-1).indices
+        w = torch.ones(chosen.shape[0], device=probs.device) if weight is None else weight
+        counts = counts.index_add(0, chosen.flatten(), w.repeat_interleave(k))
+        prob_sum = prob_sum + (probs * w[:, None]).sum(0)
+        rows = rows + w.sum()
+    return (counts / rows * prob_sum / rows).sum() * E

@@ -1,0 +1,114 @@
+"""The chunked gated delta rule and the conv paths against their plain references, in float64."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sakimi_next.kernels import chunk_gated_delta_rule, recurrent_gated_delta_rule, recurrent_step
+from sakimi_next.kernels.conv import causal_conv1d, causal_conv1d_step, update_window
+
+
+def make_inputs(B, T, Hk, H, K, V, gate, seed=0, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*s):
+        return torch.randn(*s, generator=gen, dtype=dtype)
+
+    q = F.normalize(randn(B, T, Hk, K), dim=-1)
+    k = F.normalize(randn(B, T, Hk, K), dim=-1)
+    v = randn(B, T, H, V)
+    u = torch.rand(B, T, H, generator=gen, dtype=dtype)
+    g = {"near_zero": -1e-4 * u, "moderate": -u, "strong": -20 * u - 5, "mixed": torch.log(u) * 3}[gate]
+    beta = torch.rand(B, T, H, generator=gen, dtype=dtype)
+    h0 = randn(B, H, K, V)
+    return [x.requires_grad_() for x in (q, k, v, g, beta, h0)]
+
+
+CASES = [
+    # (B, T, Hk, H, K, V)
+    (2, 1, 2, 2, 16, 16),
+    (1, 63, 2, 4, 16, 24),
+    (2, 64, 1, 4, 32, 16),
+    (1, 65, 2, 2, 16, 16),
+    (2, 130, 2, 8, 8, 32),
+    (1, 200, 4, 4, 16, 16),
+]
+
+
+@pytest.mark.parametrize("gate", ["near_zero", "moderate", "strong", "mixed"])
+@pytest.mark.parametrize("shape", CASES, ids=lambda s: "B{}_T{}_Hk{}_H{}_K{}_V{}".format(*s))
+def test_chunk_matches_recurrent(shape, gate):
+    xs = make_inputs(*shape, gate=gate)
+    q, k, v, g, beta, h0 = xs
+    o_ref, s_ref = recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=h0)
+    o, s = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0)
+    torch.testing.assert_close(o, o_ref, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(s, s_ref, rtol=1e-9, atol=1e-9)
+    gen = torch.Generator().manual_seed(1)
+    do = torch.randn(o.shape, generator=gen, dtype=o.dtype)
+    ds = torch.randn(s.shape, generator=gen, dtype=s.dtype)
+    grads_ref = torch.autograd.grad((o_ref * do).sum() + (s_ref * ds).sum(), xs)
+    grads = torch.autograd.grad((o * do).sum() + (s * ds).sum(), xs)
+    for name, a, b in zip(["q", "k", "v", "g", "beta", "initial_state"], grads, grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-8, msg=lambda m: f"d{name}: {m}")
+
+
+def test_chunk_without_initial_state_and_small_chunks():
+    q, k, v, g, beta, _ = make_inputs(2, 37, 2, 4, 8, 8, gate="moderate")
+    o_ref, s_ref = recurrent_gated_delta_rule(q, k, v, g, beta)
+    for C in (4, 16, 64):
+        o, s = chunk_gated_delta_rule(q, k, v, g, beta, chunk_size=C)
+        torch.testing.assert_close(o, o_ref, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(s, s_ref, rtol=1e-9, atol=1e-9)
+    (o.sum() + s.sum()).backward()  # no initial state: gradients still flow to the inputs
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+def test_chunk_float32_close_to_float64():
+    xs64 = make_inputs(2, 200, 2, 4, 32, 32, gate="mixed")
+    xs32 = [x.detach().float() for x in xs64]
+    o64, s64 = recurrent_gated_delta_rule(*xs64[:5], initial_state=xs64[5])
+    o32, s32 = chunk_gated_delta_rule(*xs32[:5], initial_state=xs32[5])
+    assert o32.dtype == torch.float32 and s32.dtype == torch.float32
+    torch.testing.assert_close(o32.double(), o64, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(s32.double(), s64, rtol=1e-4, atol=1e-4)
+
+
+def test_split_sequence_equals_whole():
+    """Two chunked calls chained through the state equal one call (what chunked prefill relies on)."""
+    q, k, v, g, beta, h0 = (x.detach() for x in make_inputs(1, 150, 2, 4, 16, 16, gate="moderate"))
+    o, s = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0)
+    o1, s1 = chunk_gated_delta_rule(q[:, :70], k[:, :70], v[:, :70], g[:, :70], beta[:, :70], initial_state=h0)
+    o2, s2 = chunk_gated_delta_rule(q[:, 70:], k[:, 70:], v[:, 70:], g[:, 70:], beta[:, 70:], initial_state=s1)
+    torch.testing.assert_close(torch.cat([o1, o2], 1), o, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(s2, s, rtol=1e-10, atol=1e-10)
+
+
+def test_recurrent_step_matches_recurrent():
+    q, k, v, g, beta, h0 = (x.detach().float() for x in make_inputs(2, 5, 2, 6, 16, 8, gate="moderate"))
+    o_ref, s_ref = recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=h0)
+    state = h0.clone()
+    outs = [recurrent_step(q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], state, 16**-0.5) for t in range(5)]
+    torch.testing.assert_close(torch.stack(outs, 1), o_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(state, s_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_conv_paths_agree():
+    gen = torch.Generator().manual_seed(0)
+    B, T, C, W = 2, 11, 6, 4
+    x = torch.randn(B, T, C, generator=gen, dtype=torch.float64)
+    weight = torch.randn(C, 1, W, generator=gen, dtype=torch.float64)
+    ref = F.silu(F.conv1d(x.transpose(1, 2), weight, padding=W - 1, groups=C)[..., :T]).transpose(1, 2)
+    torch.testing.assert_close(causal_conv1d(x, weight), ref)
+    # one step at a time
+    window = torch.zeros(B, C, W, dtype=torch.float64)
+    steps = torch.stack([causal_conv1d_step(x[:, t], weight, window) for t in range(T)], 1)
+    torch.testing.assert_close(steps, ref)
+    # a prefix, then the rest continuing from the window
+    window = torch.zeros(B, C, W, dtype=torch.float64)
+    a = causal_conv1d(x[:, :3], weight, window)
+    update_window(window, x[:, :3])
+    b = causal_conv1d(x[:, 3:], weight, window)
+    update_window(window, x[:, 3:])
+    torch.testing.assert_close(torch.cat([a, b], 1), ref)
+    torch.testing.assert_close(window, x[:, -W:].transpose(1, 2))
