@@ -18,6 +18,10 @@ from .util import UserError, format_table, resolve_device
 # mode -> (module, function); a mode is listed once it is implemented
 MODES = {
     "test": ("sakimi_next.cli", "run_test"),
+    "train": ("sakimi_next.train", "run_train"),
+    "generate": ("sakimi_next.generate", "run_generate"),
+    "eval": ("sakimi_next.evaluate", "run_eval"),
+    "export": ("sakimi_next.interop", "run_export"),
 }
 
 

@@ -40,3 +40,40 @@ def hf_twin(model, attn_implementation: str = "eager"):
     assert set(missing) <= allowed, missing
     hf.eval()
     return hf
+
+
+def read_head(path: Path, n_bytes: int) -> str:
+    """The first n_bytes of a UTF-8 file, cut at a character boundary."""
+    return path.read_bytes()[:n_bytes].decode("utf-8", errors="ignore")
+
+
+def mixed_corpus() -> str:
+    """~100 KB of English and Chinese from ../shared/data (the CI smoke-test budget)."""
+    return (read_head(SHARED_DATA / "tinystories" / "tinystories_mini.txt", 50_000) + "\n\n"
+            + read_head(SHARED_DATA / "zh_novels" / "hongloumeng.txt", 50_000))
+
+
+def train_briefly(model, vocab_limit: int, steps: int = 3, seed: int = 0):
+    """A few AdamW steps on random tokens, so no weight keeps its initial value."""
+    import torch
+
+    from sakimi_next.train import build_optimizer
+
+    g = torch.Generator().manual_seed(seed)
+    opt = build_optimizer(model, 3e-3, 0.1, (0.9, 0.95))
+    model.train()
+    for _ in range(steps):
+        x = torch.randint(0, vocab_limit, (2, 33), generator=g)
+        model(x[:, :-1], x[:, 1:]).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    return opt
+
+
+def make_checkpoint(out_dir: Path, model, tokenizer, step: int = 3, optimizer=None, preset_name="custom"):
+    """Save `model` as a training checkpoint with `tokenizer`, as --mode train would."""
+    from sakimi_next.checkpoint import save_checkpoint
+
+    state = {"preset": preset_name, "tokens_seen": 0, "args": {"seq_len": 32}, "tokenizer_sha256": tokenizer.sha256}
+    return save_checkpoint(out_dir, step, model, optimizer, state, model.config, tokenizer.path)

@@ -1,0 +1,322 @@
+"""`--mode generate`: decoding as small typed functions, in the style of gpt-fast.
+
+    prefill(model, ids, mask, cache)      -> logits of each row's last prompt token   [B, V]
+    decode_one_token(model, token, cache) -> logits of the next token                  [B, V]
+    sample(logits, settings, generator)   -> next token                                  [B]
+    generate_tokens(...)                  -> yields the new token of every row, step by step
+
+The prompt is read once (chunked kernel), then one token at a time: DeltaNet layers carry a fixed-size
+state, so their cost per token does not grow with the context. Prompts of different lengths are left
+padded and masked. `StreamDecoder` turns tokens into text without ever printing half a character.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from .cache import Cache
+from .model import Qwen3NextForCausalLM
+from .util import UserError
+
+
+@dataclass
+class SamplingSettings:
+    temperature: float = 0.8  # 0 = greedy
+    top_k: int = 50  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    repetition_penalty: float = 1.0  # 1 = off
+
+    def validate(self) -> None:
+        if self.temperature < 0:
+            raise UserError(f"--temperature ({self.temperature}) must be >= 0 (0 = greedy)")
+        if self.top_k < 0:
+            raise UserError(f"--top-k ({self.top_k}) must be >= 0 (0 = off)")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"--top-p ({self.top_p}) must be in (0, 1]")
+        if self.repetition_penalty <= 0:
+            raise UserError(f"--repetition-penalty ({self.repetition_penalty}) must be > 0")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+# ------------------------------------------------------------------------------------ model steps
+@torch.inference_mode()
+def prefill(model: Qwen3NextForCausalLM, ids: torch.Tensor, mask: torch.Tensor | None, cache: Cache) -> torch.Tensor:
+    """Run the (left-padded) prompts ids [B, T] through the model, filling `cache`. Returns [B, V]."""
+    return model(ids, attention_mask=mask, cache=cache, logits_to_keep=1).logits[:, -1]
+
+
+@torch.inference_mode()
+def decode_one_token(model: Qwen3NextForCausalLM, token: torch.Tensor, cache: Cache) -> torch.Tensor:
+    """token [B] -> logits [B, V] for the position after it."""
+    return model(token[:, None], cache=cache).logits[:, -1]
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL-style, as transformers does: divide positive logits of seen tokens by the penalty and
+    multiply negative ones. seen [B, V] bool."""
+    if penalty == 1.0:
+        return logits
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def sample(logits: torch.Tensor, settings: SamplingSettings, generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits [B, V] (float) -> next tokens [B]: temperature, then top-k, then top-p (nucleus)."""
+    if settings.greedy:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / settings.temperature
+    if settings.top_k and settings.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, settings.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if settings.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= settings.top_p  # keep the smallest set reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Token lists -> ids [B, T] and mask [B, T] (None when all prompts have the same length)."""
+    T = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), T, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, T - len(p):] = 1
+    if bool(mask.all()):
+        return ids.to(device), None
+    return ids.to(device), mask.to(device)
+
+
+def generate_tokens(
+    model: Qwen3NextForCausalLM,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    settings: SamplingSettings,
+    pad_id: int,
+    generator: torch.Generator | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row [B], `max_new_tokens` times (or until the caller stops).
+    Each prompt must hold at least one token."""
+    device = model.device
+    ids, mask = left_pad(prompts, pad_id, device)
+    B = ids.shape[0]
+    cache = model.new_cache(B, capacity=ids.shape[1] + max_new_tokens)
+    seen = None
+    if settings.repetition_penalty != 1.0:
+        seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=device)
+        seen.scatter_(1, ids, mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool))
+    logits = prefill(model, ids, mask, cache)
+    for _ in range(max_new_tokens):
+        if seen is not None:
+            logits = apply_repetition_penalty(logits, seen, settings.repetition_penalty)
+        token = sample(logits, settings, generator)
+        yield token
+        if seen is not None:
+            seen[torch.arange(B, device=device), token] = True
+        logits = decode_one_token(model, token, cache)
+
+
+def generate(
+    model: Qwen3NextForCausalLM,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    settings: SamplingSettings | None = None,
+    eos_id: int | None = None,
+    pad_id: int = 0,
+    seed: int | None = None,
+) -> list[list[int]]:
+    """The new tokens of each prompt (the end-of-text token included when it stops a row)."""
+    settings = settings or SamplingSettings(temperature=0)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=model.device).manual_seed(seed)
+    out: list[list[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    for token in generate_tokens(model, prompts, max_new_tokens, settings, pad_id, generator):
+        for i, t in enumerate(token.tolist()):
+            if not done[i]:
+                out[i].append(t)
+                done[i] = t == eos_id
+        if all(done):
+            break
+    return out
+
+
+# ------------------------------------------------------------------------------------------ text
+class StreamDecoder:
+    """Incremental detokenisation: `push(token)` returns the text that is now complete. A character
+    split across byte-level tokens is held back until its last byte arrives."""
+
+    def __init__(self, tokenizer, window: int = 32):
+        self.tokenizer, self.window = tokenizer, window
+        self.ids: list[int] = []
+        self.emitted = ""
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""  # the last token ends inside a multi-byte character
+        new = text[len(self.emitted):]
+        self.emitted = text
+        if len(self.ids) >= self.window:  # the text so far is whole: start a fresh window
+            self.ids, self.emitted = [], ""
+        return new
+
+    def flush(self) -> str:
+        text = self.tokenizer.decode(self.ids)[len(self.emitted):]
+        self.ids, self.emitted = [], ""
+        return text
+
+
+def unescape(s: str) -> str:
+    """`--stop "\\n\\n"` arrives from the shell with literal backslashes."""
+    return s.replace("\\n", "\n").replace("\\t", "\t").replace("\\r", "\r")
+
+
+def first_stop(text: str, stops: list[str]) -> int | None:
+    """Index where the earliest stop string starts in `text`, or None."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+# ------------------------------------------------------------------------------------------- CLI
+def _read_prompts(args) -> list[str] | None:
+    """--prompt, --prompt-file (one prompt per line), or standard input when it is not a terminal."""
+    if args.prompt is not None and args.prompt_file:
+        raise UserError("give --prompt or --prompt-file, not both")
+    if args.prompt is not None:
+        return [args.prompt]
+    if args.prompt_file:
+        try:
+            raw = open(args.prompt_file, "rb").read()
+        except OSError as e:
+            raise UserError(f"cannot read --prompt-file {args.prompt_file}: {e.strerror}") from None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"--prompt-file {args.prompt_file} is not UTF-8 (byte offset {e.start})") from None
+        prompts = [line for line in text.splitlines() if line.strip()]
+        if not prompts:
+            raise UserError(f"--prompt-file {args.prompt_file} has no prompts")
+        return prompts
+    if args.interactive:
+        return None
+    if not sys.stdin.isatty():
+        data = sys.stdin.buffer.read()
+        try:
+            return [data.decode("utf-8").rstrip("\n")]
+        except UnicodeDecodeError as e:
+            raise UserError(f"standard input is not UTF-8 (byte offset {e.start})") from None
+    return [""]
+
+
+def encode_prompt(tokenizer, text: str, max_len: int, truncate: bool) -> list[int]:
+    """Prompt text -> ids, starting from end-of-text when empty; too long is an error unless truncating."""
+    ids = tokenizer.encode(text) if text else []
+    if not ids:
+        return [tokenizer.eot_id]
+    if len(ids) > max_len:
+        if not truncate:
+            raise UserError(f"the prompt has {len(ids)} tokens, more than max_position_embeddings ({max_len}); "
+                            "shorten it or pass --truncate-prompt")
+        ids = ids[-max_len:]
+    return ids
+
+
+def run_generate(args) -> int:
+    from .checkpoint import load_for_inference
+
+    settings = SamplingSettings(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
+    settings.validate()
+    if args.max_new_tokens < 0:
+        raise UserError(f"--max-new-tokens ({args.max_new_tokens}) must be >= 0")
+    if args.num_samples <= 0:
+        raise UserError(f"--num-samples ({args.num_samples}) must be positive")
+    prompts = _read_prompts(args)
+    if not args.resume_from:
+        raise UserError("pass the model to talk to: --resume-from CHECKPOINT_DIR (e.g. runs/tiny_10m/latest)")
+    model, tokenizer, info = load_for_inference(args.resume_from, args.device, args.kernel,
+                                                args.disable_fast_kernels)
+    generator = torch.Generator(device=model.device).manual_seed(args.seed)
+    stops = [unescape(s) for s in (args.stop or [])]
+    hold = max((len(s) for s in stops), default=1) - 1  # a stop string may be arriving: don't print it yet
+
+    def answer(texts: list[str]) -> None:
+        rows = [encode_prompt(tokenizer, t, model.config.max_position_embeddings, args.truncate_prompt)
+                for t in texts for _ in range(args.num_samples)]
+        room = model.config.max_position_embeddings - max(len(r) for r in rows)
+        max_new = min(args.max_new_tokens, max(room, 0))
+        if max_new < args.max_new_tokens:
+            print(f"note: generating {max_new} tokens to stay within max_position_embeddings", file=sys.stderr)
+        stream = len(rows) == 1
+        decoders = [StreamDecoder(tokenizer) for _ in rows]
+        texts_out = [""] * len(rows)
+        done = [False] * len(rows)
+        printed = 0  # characters of texts_out[0] already on stdout (streaming)
+        n_tokens, t0 = 0, time.perf_counter()
+        for token in generate_tokens(model, rows, max_new, settings, tokenizer.pad_id, generator):
+            for i, t in enumerate(token.tolist()):
+                if done[i]:
+                    continue
+                n_tokens += 1
+                if t == tokenizer.eot_id:
+                    done[i] = True
+                    continue
+                texts_out[i] += decoders[i].push(t)
+                cut = first_stop(texts_out[i], stops) if stops else None
+                if cut is not None:
+                    texts_out[i] = texts_out[i][:cut]
+                    done[i] = True
+            if stream and len(texts_out[0]) - (0 if done[0] else hold) > printed:
+                end = len(texts_out[0]) - (0 if done[0] else hold)
+                sys.stdout.write(texts_out[0][printed:end])
+                sys.stdout.flush()
+                printed = end
+            if all(done):
+                break
+        for i, d in enumerate(decoders):
+            if not done[i]:
+                texts_out[i] += d.flush()
+                cut = first_stop(texts_out[i], stops) if stops else None
+                texts_out[i] = texts_out[i][:cut] if cut is not None else texts_out[i]
+        if stream:
+            sys.stdout.write(texts_out[0][printed:])
+        seconds = time.perf_counter() - t0
+        if stream:
+            sys.stdout.write("\n")
+        else:
+            for i, text in enumerate(texts_out):
+                p, s = divmod(i, args.num_samples)
+                label = f"prompt {p + 1}" + (f", sample {s + 1}" if args.num_samples > 1 else "")
+                sys.stdout.write(f"--- {label} ---\n{texts[p]}{text}\n")
+        sys.stdout.flush()
+        print(f"[{n_tokens} tokens in {seconds:.2f} s, {n_tokens / max(seconds, 1e-9):.1f} tokens/s]", file=sys.stderr)
+
+    if prompts is not None:
+        if len(prompts) == 1 and args.num_samples == 1:
+            sys.stdout.write(prompts[0])
+            sys.stdout.flush()
+        answer(prompts)
+        return 0
+    print(f"interactive: {info}. Type a prompt and press Enter; Ctrl-D to quit.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if line.strip():
+            answer([line])

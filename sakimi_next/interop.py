@@ -1,0 +1,285 @@
+"""Hugging Face interoperability: export a checkpoint as a transformers model directory, and read one.
+
+The in-memory parameter names are transformers' own, so conversion is only about the files:
+
+- `config.json` is `Config.to_hf_dict()` (model_type qwen3_next, Qwen3NextForCausalLM);
+- weights are safetensors, sharded above `shard_bytes` with a `model.safetensors.index.json`;
+  a tied LM head is not stored (transformers re-ties it);
+- the experts of an MoE layer live in memory as stacked tensors, `experts.gate_up_proj [E, 2I, H]` and
+  `experts.down_proj [E, H, I]` (as in transformers 5), and on disk one by one, as `save_pretrained`,
+  vLLM and SGLang write them: `experts.{e}.gate_proj.weight [I, H]`, `.up_proj`, `.down_proj [H, I]`;
+- multi-token-prediction weights keep the released `mtp.*` names; transformers ignores them on load;
+- the tokenizer is written as `tokenizer.json` plus `tokenizer_config.json` and `special_tokens_map.json`
+  for `AutoTokenizer`.
+Only safetensors are read: a directory with only pickled `.bin` weights is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .config import Config, ConfigError
+from .util import UserError
+
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+_STACKED = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+_PER_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+# ----------------------------------------------------------------------------- tensor name mapping
+def to_hf_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """In-memory names -> on-disk names: stacked experts become one tensor per expert and projection."""
+    out = {}
+    for name, t in tensors.items():
+        m = _STACKED.match(name)
+        if not m:
+            out[name] = t
+            continue
+        prefix, kind = m.groups()
+        for e in range(t.shape[0]):
+            if kind == "gate_up_proj":
+                gate, up = t[e].chunk(2, dim=0)
+                out[f"{prefix}.{e}.gate_proj.weight"] = gate.contiguous()
+                out[f"{prefix}.{e}.up_proj.weight"] = up.contiguous()
+            else:
+                out[f"{prefix}.{e}.down_proj.weight"] = t[e].contiguous()
+    return out
+
+
+def from_hf_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """On-disk names -> in-memory names (the inverse of `to_hf_tensors`); stacked names pass through."""
+    out, experts = {}, {}
+    for name, t in tensors.items():
+        m = _PER_EXPERT.match(name)
+        if m:
+            prefix, e, kind = m.groups()
+            experts.setdefault(prefix, {}).setdefault(int(e), {})[kind] = t
+        else:
+            out[name] = t
+    for prefix, by_expert in experts.items():
+        n = len(by_expert)
+        if sorted(by_expert) != list(range(n)):
+            raise UserError(f"experts of {prefix} are not numbered 0..{n - 1}")
+        for e, parts in by_expert.items():
+            missing = {"gate_proj", "up_proj", "down_proj"} - set(parts)
+            if missing:
+                raise UserError(f"{prefix}.{e} lacks {sorted(missing)[0]}.weight")
+        out[f"{prefix}.gate_up_proj"] = torch.stack(
+            [torch.cat([by_expert[e]["gate_proj"], by_expert[e]["up_proj"]], dim=0) for e in range(n)])
+        out[f"{prefix}.down_proj"] = torch.stack([by_expert[e]["down_proj"] for e in range(n)])
+    return out
+
+
+# ------------------------------------------------------------------------------------------ import
+def is_hf_dir(path: Path) -> bool:
+    p = Path(path)
+    return p.is_dir() and (p / "config.json").is_file() and ((p / WEIGHTS).is_file() or (p / INDEX).is_file()
+                                                             or any(p.glob("*.bin")))
+
+
+def load_hf_config(path: str | Path) -> Config:
+    p = Path(path)
+    try:
+        d = json.loads((p / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read {p / 'config.json'}: {e}") from None
+    if d.get("model_type") != "qwen3_next":
+        raise UserError(f"{p} holds a {d.get('model_type')!r} model, not qwen3_next")
+    try:
+        return Config.from_hf_dict(d)
+    except ConfigError as e:
+        raise UserError(f"{p / 'config.json'}: {e}") from None
+    except (TypeError, KeyError) as e:
+        raise UserError(f"{p / 'config.json'} is not a valid Qwen3-Next config ({e})") from None
+
+
+def weight_files(path: Path) -> list[Path]:
+    p = Path(path)
+    if (p / INDEX).is_file():
+        try:
+            index = json.loads((p / INDEX).read_text())
+            files = sorted(set(index["weight_map"].values()))
+        except (OSError, json.JSONDecodeError, KeyError) as e:
+            raise UserError(f"invalid {p / INDEX}: {e}") from None
+        missing = [f for f in files if not (p / f).is_file()]
+        if missing:
+            raise UserError(f"{p} lacks the weight shard {missing[0]} listed in {INDEX}")
+        return [p / f for f in files]
+    if (p / WEIGHTS).is_file():
+        return [p / WEIGHTS]
+    if any(p.glob("*.bin")):
+        raise UserError(f"{p} has only pickled .bin weights; only safetensors are read (convert them with "
+                        "transformers' save_pretrained(..., safe_serialization=True))")
+    raise UserError(f"no weights in {p}: neither {WEIGHTS} nor {INDEX}")
+
+
+def load_hf_tensors(path: str | Path, config: Config | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of a Hugging Face directory, renamed to this project's in-memory names."""
+    from .checkpoint import load_tensors
+
+    p = Path(path)
+    config = config or load_hf_config(p)
+    tensors: dict[str, torch.Tensor] = {}
+    for f in weight_files(p):
+        tensors.update(load_tensors(f))
+    tensors = from_hf_tensors(tensors)
+    if not config.mtp_num_hidden_layers:
+        tensors = {k: v for k, v in tensors.items() if not k.startswith("mtp.")}
+    if config.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)
+    return tensors
+
+
+def load_hf_tokenizer(path: str | Path):
+    from .tokenizer import Tokenizer
+
+    p = Path(path) / "tokenizer.json"
+    if not p.is_file():
+        raise UserError(f"{Path(path)} has no tokenizer.json; it cannot encode or decode text")
+    return Tokenizer.load(p)
+
+
+# ------------------------------------------------------------------------------------------ export
+def save_tensors_sharded(tensors: dict[str, torch.Tensor], out_dir: Path, shard_bytes: int) -> list[str]:
+    """Write one `model.safetensors`, or shards plus an index when the total exceeds `shard_bytes`."""
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    if total <= shard_bytes:
+        save_file(tensors, str(out_dir / WEIGHTS), metadata={"format": "pt"})
+        return [WEIGHTS]
+    shards, current, size = [], {}, 0
+    for name in sorted(tensors):
+        n = tensors[name].numel() * tensors[name].element_size()
+        if current and size + n > shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = tensors[name]
+        size += n
+    shards.append(current)
+    names, weight_map = [], {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out_dir / fname), metadata={"format": "pt"})
+        names.append(fname)
+        weight_map.update({k: fname for k in shard})
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out_dir / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    return names
+
+
+def tokenizer_files(tokenizer, out_dir: Path, max_length: int) -> None:
+    """tokenizer.json plus what AutoTokenizer reads to know the class and the special tokens."""
+    from .tokenizer import EOT, PAD
+
+    shutil.copyfile(tokenizer.path, out_dir / "tokenizer.json")
+    special = {"eos_token": EOT, "pad_token": PAD, "bos_token": None, "unk_token": None}
+    (out_dir / "special_tokens_map.json").write_text(json.dumps(
+        {k: v for k, v in special.items() if v is not None}, indent=2) + "\n")
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", **special, "model_max_length": max_length,
+           "clean_up_tokenization_spaces": False, "add_bos_token": False, "add_eos_token": False}
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def model_card(config: Config, state: dict, metrics: list[dict], n_params: int) -> str:
+    args = state.get("args") or {}
+    evals = [m for m in metrics if "val_loss" in m]
+    lines = [
+        "---", "library_name: transformers", "tags: [qwen3_next, sakimi-next]", "---", "",
+        f"# {state.get('preset') or 'Qwen3-Next'} (trained with sakimi-next)", "",
+        f"A {n_params / 1e6:.2f}M-parameter Qwen3-Next model (hybrid Gated DeltaNet / Gated Attention, "
+        f"{config.num_hidden_layers} layers, hidden {config.hidden_size}, vocabulary {config.vocab_size}).", "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "model = AutoModelForCausalLM.from_pretrained('.')",
+        "tokenizer = AutoTokenizer.from_pretrained('.')",
+        "```", "",
+        "## Training", "",
+        f"- steps: {state.get('step')}, tokens seen: {state.get('tokens_seen', 0):,}",
+    ]
+    for key in ("batch_size", "seq_len", "grad_accum", "learning_rate", "min_lr", "warmup_steps",
+                "weight_decay", "grad_clip", "seed"):
+        if key in args:
+            lines.append(f"- {key}: {args[key]}")
+    if state.get("data_dir"):
+        lines.append(f"- data: {state['data_dir']}")
+    if evals:
+        last, best = evals[-1], min(evals, key=lambda m: m["val_loss"])
+        lines += ["", "## Validation", "", "| | step | loss | perplexity | bits per byte |", "|---|---|---|---|---|"]
+        for label, m in (("last", last), ("best", best)):
+            bpb = f"{m['val_bpb']:.4f}" if "val_bpb" in m else "-"
+            lines.append(f"| {label} | {m['step']} | {m['val_loss']:.4f} | {m['val_ppl']:.2f} | {bpb} |")
+    if config.mtp_num_hidden_layers:
+        lines += ["", "The `mtp.*` tensors are the multi-token-prediction block used for speculative decoding by "
+                      "sakimi-next; transformers ignores them."]
+    return "\n".join(lines) + "\n"
+
+
+def export(ckpt_path: str | Path, out_dir: str | Path, shard_bytes: int = 2 * 1024**3) -> Path:
+    """Write a transformers model directory from a training checkpoint. Built in a temporary directory
+    beside `out_dir` and renamed into place."""
+    import tempfile
+
+    from . import checkpoint as ckpt
+
+    src = ckpt.resolve_checkpoint(ckpt_path)
+    if not (src / ckpt.TOKENIZER_FILE).is_file():
+        raise UserError(f"checkpoint {src} has no {ckpt.TOKENIZER_FILE} to export")
+    from .tokenizer import Tokenizer
+
+    config = ckpt.load_config(src)
+    state = ckpt.read_json(src / ckpt.STATE_FILE)
+    tensors = ckpt.load_tensors(src / ckpt.MODEL_FILE)
+    tokenizer = Tokenizer.load(src / ckpt.TOKENIZER_FILE)
+    metrics_file = src.parent / "metrics.jsonl"
+    metrics = []
+    if metrics_file.is_file():
+        for line in metrics_file.read_text().splitlines():
+            try:
+                m = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if m.get("step", 0) <= (state.get("step") or 0):
+                metrics.append(m)
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        if not (out / "config.json").is_file():
+            raise UserError(f"--out-dir {out} exists and is not an exported model; choose an empty or new directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        hf = config.to_hf_dict()
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+        gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
+               "pad_token_id": config.pad_token_id, "do_sample": True, "temperature": 0.8, "top_k": 50,
+               "top_p": 0.95}
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        save_tensors_sharded(to_hf_tensors(tensors), tmp, shard_bytes)
+        tokenizer_files(tokenizer, tmp, config.max_position_embeddings)
+        n_params = sum(t.numel() for k, t in tensors.items())
+        (tmp / "README.md").write_text(model_card(config, state, metrics, n_params))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def run_export(args) -> int:
+    if not args.resume_from:
+        raise UserError("pass the checkpoint to export: --resume-from CHECKPOINT_DIR")
+    if not args.out_dir:
+        raise UserError("pass where to write the model: --out-dir DIR")
+    out = export(args.resume_from, args.out_dir)
+    files = sorted(p.name for p in out.iterdir())
+    print(f"exported {args.resume_from} -> {out}: {', '.join(files)}")
+    print(f"load it with: AutoModelForCausalLM.from_pretrained({str(out)!r}); "
+          f"AutoTokenizer.from_pretrained({str(out)!r})")
+    return 0

@@ -1,0 +1,175 @@
+"""Export to and import from the transformers format."""
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from sakimi_next.checkpoint import load_for_inference
+from sakimi_next.cli import main
+from sakimi_next.config import preset
+from sakimi_next.generate import generate
+from sakimi_next.interop import export, from_hf_tensors, load_hf_config, load_hf_tensors, save_tensors_sharded, to_hf_tensors
+from sakimi_next.model import Qwen3NextForCausalLM
+from sakimi_next.tokenizer import train_tokenizer
+
+from .helpers import SHARED_DATA, make_checkpoint, mixed_corpus, small_config, train_briefly
+
+ENGLISH = "Once upon a time, a little girl named Lily found a shiny red ball in the park.\n"
+CHINESE = "却说贾母正在房中与众人说笑，忽见宝玉进来，便问：“你往哪里去了？”\n"
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    if not SHARED_DATA.is_dir():
+        pytest.skip("shared corpora not found")
+    tok = train_tokenizer([mixed_corpus()], 1024)
+    tok.save(tmp_path_factory.mktemp("tok") / "tokenizer.json")
+    return tok
+
+
+def exported(tmp_path, model, tokenizer, name="custom"):
+    ck = make_checkpoint(tmp_path / "run", model, tokenizer, preset_name=name)
+    return export(ck, tmp_path / "exported")
+
+
+@pytest.mark.parametrize("name", ["tiny_5m", "tiny_10m", "small_50m"])
+def test_export_loads_in_transformers(tmp_path, tokenizer, name):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    config = preset(name, eos_token_id=tokenizer.eot_id, pad_token_id=tokenizer.pad_id)
+    model = Qwen3NextForCausalLM(config)
+    train_briefly(model, tokenizer.vocab_size, steps=2)
+    out = exported(tmp_path, model, tokenizer, name)
+    for f in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+              "tokenizer_config.json", "special_tokens_map.json", "README.md"):
+        assert (out / f).is_file(), f
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["Qwen3NextForCausalLM"]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    hf.eval()
+    x = torch.tensor([tokenizer.encode(ENGLISH + CHINESE)])
+    with torch.no_grad():
+        assert (hf(x).logits - model(x).logits).abs().max().item() <= 1e-4
+
+    prompt = tokenizer.encode("Once upon a time")
+    hf.generation_config.eos_token_id = None
+    with torch.no_grad():
+        theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=50, do_sample=False,
+                             pad_token_id=tokenizer.pad_id)[0, len(prompt):].tolist()
+    assert theirs == generate(model, [prompt], 50)[0]
+
+    auto = AutoTokenizer.from_pretrained(out)
+    for text in (ENGLISH, CHINESE, ENGLISH + CHINESE):
+        assert auto(text, add_special_tokens=False)["input_ids"] == tokenizer.encode(text)
+        assert auto.decode(tokenizer.encode(text)) == text
+    assert auto.eos_token_id == tokenizer.eot_id and auto.pad_token_id == tokenizer.pad_id
+
+
+def test_round_trip_is_byte_identical(tmp_path, tokenizer):
+    torch.manual_seed(1)
+    model = Qwen3NextForCausalLM(small_config(tie_word_embeddings=False, vocab_size=1024))
+    train_briefly(model, 1024)
+    out = exported(tmp_path, model, tokenizer)
+    back = load_hf_tensors(out)
+    ours = model.state_dict()
+    assert set(back) == set(ours)
+    for k, v in ours.items():
+        assert back[k].dtype == v.dtype and torch.equal(back[k], v), k
+    assert load_hf_config(out) == model.config
+
+
+def test_generate_and_eval_from_exported_directory(tmp_path, tokenizer, capsys):
+    torch.manual_seed(2)
+    model = Qwen3NextForCausalLM(small_config(vocab_size=1024, eos_token_id=0, pad_token_id=1))
+    out = exported(tmp_path, model, tokenizer)
+    loaded, tok, info = load_for_inference(out, "cpu")
+    assert info["kind"] == "huggingface" and tok.sha256 == tokenizer.sha256
+    prompt = tokenizer.encode("Lily")
+    assert generate(loaded, [prompt], 8) == generate(model, [prompt], 8)
+    assert main(["--mode", "generate", "--resume-from", str(out), "--prompt", "Lily", "--max-new-tokens", "5",
+                 "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("Lily")
+
+
+def test_import_transformers_save_pretrained(tmp_path):
+    from transformers import Qwen3NextConfig, Qwen3NextForCausalLM as HF
+
+    torch.manual_seed(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfg = Qwen3NextConfig(vocab_size=300, hidden_size=64, num_hidden_layers=4, intermediate_size=96,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=32, linear_num_key_heads=2,
+                              linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
+                              num_experts=0, tie_word_embeddings=False, max_position_embeddings=512)
+        hf = HF(cfg).eval()
+        with torch.no_grad():
+            for p in hf.parameters():
+                if p.ndim == 1:
+                    p.add_(torch.randn_like(p) * 0.1)
+        hf.save_pretrained(tmp_path / "hf")
+    config = load_hf_config(tmp_path / "hf")
+    model = Qwen3NextForCausalLM(config).eval()
+    from sakimi_next.checkpoint import load_weights
+
+    load_weights(model, load_hf_tensors(tmp_path / "hf"), tmp_path / "hf")
+    x = torch.randint(0, 300, (2, 70))
+    with torch.no_grad():
+        assert (model(x).logits - hf(x).logits).abs().max().item() <= 1e-4
+
+
+def test_sharded_export_and_expert_names(tmp_path):
+    torch.manual_seed(4)
+    config = small_config(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                          shared_expert_intermediate_size=48)
+    model = Qwen3NextForCausalLM(config)
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    disk = to_hf_tensors(tensors)
+    assert "model.layers.0.mlp.experts.3.gate_proj.weight" in disk
+    assert "model.layers.0.mlp.experts.gate_up_proj" not in disk
+    files = save_tensors_sharded(disk, tmp_path, shard_bytes=100_000)
+    assert len(files) > 1 and (tmp_path / "model.safetensors.index.json").is_file()
+    (tmp_path / "config.json").write_text(json.dumps(config.to_hf_dict()))
+    back = load_hf_tensors(tmp_path)
+    assert set(back) == set(tensors) and all(torch.equal(back[k], v) for k, v in tensors.items())
+    assert set(from_hf_tensors(disk)) == set(tensors)
+
+
+def write_hf_dir(path, config_dict, tensors=None):
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config_dict))
+    if tensors is not None:
+        save_file(tensors, str(path / "model.safetensors"))
+    return path
+
+
+@pytest.mark.parametrize("case", ["other_model_type", "missing_weights", "shape_mismatch", "pickle_only"])
+def test_bad_directories(tmp_path, case, capsys, tokenizer):
+    model = Qwen3NextForCausalLM(small_config())
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    hf = model.config.to_hf_dict()
+    if case == "other_model_type":
+        d = write_hf_dir(tmp_path / "m", {**hf, "model_type": "llama"}, sd)
+        expect = "holds a 'llama' model, not qwen3_next"
+    elif case == "missing_weights":
+        d = write_hf_dir(tmp_path / "m", hf, {k: v for k, v in sd.items() if "layers.2." not in k})
+        expect = "lacks weights for"
+    elif case == "shape_mismatch":
+        sd["model.norm.weight"] = torch.zeros(7)
+        d = write_hf_dir(tmp_path / "m", hf, sd)
+        expect = "model.norm.weight has shape (7,), the model expects (64,)"
+    else:
+        d = write_hf_dir(tmp_path / "m", hf)
+        (d / "pytorch_model.bin").write_bytes(b"not read")
+        expect = "only safetensors are read"
+    tokenizer.save(d / "tokenizer.json")
+    rc = main(["--mode", "eval", "--resume-from", str(d), "--text-file", __file__])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and expect in err, err
