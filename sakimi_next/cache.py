@@ -88,6 +88,22 @@ class Cache:
             self.key_mask[:, self.length:end] = True
         return self.key_mask[:, :end] if self.has_padding else None
 
+    def snapshot(self) -> dict:
+        """What a rollback needs, cheaply: lengths and the fixed-size DeltaNet states. Attention K/V
+        need no copy: entries past the restored length are simply overwritten later. (A recurrent state
+        cannot be cropped like a KV cache, so it is copied.)"""
+        return {"length": self.length, "next_position": self.next_position.clone(),
+                "linear": [(l.conv_window.clone(), l.recurrent_state.clone()) if isinstance(l, LinearAttentionCache)
+                           else None for l in self.layers]}
+
+    def restore(self, snap: dict) -> None:
+        self.length = snap["length"]
+        self.next_position.copy_(snap["next_position"])
+        for layer, saved in zip(self.layers, snap["linear"]):
+            if saved is not None:
+                layer.conv_window.copy_(saved[0])
+                layer.recurrent_state.copy_(saved[1])
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Copies of every tensor, to restore later (speculative decoding, tests)."""
         out = {"length": torch.tensor(self.length), "next_position": self.next_position.clone(),

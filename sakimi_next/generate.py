@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .cache import Cache
 from .model import Qwen3NextForCausalLM
@@ -152,6 +153,92 @@ def generate(
         if all(done):
             break
     return out
+
+
+# --------------------------------------------------------------------------- speculative decoding
+@dataclass
+class SpeculativeStats:
+    rounds: int = 0  # main-model verification passes
+    drafted: int = 0  # tokens proposed by the MTP block
+    accepted: int = 0  # of which the main model agreed with
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+
+@torch.inference_mode()
+def speculative_generate(
+    model: Qwen3NextForCausalLM,
+    prompt: list[int],
+    max_new_tokens: int,
+    draft_len: int = 3,
+    eos_id: int | None = None,
+    cache: Cache | None = None,
+    on_token=None,
+) -> tuple[list[int], SpeculativeStats]:
+    """Greedy decoding where the MTP block drafts `draft_len` tokens and the main model checks them in
+    one forward pass; the longest agreeing prefix is kept, plus the main model's own next token. The
+    output is plain greedy decoding's. A rejected draft leaves DeltaNet states that cannot be cropped
+    like a KV cache: the cache is restored from a snapshot and the accepted tokens are run again.
+    Batch 1. `cache` (optional, empty) lets a caller inspect the state afterwards."""
+    if not hasattr(model, "mtp"):
+        raise UserError("this model has no MTP block; train one with --mtp-weight to use --speculative mtp")
+    device = model.device
+    cap = len(prompt) + max_new_tokens + draft_len + 2
+    cache = cache if cache is not None else model.new_cache(1, cap)
+    mtp_cache = model.new_mtp_cache(1, cap)
+    mtp_cache.next_position.fill_(1)  # the MTP pair (h_t, x_t+1) sits at the position of x_t+1
+    stats = SpeculativeStats()
+    out_tokens: list[int] = []
+
+    def emit(token: int) -> bool:
+        out_tokens.append(token)
+        if on_token is not None:
+            on_token(token)
+        return token == eos_id or len(out_tokens) >= max_new_tokens
+
+    if max_new_tokens <= 0:
+        return out_tokens, stats
+    ids = torch.tensor([prompt], device=device)
+    out = model(ids, cache=cache, return_hidden=True)
+    if len(prompt) > 1:
+        model.mtp_forward(out.hidden_states[:, :-1], ids[:, 1:], cache=mtp_cache)
+    h_last, token = out.hidden_states[:, -1:], out.logits[0, -1].argmax().view(1)
+    if emit(int(token)):
+        return out_tokens, stats
+    head = model.lm_head_weight
+    while True:
+        k = min(draft_len, max_new_tokens - len(out_tokens) - 1)
+        drafts, h, t, after_first = [], h_last, token, None
+        for i in range(k):
+            h = model.mtp_forward(h, t.view(1, 1), cache=mtp_cache)
+            t = F.linear(h[:, -1], head).argmax(-1)
+            drafts.append(t)
+            if i == 0:
+                after_first = mtp_cache.snapshot()  # this pair used the main model's hidden state: keep it
+        snap = cache.snapshot()
+        seq = torch.cat([token] + drafts).view(1, k + 1)
+        verify = model(seq, cache=cache, return_hidden=True)
+        best = verify.logits[0].argmax(-1)  # the main model's choice after each of the k+1 tokens
+        a = 0
+        while a < k and int(drafts[a]) == int(best[a]):
+            a += 1
+        stats.rounds += 1
+        stats.drafted += k
+        stats.accepted += a
+        hidden = verify.hidden_states
+        if a < k:  # roll the DeltaNet states back and run only what was accepted
+            cache.restore(snap)
+            hidden = model(seq[:, :a + 1], cache=cache, return_hidden=True).hidden_states
+        if k:
+            mtp_cache.restore(after_first)
+            if a:
+                model.mtp_forward(hidden[:, :a], seq[:, 1:a + 1], cache=mtp_cache)
+        for t in [int(d) for d in drafts[:a]] + [int(best[a])]:
+            if emit(t):
+                return out_tokens, stats
+        h_last, token = hidden[:, a:a + 1], best[a].view(1)
 
 
 # ------------------------------------------------------------------------------------------ text

@@ -207,15 +207,15 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: Config, layer_idx: int):
+    def __init__(self, config: Config, layer_idx: int, layer_type: str | None = None, moe: bool | None = None):
         super().__init__()
-        self.layer_type = config.layer_types[layer_idx]
+        self.layer_type = layer_type or config.layer_types[layer_idx]
         if self.layer_type == FULL:
             self.self_attn = GatedAttention(config, layer_idx)
         else:
             self.linear_attn = GatedDeltaNet(config, layer_idx)
-        self.mlp = SparseMoeBlock(config) if config.is_moe_layer(layer_idx) else MLP(
-            config.hidden_size, config.intermediate_size)
+        moe = config.is_moe_layer(layer_idx) if moe is None else moe
+        self.mlp = SparseMoeBlock(config) if moe else MLP(config.hidden_size, config.intermediate_size)
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -242,6 +242,7 @@ class _ForwardContext:
     pad_mask: torch.Tensor | None  # [B, T], or None when nothing is padding
     cache_start: int
     router_logits: list
+    position_ids: torch.Tensor | None = None  # [B, T]
 
 
 @dataclass
@@ -251,6 +252,29 @@ class CausalLMOutput:
     aux_loss: torch.Tensor | None = None  # MoE load-balancing loss (unweighted)
     mtp_loss: torch.Tensor | None = None  # multi-token-prediction loss (unweighted)
     hidden_states: torch.Tensor | None = None  # final hidden states after the last norm [B, T, H]
+
+
+class MTPBlock(nn.Module):
+    """Multi-token prediction, as in the released Qwen3-Next (DeepSeek-V3 style): from the final hidden
+    state at t and the embedding of token t+1, predict token t+2 with one full-attention decoder layer;
+    the embedding and the LM head are the main model's. Names follow the released checkpoints (mtp.*)."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        H = config.hidden_size
+        self.pre_fc_norm_embedding = RMSNorm(H, eps=config.rms_norm_eps)
+        self.pre_fc_norm_hidden = RMSNorm(H, eps=config.rms_norm_eps)
+        self.fc = nn.Linear(2 * H, H, bias=False)
+        last = config.num_hidden_layers - 1
+        self.layers = nn.ModuleList([DecoderLayer(config, config.num_hidden_layers, FULL, config.is_moe_layer(last))])
+        self.norm = RMSNorm(H, eps=config.rms_norm_eps)
+
+    def forward(self, hidden: torch.Tensor, next_embeds: torch.Tensor, ctx: "_ForwardContext", cache=None):
+        """hidden [B, T, H] (the main model's normed output at t), next_embeds [B, T, H] (of token t+1)
+        -> normed hidden state [B, T, H] whose logits predict token t+2."""
+        x = self.fc(torch.cat([self.pre_fc_norm_embedding(next_embeds), self.pre_fc_norm_hidden(hidden)], dim=-1))
+        x = self.layers[0](x, ctx, cache.layers[0] if cache is not None else None)
+        return self.norm(x)
 
 
 class Qwen3NextModel(nn.Module):
@@ -271,6 +295,8 @@ class Qwen3NextForCausalLM(nn.Module):
         self.model = Qwen3NextModel(config)
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.mtp_num_hidden_layers:
+            self.mtp = MTPBlock(config)
         self.kernel = "chunk"
         self.reset_parameters()
 
@@ -324,6 +350,11 @@ class Qwen3NextForCausalLM(nn.Module):
         dtype = self.model.embed_tokens.weight.dtype
         return Cache(self.config, batch_size, self.device, dtype, capacity)
 
+    def new_mtp_cache(self, batch_size: int, capacity: int = 256) -> Cache:
+        """The MTP block's own cache: one full-attention layer."""
+        one_layer = self.config.replace(num_hidden_layers=1, layer_types=[FULL], mlp_only_layers=[])
+        return Cache(one_layer, batch_size, self.device, self.model.embed_tokens.weight.dtype, capacity)
+
     # ------------------------------------------------------------------ forward
     def forward(
         self,
@@ -334,6 +365,7 @@ class Qwen3NextForCausalLM(nn.Module):
         cache: Cache | None = None,
         logits_to_keep: int = 0,
         return_hidden: bool = False,
+        mtp_weight: float = 0.0,
     ) -> CausalLMOutput:
         """input_ids [B, T] -> logits [B, T, V].
 
@@ -341,37 +373,11 @@ class Qwen3NextForCausalLM(nn.Module):
         ignored). attention_mask [B, T] (or [B, cached + T]): 1 for tokens, 0 for left padding.
         cache: continue from (and update) a decoding cache; any T works, one token or many.
         logits_to_keep: compute logits for only the last k positions (0 = all).
+        mtp_weight: with targets and an MTP block, add this times the MTP loss (reported as mtp_loss).
         """
-        B, T = input_ids.shape
         self._check_ids(input_ids)
-        pad_mask = None
-        if attention_mask is not None:
-            pad_mask = attention_mask[:, -T:].to(torch.bool)
-            if not torch.compiler.is_compiling() and bool(pad_mask.all()):
-                pad_mask = None
-        start = cache.length if cache is not None else 0
-
-        if position_ids is None:
-            if pad_mask is not None:  # left padding: the first real token is position 0 (as generate does)
-                offset = cache.next_position[:, None] if cache is not None else 0
-                position_ids = (pad_mask.long().cumsum(-1) - 1).clamp(min=0) + offset
-            elif cache is not None:
-                position_ids = cache.next_position[:, None] + torch.arange(T, device=input_ids.device)
-            else:
-                position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
-
-        attn_mask = None
-        if cache is not None:
-            key_mask = cache.record(pad_mask, T)
-            if key_mask is not None:
-                attn_mask = _padded_causal_mask(key_mask, T)
-            cache.next_position = position_ids[:, -1] + 1
-            cache.length = start + T
-        elif pad_mask is not None:
-            attn_mask = _padded_causal_mask(pad_mask, T)
-
         x = self.model.embed_tokens(input_ids)
-        ctx = _ForwardContext(self.model.rotary_emb(position_ids, x.dtype), attn_mask, pad_mask, start, [])
+        ctx = self._context(x, attention_mask, position_ids, cache)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, ctx, cache.layers[i] if cache is not None else None)
         hidden = self.model.norm(x)
@@ -382,12 +388,63 @@ class Qwen3NextForCausalLM(nn.Module):
         if ctx.router_logits:
             from .moe import load_balancing_loss
 
-            out.aux_loss = load_balancing_loss(ctx.router_logits, self.config, pad_mask)
+            out.aux_loss = load_balancing_loss(ctx.router_logits, self.config, ctx.pad_mask)
         if targets is not None:
             out.loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
             if out.aux_loss is not None:
                 out.loss = out.loss + self.config.router_aux_loss_coef * out.aux_loss
+            if mtp_weight and hasattr(self, "mtp"):
+                out.mtp_loss = self._mtp_loss(hidden, targets, ctx.position_ids)
+                out.loss = out.loss + mtp_weight * out.mtp_loss
         return out
+
+    def _context(self, x: torch.Tensor, attention_mask, position_ids, cache: Cache | None) -> "_ForwardContext":
+        """Masks, positions and RoPE for T new positions of x [B, T, H]; records them in the cache."""
+        B, T = x.shape[:2]
+        pad_mask = None
+        if attention_mask is not None:
+            pad_mask = attention_mask[:, -T:].to(torch.bool)
+            if not torch.compiler.is_compiling() and bool(pad_mask.all()):
+                pad_mask = None
+        start = cache.length if cache is not None else 0
+        if position_ids is None:
+            if pad_mask is not None:  # left padding: the first real token is position 0 (as generate does)
+                offset = cache.next_position[:, None] if cache is not None else 0
+                position_ids = (pad_mask.long().cumsum(-1) - 1).clamp(min=0) + offset
+            elif cache is not None:
+                position_ids = cache.next_position[:, None] + torch.arange(T, device=x.device)
+            else:
+                position_ids = torch.arange(T, device=x.device).expand(B, T)
+        attn_mask = None
+        if cache is not None:
+            key_mask = cache.record(pad_mask, T)
+            if key_mask is not None:
+                attn_mask = _padded_causal_mask(key_mask, T)
+            cache.next_position = position_ids[:, -1] + 1
+            cache.length = start + T
+        elif pad_mask is not None:
+            attn_mask = _padded_causal_mask(pad_mask, T)
+        rope = self.model.rotary_emb(position_ids, x.dtype)
+        return _ForwardContext(rope, attn_mask, pad_mask, start, [], position_ids)
+
+    # ------------------------------------------------------------------ multi-token prediction
+    def mtp_forward(self, hidden: torch.Tensor, next_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                    cache: Cache | None = None) -> torch.Tensor:
+        """The MTP block on pairs (hidden [B, T, H] at t, next_ids [B, T] = token t+1) -> MTP hidden
+        states [B, T, H]; `F.linear(out, model.lm_head_weight)` gives the logits of token t+2.
+        position_ids are those of token t+1."""
+        e = self.model.embed_tokens(next_ids)
+        ctx = self._context(e, None, position_ids, cache)
+        return self.mtp(hidden, e, ctx, cache)
+
+    def _mtp_loss(self, hidden: torch.Tensor, targets: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of predicting targets[:, t+1] (token t+2) from hidden[:, t] and targets[:, t]."""
+        nxt = targets[:, :-1]
+        valid = nxt >= 0
+        mtp_targets = targets[:, 1:].masked_fill(~valid, -100)
+        h = self.mtp_forward(hidden[:, :-1], nxt.clamp(min=0), position_ids[:, 1:])
+        logits = F.linear(h, self.lm_head_weight)
+        return F.cross_entropy(logits.float().flatten(0, 1), mtp_targets.flatten(), ignore_index=-100)
 
     def _check_ids(self, input_ids: torch.Tensor) -> None:
         if torch.compiler.is_compiling() or input_ids.numel() == 0:
