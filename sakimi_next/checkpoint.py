@@ -31,7 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import Config, ConfigError
-from .util import UserError, fsync_dir
+from .util import UserError, fsync_dir, umask
 
 MODEL_FILE = "model.safetensors"
 OPTIM_FILE = "optimizer.safetensors"
@@ -117,8 +117,10 @@ def save_checkpoint(
         if tokenizer_path is not None:
             shutil.copyfile(tokenizer_path, tmp / TOKENIZER_FILE)
         for f in tmp.iterdir():
+            os.chmod(f, 0o666 & ~umask())
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes private directories
         fsync_dir(tmp)
         if final.exists():  # re-saving the same step (e.g. the end of a run that just saved)
             shutil.rmtree(final)

@@ -18,6 +18,7 @@ from .util import UserError, format_table, resolve_device
 # mode -> (module, function); a mode is listed once it is implemented
 MODES = {
     "test": ("sakimi_next.cli", "run_test"),
+    "prepare_data": ("sakimi_next.data", "run_prepare_data"),
     "train": ("sakimi_next.train", "run_train"),
     "generate": ("sakimi_next.generate", "run_generate"),
     "eval": ("sakimi_next.evaluate", "run_eval"),
@@ -53,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validation text (default: a held-out fraction of the training documents)")
     d.add_argument("--val-fraction", type=float, default=0.1, help="documents held out for validation")
     d.add_argument("--doc-split", default="auto", choices=("auto", "blank-line", "line", "file"),
-                   help="what a document is: auto = a JSONL record, else blank-line-separated paragraphs")
+                   help="what a document is: auto = a JSONL record; for .txt, blank-line paragraphs, or lines "
+                        "if the file has almost no blank lines")
     d.add_argument("--encoding-errors", default="strict", choices=("strict", "replace"),
                    help="what to do with bytes that are not UTF-8")
     d.add_argument("--tokenizer", default=None, help="tokenizer.json to use or create (default DATA_DIR/tokenizer.json)")
@@ -91,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--skip-nonfinite", action="store_true", help="skip a step with a non-finite loss instead of stopping")
     t.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this many minutes")
     t.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 under torchrun")
+    t.add_argument("--mtp-weight", type=float, default=None,
+                   help="train a multi-token-prediction block with this weight on its loss (e.g. 0.3)")
 
     g = p.add_argument_group("generation and evaluation")
     g.add_argument("--prompt", default=None, help="prompt text (default: standard input, or empty)")
@@ -104,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     g.add_argument("--interactive", action="store_true", help="a prompt loop until EOF / Ctrl-D")
     g.add_argument("--truncate-prompt", action="store_true", help="keep the end of a prompt that is too long")
+    g.add_argument("--speculative", choices=("mtp",), default=None,
+                   help="speculative decoding: the MTP block drafts, the model verifies (greedy)")
+    g.add_argument("--draft-len", type=int, default=3, help="tokens drafted per step with --speculative")
     g.add_argument("--text-file", default=None, help="eval: a UTF-8 text file to score")
     g.add_argument("--eval-method", default="carry", choices=("carry", "sliding"),
                    help="eval of long text: carry the state across windows, or plain sliding windows")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -175,7 +175,7 @@ def speculative_generate(
     draft_len: int = 3,
     eos_id: int | None = None,
     cache: Cache | None = None,
-    on_token=None,
+    on_token: Callable[[int], bool] | None = None,
 ) -> tuple[list[int], SpeculativeStats]:
     """Greedy decoding where the MTP block drafts `draft_len` tokens and the main model checks them in
     one forward pass; the longest agreeing prefix is kept, plus the main model's own next token. The
@@ -193,10 +193,10 @@ def speculative_generate(
     out_tokens: list[int] = []
 
     def emit(token: int) -> bool:
+        """Record a token; True when generation is over (eos, the budget, or the callback says so)."""
         out_tokens.append(token)
-        if on_token is not None:
-            on_token(token)
-        return token == eos_id or len(out_tokens) >= max_new_tokens
+        stop = bool(on_token(token)) if on_token is not None else False
+        return stop or token == eos_id or len(out_tokens) >= max_new_tokens
 
     if max_new_tokens <= 0:
         return out_tokens, stats
@@ -323,6 +323,49 @@ def encode_prompt(tokenizer, text: str, max_len: int, truncate: bool) -> list[in
     return ids
 
 
+class TextRow:
+    """The text of one generated row: incremental decoding, stop strings, and (optionally) streaming to
+    stdout, holding back what could be the start of a stop string."""
+
+    def __init__(self, tokenizer, stops: list[str], stream: bool):
+        self.decoder, self.eot_id, self.stops, self.stream = StreamDecoder(tokenizer), tokenizer.eot_id, stops, stream
+        self.hold = max((len(x) for x in stops), default=1) - 1
+        self.text, self.printed, self.done, self.tokens = "", 0, False, 0
+
+    def add(self, token: int) -> bool:
+        """Take one generated token; True once the row is finished (end-of-text or a stop string)."""
+        if self.done:
+            return True
+        self.tokens += 1
+        if token == self.eot_id:
+            self.done = True
+        else:
+            self.text += self.decoder.push(token)
+            self._cut()
+        self._print()
+        return self.done
+
+    def finish(self) -> str:
+        if not self.done:
+            self.text += self.decoder.flush()
+            self._cut()
+            self.done = True
+        self._print()
+        return self.text
+
+    def _cut(self):
+        cut = first_stop(self.text, self.stops) if self.stops else None
+        if cut is not None:
+            self.text, self.done = self.text[:cut], True
+
+    def _print(self):
+        end = len(self.text) - (0 if self.done else self.hold)
+        if self.stream and end > self.printed:
+            sys.stdout.write(self.text[self.printed:end])
+            sys.stdout.flush()
+            self.printed = end
+
+
 def run_generate(args) -> int:
     from .checkpoint import load_for_inference
 
@@ -332,73 +375,78 @@ def run_generate(args) -> int:
         raise UserError(f"--max-new-tokens ({args.max_new_tokens}) must be >= 0")
     if args.num_samples <= 0:
         raise UserError(f"--num-samples ({args.num_samples}) must be positive")
+    if args.speculative:
+        if not settings.greedy:
+            raise UserError("--speculative mtp decodes greedily: pass --temperature 0")
+        if args.num_samples != 1:
+            raise UserError("--speculative mtp decodes greedily, so --num-samples must be 1")
+        if args.draft_len <= 0:
+            raise UserError(f"--draft-len ({args.draft_len}) must be positive")
     prompts = _read_prompts(args)
     if not args.resume_from:
         raise UserError("pass the model to talk to: --resume-from CHECKPOINT_DIR (e.g. runs/tiny_10m/latest)")
     model, tokenizer, info = load_for_inference(args.resume_from, args.device, args.kernel,
                                                 args.disable_fast_kernels)
+    if args.speculative and not hasattr(model, "mtp"):
+        raise UserError(f"{args.resume_from} has no MTP block; train with --mtp-weight to use --speculative mtp")
     generator = torch.Generator(device=model.device).manual_seed(args.seed)
-    stops = [unescape(s) for s in (args.stop or [])]
-    hold = max((len(s) for s in stops), default=1) - 1  # a stop string may be arriving: don't print it yet
+    stops = [unescape(x) for x in (args.stop or [])]
 
-    def answer(texts: list[str]) -> None:
-        rows = [encode_prompt(tokenizer, t, model.config.max_position_embeddings, args.truncate_prompt)
-                for t in texts for _ in range(args.num_samples)]
+    def budget(rows: list[list[int]]) -> int:
         room = model.config.max_position_embeddings - max(len(r) for r in rows)
         max_new = min(args.max_new_tokens, max(room, 0))
         if max_new < args.max_new_tokens:
             print(f"note: generating {max_new} tokens to stay within max_position_embeddings", file=sys.stderr)
-        stream = len(rows) == 1
-        decoders = [StreamDecoder(tokenizer) for _ in rows]
-        texts_out = [""] * len(rows)
-        done = [False] * len(rows)
-        printed = 0  # characters of texts_out[0] already on stdout (streaming)
-        n_tokens, t0 = 0, time.perf_counter()
-        for token in generate_tokens(model, rows, max_new, settings, tokenizer.pad_id, generator):
-            for i, t in enumerate(token.tolist()):
-                if done[i]:
-                    continue
-                n_tokens += 1
-                if t == tokenizer.eot_id:
-                    done[i] = True
-                    continue
-                texts_out[i] += decoders[i].push(t)
-                cut = first_stop(texts_out[i], stops) if stops else None
-                if cut is not None:
-                    texts_out[i] = texts_out[i][:cut]
-                    done[i] = True
-            if stream and len(texts_out[0]) - (0 if done[0] else hold) > printed:
-                end = len(texts_out[0]) - (0 if done[0] else hold)
-                sys.stdout.write(texts_out[0][printed:end])
-                sys.stdout.flush()
-                printed = end
-            if all(done):
-                break
-        for i, d in enumerate(decoders):
-            if not done[i]:
-                texts_out[i] += d.flush()
-                cut = first_stop(texts_out[i], stops) if stops else None
-                texts_out[i] = texts_out[i][:cut] if cut is not None else texts_out[i]
-        if stream:
-            sys.stdout.write(texts_out[0][printed:])
-        seconds = time.perf_counter() - t0
-        if stream:
-            sys.stdout.write("\n")
+        return max_new
+
+    def answer(texts: list[str], echo: bool) -> None:
+        ids = [encode_prompt(tokenizer, t, model.config.max_position_embeddings, args.truncate_prompt)
+               for t in texts for _ in range(args.num_samples)]
+        stream = len(ids) == 1 or bool(args.speculative)
+        t0 = time.perf_counter()
+        if args.speculative:
+            rows, extra = [], []
+            for text, prompt in zip(texts, ids):
+                if echo or len(texts) > 1:
+                    sys.stdout.write(text)
+                row = TextRow(tokenizer, stops, stream=True)
+                _, st = speculative_generate(model, prompt, budget([prompt]), args.draft_len, None, on_token=row.add)
+                row.finish()
+                sys.stdout.write("\n")
+                rows.append(row)
+                extra.append(st)
+            drafted, accepted = sum(x.drafted for x in extra), sum(x.accepted for x in extra)
+            rounds = sum(x.rounds for x in extra)
+            note = (f"; MTP acceptance {accepted / max(drafted, 1):.2f} ({accepted}/{drafted} drafts), "
+                    f"{sum(r.tokens for r in rows) / max(rounds, 1):.2f} tokens per verification")
         else:
-            for i, text in enumerate(texts_out):
-                p, s = divmod(i, args.num_samples)
-                label = f"prompt {p + 1}" + (f", sample {s + 1}" if args.num_samples > 1 else "")
-                sys.stdout.write(f"--- {label} ---\n{texts[p]}{text}\n")
+            if echo and stream:
+                sys.stdout.write(texts[0])
+            rows = [TextRow(tokenizer, stops, stream) for _ in ids]
+            for token in generate_tokens(model, ids, budget(ids), settings, tokenizer.pad_id, generator):
+                finished = [row.add(t) for row, t in zip(rows, token.tolist())]
+                if all(finished):
+                    break
+            for row in rows:
+                row.finish()
+            if stream:
+                sys.stdout.write("\n")
+            else:
+                for i, row in enumerate(rows):
+                    p, k = divmod(i, args.num_samples)
+                    label = f"prompt {p + 1}" + (f", sample {k + 1}" if args.num_samples > 1 else "")
+                    sys.stdout.write(f"--- {label} ---\n{texts[p]}{row.text}\n")
+            note = ""
         sys.stdout.flush()
-        print(f"[{n_tokens} tokens in {seconds:.2f} s, {n_tokens / max(seconds, 1e-9):.1f} tokens/s]", file=sys.stderr)
+        seconds = time.perf_counter() - t0
+        n = sum(r.tokens for r in rows)
+        print(f"[{n} tokens in {seconds:.2f} s, {n / max(seconds, 1e-9):.1f} tokens/s{note}]", file=sys.stderr)
 
     if prompts is not None:
-        if len(prompts) == 1 and args.num_samples == 1:
-            sys.stdout.write(prompts[0])
-            sys.stdout.flush()
-        answer(prompts)
+        answer(prompts, echo=True)
         return 0
-    print(f"interactive: {info}. Type a prompt and press Enter; Ctrl-D to quit.", file=sys.stderr)
+    print(f"interactive: {info['source']} ({info['parameters']:,} parameters, {info['device']}). "
+          "Type a prompt and press Enter; Ctrl-D to quit.", file=sys.stderr)
     while True:
         try:
             line = input("> ")
@@ -406,4 +454,4 @@ def run_generate(args) -> int:
             print(file=sys.stderr)
             return 0
         if line.strip():
-            answer([line])
+            answer([line], echo=False)

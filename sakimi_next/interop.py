@@ -17,6 +17,7 @@ Only safetensors are read: a directory with only pickled `.bin` weights is refus
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -25,7 +26,7 @@ import torch
 from safetensors.torch import save_file
 
 from .config import Config, ConfigError
-from .util import UserError
+from .util import UserError, umask
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -263,6 +264,9 @@ def export(ckpt_path: str | Path, out_dir: str | Path, shard_bytes: int = 2 * 10
         tokenizer_files(tokenizer, tmp, config.max_position_embeddings)
         n_params = sum(t.numel() for k, t in tensors.items())
         (tmp / "README.md").write_text(model_card(config, state, metrics, n_params))
+        for f in tmp.iterdir():
+            os.chmod(f, 0o666 & ~umask())
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes private directories
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

@@ -292,26 +292,22 @@ def _validate(s: dict, config: Config, train_tokens: int) -> None:
 
 def _prepare_inputs(args, ddp: Distributed):
     """Find (or first prepare) the data directory; return (data_dir, meta, tokenizer)."""
-    from .data import load_meta, prepare_data
-    from .tokenizer import Tokenizer
+    from .data import load_meta, load_tokenizer, prepare_data
 
     data_dir = Path(args.data_dir or "data")
     if args.train_data:
         if ddp.is_main:
-            vocab = args.vocab_size or preset(args.config or RECOMMENDED_PRESET).vocab_size
             prepare_data(args.train_data, args.val_data, data_dir, tokenizer_path=args.tokenizer,
-                         vocab_size=vocab, val_fraction=args.val_fraction, doc_split=args.doc_split,
+                         vocab_size=args.vocab_size, val_fraction=args.val_fraction, doc_split=args.doc_split,
                          encoding_errors=args.encoding_errors, rebuild_tokenizer=args.rebuild_tokenizer,
-                         seed=args.seed)
+                         seed=args.seed, config=preset(args.config or RECOMMENDED_PRESET),
+                         allow_vocab_mismatch=args.allow_vocab_mismatch)
         if ddp.enabled:
             dist.barrier()
     elif not (data_dir / "meta.json").is_file():
         raise UserError(f"no prepared data in {data_dir}/ (meta.json missing): run --mode prepare_data "
                         "first, or pass --train-data")
-    meta = load_meta(data_dir)
-    tok_path = Path(meta["tokenizer"])
-    tok_path = tok_path if tok_path.is_absolute() else data_dir / tok_path
-    return data_dir, meta, Tokenizer.load(tok_path)
+    return data_dir, load_meta(data_dir), load_tokenizer(data_dir)
 
 
 def run_train(args) -> int:

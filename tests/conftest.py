@@ -1,12 +1,8 @@
-import os
 from pathlib import Path
 
 import pytest
-import torch
 
 from .helpers import SHARED_DATA
-
-torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
 @pytest.fixture

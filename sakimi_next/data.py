@@ -1,0 +1,790 @@
+"""From text to training data: `--mode prepare_data`.
+
+    sources (.txt / .jsonl files, directories, globs; or the embedded CPython docs)
+      -> documents (blank-line paragraphs, lines, JSONL records or whole files)
+      -> train / val split by whole documents (seeded, exact fraction)
+      -> byte-level BPE tokenizer trained on (a bounded sample of) the train documents
+      -> token files, each document followed by one end-of-text token
+
+A data directory holds:
+
+    train.bin, val.bin   flat little-endian token ids, uint16 when the vocab fits in 65536, else uint32;
+                         shape (tokens,), read with `open_split` as a memory map
+    tokenizer.json       unless --tokenizer points elsewhere
+    meta.json            format, vocab_size, dtype, eot_id, pad_id, tokenizer (path, relative when inside
+                         the directory) and tokenizer_sha256, splits {train, val: file, tokens, documents,
+                         bytes}, sources (path, size, sha256 of each input), settings. Written last: a
+                         directory without it is not (completely) prepared.
+
+`bytes` is the UTF-8 size of the split's document text, so bits per byte = loss / ln 2 * tokens / bytes
+(tokens include one EOT per document).
+
+Memory stays bounded whatever the corpus size: files are read in blocks, a document longer than
+MAX_PIECE_CHARS is handled in pieces, tokens go to disk one batch at a time, and the tokenizer is
+trained on a sample whose size is capped (see `tokenizer_sample_rate`).
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import functools
+import glob
+import hashlib
+import itertools
+import json
+import os
+import random
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from .tokenizer import Tokenizer, train_tokenizer
+from .util import UserError, atomic_write_text, format_table, sha256_file
+
+say = functools.partial(print, flush=True)  # progress lines should show up at once in logs too
+
+FORMAT = 1
+DEFAULT_OUT_DIR = "data"
+DOC_SPLITS = ("auto", "blank-line", "line", "file")
+TEXT_SUFFIXES = (".txt", ".jsonl")  # what a directory or glob contributes (a file named explicitly is always read)
+
+BLOCK_BYTES = 4 << 20  # read size; also how much of a .txt file `auto` looks at
+MAX_PIECE_CHARS = 1 << 20  # a longer document is tokenized in pieces (same tokens, bounded memory)
+ENCODE_BATCH_BYTES = 4 << 20  # text handed to one parallel encode_batch call
+AUTO_PARAGRAPH_CHARS = 64 << 10  # auto: blank-line paragraphs if there is a blank line per 64K characters
+
+# The BPE trainer keeps every distinct pre-token in memory. English words repeat, so it costs ~6 bytes of
+# RAM per byte of text; a run of CJK characters between punctuation is a "word" and mostly unique, so
+# Chinese costs ~90 bytes per byte (measured: 615 MB for 6.8 MB of novels). The sample is capped so that
+# training stays under ~1 GB either way; compression barely depends on it (a 1 MB Chinese sample gives
+# 3.69 bytes/token at vocab 4096, all 6.8 MB 3.72).
+SAMPLE_ASCII_BYTES = 100_000_000
+SAMPLE_OTHER_BYTES = 8_000_000
+
+_SEPARATORS = {
+    "blank-line": re.compile(r"\r?\n(?:[^\S\n]*\n)+"),  # a newline, then one or more whitespace-only lines
+    "line": re.compile(r"\r?\n"),
+}
+_NON_ASCII = bytes(range(128, 256))
+
+
+# ---------------------------------------------------------------------------------------------------
+# sources
+
+
+@dataclass
+class Source:
+    """One input: a file, or the embedded corpus (`path` None)."""
+
+    name: str  # as shown to the user and written to meta.json
+    path: Path | None
+    role: str  # "train" or "val"
+    size: int
+    sha256: str
+    kind: str  # "txt", "jsonl" or "builtin"
+    doc_split: str = ""  # what a document was, once read ("auto" resolved)
+
+    def describe(self) -> dict:
+        return {"path": self.name, "role": self.role, "size": self.size, "sha256": self.sha256,
+                "doc_split": self.doc_split}
+
+
+def _builtin_topics() -> list[str]:
+    from pydoc_data.topics import topics
+
+    return [topics[k] for k in sorted(topics)]
+
+
+def builtin_source() -> Source:
+    """The CPython documentation shipped with every Python (`pydoc_data.topics`, ~465 KB of English)."""
+    import sys
+
+    texts = _builtin_topics()
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(t.encode("utf-8") + b"\0")
+    name = f"pydoc_data.topics (Python {sys.version.split()[0]})"
+    return Source(name, None, "train", sum(len(t.encode("utf-8")) for t in texts), h.hexdigest(), "builtin")
+
+
+def _files_under(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.rglob("*")
+                  if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES
+                  and not any(part.startswith(".") for part in p.relative_to(directory).parts))
+
+
+def resolve_sources(specs: list[str], role: str) -> list[Source]:
+    """Files named by `specs`, in a stable order, each hashed: a file (read whatever its name); a
+    directory (its .txt and .jsonl files, recursively); a glob (the files it matches, and the .txt and
+    .jsonl files of the directories it matches). A missing path, an empty file, a folder without text
+    or a glob without matches is a UserError; empty files found through a directory or glob are skipped."""
+    found: list[tuple[str, Path, bool]] = []  # (spec, file, named explicitly)
+    for spec in specs:
+        if any(c in spec for c in "*?["):
+            matches = [Path(m) for m in sorted(glob.glob(os.path.expanduser(spec), recursive=True))]
+            files = [f for m in matches for f in (_files_under(m) if m.is_dir() else [m])]
+            if not files:
+                raise UserError(f"no files match {spec}")
+            found += [(spec, f, False) for f in files]
+            continue
+        p = Path(spec).expanduser()
+        if not p.exists():
+            raise UserError(f"{spec} does not exist")
+        if p.is_dir():
+            files = _files_under(p)
+            if not files:
+                raise UserError(f"directory {spec} contains no .txt or .jsonl files")
+            found += [(spec, f, False) for f in files]
+        else:
+            found.append((spec, p, True))
+
+    sources, seen, skipped = [], set(), {}
+    for spec, f, explicit in found:
+        key = f.resolve()
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            size = f.stat().st_size
+            if size == 0:
+                if explicit:
+                    raise UserError(f"{f} is empty")
+                skipped.setdefault(spec, []).append(f)
+                continue
+            digest = sha256_file(f)
+        except OSError as e:
+            raise UserError(f"cannot read {f}: {e.strerror}") from None
+        kind = "jsonl" if f.suffix.lower() == ".jsonl" else "txt"
+        sources.append(Source(str(f), f, role, size, digest, kind))
+    for spec, files in skipped.items():
+        say(f"note: skipping {len(files)} empty file(s) in {spec}, e.g. {files[0]}")
+    if not sources:
+        raise UserError(f"every file in {' '.join(specs)} is empty")
+    return sources
+
+
+# ---------------------------------------------------------------------------------------------------
+# reading documents
+
+
+def _read_blocks(path: Path, errors: str) -> Iterator[str]:
+    """The text of a UTF-8 file in blocks of about BLOCK_BYTES; a leading BOM is dropped."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors)
+    offset = 0  # bytes given to the decoder so far
+    with open(path, "rb") as f:
+        while True:
+            raw = f.read(BLOCK_BYTES)
+            held = len(decoder.getstate()[0])  # bytes of an incomplete character from the last block
+            try:
+                text = decoder.decode(raw, final=not raw)
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path} is not valid UTF-8 ({e.reason} at byte offset {offset - held + e.start}); "
+                                "convert it to UTF-8 or pass --encoding-errors replace") from None
+            if offset == 0:
+                text = text.removeprefix("\ufeff")
+            offset += len(raw)
+            if text:
+                yield text
+            if not raw:
+                return
+
+
+def _jsonl_records(path: Path, errors: str) -> Iterator[str]:
+    """The `text` field of each line of a JSONL file; blank lines are skipped."""
+    offset = 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8", errors)
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path} is not valid UTF-8 ({e.reason} at byte offset {offset + e.start}, "
+                                f"line {lineno}); convert it to UTF-8 or pass --encoding-errors replace") from None
+            offset += len(raw)
+            if lineno == 1:
+                line = line.removeprefix("\ufeff")
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as e:
+                reason = getattr(e, "msg", str(e))
+                raise UserError(f"{path}:{lineno}: not valid JSON ({reason}); each line of a .jsonl file must be "
+                                'a JSON object with a "text" field') from None
+            text = record.get("text") if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                raise UserError(f'{path}:{lineno}: no "text" string in this record; each line of a .jsonl file '
+                                'must be a JSON object with a "text" field')
+            yield text
+
+
+def _cut_point(text: str, limit: int) -> int:
+    """Where to cut `text` (longer than `limit`) so that both parts tokenize exactly as the whole.
+
+    Right after a newline that is followed by a non-space character, the pre-tokenizer always starts a
+    new piece (no pattern alternative runs from a newline into a non-space), so cutting there changes
+    nothing. A single line longer than `limit` is cut before its last space (which `\\s+(?!\\S)` also
+    keeps apart), or failing that at `limit`.
+    """
+    i = text.rfind("\n", 0, limit)
+    while i >= 0:
+        if not text[i + 1].isspace():
+            return i + 1
+        i = text.rfind("\n", 0, i)
+    i = text.rfind(" ", 1, limit)
+    return i if i > 0 else limit
+
+
+_LEADING_BLANK_LINES = re.compile(r"\A(?:[^\S\n]*\n)+")
+_TRAILING_BLANK_LINES = re.compile(r"(?:\r?\n[^\S\n]*)+\Z")
+
+
+def split_documents(blocks: Iterable[str], mode: str) -> Iterator[tuple[str, bool]]:
+    """Documents of a text given in blocks, as (piece, last) pairs.
+
+    `mode`: "blank-line" (paragraphs separated by whitespace-only lines), "line" or "file" (everything
+    is one document). A document is the concatenation of consecutive pieces up to one with
+    `last=True`; most documents are a single piece, and none is held in memory whole once it exceeds
+    MAX_PIECE_CHARS. Separators and blank lines at either end of a document are dropped, and so are
+    documents that are only whitespace. Where the blocks are cut does not matter.
+    """
+    sep = _SEPARATORS.get(mode)
+    pending, started = "", False  # started: the current document already gave out a piece
+    for block in blocks:
+        pending += block
+        if sep is not None:
+            *docs, pending = sep.split(pending)
+            for d in docs:
+                if started:
+                    yield _TRAILING_BLANK_LINES.sub("", d), True
+                    started = False
+                elif d.strip():
+                    yield _TRAILING_BLANK_LINES.sub("", _LEADING_BLANK_LINES.sub("", d)), True
+        while len(pending) > MAX_PIECE_CHARS:
+            cut = _cut_point(pending, MAX_PIECE_CHARS)
+            head, pending = pending[:cut], pending[cut:]
+            yield (head if started else _LEADING_BLANK_LINES.sub("", head)), False
+            started = True
+    if started:
+        yield _TRAILING_BLANK_LINES.sub("", pending), True
+    elif pending.strip():
+        yield _TRAILING_BLANK_LINES.sub("", _LEADING_BLANK_LINES.sub("", pending)), True
+
+
+def _joined(records: Iterable[str], sep: str) -> Iterator[str]:
+    for i, r in enumerate(records):
+        if i:
+            yield sep
+        yield r
+
+
+def iter_documents(src: Source, doc_split: str, errors: str) -> Iterator[tuple[str, bool]]:
+    """(piece, last) pairs of `src`'s documents (see `split_documents`); sets `src.doc_split`.
+
+    `auto`: a JSONL record (or an embedded topic) is a document; a .txt file is split into blank-line
+    paragraphs when its first block has a blank line per AUTO_PARAGRAPH_CHARS on average, otherwise
+    into lines (e.g. novels with one paragraph a line and no blank lines).
+    """
+    if src.kind == "txt":
+        blocks = _read_blocks(src.path, errors)
+        mode = doc_split
+        if mode == "auto":
+            first = next(blocks, "")
+            n_blank = len(_SEPARATORS["blank-line"].findall(first))
+            mode = "blank-line" if n_blank and len(first) / n_blank <= AUTO_PARAGRAPH_CHARS else "line"
+            blocks = itertools.chain([first], blocks)
+        src.doc_split = mode
+        yield from split_documents(blocks, mode)
+        return
+    records = _builtin_topics() if src.kind == "builtin" else _jsonl_records(src.path, errors)
+    unit = "topic" if src.kind == "builtin" else "record"
+    src.doc_split = unit if doc_split == "auto" else doc_split
+    if doc_split == "file":
+        yield from split_documents(_joined(records, "\n\n"), "file")
+    else:
+        for r in records:
+            yield from split_documents([r], "file" if doc_split == "auto" else doc_split)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the split and the tokenizer sample
+
+
+@dataclass
+class Scan:
+    """What a first pass over the sources found (it also validates every file before work starts)."""
+
+    docs: list[int]  # per source
+    bytes: list[int]  # per source, UTF-8 bytes of its documents
+    ascii_bytes: int = 0  # over the training sources
+    other_bytes: int = 0
+
+
+def progress(total: int, desc: str, leave: bool = True):
+    """A tqdm bar counting bytes (so it shows MB/s) on stderr, drawn only when stderr is a terminal."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=None, mininterval=0.5, leave=leave)
+
+
+def scan_sources(sources: list[Source], doc_split: str, errors: str) -> Scan:
+    scan = Scan([], [])
+    with progress(sum(s.size for s in sources), "reading", leave=False) as bar:
+        for src in sources:
+            n_docs = n_bytes = unshown = 0
+            for piece, last in iter_documents(src, doc_split, errors):
+                b = piece.encode("utf-8")
+                n_bytes += len(b)
+                n_docs += last
+                if src.role == "train":
+                    ascii_ = len(b.translate(None, _NON_ASCII))
+                    scan.ascii_bytes += ascii_
+                    scan.other_bytes += len(b) - ascii_
+                unshown += len(b)
+                if unshown > 1 << 20:  # a bar update per document would cost more than the work
+                    bar.update(unshown)
+                    unshown = 0
+            bar.update(unshown)
+            scan.docs.append(n_docs)
+            scan.bytes.append(n_bytes)
+    return scan
+
+
+def choose_val_docs(n_docs: int, fraction: float, seed: int) -> np.ndarray:
+    """A bool mask over the `n_docs` training documents: exactly max(1, round(fraction * n_docs))
+    of them, chosen uniformly with `seed`, become the validation split."""
+    k = max(1, round(fraction * n_docs))
+    if n_docs - k < 1:
+        raise UserError(f"the training text has only {n_docs} document(s), too few to hold out a validation "
+                        "split; give --val-data, or a --doc-split that makes more documents")
+    mask = np.zeros(n_docs, dtype=bool)
+    mask[np.random.default_rng(seed).choice(n_docs, size=k, replace=False)] = True
+    return mask
+
+
+def tokenizer_sample_rate(scan: Scan) -> float:
+    """Fraction of training pieces the tokenizer is trained on (1.0 for all but large corpora)."""
+    cost = scan.ascii_bytes / SAMPLE_ASCII_BYTES + scan.other_bytes / SAMPLE_OTHER_BYTES
+    return min(1.0, 1.0 / cost) if cost > 0 else 1.0
+
+
+def _tagged_pieces(sources, doc_split, errors, val_mask, scan: Scan) -> Iterator[tuple[str, str, bool]]:
+    """(split, piece, last) over all sources; training documents in `val_mask` go to "val".
+    A source that no longer has the documents the scan counted (edited meanwhile) is a UserError."""
+    doc = 0  # index over the training sources' documents
+    for src, expected in zip(sources, scan.docs):
+        n = 0
+        for piece, last in iter_documents(src, doc_split, errors):
+            n += last
+            if n > expected:
+                break
+            if src.role == "val":
+                yield "val", piece, last
+                continue
+            yield ("val" if val_mask is not None and val_mask[doc] else "train"), piece, last
+            doc += last
+        if n != expected:
+            raise UserError(f"{src.name} changed while it was being read; run again")
+
+
+def tokenizer_sample(pieces: Iterable[tuple[str, str, bool]], rate: float, seed: int,
+                     total_bytes: int) -> Iterator[str]:
+    """The training pieces the tokenizer learns from: each one with probability `rate` (seeded)."""
+    rng = random.Random(seed)
+    with progress(total_bytes, "tokenizer sample", leave=False) as bar:
+        for split, piece, _ in pieces:
+            bar.update(len(piece.encode("utf-8")))
+            if split == "train" and (rate >= 1 or rng.random() < rate):
+                yield piece
+
+
+# ---------------------------------------------------------------------------------------------------
+# writing
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
+
+
+class _SplitWriter:
+    """Appends token ids to a temporary file in the output directory; `commit` renames it into place."""
+
+    def __init__(self, out_dir: Path, name: str, dtype: np.dtype):
+        self.file, self.dtype = f"{name}.bin", dtype
+        self.final = out_dir / self.file
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.file}.", suffix=".tmp", dir=out_dir)
+        self.tmp, self.f = Path(tmp), os.fdopen(fd, "wb")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
+        self.tokens = self.documents = self.bytes = 0
+
+    def write(self, ids: np.ndarray) -> None:
+        self.f.write(ids.astype(self.dtype, copy=False).tobytes())
+        self.tokens += len(ids)
+
+    def commit(self) -> None:
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        os.replace(self.tmp, self.final)
+
+    def discard(self) -> None:
+        self.f.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def describe(self) -> dict:
+        return {"file": self.file, "tokens": self.tokens, "documents": self.documents, "bytes": self.bytes}
+
+
+def encode_to_files(pieces: Iterable[tuple[str, str, bool]], tok: Tokenizer, writers: dict[str, _SplitWriter],
+                    total_bytes: int) -> None:
+    """Tokenize (split, piece, last) triples in parallel batches and append them to their split's
+    file, one EOT after each document. A tqdm bar on stderr shows MB/s (when stderr is a terminal)."""
+    bar = progress(total_bytes, "encoding")
+    batch: list[tuple[str, str, bool]] = []
+    batch_bytes = 0
+
+    def flush():
+        ids = tok.encode_batch([p for _, p, _ in batch])
+        for split, w in writers.items():
+            parts = []
+            for (s, _, last), x in zip(batch, ids):
+                if s == split:
+                    parts.append(x)
+                    if last:
+                        parts.append((tok.eot_id,))
+            if parts:
+                n = sum(len(p) for p in parts)
+                w.write(np.fromiter(itertools.chain.from_iterable(parts), dtype=w.dtype, count=n))
+        bar.update(batch_bytes)
+
+    try:
+        for split, piece, last in pieces:
+            n = len(piece.encode("utf-8"))
+            w = writers[split]
+            w.bytes += n
+            w.documents += last
+            batch.append((split, piece, last))
+            batch_bytes += n
+            if batch_bytes >= ENCODE_BATCH_BYTES:
+                flush()
+                batch, batch_bytes = [], 0
+        if batch:
+            flush()
+    finally:
+        bar.close()
+
+
+# ---------------------------------------------------------------------------------------------------
+# meta.json and reading prepared data
+
+
+def _rel_or_abs(path: Path, base: Path) -> str:
+    path, base = path.resolve(), base.resolve()
+    return str(path.relative_to(base)) if path.is_relative_to(base) else str(path)
+
+
+def _read_meta_quietly(out_dir: Path) -> dict | None:
+    try:
+        meta = json.loads((out_dir / "meta.json").read_text("utf-8"))
+        return meta if isinstance(meta, dict) and meta.get("format") == FORMAT else None
+    except (OSError, ValueError):
+        return None
+
+
+def load_meta(data_dir) -> dict:
+    """meta.json of a prepared data directory; a UserError when the directory or the file is missing
+    or unreadable."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise UserError(f"data directory not found: {data_dir}; create it with --mode prepare_data")
+    path = data_dir / "meta.json"
+    if not path.is_file():
+        raise UserError(f"{data_dir} has no meta.json (not prepared, or interrupted); run --mode prepare_data")
+    try:
+        meta = json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is not readable JSON ({e}); run --mode prepare_data again") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise UserError(f"{path} is not a format-{FORMAT} meta.json; run --mode prepare_data again")
+    missing = [k for k in ("vocab_size", "dtype", "eot_id", "pad_id", "tokenizer", "tokenizer_sha256", "splits")
+               if k not in meta]
+    if missing:
+        raise UserError(f"{path} lacks {missing[0]!r}; run --mode prepare_data again")
+    return meta
+
+
+def tokenizer_path(data_dir, meta: dict | None = None) -> Path:
+    """Where the tokenizer of a data directory is (meta.json's path is relative to the directory)."""
+    meta = meta or load_meta(data_dir)
+    return Path(data_dir) / meta["tokenizer"]  # an absolute path stays absolute
+
+
+def load_tokenizer(data_dir) -> Tokenizer:
+    """The tokenizer a data directory was prepared with; a UserError if it changed since."""
+    meta = load_meta(data_dir)
+    tok = Tokenizer.load(tokenizer_path(data_dir, meta))
+    if tok.sha256 != meta["tokenizer_sha256"]:
+        raise UserError(f"{tok.path} changed after {data_dir} was prepared; run --mode prepare_data again")
+    return tok
+
+
+def open_split(data_dir, split: str) -> np.ndarray:
+    """The token ids of `split` ("train" or "val") as a read-only memory map of shape (tokens,)."""
+    meta = load_meta(data_dir)
+    if split not in meta["splits"]:
+        raise UserError(f"{data_dir} has no {split!r} split (it has: {', '.join(meta['splits'])})")
+    info = meta["splits"][split]
+    path = Path(data_dir) / info["file"]
+    dtype = np.dtype(meta["dtype"]).newbyteorder("<")
+    expected = info["tokens"] * dtype.itemsize
+    if not path.is_file() or path.stat().st_size != expected:
+        raise UserError(f"{path} is missing or not {expected:,} bytes as meta.json says; run --mode prepare_data again")
+    if expected == 0:
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+def check_vocab(config, tokenizer: Tokenizer, allow_mismatch: bool):
+    """The model config to use with `tokenizer`, with eos/pad ids from the tokenizer.
+
+    A tokenizer with at most `config.vocab_size` tokens fits (the extra embedding rows go unused).
+    A larger one is a UserError naming both sizes, unless `allow_mismatch`: then the config follows
+    the tokenizer, and this prints that it does.
+    """
+    if tokenizer.vocab_size > config.vocab_size:
+        if not allow_mismatch:
+            raise UserError(f"the tokenizer has {tokenizer.vocab_size:,} tokens but the model's vocab_size is "
+                            f"{config.vocab_size:,}; use a preset with a larger vocabulary, a smaller --vocab-size, "
+                            "or --allow-vocab-mismatch to make the model follow the tokenizer")
+        say(f"note: the model's vocab_size follows the tokenizer: {config.vocab_size:,} -> "
+            f"{tokenizer.vocab_size:,} (--allow-vocab-mismatch)")
+        config = config.replace(vocab_size=tokenizer.vocab_size)
+    return config.replace(eos_token_id=tokenizer.eot_id, pad_token_id=tokenizer.pad_id)
+
+
+# ---------------------------------------------------------------------------------------------------
+# prepare_data
+
+
+def _check_writable(directory: Path) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot write to {directory}: {e.strerror or e}") from None
+
+
+@contextlib.contextmanager
+def _cleanup_new_dirs(*dirs: Path):
+    """On failure, remove those of `dirs` that did not exist before and are still empty."""
+    new = [d for d in dirs if not d.exists()]
+    try:
+        yield
+    except BaseException:
+        for d in new:
+            with contextlib.suppress(OSError):
+                d.rmdir()  # only succeeds if empty
+        raise
+
+
+def _up_to_date(old: dict | None, meta: dict, out_dir: Path, tok_path: Path) -> bool:
+    """Whether `old` (the directory's meta.json) describes what this run would make."""
+    if old is None:
+        return False
+    key = lambda m: ([(s["role"], s["sha256"]) for s in m.get("sources", [])], m.get("settings"), m.get("tokenizer"))
+    if key(old) != key(meta) or not tok_path.is_file() or sha256_file(tok_path) != old.get("tokenizer_sha256"):
+        return False
+    itemsize = np.dtype(old["dtype"]).itemsize
+    return all((out_dir / s["file"]).is_file() and (out_dir / s["file"]).stat().st_size == s["tokens"] * itemsize
+               for s in old["splits"].values())
+
+
+def _peak_rss_mb() -> float | None:
+    try:
+        import resource
+        import sys
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
+    except (ImportError, OSError):
+        return None
+
+
+def _tokenizer_for(tok_path: Path, old: dict | None, fingerprint: dict, rebuild: bool, vocab_size: int,
+                   vocab_explicit: bool, train_texts) -> tuple[Tokenizer, dict | None]:
+    """The tokenizer to encode with, and what it was trained from (None: made elsewhere).
+
+    Trained (from `train_texts()`) when asked to, when missing, or when this directory's last run
+    trained it from other data or settings (`fingerprint` differs); otherwise loaded as it is.
+    """
+    reason = None
+    if rebuild:
+        reason = "--rebuild-tokenizer"
+    elif not tok_path.is_file():
+        reason = f"{tok_path} does not exist"
+    else:
+        tok = Tokenizer.load(tok_path)
+        ours = old is not None and old.get("tokenizer_sha256") == tok.sha256 and old.get("tokenizer_training")
+        if ours and old["tokenizer_training"] != fingerprint:
+            reason = "the training data or settings changed since it was trained"
+        elif not ours and vocab_explicit and tok.vocab_size != vocab_size:
+            raise UserError(f"{tok_path} has {tok.vocab_size:,} tokens, not the --vocab-size {vocab_size:,} asked "
+                            "for; pass --rebuild-tokenizer to replace it, or use another --tokenizer or --out-dir")
+        else:
+            say(f"tokenizer: using {tok_path} ({tok.vocab_size:,} tokens)")
+            return tok, (fingerprint if ours else None)
+    texts, note = train_texts()
+    say(f"tokenizer: training byte-level BPE, vocab {vocab_size:,} ({reason}{note}) ...")
+    t0 = time.perf_counter()
+    tok = train_tokenizer(texts, vocab_size)
+    say(f"tokenizer: {tok.vocab_size:,} tokens in {time.perf_counter() - t0:.1f} s")
+    return tok, fingerprint
+
+
+def prepare_data(train_data: list[str] | None, val_data: list[str] | None, out_dir=DEFAULT_OUT_DIR,
+                 tokenizer_path=None, vocab_size: int | None = None, val_fraction: float = 0.1,
+                 doc_split: str = "auto", encoding_errors: str = "strict", rebuild_tokenizer: bool = False,
+                 seed: int = 0, config=None, allow_vocab_mismatch: bool = False) -> Path:
+    """Tokenize `train_data` (and `val_data`, else a held-out `val_fraction` of the training documents)
+    into `out_dir`; returns `out_dir`. Unchanged inputs and settings: nothing is done.
+
+    `train_data`/`val_data`: paths, directories or globs (None: the embedded CPython docs / a held-out
+    fraction). `vocab_size` defaults to `config.vocab_size` (config: the tiny_10m preset by default).
+    The tokenizer at `tokenizer_path` (default out_dir/tokenizer.json) is trained when missing, when
+    `rebuild_tokenizer`, or when this directory's previous run trained it from different training data
+    or settings; a tokenizer from elsewhere is used as it is.
+    """
+    from .config import RECOMMENDED_PRESET, preset
+
+    t0 = time.perf_counter()
+    config = config if config is not None else preset(RECOMMENDED_PRESET)
+    vocab_explicit = vocab_size is not None
+    vocab_size = vocab_size if vocab_explicit else config.vocab_size
+    if doc_split not in DOC_SPLITS:
+        raise UserError(f"--doc-split {doc_split!r} is not one of: {', '.join(DOC_SPLITS)}")
+    if encoding_errors not in ("strict", "replace"):
+        raise UserError(f"--encoding-errors {encoding_errors!r} must be strict or replace")
+    if not val_data and not 0.0 < val_fraction < 1.0:
+        raise UserError(f"--val-fraction ({val_fraction}) must be between 0 and 1; or give --val-data")
+    if vocab_explicit and vocab_size > config.vocab_size and not allow_vocab_mismatch:
+        raise UserError(f"--vocab-size ({vocab_size:,}) is larger than the model's vocab_size ({config.vocab_size:,}); "
+                        "choose a larger --config, or pass --allow-vocab-mismatch to make the model follow it")
+    out_dir = Path(out_dir)
+    tok_path = Path(tokenizer_path) if tokenizer_path else out_dir / "tokenizer.json"
+
+    # 1. the sources, hashed
+    if train_data:
+        sources = resolve_sources(train_data, "train")
+    else:
+        sources = [builtin_source()]
+        say(f"training data: the embedded CPython documentation, {sources[0].name}, {sources[0].size:,} bytes "
+            "(pass --train-data to use your own text)")
+    if val_data:
+        sources += resolve_sources(val_data, "val")
+    settings = {"doc_split": doc_split, "val_fraction": None if val_data else val_fraction, "seed": seed,
+                "encoding_errors": encoding_errors, "vocab_size": vocab_size}
+    meta = {"format": FORMAT, "tokenizer": _rel_or_abs(tok_path, out_dir),
+            "sources": [s.describe() for s in sources], "settings": settings}
+
+    # 2. nothing to do?
+    old = _read_meta_quietly(out_dir)
+    if not rebuild_tokenizer and _up_to_date(old, meta, out_dir, tok_path):
+        check_vocab(config, Tokenizer.load(tok_path), allow_vocab_mismatch)
+        say(f"{out_dir} is up to date (same sources, settings and tokenizer): nothing to do. "
+            "--rebuild-tokenizer trains the tokenizer again.")
+        return out_dir
+
+    # 3. read everything once: validates every file and counts documents before anything is written
+    scan = scan_sources(sources, doc_split, encoding_errors)
+    meta["sources"] = [s.describe() for s in sources]  # now with what a document was in each
+    n_train_docs = sum(n for s, n in zip(sources, scan.docs) if s.role == "train")
+    if n_train_docs == 0:
+        raise UserError("the training data has no text (only whitespace)")
+    if val_data and sum(n for s, n in zip(sources, scan.docs) if s.role == "val") == 0:
+        raise UserError("the validation data has no text (only whitespace)")
+    val_mask = None if val_data else choose_val_docs(n_train_docs, val_fraction, seed)
+    rows = [(s.name, f"{s.size:,}", s.role, s.doc_split, f"{n:,}") for s, n in zip(sources, scan.docs)]
+    if len(rows) > 12:
+        rows = rows[:10] + [(f"... and {len(rows) - 10} more", "", "", "", f"{sum(scan.docs[10:]):,}")]
+    say(format_table(rows, ("source", "bytes", "role", "document =", "documents")))
+    if val_mask is not None:
+        say(f"validation: {int(val_mask.sum()):,} of {n_train_docs:,} documents held out "
+            f"(--val-fraction {val_fraction}, --seed {seed})")
+
+    def pieces():
+        return _tagged_pieces(sources, doc_split, encoding_errors, val_mask, scan)
+
+    def train_texts():
+        rate = tokenizer_sample_rate(scan)
+        return tokenizer_sample(pieces(), rate, seed, sum(scan.bytes)), (f", a {rate:.1%} sample" if rate < 1 else "")
+
+    with _cleanup_new_dirs(out_dir, tok_path.parent):
+        _check_writable(out_dir)
+        _check_writable(tok_path.parent)
+
+        # 4. the tokenizer
+        fingerprint = {"sources": [s.sha256 for s in sources if s.role == "train"], "settings": settings,
+                       "sample": [SAMPLE_ASCII_BYTES, SAMPLE_OTHER_BYTES]}
+        tok, fingerprint = _tokenizer_for(tok_path, old, fingerprint, rebuild_tokenizer, vocab_size, vocab_explicit,
+                                          train_texts)
+        check_vocab(config, tok, allow_vocab_mismatch)
+
+        # 5. tokens into temporary files, then everything into place, meta.json last
+        dtype = token_dtype(tok.vocab_size)
+        writers = {}
+        try:
+            for split in ("train", "val"):
+                writers[split] = _SplitWriter(out_dir, split, dtype)
+            t1 = time.perf_counter()
+            encode_to_files(pieces(), tok, writers, sum(scan.bytes))
+            mb_s = sum(scan.bytes) / 1e6 / max(time.perf_counter() - t1, 1e-9)
+            (out_dir / "meta.json").unlink(missing_ok=True)  # from here to the end the directory is incomplete
+            if tok.path is None or tok.path.resolve() != tok_path.resolve():
+                tok.save(tok_path)
+            for w in writers.values():
+                w.commit()
+        finally:
+            for w in writers.values():
+                if not w.f.closed:
+                    w.discard()
+    meta.update({"vocab_size": tok.vocab_size, "dtype": dtype.name, "eot_id": tok.eot_id, "pad_id": tok.pad_id,
+                 "tokenizer_sha256": tok.sha256, "tokenizer_training": fingerprint,
+                 "splits": {name: w.describe() for name, w in writers.items()}})
+    order = ("format", "vocab_size", "dtype", "eot_id", "pad_id", "tokenizer", "tokenizer_sha256", "splits",
+             "sources", "settings", "tokenizer_training")
+    meta_text = json.dumps({k: meta[k] for k in order}, indent=2, ensure_ascii=False) + "\n"
+    atomic_write_text(out_dir / "meta.json", meta_text)
+
+    rows = [(name, f"{w.documents:,}", f"{w.tokens:,}", f"{w.bytes:,}", f"{w.bytes / max(w.tokens, 1):.2f}",
+             str(w.final)) for name, w in writers.items()]
+    say(format_table(rows, ("split", "documents", "tokens", "bytes", "bytes/token", "file")))
+    rss = _peak_rss_mb()
+    say(f"wrote {out_dir / 'meta.json'} ({dtype.name} tokens, tokenizer {tok_path}) in "
+        f"{time.perf_counter() - t0:.1f} s; encoding {mb_s:.2f} MB/s" + (f"; peak memory {rss:,.0f} MB" if rss else ""))
+    return out_dir
+
+
+def run_prepare_data(args) -> int:
+    """`--mode prepare_data`: the CLI entry."""
+    from .config import RECOMMENDED_PRESET, preset
+
+    name = args.config or RECOMMENDED_PRESET
+    config = preset(name)
+    if args.out_dir and args.data_dir and Path(args.out_dir) != Path(args.data_dir):
+        raise UserError(f"--out-dir ({args.out_dir}) and --data-dir ({args.data_dir}) differ; "
+                        "prepare_data writes one directory")
+    out_dir = args.out_dir or args.data_dir or DEFAULT_OUT_DIR
+    say(f"sakimi-next --mode prepare_data: preset {name} (vocab_size {config.vocab_size:,}) -> {out_dir}")
+    prepare_data(args.train_data, args.val_data, out_dir, tokenizer_path=args.tokenizer, vocab_size=args.vocab_size,
+                 val_fraction=args.val_fraction, doc_split=args.doc_split, encoding_errors=args.encoding_errors,
+                 rebuild_tokenizer=args.rebuild_tokenizer, seed=args.seed, config=config,
+                 allow_vocab_mismatch=args.allow_vocab_mismatch)
+    return 0

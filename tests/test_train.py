@@ -1,0 +1,227 @@
+"""Training: the loss falls, resume is exact, saving survives interruption, DDP = one process, NaN guard,
+and every bad input gets one line and exit code 2."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from sakimi_next import checkpoint as ckpt
+from sakimi_next.cli import main
+from sakimi_next.data import prepare_data
+
+from .helpers import ROOT, SHARED_DATA, read_head
+
+TRAIN = ["--mode", "train", "--config", "tiny_5m", "--batch-size", "4", "--seq-len", "64", "--learning-rate", "3e-3",
+         "--warmup-steps", "2", "--eval-batches", "2", "--print-every", "1", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """~100 KB of TinyStories, prepared with the tiny_5m vocabulary (2048)."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip("shared corpora not found")
+    root = tmp_path_factory.mktemp("data")
+    (root / "stories.txt").write_text(read_head(SHARED_DATA / "tinystories" / "tinystories_mini.txt", 100_000))
+    return prepare_data([str(root / "stories.txt")], None, root / "prepared", vocab_size=2048)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if "loss" in r:
+            out[r["step"]] = r["loss"]
+    return out
+
+
+def train(data_dir, out, *extra):
+    return main([*TRAIN, "--data-dir", str(data_dir), "--out-dir", str(out), *extra])
+
+
+def test_loss_decreases(data_dir, tmp_path):
+    assert train(data_dir, tmp_path / "run", "--steps", "40", "--eval-every", "20", "--save-every", "20") == 0
+    l = losses(tmp_path / "run")
+    first, last = sum(l[s] for s in range(1, 6)) / 5, sum(l[s] for s in range(36, 41)) / 5
+    assert last < first - 1.0, (first, last)
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in evals] == [20, 40] and evals[1]["val_loss"] < evals[0]["val_loss"]
+    assert all(k in evals[0] for k in ("val_ppl", "val_bpb"))
+    assert (tmp_path / "run" / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+    latest = ckpt.find_latest(tmp_path / "run")
+    assert latest.name == "step_000040" and (latest / "tokenizer.json").is_file()
+    assert (tmp_path / "run" / "best").resolve() == latest
+
+
+def run_cli(*args, **kw):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "sakimi_next", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def wait_for_step(run_dir: Path, step: int, proc, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (run_dir / "metrics.jsonl").exists() and max(losses(run_dir) or [0]) >= step:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(proc.communicate())
+        time.sleep(0.05)
+    raise AssertionError("training did not reach the step in time")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_kill_and_resume_is_bit_identical(data_dir, tmp_path, how):
+    common = ["--steps", "14", "--eval-every", "7", "--save-every", "3"]
+    assert train(data_dir, tmp_path / "whole", *common) == 0
+    proc = run_cli(*TRAIN, "--data-dir", str(data_dir), "--out-dir", str(tmp_path / "cut"), *common)
+    wait_for_step(tmp_path / "cut", 5, proc)
+    proc.send_signal(how)
+    out, err = proc.communicate(timeout=120)
+    if how == signal.SIGTERM:
+        assert proc.returncode == 128 + signal.SIGTERM, err
+        assert "SIGTERM received" in err
+    assert ckpt.find_latest(tmp_path / "cut") is not None
+    assert train(data_dir, tmp_path / "cut", *common, "--resume-from", "auto") == 0
+    assert losses(tmp_path / "cut") == losses(tmp_path / "whole")  # bit for bit, every step
+    a = ckpt.load_tensors(tmp_path / "whole" / "latest" / "model.safetensors")
+    b = ckpt.load_tensors(tmp_path / "cut" / "latest" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_interrupted_while_saving(data_dir, tmp_path, monkeypatch):
+    """A crash in the middle of writing a checkpoint leaves the previous one, which resumes exactly."""
+    common = ["--steps", "8", "--eval-every", "100", "--save-every", "4"]
+    assert train(data_dir, tmp_path / "whole", *common) == 0
+    real = ckpt._write_json
+    calls = {"n": 0}
+
+    def crash_on_second_checkpoint(path, obj):
+        if path.name == ckpt.STATE_FILE:
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise KeyboardInterrupt  # the process dies while the step-8 checkpoint is half written
+        return real(path, obj)
+
+    monkeypatch.setattr(ckpt, "_write_json", crash_on_second_checkpoint)
+    assert train(data_dir, tmp_path / "cut", *common) == 130  # the CLI reports the interrupt
+    monkeypatch.setattr(ckpt, "_write_json", real)
+    run = tmp_path / "cut"
+    assert not list(run.glob(".tmp-*"))  # the half-written checkpoint was removed
+    assert ckpt.find_latest(run).name == "step_000004"
+    assert train(data_dir, run, *common, "--resume-from", "auto") == 0
+    assert losses(run) == losses(tmp_path / "whole")
+
+
+def test_full_disk_keeps_previous_checkpoint(data_dir, tmp_path, monkeypatch, capsys):
+    real = ckpt.save_file
+    calls = {"n": 0}
+
+    def full_disk(tensors, path, metadata=None):
+        calls["n"] += 1
+        if calls["n"] > 2:  # the first checkpoint (model + optimizer files) fits, then the disk is full
+            raise OSError(28, "No space left on device")
+        return real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(ckpt, "save_file", full_disk)
+    assert train(data_dir, tmp_path / "run", "--steps", "6", "--eval-every", "100", "--save-every", "3") == 0
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "step_000003 is intact" in err
+    assert ckpt.find_latest(tmp_path / "run").name == "step_000003"
+    assert not list((tmp_path / "run").glob(".tmp-*"))
+
+
+def test_nonfinite_loss_stops_or_skips(data_dir, tmp_path, monkeypatch, capsys):
+    from sakimi_next.model import Qwen3NextForCausalLM
+
+    real = Qwen3NextForCausalLM.forward
+    calls = {"n": 0}
+
+    def poisoned(self, *a, **k):
+        out = real(self, *a, **k)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] == 5:
+                out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(Qwen3NextForCausalLM, "forward", poisoned)
+    rc = train(data_dir, tmp_path / "run", "--steps", "8", "--eval-every", "100", "--save-every", "2")
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "non-finite loss nan at step 4" in err and "step_000004" in err
+    assert ckpt.find_latest(tmp_path / "run").name == "step_000004"
+
+    calls["n"] = 0
+    rc = train(data_dir, tmp_path / "skip", "--steps", "8", "--eval-every", "100", "--save-every", "100",
+               "--skip-nonfinite")
+    assert rc == 0 and "step skipped" in capsys.readouterr().err
+    assert ckpt.find_latest(tmp_path / "skip").name == "step_000008"
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_equal_one(data_dir, tmp_path):
+    common = [*TRAIN, "--data-dir", str(data_dir), "--steps", "4", "--eval-every", "4", "--save-every", "100"]
+    assert main([*common, "--out-dir", str(tmp_path / "one"), "--batch-size", "4"]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                        "29533", "-m", "sakimi_next", *common, "--out-dir", str(tmp_path / "two"), "--batch-size", "2"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "world size: 2 (DDP)" in r.stdout
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert one.keys() == two.keys()
+    for s in one:
+        assert abs(one[s] - two[s]) <= 1e-4 * abs(one[s]), (s, one[s], two[s])
+
+
+def test_resume_refuses_other_preset(data_dir, tmp_path, capsys):
+    assert train(data_dir, tmp_path / "run", "--steps", "2", "--eval-every", "100", "--save-every", "100") == 0
+    capsys.readouterr()
+    args = [a if a != "tiny_5m" else "tiny_10m" for a in TRAIN]
+    rc = main([*args, "--data-dir", str(data_dir), "--out-dir", str(tmp_path / "run"), "--resume-from", "auto",
+               "--steps", "4"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("error: ") and "is a tiny_5m model, not tiny_10m" in err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--steps", "0"], "--steps (0) must be positive"),
+    (["--batch-size", "-2"], "--batch-size (-2) must be positive"),
+    (["--learning-rate", "0"], "--learning-rate (0.0) must be positive"),
+    (["--seq-len", "100000"], "exceeds the model's max_position_embeddings"),
+    (["--resume-from", "/nonexistent/ckpt"], "checkpoint not found"),
+])
+def test_bad_training_input(data_dir, tmp_path, capsys, extra, message):
+    rc = train(data_dir, tmp_path / "run", "--steps", "3", *extra)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and message in err, err
+
+
+def test_missing_data_dir(tmp_path, capsys):
+    rc = main([*TRAIN, "--data-dir", str(tmp_path / "nothing"), "--out-dir", str(tmp_path / "run"), "--steps", "2"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "no prepared data in" in err and len(err.splitlines()) == 1
+
+
+def test_vocab_mismatch(tmp_path, capsys):
+    if not SHARED_DATA.is_dir():
+        pytest.skip("shared corpora not found")
+    (tmp_path / "t.txt").write_text(read_head(SHARED_DATA / "tinystories" / "tinystories_mini.txt", 100_000))
+    big = prepare_data([str(tmp_path / "t.txt")], None, tmp_path / "big", vocab_size=2400,
+                       allow_vocab_mismatch=True)
+    rc = main([*TRAIN, "--data-dir", str(big), "--out-dir", str(tmp_path / "run"), "--steps", "2"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "2,400" in err and "2,048" in err and len(err.splitlines()) == 1
+    rc = main([*TRAIN, "--data-dir", str(big), "--out-dir", str(tmp_path / "run"), "--steps", "2",
+               "--eval-every", "2", "--allow-vocab-mismatch"])
+    assert rc == 0
+    assert ckpt.load_config(ckpt.find_latest(tmp_path / "run")).vocab_size == 2400
