@@ -120,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import torch
+
+    # Strongly decaying DeltaNet gates produce denormal floats (exp of -90..-100), which x86 CPUs
+    # process up to 100x slower; flushing them to zero changes nothing measurable and saves ~30%.
+    torch.set_flush_denormal(True)
     try:
         module, func = MODES[args.mode]
         return getattr(importlib.import_module(module), func)(args)
@@ -157,7 +162,7 @@ def run_test(args) -> int:
     """Build the preset with seeded random weights, describe it, and time one forward pass."""
     import torch
 
-    from .model import Qwen3NextForCausalLM, parameter_breakdown
+    from .model import Qwen3NextForCausalLM, active_parameters, parameter_breakdown
 
     args.batch_size = 2 if args.batch_size is None else args.batch_size
     args.seq_len = 256 if args.seq_len is None else args.seq_len
@@ -187,7 +192,12 @@ def run_test(args) -> int:
     print("parameters")
     print(format_table(table, ("part", "each", "count", "total")))
     emb = config.vocab_size * config.hidden_size
-    print(f"non-embedding: {total - emb:,}\n")
+    print(f"non-embedding: {total - emb:,}")
+    if config.is_moe:  # a token runs only k of the E routed experts in each MoE layer
+        n_moe = sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
+        print(f"active per token: {active_parameters(config):,} of {total:,} "
+              f"({config.num_experts_per_tok} of {config.num_experts} routed experts in each of {n_moe} MoE layers)")
+    print()
 
     print(f"device: {device}   kernel: {kernel}   dtype: float32   threads: {torch.get_num_threads()}")
     gen = torch.Generator().manual_seed(args.seed)

@@ -257,6 +257,19 @@ PRESETS: dict[str, dict] = {
         linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=64, linear_value_head_dim=64,
         max_position_embeddings=16384,
     ),
+    # 31,480,800 parameters, 9,460,704 active per token: tiny_10m's trunk with a sparse MoE in every
+    # layer instead of the SwiGLU MLP, in Qwen3-Next's form (routed experts as wide as the shared one).
+    # Each token uses the shared expert and 2 of the 16 routed experts, all 256 wide: 768 SwiGLU
+    # channels, as in tiny_10m's MLP. The name counts the active parameters.
+    "tiny_10m_moe": dict(
+        vocab_size=4096, num_hidden_layers=8, hidden_size=256,
+        intermediate_size=768,  # unused unless a layer is made dense with mlp_only_layers
+        num_attention_heads=4, num_key_value_heads=1, head_dim=64,
+        linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=64, linear_value_head_dim=64,
+        max_position_embeddings=16384,
+        num_experts=16, num_experts_per_tok=2, moe_intermediate_size=256, shared_expert_intermediate_size=256,
+        norm_topk_prob=True, router_aux_loss_coef=0.001,
+    ),
     # 78,608,912 parameters: 52,853,264 in the layers plus a 25,755,648 (tied) embedding; the name
     # counts non-embedding parameters, as the 50k vocabulary alone is half a 50M budget.
     "small_50m": dict(
@@ -278,7 +291,8 @@ def preset(name: str, **overrides) -> Config:
 
 
 def nominal_size(name: str) -> float:
-    """The size the preset's name promises, in parameters (tiny_10m -> 1e7)."""
+    """The size the preset's name promises, in parameters (tiny_10m -> 1e7). For an MoE preset
+    (tiny_10m_moe -> 1e7) that is the active (per-token) count, not the total."""
     tag = name.split("_")[1]
     return float(tag.rstrip("m")) * 1e6
 

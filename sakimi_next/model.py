@@ -33,9 +33,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * (1.0 + self.weight.float())).type_as(x)
+        return F.rms_norm(x.float(), (x.shape[-1],), 1.0 + self.weight.float(), self.eps).type_as(x)
 
 
 class RMSNormGated(nn.Module):
@@ -48,13 +46,14 @@ class RMSNormGated(nn.Module):
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        xf = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps)
         return (self.weight * xf.to(dtype) * F.silu(z.float())).to(dtype)
 
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
+    """x * rsqrt(sum(x²) + eps), as one fused RMSNorm: rms_norm(x, eps/d) = sqrt(d) * l2norm(x)."""
+    d = x.shape[-1]
+    return F.rms_norm(x, (d,), None, eps / d) * d**-0.5
 
 
 # ----------------------------------------------------------------------------------------- attention
@@ -153,8 +152,22 @@ class GatedDeltaNet(nn.Module):
         self.A_log = nn.Parameter(torch.empty(self.num_v_heads).uniform_(0.01, 16).log())
         self.norm = RMSNormGated(self.head_v_dim, eps=config.rms_norm_eps)
         self.out_proj = nn.Linear(self.value_dim, H, bias=False)
-        self.split_qkvz = [self.head_k_dim, self.head_k_dim, r * self.head_v_dim, r * self.head_v_dim]
         self.kernel = "chunk"
+        # Row order that turns the per-key-head grouping into [q | k | v | z | b | a] blocks, q, k, v in
+        # the conv's channel order: gathering the weights' rows is cheaper than reshuffling activations.
+        blk, bb = 2 * self.head_k_dim + 2 * r * self.head_v_dim, 2 * r
+        heads = torch.arange(self.num_k_heads)[:, None]
+        rows = lambda start, width, block: (heads * block + start + torch.arange(width)).flatten()  # noqa: E731
+        order = torch.cat([rows(0, self.head_k_dim, blk), rows(self.head_k_dim, self.head_k_dim, blk),
+                           rows(2 * self.head_k_dim, r * self.head_v_dim, blk),
+                           rows(2 * self.head_k_dim + r * self.head_v_dim, r * self.head_v_dim, blk),
+                           blk * self.num_k_heads + rows(0, r, bb), blk * self.num_k_heads + rows(r, r, bb)])
+        self.register_buffer("proj_order", order, persistent=False)
+        self.proj_split = [self.conv_dim, self.value_dim, self.num_v_heads, self.num_v_heads]
+
+    def projection_weight(self) -> torch.Tensor:
+        """in_proj_qkvz and in_proj_ba stacked and reordered: [conv_dim + value_dim + 2 Hv, H]."""
+        return torch.cat([self.in_proj_qkvz.weight, self.in_proj_ba.weight])[self.proj_order]
 
     def forward(self, x, pad_mask=None, cache: LinearAttentionCache | None = None):
         """x [B, T, H]; pad_mask [B, T] (1 = token, 0 = padding) or None. Returns [B, T, H]."""
@@ -162,9 +175,7 @@ class GatedDeltaNet(nn.Module):
             x = x * pad_mask[..., None].to(x.dtype)
         B, T, _ = x.shape
         Hk, Hv, dk, dv = self.num_k_heads, self.num_v_heads, self.head_k_dim, self.head_v_dim
-        q, k, v, z = self.in_proj_qkvz(x).view(B, T, Hk, -1).split(self.split_qkvz, dim=-1)
-        b, a = self.in_proj_ba(x).view(B, T, Hk, -1).chunk(2, dim=-1)
-        qkv = torch.cat((q.reshape(B, T, -1), k.reshape(B, T, -1), v.reshape(B, T, -1)), dim=-1)
+        qkv, z, b, a = F.linear(x, self.projection_weight()).split(self.proj_split, dim=-1)
 
         if cache is not None and T == 1:
             qkv = causal_conv1d_step(qkv[:, 0], self.conv1d.weight, cache.conv_window)[:, None]
@@ -175,11 +186,11 @@ class GatedDeltaNet(nn.Module):
             if cache is not None:
                 update_window(cache.conv_window, new_qkv)
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        q = l2norm(q.reshape(B, T, Hk, dk).float())
-        k = l2norm(k.reshape(B, T, Hk, dk).float())
-        v = v.reshape(B, T, Hv, dv)
-        beta = b.reshape(B, T, Hv).sigmoid()
-        g = -self.A_log.float().exp() * F.softplus(a.reshape(B, T, Hv).float() + self.dt_bias)
+        q = l2norm(q.unflatten(-1, (Hk, dk)).float())
+        k = l2norm(k.unflatten(-1, (Hk, dk)).float())
+        v = v.unflatten(-1, (Hv, dv))
+        beta = b.sigmoid()
+        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)
 
         if cache is not None and T == 1 and self.kernel != "fla":
             o = recurrent_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], cache.recurrent_state,
@@ -189,8 +200,8 @@ class GatedDeltaNet(nn.Module):
             o, final = gated_delta_rule(self.kernel, q, k, v, g, beta, dk**-0.5, state, cache is not None)
             if cache is not None:
                 cache.recurrent_state.copy_(final)
-        o = self.norm(o, z.reshape(B, T, Hv, dv))
-        return self.out_proj(o.reshape(B, T, self.value_dim))
+        o = self.norm(o, z.unflatten(-1, (Hv, dv)))
+        return self.out_proj(o.flatten(2))
 
 
 class MLP(nn.Module):
@@ -385,7 +396,9 @@ class Qwen3NextForCausalLM(nn.Module):
         h = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
         logits = F.linear(h, self.lm_head_weight)
         out = CausalLMOutput(logits=logits, hidden_states=hidden if return_hidden else None)
-        if ctx.router_logits:
+        if targets is not None and mtp_weight and hasattr(self, "mtp"):
+            out.mtp_loss = self._mtp_loss(hidden, targets, ctx)
+        if ctx.router_logits:  # the trunk's MoE layers and, when it ran, the MTP layer's
             from .moe import load_balancing_loss
 
             out.aux_loss = load_balancing_loss(ctx.router_logits, self.config, ctx.pad_mask)
@@ -393,8 +406,7 @@ class Qwen3NextForCausalLM(nn.Module):
             out.loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
             if out.aux_loss is not None:
                 out.loss = out.loss + self.config.router_aux_loss_coef * out.aux_loss
-            if mtp_weight and hasattr(self, "mtp"):
-                out.mtp_loss = self._mtp_loss(hidden, targets, ctx.position_ids)
+            if out.mtp_loss is not None:
                 out.loss = out.loss + mtp_weight * out.mtp_loss
         return out
 
@@ -429,20 +441,24 @@ class Qwen3NextForCausalLM(nn.Module):
 
     # ------------------------------------------------------------------ multi-token prediction
     def mtp_forward(self, hidden: torch.Tensor, next_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                    cache: Cache | None = None) -> torch.Tensor:
+                    cache: Cache | None = None, router_logits: list | None = None) -> torch.Tensor:
         """The MTP block on pairs (hidden [B, T, H] at t, next_ids [B, T] = token t+1) -> MTP hidden
         states [B, T, H]; `F.linear(out, model.lm_head_weight)` gives the logits of token t+2.
-        position_ids are those of token t+1."""
+        position_ids are those of token t+1. An MoE MTP layer's router logits go to `router_logits`."""
         e = self.model.embed_tokens(next_ids)
         ctx = self._context(e, None, position_ids, cache)
-        return self.mtp(hidden, e, ctx, cache)
+        out = self.mtp(hidden, e, ctx, cache)
+        if router_logits is not None:
+            router_logits.extend(ctx.router_logits)
+        return out
 
-    def _mtp_loss(self, hidden: torch.Tensor, targets: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    def _mtp_loss(self, hidden: torch.Tensor, targets: torch.Tensor, ctx: "_ForwardContext") -> torch.Tensor:
         """Cross-entropy of predicting targets[:, t+1] (token t+2) from hidden[:, t] and targets[:, t]."""
         nxt = targets[:, :-1]
         valid = nxt >= 0
         mtp_targets = targets[:, 1:].masked_fill(~valid, -100)
-        h = self.mtp_forward(hidden[:, :-1], nxt.clamp(min=0), position_ids[:, 1:])
+        h = self.mtp_forward(hidden[:, :-1], nxt.clamp(min=0), ctx.position_ids[:, 1:],
+                             router_logits=None if ctx.pad_mask is not None else ctx.router_logits)
         logits = F.linear(h, self.lm_head_weight)
         return F.cross_entropy(logits.float().flatten(0, 1), mtp_targets.flatten(), ignore_index=-100)
 
@@ -490,8 +506,12 @@ def parameter_breakdown(config: Config) -> list[tuple[str, int, int]]:
     moe = [i for i in range(config.num_hidden_layers) if config.is_moe_layer(i)]
     if dense:
         rows.append(("SwiGLU MLP", layer_part(dense[0], "mlp."), len(dense)))
-    if moe:
-        rows.append((f"MoE block ({config.num_experts} experts)", layer_part(moe[0], "mlp."), len(moe)))
+    if moe:  # the MoE block in its three parts; the shared expert's row includes its sigmoid gate
+        E, I, k = config.num_experts, config.moe_intermediate_size, config.num_experts_per_tok
+        parts = [(f"MoE router ({E} experts)", "mlp.gate."),
+                 (f"MoE routed experts ({E} x {I} wide, {k} per token)", "mlp.experts."),
+                 (f"MoE shared expert ({config.shared_expert_intermediate_size} wide) + gate", "mlp.shared_expert")]
+        rows += [(label, layer_part(moe[0], prefix), len(moe)) for label, prefix in parts]
     norms = sum(n for k, n in counts.items() if k.endswith("layernorm.weight") or k == "model.norm.weight")
     rows.append(("norms (2 per layer + final)", norms, 1))
     if config.tie_word_embeddings:
@@ -505,10 +525,12 @@ def parameter_breakdown(config: Config) -> list[tuple[str, int, int]]:
 
 
 def active_parameters(config: Config) -> int:
-    """Parameters used per token: all of them, minus the experts a token is not routed to."""
-    total = sum(count_parameters(config).values())
-    if not config.is_moe:
+    """Parameters used per token: all of them except the routed experts a token is not sent to. Every
+    MoE block counts k of its E experts, wherever it is (the MTP block's too); dense layers
+    (`mlp_only_layers`, `decoder_sparse_step`) count in full."""
+    counts = count_parameters(config)
+    total = sum(counts.values())
+    routed = sum(n for name, n in counts.items() if ".mlp.experts." in name)
+    if not routed:
         return total
-    per_expert = 3 * config.hidden_size * config.moe_intermediate_size
-    n_moe = sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
-    return total - n_moe * (config.num_experts - config.num_experts_per_tok) * per_expert
+    return total - routed + routed // config.num_experts * config.num_experts_per_tok

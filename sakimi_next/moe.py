@@ -43,25 +43,30 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(E, H, I))
 
     def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x [N, H]; experts, weights [N, k]. Tokens are grouped by expert (one sort), so each expert
-        multiplies only the rows routed to it and experts no token chose cost nothing."""
-        N, k = experts.shape
+        """x [N, H]; experts, weights [N, k] -> [N, H]: for each token, the sum over its k chosen experts
+        of weight * SwiGLU_e(x).
+
+        The N*k (token, expert) assignments are sorted by expert once, so each expert runs one pair of
+        matmuls on exactly the rows routed to it, and an expert no token chose costs nothing. The router
+        gets its gradient through `weights`, as in transformers; the choice itself is not differentiable.
+        """
+        k = experts.shape[1]
         flat = experts.flatten()
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-        token = order // k  # which token each sorted assignment belongs to
-        rows = x[token]
-        out = torch.empty_like(rows)
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            seg = rows[start:start + n]
-            gate, up = F.linear(seg, self.gate_up_proj[e]).chunk(2, dim=-1)
-            out[start:start + n] = F.linear(F.silu(gate) * up, self.down_proj[e])
-            start += n
-        out = out * weights.flatten()[order, None].to(out.dtype)
-        return torch.zeros_like(x).index_add_(0, token, out)
+        order = flat.argsort(stable=True)  # assignments grouped by expert, tokens in order within each
+        token = order // k  # the token of each sorted assignment
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()  # rows per expert (one host sync)
+        # unbind, not [e]: each indexing would cost a full-size zero gradient [E, ...] in the backward
+        gate_up_proj, down_proj = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
+        outs = []
+        for e, rows in enumerate(x.index_select(0, token).split(counts)):
+            if len(rows):
+                gate, up = F.linear(rows, gate_up_proj[e]).chunk(2, dim=-1)
+                outs.append(F.linear(F.silu(gate) * up, down_proj[e]))
+        if not outs:  # no tokens at all
+            return torch.zeros_like(x)
+        out = torch.cat(outs) * weights.flatten()[order, None]
+        # under autocast the matmuls run in bf16 while x is float32: add in x's dtype, as transformers does
+        return x.new_zeros(x.shape).index_add(0, token, out.to(x.dtype))
 
 
 class SharedExpert(nn.Module):
@@ -101,7 +106,10 @@ class SparseMoeBlock(nn.Module):
 def load_balancing_loss(router_logits: list[torch.Tensor], config: Config,
                         pad_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Switch-Transformer load-balancing loss over all MoE layers, as transformers computes it:
-    E * sum_e (fraction of top-k assignments to e) * (mean router probability of e); padding excluded."""
+    E * sum_e (fraction of top-k assignments to e) * (mean router probability of e); padding excluded.
+
+    router_logits: one [B*T, E] tensor per MoE layer; pad_mask [B, T] (1 = token, 0 = padding) or None.
+    It is k for perfectly balanced routing (and for a router that cannot tell experts apart)."""
     E, k = config.num_experts, config.num_experts_per_tok
     counts = torch.zeros(E, dtype=torch.float32, device=router_logits[0].device)
     prob_sum = torch.zeros_like(counts)

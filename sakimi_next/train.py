@@ -36,6 +36,7 @@ from .util import UserError, atomic_write_bytes, resolve_device
 PRESET_DEFAULTS = {
     "tiny_5m": dict(batch_size=16, seq_len=256, learning_rate=2e-3, warmup_steps=100, steps=2000),
     "tiny_10m": dict(batch_size=16, seq_len=256, learning_rate=1e-3, warmup_steps=100, steps=5000),
+    "tiny_10m_moe": dict(batch_size=16, seq_len=256, learning_rate=1e-3, warmup_steps=100, steps=5000),
     "small_50m": dict(batch_size=16, seq_len=512, learning_rate=6e-4, warmup_steps=500, steps=20000),
 }
 COMMON_DEFAULTS = dict(save_every=250, eval_every=200)
@@ -488,8 +489,7 @@ def _train(args, ddp: Distributed, check_vocab, open_split) -> int:
                 with sync:
                     with autocast:
                         out = train_model(x, y, mtp_weight=mtp_weight) if mtp_weight else train_model(x, y)
-                    loss = out.loss / s["grad_accum"]
-                    loss.backward()
+                    (out.loss / s["grad_accum"]).backward()  # outside autocast, as torch recommends
                 value = out.loss.item()
                 finite = finite and math.isfinite(value)
                 loss_sum += value / s["grad_accum"]

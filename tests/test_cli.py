@@ -32,7 +32,8 @@ def run_cli(*args):
 def test_unknown_preset_exit_2():
     r = run_cli("--config", "tiny_1m", "--mode", "test")
     assert r.returncode == 2
-    assert r.stderr.strip() == "error: unknown preset 'tiny_1m'; choose one of: tiny_5m, tiny_10m, small_50m"
+    assert r.stderr.strip() == ("error: unknown preset 'tiny_1m'; choose one of: "
+                                "tiny_5m, tiny_10m, tiny_10m_moe, small_50m")
     assert "Traceback" not in r.stderr
 
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from sakimi_next.config import PRESETS, Config, ConfigError, nominal_size, preset
-from sakimi_next.model import Qwen3NextForCausalLM, count_parameters, parameter_breakdown
+from sakimi_next.model import Qwen3NextForCausalLM, active_parameters, count_parameters, parameter_breakdown
 
-EXACT = {"tiny_5m": 4_456_240, "tiny_10m": 9_425_888, "small_50m": 78_608_912}
+EXACT = {"tiny_5m": 4_456_240, "tiny_10m": 9_425_888, "tiny_10m_moe": 31_480_800, "small_50m": 78_608_912}
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
@@ -16,6 +16,8 @@ def test_preset_parameter_counts(name):
     assert total == EXACT[name]
     assert sum(per * n for _, per, n in parameter_breakdown(config)) == total
     counted = total if name != "small_50m" else total - config.vocab_size * config.hidden_size
+    if config.is_moe:  # an MoE preset's name counts the parameters active per token
+        counted = active_parameters(config)
     assert 0.75 <= counted / nominal_size(name) <= 1.25
 
 
@@ -84,7 +86,8 @@ def test_validation_names_the_field(overrides, message):
 
 
 def test_unknown_preset_lists_presets():
-    with pytest.raises(ConfigError, match="unknown preset 'huge'; choose one of: tiny_5m, tiny_10m, small_50m"):
+    with pytest.raises(ConfigError, match="unknown preset 'huge'; choose one of: "
+                                          "tiny_5m, tiny_10m, tiny_10m_moe, small_50m"):
         preset("huge")
 
 

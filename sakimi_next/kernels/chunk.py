@@ -1,170 +1,187 @@
 """The chunked gated delta rule for training and prefill: a `torch.autograd.Function` whose backward is
 derived by hand and reuses what the forward computed, so autograd never records the chunk algebra.
 
-Within a chunk of C positions (log-gates cumulated: G_i = g_1 + ... + g_i, Γ_ij = exp(G_i - G_j)),
-the delta rule's updates u (the "new values") solve a unit lower-triangular system (WY/UT form):
+Within a chunk of C positions (log-gates cumulated: G_i = g_1 + ... + g_i, Γ_ij = exp(G_i - G_j) for
+i >= j, else 0), the delta rule's updates u (the "new values") come from a unit lower-triangular
+system (the WY/UT form), solved once as an explicit inverse T = (I + A)⁻¹:
 
-    (I + A) [U | W] = [diag(β) V | diag(β e^G) K],     A = tril(diag(β) K Kᵀ ⊙ Γ, -1)
-    u = U - W S                                         S: state at the chunk's start [K, V]
-    O = diag(e^G) Q S + tril(Q Kᵀ ⊙ Γ) u
+    A  = strictly-lower(diag(β) K Kᵀ ⊙ Γ)
+    U  = T diag(β) V,     W = T diag(β e^G) K
+    u  = U - W S                                        S: the state entering the chunk [K, V]
+    O  = diag(e^G) Q S + (Q Kᵀ ⊙ Γ) u
     S' = e^{G_C} S + (diag(e^{G_C - G}) K)ᵀ u
 
 Everything except the S -> S' scan is batched over all chunks at once; the scan is a Python loop over
-chunks (T/64 steps), never over time steps. All exponents are <= 0 where they are used, and the
-triangular solve runs in float32 (float64 for float64 inputs). Shapes as in `naive.py`.
+chunks (T/64 steps), never over time steps. Value heads are laid out as [Hk, r] (r = H/Hk value heads
+per key head), so q, k, K Kᵀ and Q Kᵀ are computed once per key head and broadcast, never copied; the
+gradients of q and k are reduced over r before their matrix products. All exponents are <= 0 where they
+are used. Computation in float32 (float64 for float64 inputs).
+Shapes as in `naive.py`: q, k [B, T, Hk, K]; v [B, T, H, V]; g, beta [B, T, H]; state [B, H, K, V].
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .naive import _compute_dtype
 
 CHUNK_SIZE = 64
 
 
-def _to_chunks(x: torch.Tensor, n: int, C: int, r: int = 1) -> torch.Tensor:
-    """[B, T, h, d] -> [B, h*r, n, C, d] (zero-padded at the end; heads repeated r times)."""
-    B, T, h, d = x.shape
-    x = x.permute(0, 2, 1, 3)
-    if r > 1:
-        x = x.unsqueeze(2).expand(B, h, r, T, d).reshape(B, h * r, T, d)
-    if n * C != T:
-        x = torch.nn.functional.pad(x, (0, 0, 0, n * C - T))
-    return x.reshape(B, h * r, n, C, d)
+def _pad_time(x: torch.Tensor, dim: int, length: int) -> torch.Tensor:
+    """Zero-pad dimension `dim` (time) at the end to `length` (a zero log-gate and beta change nothing)."""
+    if x.shape[dim] == length:
+        return x
+    pad = [0, 0] * (x.ndim - 1 - dim % x.ndim) + [0, length - x.shape[dim]]
+    return F.pad(x, pad)
 
 
-def _from_chunks(x: torch.Tensor, T: int, r: int = 1) -> torch.Tensor:
-    """[B, H, n, C, d] -> [B, T, H/r, d], summing each group of r heads (the adjoint of _to_chunks)."""
-    B, H, n, C, d = x.shape
-    x = x.reshape(B, H, n * C, d)[:, :, :T]
-    if r > 1:
-        x = x.reshape(B, H // r, r, T, d).sum(2)
-    return x.transpose(1, 2)
+def _key_chunks(x: torch.Tensor, n: int, C: int) -> torch.Tensor:
+    """q or k [B, T, Hk, K] -> [B, Hk, 1, n, C, K] (the 1 broadcasts over a key head's value heads)."""
+    x = _pad_time(x.transpose(1, 2), 2, n * C)
+    return x.unflatten(2, (n, C)).unsqueeze(2)
 
 
-def _gates_to_chunks(x: torch.Tensor, n: int, C: int) -> torch.Tensor:
-    """[B, T, H] -> [B, H, n, C], padded with zeros (a zero log-gate and a zero beta change nothing)."""
-    B, T, H = x.shape
-    x = x.transpose(1, 2)
-    if n * C != T:
-        x = torch.nn.functional.pad(x, (0, n * C - T))
-    return x.reshape(B, H, n, C)
+def _value_chunks(x: torch.Tensor, n: int, C: int, r: int) -> torch.Tensor:
+    """v [B, T, Hk*r, V] -> [B, Hk, r, n, C, V]; value head j belongs to key head j // r."""
+    x = _pad_time(x.unflatten(2, (x.shape[2] // r, r)).permute(0, 2, 3, 1, 4), 3, n * C)
+    return x.unflatten(3, (n, C))
+
+
+def _gate_chunks(x: torch.Tensor, n: int, C: int, r: int) -> torch.Tensor:
+    """g or beta [B, T, Hk*r] -> [B, Hk, r, n, C]."""
+    x = _pad_time(x.unflatten(2, (x.shape[2] // r, r)).permute(0, 2, 3, 1), 3, n * C)
+    return x.unflatten(3, (n, C))
+
+
+def _unchunk(x: torch.Tensor, T: int) -> torch.Tensor:
+    """[B, Hk, r, n, C, d] -> [B, T, Hk*r, d]: the inverse of `_value_chunks` (r = 1 for q and k)."""
+    return x.flatten(3, 4)[..., :T, :].flatten(1, 2).transpose(1, 2)
+
+
+def _unchunk_gates(x: torch.Tensor, T: int) -> torch.Tensor:
+    """[B, Hk, r, n, C] -> [B, T, Hk*r]."""
+    return x.flatten(3, 4)[..., :T].flatten(1, 2).transpose(1, 2)
 
 
 class ChunkGatedDeltaRule(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, beta, scale, initial_state, chunk_size):
+        with torch.autocast(v.device.type, enabled=False):  # this math runs in float32 whatever the caller's autocast
+            return ChunkGatedDeltaRule._forward(ctx, q, k, v, g, beta, scale, initial_state, chunk_size)
+
+    @staticmethod
+    def backward(ctx, dO, dS_final):
+        with torch.autocast(dO.device.type, enabled=False):
+            return ChunkGatedDeltaRule._backward(ctx, dO, dS_final)
+
+    @staticmethod
+    def _forward(ctx, q, k, v, g, beta, scale, initial_state, chunk_size):
         B, T, Hk, K = k.shape
         H, V = v.shape[-2:]
         r, C = H // Hk, chunk_size
         n = -(-T // C)
-        ctx.in_dtypes = (q.dtype, k.dtype)
+        ctx.in_dtypes = (q.dtype, k.dtype, v.dtype, g.dtype, beta.dtype)
         dt = _compute_dtype(v)
-        q = _to_chunks(q.to(dt), n, C, r) * scale
-        k = _to_chunks(k.to(dt), n, C, r)
-        v = _to_chunks(v.to(dt), n, C)
-        beta = _gates_to_chunks(beta.to(dt), n, C)
-        G = _gates_to_chunks(g.to(dt), n, C).cumsum(-1)  # [B, H, n, C]
+        q = _key_chunks(q.to(dt) * scale, n, C)  # [B, Hk, 1, n, C, K]
+        k = _key_chunks(k.to(dt), n, C)
+        v = _value_chunks(v.to(dt), n, C, r)  # [B, Hk, r, n, C, V]
+        beta = _gate_chunks(beta.to(dt), n, C, r)  # [B, Hk, r, n, C]
+        G = _gate_chunks(g.to(dt), n, C, r).cumsum(-1)
 
         causal = torch.ones(C, C, dtype=torch.bool, device=v.device).tril()
-        # exponents of the upper triangle are positive and would overflow: mask before exp
-        decay = (G[..., :, None] - G[..., None, :]).masked_fill(~causal, float("-inf")).exp()  # Γ
-        kb = k * beta[..., None]
-        A = (kb @ k.transpose(-1, -2) * decay).tril(-1)
-        eG = G.exp()
-        rhs = torch.cat([v * beta[..., None], k * (beta * eG)[..., None]], dim=-1)
+        # exponents above the diagonal are positive and would overflow: mask before exp
+        decay = (G[..., :, None] - G[..., None, :]).masked_fill_(~causal, float("-inf")).exp_()  # Γ
+        kT = k.transpose(-1, -2)
+        KK, QK = k @ kT, q @ kT  # once per key head: [B, Hk, 1, n, C, C]
+        A = KK * decay
+        A.mul_(beta[..., None])  # only the strictly lower part is read by the unitriangular solve
         eye = torch.eye(C, dtype=dt, device=v.device)
-        UW = torch.linalg.solve_triangular(A + eye, rhs, upper=False, unitriangular=True)
-        U, W = UW.split([V, K], dim=-1)
-        P = q @ k.transpose(-1, -2) * decay  # already lower-triangular: Γ is 0 above the diagonal
-        qg = q * eG[..., None]
-        kg = k * (G[..., -1:] - G).exp()[..., None]
-        chunk_decay = eG[..., -1]  # [B, H, n]
+        Tinv = torch.linalg.solve_triangular(A, eye.expand(A.shape), upper=False, unitriangular=True)
+        P = QK * decay
+        eG = G.exp()
+        U = Tinv @ (v * beta[..., None])
+        W = Tinv @ (k * (beta * eG)[..., None])
+        qg = q * eG[..., None]  # [B, Hk, r, n, C, K]
+        kgT = (k * (G[..., -1:] - G).exp()[..., None]).transpose(-1, -2)
+        chunk_decay = eG[..., -1, None, None]  # [B, Hk, r, n, 1, 1]
 
-        S = v.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(dt).clone()
-        states = v.new_empty(B, H, n, K, V)  # the state entering each chunk
+        S = v.new_zeros(B, Hk, r, K, V) if initial_state is None else initial_state.to(dt).view(B, Hk, r, K, V).clone()
+        states = v.new_empty(B, Hk, r, n, K, V)  # the state entering each chunk
         u = torch.empty_like(U)
-        kgT = kg.transpose(-1, -2)
         for c in range(n):
-            states[:, :, c] = S
-            u[:, :, c] = U[:, :, c] - W[:, :, c] @ S
-            S = S * chunk_decay[:, :, c, None, None] + kgT[:, :, c] @ u[:, :, c]
-        O = qg @ states + P @ u
+            states[:, :, :, c] = S
+            u[:, :, :, c] = U[:, :, :, c] - W[:, :, :, c] @ S
+            S = S * chunk_decay[:, :, :, c] + kgT[:, :, :, c] @ u[:, :, :, c]
+        O = torch.matmul(qg, states).add_(P @ u)
 
-        ctx.save_for_backward(q, k, v, beta, G, decay, A, P, U, W, u, states, S)
-        ctx.meta = (T, r, scale, initial_state is not None)
-        o = _from_chunks(O, T).to(v.dtype)
-        return o, S
+        ctx.save_for_backward(q, k, v, beta, G, decay, KK, QK, Tinv, P, U, W, u, states, S)
+        ctx.meta = (T, scale, initial_state is not None)
+        return _unchunk(O, T).to(ctx.in_dtypes[2]), S.reshape(B, H, K, V)
 
     @staticmethod
-    def backward(ctx, dO, dS_final):
-        q, k, v, beta, G, decay, A, P, U, W, u, states, S_final = ctx.saved_tensors
-        T, r, scale, has_initial = ctx.meta
-        B, H, n, C, K = k.shape
-        V = v.shape[-1]
+    def _backward(ctx, dO, dS_final):
+        q, k, v, beta, G, decay, KK, QK, Tinv, P, U, W, u, states, S_final = ctx.saved_tensors
+        T, scale, has_initial = ctx.meta
+        B, Hk, r, n, C, V = v.shape
+        K = k.shape[-1]
         dt = v.dtype
-        dO = _to_chunks(dO.to(dt), n, C)
-        dS = torch.zeros_like(S_final) if dS_final is None else dS_final.to(dt).clone()
+        dO = _value_chunks(dO.to(dt), n, C, r)
+        dS = torch.zeros_like(S_final) if dS_final is None else dS_final.to(dt).view_as(S_final).clone()
         eG = G.exp()
-        chunk_decay = eG[..., -1]
+        chunk_decay = eG[..., -1, None, None]
         kg = k * (G[..., -1:] - G).exp()[..., None]
         qg = q * eG[..., None]
 
         # reverse scan over chunks: only what depends on the incoming state gradient
-        PtdO = P.transpose(-1, -2) @ dO  # [B, H, n, C, V]
-        QtdO = qg.transpose(-1, -2) @ dO  # [B, H, n, K, V]
+        du = P.transpose(-1, -2) @ dO  # [B, Hk, r, n, C, V]; the state's part is added in the loop
+        QtdO = qg.transpose(-1, -2) @ dO  # [B, Hk, r, n, K, V]
         Wt = W.transpose(-1, -2)
-        du = torch.empty_like(u)
         dS_out = torch.empty_like(states)  # gradient of the state leaving each chunk
         for c in reversed(range(n)):
-            dS_out[:, :, c] = dS
-            du[:, :, c] = PtdO[:, :, c] + kg[:, :, c] @ dS
-            dS = dS * chunk_decay[:, :, c, None, None] + QtdO[:, :, c] - Wt[:, :, c] @ du[:, :, c]
-        d_initial = dS if has_initial else None
+            dS_out[:, :, :, c] = dS
+            du[:, :, :, c] += kg[:, :, :, c] @ dS
+            dS = dS * chunk_decay[:, :, :, c] + QtdO[:, :, :, c] - Wt[:, :, :, c] @ du[:, :, :, c]
+        d_initial = dS.reshape(B, Hk * r, K, V) if has_initial else None
 
         # everything else, batched over chunks
-        dP = (dO @ u.transpose(-1, -2)).tril()
-        dqg = dO @ states.transpose(-1, -2)  # [B, H, n, C, K]
+        statesT = states.transpose(-1, -2)
+        dP = dO @ u.transpose(-1, -2)  # only its lower part matters: it meets Γ or P next
+        dqg = dO @ statesT  # [B, Hk, r, n, C, K]
         dkg = u @ dS_out.transpose(-1, -2)
-        dW = -(du @ states.transpose(-1, -2))
-        eye = torch.eye(C, dtype=dt, device=v.device)
-        # (I + A)ᵀ x = [dU | dW], with dU = du
-        dVb_dKb = torch.linalg.solve_triangular(
-            (A + eye).transpose(-1, -2), torch.cat([du, dW], dim=-1), upper=True, unitriangular=True
-        )
-        dVb, dKbg = dVb_dKb.split([V, K], dim=-1)
-        dA = -(dVb @ U.transpose(-1, -2) + dKbg @ W.transpose(-1, -2)).tril(-1)
+        TinvT = Tinv.transpose(-1, -2)
+        dVb = TinvT @ du  # the gradient of diag(β) V, through U = T diag(β) V
+        dKbg = TinvT @ (du @ statesT).neg_()  # ... and of diag(β e^G) K, through W (dW = -du Sᵀ)
+        dA = (dVb @ U.transpose(-1, -2)).add_(dKbg @ Wt).neg_().tril_(-1)  # d(I + A)⁻¹ = -T dA T
 
-        dPd, dAd = dP * decay, dA * decay
-        kb = k * beta[..., None]
-        beG = beta * eG
-        dq = dPd @ k + dqg * eG[..., None]
-        dk = (
-            dPd.transpose(-1, -2) @ q
-            + dAd.transpose(-1, -2) @ kb
-            + (dAd @ k) * beta[..., None]
-            + dkg * (G[..., -1:] - G).exp()[..., None]
-            + dKbg * beG[..., None]
-        )
-        dv = dVb * beta[..., None]
-        dbeta = ((dAd @ k) * k).sum(-1) + (dVb * v).sum(-1) + (dKbg * k).sum(-1) * eG
-
-        X = dA * A + dP * P  # d/dΓ ⊙ Γ, the gradient through every exp(G_i - G_j)
+        dAd = dA.mul_(decay)  # gradient w.r.t. β_i (k_i·k_j), per value head (reuses dA's memory)
+        dKK = dAd * beta[..., None]  # ... and w.r.t. k_i·k_j
+        dQK = dP.mul_(decay)  # w.r.t. q_i·k_j
+        X = dKK * KK + dQK * QK  # d/dΓ ⊙ Γ: the gradient through every exp(G_i - G_j)
         dG = X.sum(-1) - X.sum(-2)
-        dG = dG + (dqg * qg).sum(-1) + (dKbg * k).sum(-1) * beG
+        dbeta = (dAd * KK).sum(-1) + (dVb * v).sum(-1)
+
+        kbeG = (dKbg * k).sum(-1)  # [B, Hk, r, n, C]
+        dbeta += kbeG * eG
+        dG += (dqg * qg).sum(-1) + kbeG * beta * eG
         rk = (dkg * kg).sum(-1)
-        dG = dG - rk
-        last = rk.sum(-1) + chunk_decay * (dS_out * states).sum((-1, -2))
-        dG[..., -1] += last
+        dG -= rk
+        dG[..., -1] += rk.sum(-1) + chunk_decay[..., 0, 0] * (dS_out * states).sum((-1, -2))
         dg = dG.flip(-1).cumsum(-1).flip(-1)  # through the within-chunk cumsum
 
-        def gates_back(x):
-            return x.reshape(B, H, n * C)[:, :, :T].transpose(1, 2)
+        # q and k: the value heads' terms summed per key head, then one product each
+        dKK_k = dKK.sum(2, keepdim=True)
+        dQK_k = dQK.sum(2, keepdim=True)
+        dk = (dKK_k + dKK_k.transpose(-1, -2)) @ k + dQK_k.transpose(-1, -2) @ q
+        dk += (dkg * (G[..., -1:] - G).exp()[..., None] + dKbg * (beta * eG)[..., None]).sum(2, keepdim=True)
+        dq = (dQK_k @ k + (dqg * eG[..., None]).sum(2, keepdim=True)) * scale
+        dv = dVb * beta[..., None]
 
-        dq = _from_chunks(dq * scale, T, r).to(ctx.in_dtypes[0])
-        dk = _from_chunks(dk, T, r).to(ctx.in_dtypes[1])
-        return dq, dk, _from_chunks(dv, T), gates_back(dg), gates_back(dbeta), None, d_initial, None
+        dq, dk, dv = (_unchunk(x, T) for x in (dq, dk, dv))
+        return (dq.to(ctx.in_dtypes[0]), dk.to(ctx.in_dtypes[1]), dv.to(ctx.in_dtypes[2]),
+                _unchunk_gates(dg, T).to(ctx.in_dtypes[3]), _unchunk_gates(dbeta, T).to(ctx.in_dtypes[4]),
+                None, d_initial, None)
 
 
 def chunk_gated_delta_rule(

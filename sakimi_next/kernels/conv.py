@@ -1,8 +1,13 @@
 """The depthwise causal convolution of the Gated DeltaNet, followed by SiLU.
 
-Two paths: a whole sequence (training, prefill, or several tokens continuing from a cache) and a single
-decoding step that shifts a fixed window. Channels are last: x [B, T, C]; weight [C, 1, W] as stored
-by `nn.Conv1d`; the window state [B, C, W] holds the last W inputs (the SPEC's conv-state layout).
+Channels are last: x [B, T, C]; weight [C, 1, W] as stored by `nn.Conv1d`; the cache's window
+[B, C, W] holds the last W inputs (the SPEC's conv-state layout). Three paths:
+
+- `causal_conv1d`: a whole sequence (training, prefill, or several tokens continuing from a window).
+  With W = 4 taps, the conv is four shifted multiply-adds over contiguous [B, T, C] slices, with a
+  hand-written backward; oneDNN's depthwise conv with its layout changes is several times slower here.
+- `causal_conv1d_reference`: the same through `F.conv1d`, as transformers computes it (for tests).
+- `causal_conv1d_step`: one decoding step, sliding the window in place.
 """
 
 from __future__ import annotations
@@ -11,17 +16,60 @@ import torch
 import torch.nn.functional as F
 
 
-def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, window: torch.Tensor | None = None) -> torch.Tensor:
-    """silu(depthwise causal conv) of x [B, T, C] -> [B, T, C].
+class CausalConv1dSiLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, window):
+        """x [B, T, C]; weight [C, 1, W]; window [B, C, W] or None -> silu(y) [B, T, C], where
+        y[t] = sum_i w_i * xp[t + i] over the input padded on the left with the window (or zeros).
+        Computed in x's dtype (autocast does not apply inside)."""
+        with torch.autocast(x.device.type, enabled=False):
+            return CausalConv1dSiLU._forward(ctx, x, weight, window)
 
-    `window` [B, C, W] holds the inputs before x (from a cache); without it the past is zeros.
-    """
+    @staticmethod
+    def backward(ctx, dout):
+        with torch.autocast(dout.device.type, enabled=False):
+            return CausalConv1dSiLU._backward(ctx, dout)
+
+    @staticmethod
+    def _forward(ctx, x, weight, window):
+        B, T, C = x.shape
+        W = weight.shape[-1]
+        w = weight.reshape(C, W).to(x.dtype)
+        if window is None:
+            xp = F.pad(x, (0, 0, W - 1, 0))
+        else:
+            xp = torch.cat([window[..., 1:].transpose(1, 2).to(x.dtype), x], dim=1)
+        y = xp[:, W - 1:] * w[:, W - 1]
+        for i in range(W - 1):
+            y.addcmul_(xp[:, i:i + T], w[:, i])
+        ctx.save_for_backward(xp, w, y)
+        ctx.weight_shape = weight.shape
+        return F.silu(y)
+
+    @staticmethod
+    def _backward(ctx, dout):
+        xp, w, y = ctx.saved_tensors
+        T, W = y.shape[1], w.shape[1]
+        dy = torch.ops.aten.silu_backward(dout.to(y.dtype), y)
+        dyp = F.pad(dy, (0, 0, 0, W - 1))  # dx[s] = sum_i w_i dy[s + W-1-i]; dy is 0 past the end
+        dx = dyp[:, :T] * w[:, W - 1]
+        for i in range(W - 1):
+            dx.addcmul_(dyp[:, W - 1 - i:W - 1 - i + T], w[:, i])
+        dw = torch.stack([(xp[:, i:i + T] * dy).sum((0, 1)) for i in range(W)], dim=1)
+        return dx, dw.reshape(ctx.weight_shape).to(w.dtype), None
+
+
+def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, window: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(depthwise causal conv) of x [B, T, C] -> [B, T, C]. `window` [B, C, W] holds the inputs
+    before x (from a cache); without it the past is zeros."""
+    return CausalConv1dSiLU.apply(x, weight, window)
+
+
+def causal_conv1d_reference(x: torch.Tensor, weight: torch.Tensor, window: torch.Tensor | None = None) -> torch.Tensor:
+    """The same through F.conv1d (channels first), as transformers computes it."""
     C, _, W = weight.shape
     xt = x.transpose(1, 2)
-    if window is None:
-        xt = F.pad(xt, (W - 1, 0))
-    else:
-        xt = torch.cat([window[..., 1:].to(xt.dtype), xt], dim=-1)
+    xt = F.pad(xt, (W - 1, 0)) if window is None else torch.cat([window[..., 1:].to(xt.dtype), xt], dim=-1)
     return F.silu(F.conv1d(xt, weight.to(xt.dtype), groups=C)).transpose(1, 2)
 
 
@@ -36,6 +84,6 @@ def update_window(window: torch.Tensor, x: torch.Tensor) -> None:
 
 def causal_conv1d_step(x: torch.Tensor, weight: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
     """One decoding step: x [B, C] enters the window [B, C, W] (updated in place); returns silu(conv) [B, C]."""
-    window.copy_(torch.roll(window, -1, dims=-1))
+    window[..., :-1] = window[..., 1:].clone()
     window[..., -1] = x
     return F.silu((window * weight.squeeze(1)).sum(-1)).to(x.dtype)
