@@ -15,7 +15,7 @@ Everything except the S -> S' scan is batched over all chunks at once; the scan 
 chunks (T/64 steps), never over time steps. Value heads are laid out as [Hk, r] (r = H/Hk value heads
 per key head), so q, k, K Kᵀ and Q Kᵀ are computed once per key head and broadcast, never copied; the
 gradients of q and k are reduced over r before their matrix products. All exponents are <= 0 where they
-are used. Computation in float32 (float64 for float64 inputs).
+are used (and clamped at -80, see MIN_EXPONENT). Computation in float32 (float64 for float64 inputs).
 Shapes as in `naive.py`: q, k [B, T, Hk, K]; v [B, T, H, V]; g, beta [B, T, H]; state [B, H, K, V].
 """
 
@@ -27,6 +27,14 @@ import torch.nn.functional as F
 from .naive import _compute_dtype
 
 CHUNK_SIZE = 64
+# exp() of arguments below about -87 takes a slow underflow path on CPUs (30-100x slower); every
+# exponent here is a decay, so it is clamped at -80, where exp is 2e-35 instead of (nearly) 0.
+MIN_EXPONENT = -80.0
+
+
+def _decay(x: torch.Tensor) -> torch.Tensor:
+    """exp(x) for x <= 0, with x clamped at MIN_EXPONENT."""
+    return x.clamp(min=MIN_EXPONENT).exp_()
 
 
 def _pad_time(x: torch.Tensor, dim: int, length: int) -> torch.Tensor:
@@ -40,19 +48,19 @@ def _pad_time(x: torch.Tensor, dim: int, length: int) -> torch.Tensor:
 def _key_chunks(x: torch.Tensor, n: int, C: int) -> torch.Tensor:
     """q or k [B, T, Hk, K] -> [B, Hk, 1, n, C, K] (the 1 broadcasts over a key head's value heads)."""
     x = _pad_time(x.transpose(1, 2), 2, n * C)
-    return x.unflatten(2, (n, C)).unsqueeze(2)
+    return x.unflatten(2, (n, C)).unsqueeze(2).contiguous()  # one copy now, not one per matmul
 
 
 def _value_chunks(x: torch.Tensor, n: int, C: int, r: int) -> torch.Tensor:
     """v [B, T, Hk*r, V] -> [B, Hk, r, n, C, V]; value head j belongs to key head j // r."""
     x = _pad_time(x.unflatten(2, (x.shape[2] // r, r)).permute(0, 2, 3, 1, 4), 3, n * C)
-    return x.unflatten(3, (n, C))
+    return x.unflatten(3, (n, C)).contiguous()
 
 
 def _gate_chunks(x: torch.Tensor, n: int, C: int, r: int) -> torch.Tensor:
     """g or beta [B, T, Hk*r] -> [B, Hk, r, n, C]."""
     x = _pad_time(x.unflatten(2, (x.shape[2] // r, r)).permute(0, 2, 3, 1), 3, n * C)
-    return x.unflatten(3, (n, C))
+    return x.unflatten(3, (n, C)).contiguous()
 
 
 def _unchunk(x: torch.Tensor, T: int) -> torch.Tensor:
@@ -90,9 +98,8 @@ class ChunkGatedDeltaRule(torch.autograd.Function):
         beta = _gate_chunks(beta.to(dt), n, C, r)  # [B, Hk, r, n, C]
         G = _gate_chunks(g.to(dt), n, C, r).cumsum(-1)
 
-        causal = torch.ones(C, C, dtype=torch.bool, device=v.device).tril()
-        # exponents above the diagonal are positive and would overflow: mask before exp
-        decay = (G[..., :, None] - G[..., None, :]).masked_fill_(~causal, float("-inf")).exp_()  # Γ
+        # Γ; exponents above the diagonal are positive and could overflow: clamp to 0, then zero them
+        decay = (G[..., :, None] - G[..., None, :]).clamp_(MIN_EXPONENT, 0.0).exp_().tril_()
         kT = k.transpose(-1, -2)
         KK, QK = k @ kT, q @ kT  # once per key head: [B, Hk, 1, n, C, C]
         A = KK * decay
@@ -100,11 +107,11 @@ class ChunkGatedDeltaRule(torch.autograd.Function):
         eye = torch.eye(C, dtype=dt, device=v.device)
         Tinv = torch.linalg.solve_triangular(A, eye.expand(A.shape), upper=False, unitriangular=True)
         P = QK * decay
-        eG = G.exp()
+        eG = _decay(G)
         U = Tinv @ (v * beta[..., None])
         W = Tinv @ (k * (beta * eG)[..., None])
         qg = q * eG[..., None]  # [B, Hk, r, n, C, K]
-        kgT = (k * (G[..., -1:] - G).exp()[..., None]).transpose(-1, -2)
+        kgT = (k * _decay(G[..., -1:] - G)[..., None]).transpose(-1, -2)
         chunk_decay = eG[..., -1, None, None]  # [B, Hk, r, n, 1, 1]
 
         S = v.new_zeros(B, Hk, r, K, V) if initial_state is None else initial_state.to(dt).view(B, Hk, r, K, V).clone()
@@ -129,9 +136,10 @@ class ChunkGatedDeltaRule(torch.autograd.Function):
         dt = v.dtype
         dO = _value_chunks(dO.to(dt), n, C, r)
         dS = torch.zeros_like(S_final) if dS_final is None else dS_final.to(dt).view_as(S_final).clone()
-        eG = G.exp()
+        eG = _decay(G)
         chunk_decay = eG[..., -1, None, None]
-        kg = k * (G[..., -1:] - G).exp()[..., None]
+        to_end = _decay(G[..., -1:] - G)  # decay from each position to the chunk's end
+        kg = k * to_end[..., None]
         qg = q * eG[..., None]
 
         # reverse scan over chunks: only what depends on the incoming state gradient
@@ -174,7 +182,7 @@ class ChunkGatedDeltaRule(torch.autograd.Function):
         dKK_k = dKK.sum(2, keepdim=True)
         dQK_k = dQK.sum(2, keepdim=True)
         dk = (dKK_k + dKK_k.transpose(-1, -2)) @ k + dQK_k.transpose(-1, -2) @ q
-        dk += (dkg * (G[..., -1:] - G).exp()[..., None] + dKbg * (beta * eG)[..., None]).sum(2, keepdim=True)
+        dk += (dkg * to_end[..., None] + dKbg * (beta * eG)[..., None]).sum(2, keepdim=True)
         dq = (dQK_k @ k + (dqg * eG[..., None]).sum(2, keepdim=True)) * scale
         dv = dVb * beta[..., None]
 
