@@ -57,7 +57,7 @@ def prefill(model: Qwen3NextForCausalLM, ids: torch.Tensor, mask: torch.Tensor |
 @torch.inference_mode()
 def decode_one_token(model: Qwen3NextForCausalLM, token: torch.Tensor, cache: Cache) -> torch.Tensor:
     """token [B] -> logits [B, V] for the position after it."""
-    return model(token[:, None], cache=cache).logits[:, -1]
+    return model.decode_step(token, cache)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:

@@ -24,6 +24,13 @@ from .kernels.conv import causal_conv1d, causal_conv1d_step, update_window
 from .moe import SparseMoeBlock
 
 
+def rms_norm_small(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """F.rms_norm for the tiny tensors of one decoding step, where the fused kernel's ~20 µs fixed cost
+    dominates: x * rsqrt(mean(x²) + eps) (* weight)."""
+    r = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
+    return x * r if weight is None else x * r * weight
+
+
 class RMSNorm(nn.Module):
     """Zero-centred RMSNorm: x / rms(x) * (1 + w) in float32; w starts at zero."""
 
@@ -34,6 +41,13 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x.float(), (x.shape[-1],), 1.0 + self.weight.float(), self.eps).type_as(x)
+
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        """The same for decoding (inference only)."""
+        scale = inference_weight(self, "_scale", (self.weight,), lambda: 1.0 + self.weight.float())
+        if x.dtype == torch.float32:  # skip no-op casts: at one token, every call costs
+            return rms_norm_small(x, scale, self.eps)
+        return rms_norm_small(x.float(), scale, self.eps).type_as(x)
 
 
 class RMSNormGated(nn.Module):
@@ -49,11 +63,34 @@ class RMSNormGated(nn.Module):
         xf = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps)
         return (self.weight * xf.to(dtype) * F.silu(z.float())).to(dtype)
 
+    def step(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """The same for decoding (inference only)."""
+        if x.dtype == torch.float32:
+            return rms_norm_small(x, self.weight, self.eps).mul_(F.silu(z))
+        return (rms_norm_small(x.float(), self.weight, self.eps) * F.silu(z.float())).to(x.dtype)
+
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """x * rsqrt(sum(x²) + eps), as one fused RMSNorm: rms_norm(x, eps/d) = sqrt(d) * l2norm(x)."""
     d = x.shape[-1]
     return F.rms_norm(x, (d,), None, eps / d) * d**-0.5
+
+
+def l2norm_small(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """l2norm for the tiny tensors of one decoding step."""
+    return x * torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().add_(eps).rsqrt_()
+
+
+def inference_weight(module: nn.Module, name: str, params: tuple[torch.Tensor, ...], build) -> torch.Tensor:
+    """`build()` (weights fused for one-token decoding), cached on `module` until one of `params`
+    changes: in-place updates bump a tensor's version, moving it changes its storage."""
+    key = tuple((p._version, p.data_ptr()) for p in params)
+    cached = module.__dict__.get(name)
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            cached = (key, build())
+        module.__dict__[name] = cached
+    return cached[1]
 
 
 # ----------------------------------------------------------------------------------------- attention
@@ -124,6 +161,21 @@ class GatedAttention(nn.Module):
         )
         y = y.transpose(1, 2).reshape(B, T, self.num_heads * D)
         return self.o_proj(y * torch.sigmoid(gate.reshape(B, T, -1)))
+
+    def step(self, x, rope, attn_mask, cache: AttentionCache, position: int) -> torch.Tensor:
+        """One decoding step for x [B, H] (inference only): one fused q/k/v matmul, then attention over
+        the cache. rope (cos, sin) [B, 1, rot]; attn_mask [B, 1, 1, L] or None."""
+        B, D, nH, nKV = x.shape[0], self.head_dim, self.num_heads, self.num_kv_heads
+        w = inference_weight(self, "_qkv", (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight),
+                             lambda: torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]))
+        qg, k, v = F.linear(x, w).split([2 * nH * D, nKV * D, nKV * D], dim=-1)
+        q, gate = qg.view(B, 1, nH, 2 * D).split(D, dim=-1)
+        q = apply_rotary(self.q_norm.step(q), *rope)
+        k = apply_rotary(self.k_norm.step(k.view(B, 1, nKV, D)), *rope)
+        keys, values = cache.append(k.transpose(1, 2), v.view(B, nKV, 1, D), position)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=attn_mask, scale=D**-0.5,
+                                           enable_gqa=nH != nKV)
+        return self.o_proj(y.reshape(B, nH * D) * torch.sigmoid(gate.reshape(B, nH * D)))
 
 
 # ------------------------------------------------------------------------------------- gated deltanet
@@ -203,6 +255,22 @@ class GatedDeltaNet(nn.Module):
         o = self.norm(o, z.unflatten(-1, (Hv, dv)))
         return self.out_proj(o.flatten(2))
 
+    def step(self, x: torch.Tensor, cache: LinearAttentionCache) -> torch.Tensor:
+        """One decoding step for x [B, H] (inference only): a fixed amount of work whatever the context."""
+        B = x.shape[0]
+        Hk, Hv, dk, dv = self.num_k_heads, self.num_v_heads, self.head_k_dim, self.head_v_dim
+        w = inference_weight(self, "_proj", (self.in_proj_qkvz.weight, self.in_proj_ba.weight), self.projection_weight)
+        qkv, z, b, a = F.linear(x, w).split(self.proj_split, dim=-1)
+        qkv = causal_conv1d_step(qkv, self.conv1d.weight, cache.conv_window)
+        q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        neg_A = inference_weight(self, "_neg_A", (self.A_log,), lambda: -self.A_log.float().exp())
+        if a.dtype != torch.float32:
+            a, q, k = a.float(), q.float(), k.float()
+        g = F.softplus(a + self.dt_bias).mul_(neg_A)
+        o = recurrent_step(l2norm_small(q.view(B, Hk, dk)), l2norm_small(k.view(B, Hk, dk)), v.view(B, Hv, dv),
+                           g, b.sigmoid(), cache.recurrent_state, dk**-0.5)
+        return self.out_proj(self.norm.step(o, z.view(B, Hv, dv)).view(B, self.value_dim))
+
 
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
@@ -215,6 +283,13 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        """The same for decoding (inference only), gate and up as one matmul."""
+        w = inference_weight(self, "_gate_up", (self.gate_proj.weight, self.up_proj.weight),
+                             lambda: torch.cat([self.gate_proj.weight, self.up_proj.weight]))
+        gate, up = F.linear(x, w).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -242,6 +317,16 @@ class DecoderLayer(nn.Module):
             h, router_logits = h
             ctx.router_logits.append(router_logits)
         return x + h
+
+    def step(self, x: torch.Tensor, rope, attn_mask, cache, position: int) -> torch.Tensor:
+        """One decoding step for x [B, H] (inference only)."""
+        h = self.input_layernorm.step(x)
+        if self.layer_type == FULL:
+            x = x + self.self_attn.step(h, rope, attn_mask, cache, position)
+        else:
+            x = x + self.linear_attn.step(h, cache)
+        h = self.post_attention_layernorm.step(x)
+        return x + (self.mlp.step(h) if isinstance(self.mlp, MLP) else self.mlp(h[:, None])[0][:, 0])
 
 
 @dataclass
@@ -409,6 +494,20 @@ class Qwen3NextForCausalLM(nn.Module):
             if out.mtp_loss is not None:
                 out.loss = out.loss + mtp_weight * out.mtp_loss
         return out
+
+    def decode_step(self, token: torch.Tensor, cache: Cache) -> torch.Tensor:
+        """token [B] -> logits [B, V] of the next position: `forward(token[:, None], cache=cache)` with
+        as little work around the layers as possible (inference only: call under torch.inference_mode)."""
+        x = self.model.embed_tokens(token)
+        position = cache.next_position
+        rope = self.model.rotary_emb(position[:, None], x.dtype)
+        key_mask = cache.record(None, 1)
+        attn_mask = key_mask[:, None, None] if key_mask is not None else None
+        start = cache.length
+        for layer, layer_cache in zip(self.model.layers, cache.layers):
+            x = layer.step(x, rope, attn_mask, layer_cache, start)
+        cache.length, cache.next_position = start + 1, position + 1
+        return F.linear(self.model.norm.step(x), self.lm_head_weight)
 
     def _context(self, x: torch.Tensor, attention_mask, position_ids, cache: Cache | None) -> "_ForwardContext":
         """Masks, positions and RoPE for T new positions of x [B, T, H]; records them in the cache."""

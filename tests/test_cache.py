@@ -118,3 +118,18 @@ def test_cache_state_dict_round_trip(model):
     cache.load_state_dict(saved)
     b = model(x[:, 20:], cache=cache).logits
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_decode_step_equals_forward(model):
+    """The lean one-token path gives the logits and the cache of the general forward."""
+    x = torch.randint(0, model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(11))
+    a, b = model.new_cache(2), model.new_cache(2)
+    model(x[:, :30], cache=a)
+    model(x[:, :30], cache=b)
+    with torch.inference_mode():
+        for t in range(30, 40):
+            ref = model(x[:, t:t + 1], cache=a).logits[:, 0]
+            torch.testing.assert_close(model.decode_step(x[:, t], b), ref, rtol=1e-5, atol=1e-5)
+    for la, lb in zip(a.state_dict().items(), b.state_dict().items()):
+        torch.testing.assert_close(la[1], lb[1], rtol=1e-5, atol=1e-6)

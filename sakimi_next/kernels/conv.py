@@ -86,4 +86,4 @@ def causal_conv1d_step(x: torch.Tensor, weight: torch.Tensor, window: torch.Tens
     """One decoding step: x [B, C] enters the window [B, C, W] (updated in place); returns silu(conv) [B, C]."""
     window[..., :-1] = window[..., 1:].clone()
     window[..., -1] = x
-    return F.silu((window * weight.squeeze(1)).sum(-1)).to(x.dtype)
+    return F.silu(torch.linalg.vecdot(window, weight[:, 0].to(window.dtype)))

@@ -58,20 +58,22 @@ def recurrent_step(
     state: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """One decoding step, updating `state` in place (no autograd).
+    """One decoding step, updating `state` in place (no autograd); a handful of small batched products,
+    since at one token the cost is the number of operations, not arithmetic.
 
-    q, k [B, Hk, K]; v [B, H, V]; g, beta [B, H]; state [B, H, K, V] float32. Returns o [B, H, V].
+    q, k [B, Hk, K] (l2-normalised); v [B, H, V]; g, beta [B, H]; state [B, H, K, V] float32.
+    Returns o [B, H, V] in v's dtype.
     """
     B, Hk, K = k.shape
     H, V = v.shape[-2:]
-    r = H // Hk
-    dt = state.dtype
-    # view the value heads as [Hk, r] groups so each key head is read once, without copies
-    S = state.view(B, Hk, r, K, V)
-    S.mul_(g.to(dt).exp().view(B, Hk, r, 1, 1))
-    kt = k.to(dt).view(B, Hk, 1, 1, K)
-    kv = (kt @ S).squeeze(-2)  # [B, Hk, r, V] = S^T k
-    delta = (v.to(dt).view(B, Hk, r, V) - kv) * beta.to(dt).view(B, Hk, r, 1)
-    S.add_(k.to(dt).view(B, Hk, 1, K, 1) * delta.unsqueeze(-2))
-    o = ((q.to(dt) * scale).view(B, Hk, 1, 1, K) @ S).squeeze(-2)
-    return o.reshape(B, H, V).to(v.dtype)
+    out_dtype, dt = v.dtype, state.dtype
+    if not q.dtype == k.dtype == v.dtype == g.dtype == beta.dtype == dt:  # casts only when needed
+        q, k, v, g, beta = (x.to(dt) for x in (q, k, v, g, beta))
+    S = state.view(B * H, K, V)
+    S.mul_(g.exp().reshape(B * H, 1, 1))
+    k = k.unsqueeze(2).expand(B, Hk, H // Hk, K).reshape(B * H, 1, K)  # each value head's key head
+    delta = (v.reshape(B * H, 1, V) - torch.bmm(k, S)).mul_(beta.reshape(B * H, 1, 1))
+    S.baddbmm_(k.transpose(1, 2), delta)  # S += k (beta (v - Sᵀk))ᵀ
+    q = q.unsqueeze(2).expand(B, Hk, H // Hk, K).reshape(B * H, 1, K)
+    o = torch.bmm(q, S).mul_(scale).view(B, H, V)
+    return o if o.dtype == out_dtype else o.to(out_dtype)
