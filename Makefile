@@ -27,5 +27,8 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
+bench: setup
+	$(BIN)/sakimi-next --mode bench --config tiny_10m --compare transformers
+
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -23,6 +23,7 @@ MODES = {
     "generate": ("sakimi_next.generate", "run_generate"),
     "eval": ("sakimi_next.evaluate", "run_eval"),
     "export": ("sakimi_next.interop", "run_export"),
+    "bench": ("sakimi_next.bench", "run_bench"),
 }
 
 
@@ -114,7 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--text-file", default=None, help="eval: a UTF-8 text file to score")
     g.add_argument("--eval-method", default="carry", choices=("carry", "sliding"),
                    help="eval of long text: carry the state across windows, or plain sliding windows")
-    g.add_argument("--json", action="store_true", help="eval/bench: print JSON")
+    g.add_argument("--json", action="store_true", help="eval: print JSON")
+
+    b = p.add_argument_group("benchmark")
+    b.add_argument("--compare", choices=("transformers",), default=None,
+                   help="also measure transformers' Qwen3NextForCausalLM on the same weights")
+    b.add_argument("--quick", action="store_true", help="smaller sizes and fewer repeats (a smoke run)")
     return p
 
 

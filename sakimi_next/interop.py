@@ -147,6 +147,26 @@ def load_hf_tokenizer(path: str | Path):
     return Tokenizer.load(p)
 
 
+def to_transformers(model, attn_implementation: str = "sdpa"):
+    """A `transformers.Qwen3NextForCausalLM` holding a copy of `model`'s weights (for comparisons and
+    benchmarks; transformers is imported only here). MTP weights are left out: transformers has none."""
+    import warnings
+
+    from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hcfg = Qwen3NextConfig(**model.config.to_hf_dict())
+        hcfg._attn_implementation = attn_implementation
+        hf = Qwen3NextForCausalLM(hcfg).to(next(model.parameters()).dtype)
+    sd = {k: v for k, v in model.state_dict().items() if not k.startswith("mtp.")}
+    missing, unexpected = hf.load_state_dict(sd, strict=False)
+    allowed = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    if unexpected or set(missing) - allowed:
+        raise RuntimeError(f"weights do not match transformers: missing {missing}, unexpected {unexpected}")
+    return hf.eval()
+
+
 # ------------------------------------------------------------------------------------------ export
 def save_tensors_sharded(tensors: dict[str, torch.Tensor], out_dir: Path, shard_bytes: int) -> list[str]:
     """Write one `model.safetensors`, or shards plus an index when the total exceeds `shard_bytes`."""

@@ -1,7 +1,6 @@
 """Shared test helpers."""
 
 
-import warnings
 from pathlib import Path
 
 import torch
@@ -27,19 +26,9 @@ def small_config(**overrides) -> Config:
 
 def hf_twin(model, attn_implementation: str = "eager"):
     """transformers.Qwen3NextForCausalLM with a copy of `model`'s weights."""
-    from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
+    from sakimi_next.interop import to_transformers
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        hcfg = Qwen3NextConfig(**model.config.to_hf_dict())
-        hcfg._attn_implementation = attn_implementation
-        hf = Qwen3NextForCausalLM(hcfg).to(model.model.embed_tokens.weight.dtype)
-    missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False)
-    assert not unexpected, unexpected
-    allowed = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
-    assert set(missing) <= allowed, missing
-    hf.eval()
-    return hf
+    return to_transformers(model, attn_implementation)
 
 
 def read_head(path: Path, n_bytes: int) -> str:
