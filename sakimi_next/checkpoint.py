@@ -29,6 +29,12 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 
 from .config import Config, ConfigError
 from .util import UserError, fsync_dir, umask
@@ -58,25 +64,34 @@ def plain_module(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
+# Full (unsharded) state on the CPU, whether the model is plain, DDP-wrapped or sharded with FSDP2.
+# Under FSDP every rank must take part in gathering; only rank 0 receives the result.
+FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
 def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    sd = plain_module(model).state_dict()
+    """The weights by parameter name (collective under FSDP: call on every rank)."""
+    sd = get_model_state_dict(plain_module(model), options=FULL_STATE)
     return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
 
 
 def optimizer_payload(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """AdamW state as (tensors for safetensors, JSON-able description). Parameters are named."""
-    names = {id(p): n for n, p in plain_module(model).named_parameters()}
-    sd = optimizer.state_dict()
-    ordered = [p for group in optimizer.param_groups for p in group["params"]]
+    """AdamW state as (tensors for safetensors, JSON description), keyed by parameter name
+    (collective under FSDP: call on every rank)."""
+    sd = get_optimizer_state_dict(plain_module(model), optimizer, options=FULL_STATE)
     tensors: dict[str, torch.Tensor] = {}
-    for idx, state in sd["state"].items():
+    for name, state in sd.get("state", {}).items():
         for key, value in state.items():
             t = value if torch.is_tensor(value) else torch.tensor(value)
-            tensors[f"state.{idx}.{key}"] = t.detach().to("cpu").contiguous()
-    groups = [{k: v for k, v in g.items()} for g in sd["param_groups"]]
-    meta = {"class": type(optimizer).__name__, "param_groups": groups,
-            "param_names": [names[id(p)] for p in ordered]}
+            tensors[f"state.{name}.{key}"] = t.detach().to("cpu").contiguous()
+    meta = {"class": type(optimizer).__name__, "param_groups": sd.get("param_groups", [])}
     return tensors, meta
+
+
+def gather_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+    """Everything a checkpoint holds about the model and optimiser (collective under FSDP)."""
+    opt_tensors, opt_meta = ({}, None) if optimizer is None else optimizer_payload(model, optimizer)
+    return {"model": model_tensors(model), "optimizer": opt_tensors, "optimizer_meta": opt_meta}
 
 
 def rng_payload() -> tuple[dict[str, torch.Tensor], dict]:
@@ -99,17 +114,20 @@ def save_checkpoint(
     trainer_state: dict,
     config: Config,
     tokenizer_path: str | Path | None,
+    gathered: dict | None = None,
 ) -> Path:
-    """Write checkpoint `out_dir/step_NNNNNN` atomically, point `latest` at it, and return its path."""
+    """Write checkpoint `out_dir/step_NNNNNN` atomically, point `latest` at it, and return its path.
+    `gathered` is `gather_state(model, optimizer)` when the caller already collected it (FSDP)."""
+    gathered = gathered if gathered is not None else gather_state(model, optimizer)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / step_dir_name(step)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=out_dir))
     try:
-        save_file(model_tensors(model), str(tmp / MODEL_FILE), metadata={"format": "pt"})
+        save_file(gathered["model"], str(tmp / MODEL_FILE), metadata={"format": "pt"})
         rng_tensors, rng_meta = rng_payload()
-        opt_tensors, opt_meta = ({}, None) if optimizer is None else optimizer_payload(model, optimizer)
-        save_file({**opt_tensors, **rng_tensors}, str(tmp / OPTIM_FILE), metadata={"format": "pt"})
+        opt_meta = gathered["optimizer_meta"]
+        save_file({**gathered["optimizer"], **rng_tensors}, str(tmp / OPTIM_FILE), metadata={"format": "pt"})
         if opt_meta is not None:
             _write_json(tmp / OPTIM_JSON, opt_meta)
         _write_json(tmp / STATE_FILE, {**trainer_state, "step": step, "rng": rng_meta})
@@ -235,20 +253,19 @@ def load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], sourc
 
 
 def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ckpt: Path) -> None:
+    """Restore AdamW's moments and step counts (each rank reads the full state and keeps its shard)."""
     meta = read_json(ckpt / OPTIM_JSON)
     tensors = load_tensors(ckpt / OPTIM_FILE)
-    order = {id(p): n for n, p in plain_module(model).named_parameters()}
-    current = [order[id(p)] for g in optimizer.param_groups for p in g["params"]]
-    if meta["param_names"] != current:
-        raise UserError(f"optimizer state in {ckpt} does not match this model's parameters")
-    state: dict[int, dict] = {}
+    state: dict[str, dict] = {}
     for key, t in tensors.items():
-        if not key.startswith("state."):
-            continue
-        _, idx, name = key.split(".", 2)
-        state.setdefault(int(idx), {})[name] = t
-    # load_state_dict moves each tensor to its parameter's device (and keeps `step` where AdamW wants it)
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        if key.startswith("state."):
+            name, field = key[len("state."):].rsplit(".", 1)
+            state.setdefault(name, {})[field] = t
+    saved = sorted(n for g in meta["param_groups"] for n in g["params"])
+    if saved != sorted(n for n, _ in plain_module(model).named_parameters()):
+        raise UserError(f"optimizer state in {ckpt} does not match this model's parameters")
+    set_optimizer_state_dict(plain_module(model), optimizer, {"state": state, "param_groups": meta["param_groups"]},
+                             options=StateDictOptions(full_state_dict=True))
 
 
 def restore_rng(ckpt: Path, state: dict) -> None:

@@ -148,7 +148,7 @@ def evaluate(model, tokens: np.ndarray, seq_len: int, batch_size: int, n_batches
              bytes_per_token: float | None, autocast, ddp: Distributed) -> dict:
     """Mean validation loss over fixed windows (sharded across ranks), perplexity and bits per byte."""
     seq_len = min(seq_len, len(tokens) - 1)
-    starts = eval_windows(len(tokens), seq_len, batch_size * n_batches)
+    starts = eval_windows(len(tokens), seq_len, batch_size * ddp.world_size * n_batches)  # the global set
     mine = starts[ddp.rank::ddp.world_size]
     total = torch.zeros(2, dtype=torch.float64, device=device)  # sum of losses, number of tokens
     was_training = model.training
@@ -162,6 +162,10 @@ def evaluate(model, tokens: np.ndarray, seq_len: int, batch_size: int, n_batches
         total += torch.stack([loss.double(), torch.tensor(t[:, 1:].numel(), dtype=torch.float64, device=device)])
     if ddp.enabled:
         dist.all_reduce(total)
+    if hasattr(ckpt.plain_module(model), "reshard"):
+        # FSDP2 keeps the root's parameters gathered after a forward without backward; shard them
+        # again, or the optimiser and the checkpoint would see other parameter objects
+        ckpt.plain_module(model).reshard()
     model.train(was_training)
     loss = (total[0] / total[1]).item()
     out = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": int(total[1].item())}
@@ -388,17 +392,12 @@ def _train(args, ddp: Distributed, check_vocab, open_split) -> int:
     except ValueError as e:
         raise UserError(str(e)) from None
     model.train()
-    optimizer = build_optimizer(model, s["learning_rate"], s["weight_decay"], (s["beta1"], s["beta2"]),
-                                decay_norms=not s["no_decay_norms"])
-    if resume_path is not None:
-        ckpt.load_optimizer(model, optimizer, resume_path)
-        ckpt.restore_rng(resume_path, state)
-
-    dtype = args.dtype if args.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
+    n_params = model.num_parameters()  # before FSDP turns parameters into shards
+    if args.fsdp and not ddp.enabled:
+        raise UserError("--fsdp shards the model across processes: start it with torchrun")
     train_model = model
     if ddp.enabled:
-        if args.fsdp:
+        if args.fsdp:  # shard each decoder layer, then the rest; the optimiser must see the shards
             from torch.distributed.fsdp import fully_shard
 
             for layer in model.model.layers:
@@ -407,6 +406,14 @@ def _train(args, ddp: Distributed, check_vocab, open_split) -> int:
         else:
             train_model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = build_optimizer(model, s["learning_rate"], s["weight_decay"], (s["beta1"], s["beta2"]),
+                                decay_norms=not s["no_decay_norms"])
+    if resume_path is not None:
+        ckpt.load_optimizer(model, optimizer, resume_path)
+        ckpt.restore_rng(resume_path, state)
+
+    dtype = args.dtype if args.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
     if args.compile:
         train_model = torch.compile(train_model)
 
@@ -414,7 +421,6 @@ def _train(args, ddp: Distributed, check_vocab, open_split) -> int:
     start_step = state["step"] if state else 0
     total = s["steps"]
     tokens_per_step = s["batch_size"] * s["seq_len"] * s["grad_accum"] * ddp.world_size
-    n_params = model.num_parameters()
     split = meta["splits"]
     bytes_per_token = (split["val"]["bytes"] / split["val"]["tokens"]) if split["val"].get("tokens") else None
     log(f"model: {preset_name}, {n_params:,} parameters ({fmt_count(n_params)})")
@@ -453,10 +459,11 @@ def _train(args, ddp: Distributed, check_vocab, open_split) -> int:
     def save(step: int, reason: str) -> Path | None:
         """Rank 0 writes; a failure (full disk, ...) keeps the previous checkpoints and training goes on."""
         path = None
+        gathered = ckpt.gather_state(model, optimizer) if args.fsdp or ddp.is_main else None  # FSDP: all ranks
         if ddp.is_main:
             try:
                 path = ckpt.save_checkpoint(out_dir, step, model, optimizer, trainer_state(step), config,
-                                            tokenizer.path)
+                                            tokenizer.path, gathered)
                 ckpt.prune(out_dir, args.keep_last)
                 say(f"saved {reason} checkpoint: {path}")
             except OSError as e:
@@ -565,12 +572,17 @@ def _train(args, ddp: Distributed, check_vocab, open_split) -> int:
             if step % s["save_every"] == 0 and last_saved != step:
                 save(step, "periodic")
                 last_saved = step
+            time_up = bool(args.max_minutes and (now - t_start) / 60 >= args.max_minutes)
+            if ddp.enabled:  # every rank must take the same decision, or the others wait forever
+                flags = torch.tensor([stop.signal or 0, int(time_up)], device=device)
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                stop.signal, time_up = (int(flags[0]) or None), bool(flags[1])
             if stop.signal is not None:
                 name = signal.Signals(stop.signal).name
                 say(f"{name} received at step {step}: saving and stopping; resume with --resume-from auto")
                 exit_code = 128 + stop.signal
                 break
-            if args.max_minutes and (now - t_start) / 60 >= args.max_minutes:
+            if time_up:
                 say(f"--max-minutes {args.max_minutes:g} reached at step {step}")
                 break
         if exit_code != 1 and last_saved != step:

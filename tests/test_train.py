@@ -168,19 +168,30 @@ def test_nonfinite_loss_stops_or_skips(data_dir, tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_equal_one(data_dir, tmp_path):
-    common = [*TRAIN, "--data-dir", str(data_dir), "--steps", "4", "--eval-every", "4", "--save-every", "100"]
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_equal_one(data_dir, tmp_path, strategy):
+    """gloo on CPU: 2 processes with batch 2 each follow 1 process with batch 4 (same windows), and the
+    checkpoint they write (full, unsharded) resumes in a single process."""
+    common = [*TRAIN, "--data-dir", str(data_dir), "--steps", "4", "--eval-every", "4", "--save-every", "2"]
     assert main([*common, "--out-dir", str(tmp_path / "one"), "--batch-size", "4"]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    port = "29533" if strategy == "ddp" else "29534"
+    extra = ["--fsdp"] if strategy == "fsdp" else []
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                        "29533", "-m", "sakimi_next", *common, "--out-dir", str(tmp_path / "two"), "--batch-size", "2"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                        port, "-m", "sakimi_next", *common, "--out-dir", str(tmp_path / "two"), "--batch-size", "2",
+                        *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "world size: 2 (DDP)" in r.stdout
+    assert f"world size: 2 ({'FSDP2' if extra else 'DDP'})" in r.stdout
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert one.keys() == two.keys()
     for s in one:
         assert abs(one[s] - two[s]) <= 1e-4 * abs(one[s]), (s, one[s], two[s])
+    val = [json.loads(x)["val_loss"] for d in ("one", "two")
+           for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines() if "val_loss" in x]
+    assert abs(val[0] - val[1]) <= 1e-4 * val[0]
+    # the distributed run's step-2 checkpoint resumes here, single process, with its optimiser state
+    assert main([*common, "--out-dir", str(tmp_path / "two"), "--batch-size", "4", "--resume-from",
+                 str(tmp_path / "two" / "step_000002"), "--steps", "4"]) == 0
 
 
 def test_resume_refuses_other_preset(data_dir, tmp_path, capsys):
