@@ -27,11 +27,20 @@ MODES = {
 }
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show defaults, except the None/False of flags whose default the help text already explains."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="sakimi-next",
         description="Qwen3-Next (Gated DeltaNet + Gated Attention) language models at small scale.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("--mode", choices=list(MODES), default="test", help="what to do")
     p.add_argument("--config", default=None,
@@ -41,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gated delta rule kernel: auto = fla on CUDA when installed, else chunk")
     p.add_argument("--disable-fast-kernels", action="store_true",
                    help="use the plain recurrent kernel everywhere (same as --kernel recurrent)")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--seed", type=int, default=None, help="random seed (0; a resumed run keeps its own)")
     p.add_argument("--batch-size", type=int, default=None, help="sequences per batch (per device)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence")
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"),
@@ -73,17 +82,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--learning-rate", "--lr", type=float, default=None, help="peak learning rate")
     t.add_argument("--min-lr", type=float, default=None, help="final learning rate of the cosine decay")
     t.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps")
-    t.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on matrices")
-    t.add_argument("--no-decay-norms", action="store_true",
+    # training defaults are None here and filled in by train.py (preset defaults, or a resumed
+    # checkpoint's own settings), so that resuming without repeating a flag keeps the original value
+    t.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay on matrices (0.1)")
+    t.add_argument("--no-decay-norms", action="store_true", default=None,
                    help="exclude the zero-centred norm weights from weight decay (Qwen3-Next decays them)")
-    t.add_argument("--beta1", type=float, default=0.9)
-    t.add_argument("--beta2", type=float, default=0.95)
-    t.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 = off)")
-    t.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    t.add_argument("--beta1", type=float, default=None, help="AdamW beta1 (0.9)")
+    t.add_argument("--beta2", type=float, default=None, help="AdamW beta2 (0.95)")
+    t.add_argument("--grad-clip", type=float, default=None, help="max gradient norm, 0 = off (1.0)")
+    t.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer step (1)")
     t.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps")
     t.add_argument("--keep-last", type=int, default=3, help="periodic checkpoints to keep")
     t.add_argument("--eval-every", type=int, default=None, help="validate every N steps")
-    t.add_argument("--eval-batches", type=int, default=16, help="validation batches per evaluation")
+    t.add_argument("--eval-batches", type=int, default=None, help="validation batches per evaluation (16)")
     t.add_argument("--print-every", type=int, default=10, help="log a line every N steps")
     t.add_argument("--resume-from", "--checkpoint", dest="resume_from", default=None,
                    help="auto (latest valid checkpoint in --out-dir) or a checkpoint directory")
@@ -126,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.seed is None and args.mode != "train":  # training takes a resumed checkpoint's seed
+        args.seed = 0
     import torch
 
     # Strongly decaying DeltaNet gates produce denormal floats (exp of -90..-100), which x86 CPUs

@@ -39,7 +39,8 @@ PRESET_DEFAULTS = {
     "tiny_10m_moe": dict(batch_size=16, seq_len=256, learning_rate=1e-3, warmup_steps=100, steps=5000),
     "small_50m": dict(batch_size=16, seq_len=512, learning_rate=6e-4, warmup_steps=500, steps=20000),
 }
-COMMON_DEFAULTS = dict(save_every=250, eval_every=200)
+COMMON_DEFAULTS = dict(save_every=250, eval_every=200, eval_batches=16, grad_accum=1, weight_decay=0.1,
+                       no_decay_norms=False, beta1=0.9, beta2=0.95, grad_clip=1.0, seed=0, mtp_weight=0.0)
 # command-line values a resumed run takes from its checkpoint when they are not given again
 RESUMABLE = ("steps", "learning_rate", "min_lr", "warmup_steps", "batch_size", "seq_len", "grad_accum",
              "weight_decay", "no_decay_norms", "beta1", "beta2", "grad_clip", "save_every", "eval_every",
@@ -305,7 +306,8 @@ def _prepare_inputs(args, ddp: Distributed):
             prepare_data(args.train_data, args.val_data, data_dir, tokenizer_path=args.tokenizer,
                          vocab_size=args.vocab_size, val_fraction=args.val_fraction, doc_split=args.doc_split,
                          encoding_errors=args.encoding_errors, rebuild_tokenizer=args.rebuild_tokenizer,
-                         seed=args.seed, config=preset(args.config or RECOMMENDED_PRESET),
+                         seed=0 if args.seed is None else args.seed,
+                         config=preset(args.config or RECOMMENDED_PRESET),
                          allow_vocab_mismatch=args.allow_vocab_mismatch)
         if ddp.enabled:
             dist.barrier()
