@@ -38,6 +38,10 @@ class AttentionCache:
 class LinearAttentionCache:
     conv_window: torch.Tensor  # [B, conv_dim, W]
     recurrent_state: torch.Tensor  # [B, H, dk, dv], float32
+    # while verifying drafts: the state after each new token, and the window and inputs before them
+    history: list | None = None
+    window_before: torch.Tensor | None = None
+    inputs: torch.Tensor | None = None  # [B, T, conv_dim] pre-conv inputs of the verified tokens
 
 
 def _grow(x: torch.Tensor, length: int) -> torch.Tensor:
@@ -103,6 +107,27 @@ class Cache:
             if saved is not None:
                 layer.conv_window.copy_(saved[0])
                 layer.recurrent_state.copy_(saved[1])
+
+    def begin_verify(self) -> None:
+        """Record, during the next lean forward of several tokens, what `keep(n)` needs to roll back
+        to any prefix of them: a recurrent state cannot be cropped like a KV cache, so each token's
+        state is kept (a copy of a fixed-size tensor per token and layer)."""
+        self._verify_start = (self.length, self.next_position.clone())
+        for layer in self.layers:
+            if isinstance(layer, LinearAttentionCache):
+                layer.history, layer.window_before = [], layer.conv_window.clone()
+
+    def keep(self, n: int) -> None:
+        """Keep only the first n of the tokens since `begin_verify` (n >= 1), and stop recording."""
+        length, position = self._verify_start
+        self.length, self.next_position = length + n, position + n
+        for layer in self.layers:
+            if isinstance(layer, LinearAttentionCache):
+                layer.recurrent_state.copy_(layer.history[n - 1])
+                W = layer.conv_window.shape[-1]
+                seen = torch.cat([layer.window_before, layer.inputs[:, :n].transpose(1, 2).to(layer.window_before.dtype)], -1)
+                layer.conv_window.copy_(seen[..., -W:])
+                layer.history = layer.window_before = layer.inputs = None
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Copies of every tensor, to restore later (speculative decoding, tests)."""

@@ -119,11 +119,13 @@ def generate_tokens(
         seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=device)
         seen.scatter_(1, ids, mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool))
     logits = prefill(model, ids, mask, cache)
-    for _ in range(max_new_tokens):
+    for i in range(max_new_tokens):
         if seen is not None:
             logits = apply_repetition_penalty(logits, seen, settings.repetition_penalty)
         token = sample(logits, settings, generator)
         yield token
+        if i + 1 == max_new_tokens:
+            break
         if seen is not None:
             seen[torch.arange(B, device=device), token] = True
         logits = decode_one_token(model, token, cache)
@@ -180,7 +182,7 @@ def speculative_generate(
     """Greedy decoding where the MTP block drafts `draft_len` tokens and the main model checks them in
     one forward pass; the longest agreeing prefix is kept, plus the main model's own next token. The
     output is plain greedy decoding's. A rejected draft leaves DeltaNet states that cannot be cropped
-    like a KV cache: the cache is restored from a snapshot and the accepted tokens are run again.
+    like a KV cache: verification records each position's state, and the cache keeps the accepted ones.
     Batch 1. `cache` (optional, empty) lets a caller inspect the state afterwards."""
     if not hasattr(model, "mtp"):
         raise UserError("this model has no MTP block; train one with --mtp-weight to use --speculative mtp")
@@ -212,29 +214,26 @@ def speculative_generate(
         k = min(draft_len, max_new_tokens - len(out_tokens) - 1)
         drafts, h, t, after_first = [], h_last, token, None
         for i in range(k):
-            h = model.mtp_forward(h, t.view(1, 1), cache=mtp_cache)
+            h = model.mtp_step(h, t.view(1, 1), mtp_cache)
             t = F.linear(h[:, -1], head).argmax(-1)
             drafts.append(t)
             if i == 0:
                 after_first = mtp_cache.snapshot()  # this pair used the main model's hidden state: keep it
-        snap = cache.snapshot()
         seq = torch.cat([token] + drafts).view(1, k + 1)
-        verify = model(seq, cache=cache, return_hidden=True)
-        best = verify.logits[0].argmax(-1)  # the main model's choice after each of the k+1 tokens
+        cache.begin_verify()
+        hidden = model.decode_hidden(seq, cache)  # all k+1 positions in one pass
+        best = F.linear(hidden[0], head).argmax(-1)  # the main model's choice after each of the k+1 tokens
         a = 0
         while a < k and int(drafts[a]) == int(best[a]):
             a += 1
         stats.rounds += 1
         stats.drafted += k
         stats.accepted += a
-        hidden = verify.hidden_states
-        if a < k:  # roll the DeltaNet states back and run only what was accepted
-            cache.restore(snap)
-            hidden = model(seq[:, :a + 1], cache=cache, return_hidden=True).hidden_states
+        cache.keep(a + 1)  # back to the state after the accepted tokens (per-position states, no re-run)
         if k:
             mtp_cache.restore(after_first)
             if a:
-                model.mtp_forward(hidden[:, :a], seq[:, 1:a + 1], cache=mtp_cache)
+                model.mtp_step(hidden[:, :a], seq[:, 1:a + 1], mtp_cache)
         for t in [int(d) for d in drafts[:a]] + [int(best[a])]:
             if emit(t):
                 return out_tokens, stats

@@ -163,19 +163,23 @@ class GatedAttention(nn.Module):
         return self.o_proj(y * torch.sigmoid(gate.reshape(B, T, -1)))
 
     def step(self, x, rope, attn_mask, cache: AttentionCache, position: int) -> torch.Tensor:
-        """One decoding step for x [B, H] (inference only): one fused q/k/v matmul, then attention over
-        the cache. rope (cos, sin) [B, 1, rot]; attn_mask [B, 1, 1, L] or None."""
-        B, D, nH, nKV = x.shape[0], self.head_dim, self.num_heads, self.num_kv_heads
+        """A few decoding positions x [B, T, H] (inference only): one fused q/k/v matmul, then attention
+        over the cache. rope (cos, sin) [B, T, rot]; attn_mask [B, 1, T, L], or None for causal."""
+        B, T = x.shape[:2]
+        D, nH, nKV = self.head_dim, self.num_heads, self.num_kv_heads
         w = inference_weight(self, "_qkv", (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight),
                              lambda: torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]))
         qg, k, v = F.linear(x, w).split([2 * nH * D, nKV * D, nKV * D], dim=-1)
-        q, gate = qg.view(B, 1, nH, 2 * D).split(D, dim=-1)
+        q, gate = qg.view(B, T, nH, 2 * D).split(D, dim=-1)
         q = apply_rotary(self.q_norm.step(q), *rope)
-        k = apply_rotary(self.k_norm.step(k.view(B, 1, nKV, D)), *rope)
-        keys, values = cache.append(k.transpose(1, 2), v.view(B, nKV, 1, D), position)
+        k = apply_rotary(self.k_norm.step(k.view(B, T, nKV, D)), *rope)
+        keys, values = cache.append(k.transpose(1, 2), v.view(B, T, nKV, D).transpose(1, 2), position)
+        if attn_mask is None and T > 1:
+            L = keys.shape[2]
+            attn_mask = torch.ones(T, L, dtype=torch.bool, device=x.device).tril(L - T)
         y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=attn_mask, scale=D**-0.5,
                                            enable_gqa=nH != nKV)
-        return self.o_proj(y.reshape(B, nH * D) * torch.sigmoid(gate.reshape(B, nH * D)))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, nH * D) * torch.sigmoid(gate.reshape(B, T, nH * D)))
 
 
 # ------------------------------------------------------------------------------------- gated deltanet
@@ -256,20 +260,33 @@ class GatedDeltaNet(nn.Module):
         return self.out_proj(o.flatten(2))
 
     def step(self, x: torch.Tensor, cache: LinearAttentionCache) -> torch.Tensor:
-        """One decoding step for x [B, H] (inference only): a fixed amount of work whatever the context."""
-        B = x.shape[0]
+        """A few decoding positions x [B, T, H] (inference only): the recurrence one token at a time,
+        a fixed amount of work per token whatever the context."""
+        B, T = x.shape[:2]
         Hk, Hv, dk, dv = self.num_k_heads, self.num_v_heads, self.head_k_dim, self.head_v_dim
         w = inference_weight(self, "_proj", (self.in_proj_qkvz.weight, self.in_proj_ba.weight), self.projection_weight)
         qkv, z, b, a = F.linear(x, w).split(self.proj_split, dim=-1)
-        qkv = causal_conv1d_step(qkv, self.conv1d.weight, cache.conv_window)
+        if cache.history is not None:
+            cache.inputs = qkv
+        if T == 1:
+            qkv = causal_conv1d_step(qkv[:, 0], self.conv1d.weight, cache.conv_window)[:, None]
+        else:
+            qkv, new = causal_conv1d(qkv, self.conv1d.weight, cache.conv_window), qkv
+            update_window(cache.conv_window, new)
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         neg_A = inference_weight(self, "_neg_A", (self.A_log,), lambda: -self.A_log.float().exp())
         if a.dtype != torch.float32:
             a, q, k = a.float(), q.float(), k.float()
-        g = F.softplus(a + self.dt_bias).mul_(neg_A)
-        o = recurrent_step(l2norm_small(q.view(B, Hk, dk)), l2norm_small(k.view(B, Hk, dk)), v.view(B, Hv, dv),
-                           g, b.sigmoid(), cache.recurrent_state, dk**-0.5)
-        return self.out_proj(self.norm.step(o, z.view(B, Hv, dv)).view(B, self.value_dim))
+        g, beta = F.softplus(a + self.dt_bias).mul_(neg_A), b.sigmoid()
+        q, k, v = l2norm_small(q.view(B, T, Hk, dk)), l2norm_small(k.view(B, T, Hk, dk)), v.view(B, T, Hv, dv)
+        outs = []
+        for t in range(T):
+            outs.append(recurrent_step(q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], cache.recurrent_state,
+                                       dk**-0.5))
+            if cache.history is not None:  # verifying drafts: keep each position's state for a rollback
+                cache.history.append(cache.recurrent_state.clone())
+        o = torch.stack(outs, dim=1)
+        return self.out_proj(self.norm.step(o, z.view(B, T, Hv, dv)).view(B, T, self.value_dim))
 
 
 class MLP(nn.Module):
@@ -319,14 +336,14 @@ class DecoderLayer(nn.Module):
         return x + h
 
     def step(self, x: torch.Tensor, rope, attn_mask, cache, position: int) -> torch.Tensor:
-        """One decoding step for x [B, H] (inference only)."""
+        """A few decoding positions x [B, T, H] (inference only)."""
         h = self.input_layernorm.step(x)
         if self.layer_type == FULL:
             x = x + self.self_attn.step(h, rope, attn_mask, cache, position)
         else:
             x = x + self.linear_attn.step(h, cache)
         h = self.post_attention_layernorm.step(x)
-        return x + (self.mlp.step(h) if isinstance(self.mlp, MLP) else self.mlp(h[:, None])[0][:, 0])
+        return x + (self.mlp.step(h) if isinstance(self.mlp, MLP) else self.mlp(h)[0])
 
 
 @dataclass
@@ -498,16 +515,27 @@ class Qwen3NextForCausalLM(nn.Module):
     def decode_step(self, token: torch.Tensor, cache: Cache) -> torch.Tensor:
         """token [B] -> logits [B, V] of the next position: `forward(token[:, None], cache=cache)` with
         as little work around the layers as possible (inference only: call under torch.inference_mode)."""
-        x = self.model.embed_tokens(token)
-        position = cache.next_position
-        rope = self.model.rotary_emb(position[:, None], x.dtype)
-        key_mask = cache.record(None, 1)
-        attn_mask = key_mask[:, None, None] if key_mask is not None else None
-        start = cache.length
+        return F.linear(self.decode_hidden(token[:, None], cache)[:, 0], self.lm_head_weight)
+
+    def decode_hidden(self, tokens: torch.Tensor, cache: Cache) -> torch.Tensor:
+        """A few new tokens [B, T] (T small: a decoding step, or drafts to verify) -> final hidden states
+        [B, T, H], through the lean step path: the DeltaNet recurrence token by token instead of the
+        chunked kernel, whose fixed cost only pays off on long inputs. Inference only."""
+        x = self.model.embed_tokens(tokens)
+        rope, attn_mask, start = self._step_context(cache, *tokens.shape, x.dtype)
         for layer, layer_cache in zip(self.model.layers, cache.layers):
             x = layer.step(x, rope, attn_mask, layer_cache, start)
-        cache.length, cache.next_position = start + 1, position + 1
-        return F.linear(self.model.norm.step(x), self.lm_head_weight)
+        return self.model.norm.step(x)
+
+    def _step_context(self, cache: Cache, B: int, T: int, dtype) -> tuple:
+        """RoPE, attention mask and start position for T new positions; advances the cache."""
+        position = cache.next_position[:, None] + torch.arange(T, device=cache.next_position.device)
+        rope = self.model.rotary_emb(position, dtype)
+        key_mask = cache.record(None, T)
+        attn_mask = _padded_causal_mask(key_mask, T) if key_mask is not None else None
+        start = cache.length
+        cache.length, cache.next_position = start + T, position[:, -1] + 1
+        return rope, attn_mask, start
 
     def _context(self, x: torch.Tensor, attention_mask, position_ids, cache: Cache | None) -> "_ForwardContext":
         """Masks, positions and RoPE for T new positions of x [B, T, H]; records them in the cache."""
@@ -550,6 +578,14 @@ class Qwen3NextForCausalLM(nn.Module):
         if router_logits is not None:
             router_logits.extend(ctx.router_logits)
         return out
+
+    def mtp_step(self, hidden: torch.Tensor, next_ids: torch.Tensor, cache: Cache) -> torch.Tensor:
+        """`mtp_forward` for a few positions through the lean step path (inference only)."""
+        mtp = self.mtp
+        e = self.model.embed_tokens(next_ids)
+        x = mtp.fc(torch.cat([mtp.pre_fc_norm_embedding.step(e), mtp.pre_fc_norm_hidden.step(hidden)], dim=-1))
+        rope, attn_mask, start = self._step_context(cache, *next_ids.shape, x.dtype)
+        return mtp.norm.step(mtp.layers[0].step(x, rope, attn_mask, cache.layers[0], start))
 
     def _mtp_loss(self, hidden: torch.Tensor, targets: torch.Tensor, ctx: "_ForwardContext") -> torch.Tensor:
         """Cross-entropy of predicting targets[:, t+1] (token t+2) from hidden[:, t] and targets[:, t]."""

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from . import checkpoint as ckpt
 from .config import PRESETS, RECOMMENDED_PRESET, Config, fmt_count, preset
 from .model import GatedDeltaNet, Qwen3NextForCausalLM, RMSNorm
+from .tokenizer import Tokenizer
 from .util import UserError, atomic_write_bytes, resolve_device
 
 # Per-preset defaults for what the command line leaves out (documented in the README).
@@ -364,6 +365,12 @@ def _train(args, ddp: Distributed, check_vocab, open_split) -> int:
     elif args.init_from:
         config = ckpt.load_pretrained_config(args.init_from)
         preset_name = preset_name or "custom"
+        init_dir = Path(args.init_from)
+        init_tok = next((p / "tokenizer.json" for p in (init_dir, init_dir / "latest") if (p / "tokenizer.json").is_file()),
+                        None)
+        if init_tok is not None and Tokenizer.load(init_tok).sha256 != tokenizer.sha256:
+            raise UserError(f"{data_dir} was tokenized with another tokenizer than the model at {args.init_from}; "
+                            f"prepare the data with --tokenizer {init_tok}")
     else:
         preset_name = preset_name or RECOMMENDED_PRESET
         config = preset(preset_name)
@@ -550,7 +557,12 @@ def _train(args, ddp: Distributed, check_vocab, open_split) -> int:
                           f"grad {grad_norm:.2f}  {tok_s:,.0f} tok/s")
                 window_t, window_tokens = now, 0
 
-            if step % s["eval_every"] == 0 or step == total:
+            time_up = bool(args.max_minutes and (now - t_start) / 60 >= args.max_minutes)
+            if ddp.enabled:  # every rank must take the same decision, or the others wait forever
+                flags = torch.tensor([stop.signal or 0, int(time_up)], device=device)
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                stop.signal, time_up = (int(flags[0]) or None), bool(flags[1])
+            if step % s["eval_every"] == 0 or step == total or time_up:  # a run cut short is still measured
                 ev = evaluate(train_model, val_tokens, s["seq_len"], s["batch_size"], s["eval_batches"], device,
                               bytes_per_token, autocast, ddp)
                 metrics.add({"step": step, **ev})
@@ -574,11 +586,6 @@ def _train(args, ddp: Distributed, check_vocab, open_split) -> int:
             if step % s["save_every"] == 0 and last_saved != step:
                 save(step, "periodic")
                 last_saved = step
-            time_up = bool(args.max_minutes and (now - t_start) / 60 >= args.max_minutes)
-            if ddp.enabled:  # every rank must take the same decision, or the others wait forever
-                flags = torch.tensor([stop.signal or 0, int(time_up)], device=device)
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-                stop.signal, time_up = (int(flags[0]) or None), bool(flags[1])
             if stop.signal is not None:
                 name = signal.Signals(stop.signal).name
                 say(f"{name} received at step {step}: saving and stopping; resume with --resume-from auto")

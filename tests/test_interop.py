@@ -173,3 +173,36 @@ def test_bad_directories(tmp_path, case, capsys, tokenizer):
     rc = main(["--mode", "eval", "--resume-from", str(d), "--text-file", __file__])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and expect in err, err
+
+
+def test_fine_tune_from_exported_directory(tmp_path, tokenizer, capsys):
+    """--init-from an exported model: training starts from its weights (the first loss is the model's own
+    loss on that batch), and data made with another tokenizer is refused."""
+    from sakimi_next.data import prepare_data
+    from sakimi_next.train import WindowSampler
+
+    torch.manual_seed(5)
+    model = Qwen3NextForCausalLM(small_config(vocab_size=1024, eos_token_id=tokenizer.eot_id,
+                                              pad_token_id=tokenizer.pad_id))
+    train_briefly(model, 1024, steps=5)
+    out = exported(tmp_path, model, tokenizer)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(mixed_corpus()[:60_000], encoding="utf-8")
+    data = prepare_data([str(corpus)], None, tmp_path / "data", tokenizer_path=out / "tokenizer.json",
+                        vocab_size=1024)
+    args = ["--mode", "train", "--init-from", str(out), "--data-dir", str(data), "--out-dir", str(tmp_path / "ft"),
+            "--steps", "2", "--batch-size", "2", "--seq-len", "32", "--eval-every", "2", "--save-every", "2"]
+    assert main(args) == 0
+    first = json.loads((tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()[0])
+    from sakimi_next.data import open_split
+
+    x, y = WindowSampler(open_split(data, "train"), 32, 2, 0, 0, 1).batch(0, 0)
+    with torch.no_grad():
+        expected = model(x, y).loss.item()
+    assert abs(first["loss"] - expected) < 1e-4
+    # data tokenized with another tokenizer than the model's
+    other = prepare_data([str(corpus)], None, tmp_path / "other", vocab_size=600, allow_vocab_mismatch=True)
+    capsys.readouterr()
+    rc = main([*args[:4], "--data-dir", str(other), *args[6:]])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "tokenized with another tokenizer" in err
