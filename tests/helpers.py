@@ -9,7 +9,19 @@ from sakimi_next.config import Config
 
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = (ROOT / ".." / "shared" / "data").resolve()
+def _find_shared_data() -> Path:
+    """The shared corpora: $SAKIMI_SHARED_DATA, else ../shared/data beside the checkout, else the
+    workspace's /work/shared/data (a clone elsewhere still finds them)."""
+    import os
+
+    candidates = [os.environ.get("SAKIMI_SHARED_DATA"), ROOT / ".." / "shared" / "data", "/work/shared/data"]
+    for c in candidates:
+        if c and Path(c).is_dir():
+            return Path(c).resolve()
+    return (ROOT / ".." / "shared" / "data").resolve()
+
+
+SHARED_DATA = _find_shared_data()
 
 
 def small_config(**overrides) -> Config:
