@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
-from .config import PRESETS, RECOMMENDED_PRESET, Config, fmt_count, preset
+from .config import RECOMMENDED_PRESET, Config, fmt_count, preset
 from .model import GatedDeltaNet, Qwen3NextForCausalLM, RMSNorm
 from .tokenizer import Tokenizer
 from .util import UserError, atomic_write_bytes, resolve_device

@@ -56,7 +56,6 @@ def mixed_corpus() -> str:
 
 def train_briefly(model, vocab_limit: int, steps: int = 3, seed: int = 0):
     """A few AdamW steps on random tokens, so no weight keeps its initial value."""
-    import torch
 
     from sakimi_next.train import build_optimizer
 

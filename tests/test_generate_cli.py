@@ -1,6 +1,5 @@
 """--mode generate and --mode eval from the command line: streaming, prompts, stop strings, bad input."""
 
-import io
 import json
 import math
 import subprocess

@@ -50,7 +50,7 @@ def test_chunk_matches_recurrent(shape, gate):
     grads_ref = torch.autograd.grad((o_ref * do).sum() + (s_ref * ds).sum(), xs)
     grads = torch.autograd.grad((o * do).sum() + (s * ds).sum(), xs)
     for name, a, b in zip(["q", "k", "v", "g", "beta", "initial_state"], grads, grads_ref):
-        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-8, msg=lambda m: f"d{name}: {m}")
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-8, msg=lambda m, name=name: f"d{name}: {m}")
 
 
 def test_chunk_without_initial_state_and_small_chunks():

@@ -74,7 +74,7 @@ def test_parity_untrained_norms_are_not_trivial():
     torch.manual_seed(3)
     model = Qwen3NextForCausalLM(small_config(tie_word_embeddings=False))
     with torch.no_grad():
-        for n, p in model.named_parameters():
+        for p in model.parameters():
             if p.ndim == 1:
                 p.add_(torch.randn_like(p) * 0.3)
     compare(model, T=130)
