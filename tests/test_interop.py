@@ -206,3 +206,25 @@ def test_fine_tune_from_exported_directory(tmp_path, tokenizer, capsys):
     rc = main([*args[:4], "--data-dir", str(other), *args[6:]])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "tokenized with another tokenizer" in err
+
+
+def test_export_with_mtp_block(tmp_path, tokenizer):
+    """MTP weights travel with the export under their released names; transformers ignores them."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(6)
+    model = Qwen3NextForCausalLM(small_config(vocab_size=1024, mtp_num_hidden_layers=1))
+    train_briefly(model, 1024)
+    out = exported(tmp_path, model, tokenizer)
+    assert json.loads((out / "config.json").read_text())["mtp_num_hidden_layers"] == 1
+    back = load_hf_tensors(out)
+    assert any(k.startswith("mtp.") for k in back)
+    assert all(torch.equal(back[k], v) for k, v in model.state_dict().items())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"]
+    x = torch.randint(0, 1024, (1, 40))
+    with torch.no_grad():
+        assert (hf.eval()(x).logits - model(x).logits).abs().max().item() <= 1e-4
+    assert "mtp" in (out / "README.md").read_text()
