@@ -273,6 +273,9 @@ def _settings(args, resumed_args: dict | None, preset_name: str) -> dict:
         out[name] = value
     if out["min_lr"] is None:
         out["min_lr"] = out["learning_rate"] / 10
+    warmup_given = args.warmup_steps is not None or (resumed_args or {}).get("warmup_steps") is not None
+    if not warmup_given and out["steps"] and out["warmup_steps"] > out["steps"] // 10:
+        out["warmup_steps"] = out["steps"] // 10  # a short run should still reach its peak learning rate
     return out
 
 
