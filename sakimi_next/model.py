@@ -479,6 +479,7 @@ class Qwen3NextForCausalLM(nn.Module):
         logits_to_keep: int = 0,
         return_hidden: bool = False,
         mtp_weight: float = 0.0,
+        labels: torch.Tensor | None = None,
     ) -> CausalLMOutput:
         """input_ids [B, T] -> logits [B, T, V].
 
@@ -487,7 +488,12 @@ class Qwen3NextForCausalLM(nn.Module):
         cache: continue from (and update) a decoding cache; any T works, one token or many.
         logits_to_keep: compute logits for only the last k positions (0 = all).
         mtp_weight: with targets and an MTP block, add this times the MTP loss (reported as mtp_loss).
+        labels [B, T]: transformers' convention instead of targets: position t predicts labels[t+1].
         """
+        if labels is not None:
+            if targets is not None:
+                raise ValueError("give targets (already shifted) or labels (shifted here), not both")
+            targets = F.pad(labels[:, 1:], (0, 1), value=-100)
         self._check_ids(input_ids)
         x = self.model.embed_tokens(input_ids)
         ctx = self._context(x, attention_mask, position_ids, cache)

@@ -39,6 +39,8 @@ def compare(model, T, B=2, seed=0, grads=True):
     assert (ours.logits - ref.logits).abs().max().item() <= 1e-4
     if T > 1:
         torch.testing.assert_close(ours.loss, ref.loss, rtol=1e-5, atol=1e-5)
+        with torch.no_grad():  # transformers' own convention gives the same loss
+            torch.testing.assert_close(model(x, labels=x).loss, ref.loss, rtol=1e-5, atol=1e-5)
     if not grads or T == 1:
         return
     ours.loss.backward()
