@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--skip-nonfinite", action="store_true", help="skip a step with a non-finite loss instead of stopping")
     t.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this many minutes")
     t.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 under torchrun")
+    t.add_argument("--document-masking", action="store_true", default=None,
+                   help="packed documents do not see each other: attention, conv and DeltaNet state restart "
+                        "after each <|endoftext|> in a training window")
     t.add_argument("--mtp-weight", type=float, default=None,
                    help="train a multi-token-prediction block with this weight on its loss (e.g. 0.3)")
 

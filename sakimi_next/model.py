@@ -225,8 +225,9 @@ class GatedDeltaNet(nn.Module):
         """in_proj_qkvz and in_proj_ba stacked and reordered: [conv_dim + value_dim + 2 Hv, H]."""
         return torch.cat([self.in_proj_qkvz.weight, self.in_proj_ba.weight])[self.proj_order]
 
-    def forward(self, x, pad_mask=None, cache: LinearAttentionCache | None = None):
-        """x [B, T, H]; pad_mask [B, T] (1 = token, 0 = padding) or None. Returns [B, T, H]."""
+    def forward(self, x, pad_mask=None, cache: LinearAttentionCache | None = None, doc_starts=None):
+        """x [B, T, H]; pad_mask [B, T] (1 = token, 0 = padding) or None; doc_starts [B, T] bool or None
+        (packed documents: conv and state do not reach across a start). Returns [B, T, H]."""
         if pad_mask is not None:  # padding must not leak into the conv window or the state
             x = x * pad_mask[..., None].to(x.dtype)
         B, T, _ = x.shape
@@ -238,7 +239,7 @@ class GatedDeltaNet(nn.Module):
         else:
             window = cache.conv_window if cache is not None else None
             new_qkv = qkv
-            qkv = causal_conv1d(qkv, self.conv1d.weight, window)
+            qkv = causal_conv1d(qkv, self.conv1d.weight, window, doc_starts)
             if cache is not None:
                 update_window(cache.conv_window, new_qkv)
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
@@ -253,7 +254,8 @@ class GatedDeltaNet(nn.Module):
                                dk**-0.5)[:, None]
         else:
             state = cache.recurrent_state if cache is not None else None
-            o, final = gated_delta_rule(self.kernel, q, k, v, g, beta, dk**-0.5, state, cache is not None)
+            o, final = gated_delta_rule(self.kernel, q, k, v, g, beta, dk**-0.5, state, cache is not None,
+                                        doc_starts)
             if cache is not None:
                 cache.recurrent_state.copy_(final)
         o = self.norm(o, z.unflatten(-1, (Hv, dv)))
@@ -327,7 +329,7 @@ class DecoderLayer(nn.Module):
         if self.layer_type == FULL:
             h = self.self_attn(h, ctx.rope, ctx.attn_mask, cache, ctx.cache_start)
         else:
-            h = self.linear_attn(h, ctx.pad_mask, cache)
+            h = self.linear_attn(h, ctx.pad_mask, cache, ctx.doc_starts)
         x = x + h
         h = self.mlp(self.post_attention_layernorm(x))
         if isinstance(h, tuple):  # MoE returns (output, router_logits)
@@ -356,6 +358,7 @@ class _ForwardContext:
     cache_start: int
     router_logits: list
     position_ids: torch.Tensor | None = None  # [B, T]
+    doc_starts: torch.Tensor | None = None  # [B, T] bool: packed documents start here
 
 
 @dataclass
@@ -480,6 +483,7 @@ class Qwen3NextForCausalLM(nn.Module):
         return_hidden: bool = False,
         mtp_weight: float = 0.0,
         labels: torch.Tensor | None = None,
+        doc_starts: torch.Tensor | None = None,
     ) -> CausalLMOutput:
         """input_ids [B, T] -> logits [B, T, V].
 
@@ -489,6 +493,8 @@ class Qwen3NextForCausalLM(nn.Module):
         logits_to_keep: compute logits for only the last k positions (0 = all).
         mtp_weight: with targets and an MTP block, add this times the MTP loss (reported as mtp_loss).
         labels [B, T]: transformers' convention instead of targets: position t predicts labels[t+1].
+        doc_starts [B, T] bool: several documents packed in one row; where one starts, attention, the
+        conv and the DeltaNet state do not reach back into the previous one (no cache, no padding).
         """
         if labels is not None:
             if targets is not None:
@@ -496,7 +502,7 @@ class Qwen3NextForCausalLM(nn.Module):
             targets = F.pad(labels[:, 1:], (0, 1), value=-100)
         self._check_ids(input_ids)
         x = self.model.embed_tokens(input_ids)
-        ctx = self._context(x, attention_mask, position_ids, cache)
+        ctx = self._context(x, attention_mask, position_ids, cache, doc_starts)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, ctx, cache.layers[i] if cache is not None else None)
         hidden = self.model.norm(x)
@@ -543,7 +549,8 @@ class Qwen3NextForCausalLM(nn.Module):
         cache.length, cache.next_position = start + T, position[:, -1] + 1
         return rope, attn_mask, start
 
-    def _context(self, x: torch.Tensor, attention_mask, position_ids, cache: Cache | None) -> "_ForwardContext":
+    def _context(self, x: torch.Tensor, attention_mask, position_ids, cache: Cache | None,
+                 doc_starts: torch.Tensor | None = None) -> "_ForwardContext":
         """Masks, positions and RoPE for T new positions of x [B, T, H]; records them in the cache."""
         B, T = x.shape[:2]
         pad_mask = None
@@ -569,17 +576,24 @@ class Qwen3NextForCausalLM(nn.Module):
             cache.length = start + T
         elif pad_mask is not None:
             attn_mask = _padded_causal_mask(pad_mask, T)
+        if doc_starts is not None:
+            if cache is not None or pad_mask is not None:
+                raise ValueError("doc_starts (packed documents) works without a cache and without padding")
+            doc = doc_starts.long().cumsum(-1)  # which document each position is in
+            same = doc[:, :, None] == doc[:, None, :]
+            attn_mask = (same & torch.ones(T, T, dtype=torch.bool, device=x.device).tril())[:, None]
         rope = self.model.rotary_emb(position_ids, x.dtype)
-        return _ForwardContext(rope, attn_mask, pad_mask, start, [], position_ids)
+        return _ForwardContext(rope, attn_mask, pad_mask, start, [], position_ids, doc_starts)
 
     # ------------------------------------------------------------------ multi-token prediction
     def mtp_forward(self, hidden: torch.Tensor, next_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                    cache: Cache | None = None, router_logits: list | None = None) -> torch.Tensor:
+                    cache: Cache | None = None, router_logits: list | None = None,
+                    doc_starts: torch.Tensor | None = None) -> torch.Tensor:
         """The MTP block on pairs (hidden [B, T, H] at t, next_ids [B, T] = token t+1) -> MTP hidden
         states [B, T, H]; `F.linear(out, model.lm_head_weight)` gives the logits of token t+2.
         position_ids are those of token t+1. An MoE MTP layer's router logits go to `router_logits`."""
         e = self.model.embed_tokens(next_ids)
-        ctx = self._context(e, None, position_ids, cache)
+        ctx = self._context(e, None, position_ids, cache, doc_starts)
         out = self.mtp(hidden, e, ctx, cache)
         if router_logits is not None:
             router_logits.extend(ctx.router_logits)
@@ -599,7 +613,8 @@ class Qwen3NextForCausalLM(nn.Module):
         valid = nxt >= 0
         mtp_targets = targets[:, 1:].masked_fill(~valid, -100)
         h = self.mtp_forward(hidden[:, :-1], nxt.clamp(min=0), ctx.position_ids[:, 1:],
-                             router_logits=None if ctx.pad_mask is not None else ctx.router_logits)
+                             router_logits=None if ctx.pad_mask is not None else ctx.router_logits,
+                             doc_starts=None if ctx.doc_starts is None else ctx.doc_starts[:, 1:])
         logits = F.linear(h, self.lm_head_weight)
         return F.cross_entropy(logits.float().flatten(0, 1), mtp_targets.flatten(), ignore_index=-100)
 

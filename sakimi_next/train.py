@@ -41,11 +41,12 @@ PRESET_DEFAULTS = {
     "small_50m": dict(batch_size=16, seq_len=512, learning_rate=6e-4, warmup_steps=500, steps=20000),
 }
 COMMON_DEFAULTS = dict(save_every=250, eval_every=200, eval_batches=16, grad_accum=1, weight_decay=0.1,
-                       no_decay_norms=False, beta1=0.9, beta2=0.95, grad_clip=1.0, seed=0, mtp_weight=0.0)
+                       no_decay_norms=False, beta1=0.9, beta2=0.95, grad_clip=1.0, seed=0, mtp_weight=0.0,
+                       document_masking=False)
 # command-line values a resumed run takes from its checkpoint when they are not given again
 RESUMABLE = ("steps", "learning_rate", "min_lr", "warmup_steps", "batch_size", "seq_len", "grad_accum",
              "weight_decay", "no_decay_norms", "beta1", "beta2", "grad_clip", "save_every", "eval_every",
-             "eval_batches", "seed", "mtp_weight")
+             "eval_batches", "seed", "mtp_weight", "document_masking")
 
 
 # ------------------------------------------------------------------------------------ distributed
@@ -145,9 +146,16 @@ def eval_windows(n_tokens: int, seq_len: int, n_windows: int) -> np.ndarray:
     return np.unique(np.linspace(0, last, n_windows).astype(np.int64))
 
 
+def document_starts(x: torch.Tensor, eot_id: int) -> torch.Tensor:
+    """x [B, T] -> [B, T] bool: a document starts right after each end-of-text token."""
+    starts = torch.zeros_like(x, dtype=torch.bool)
+    starts[:, 1:] = x[:, :-1] == eot_id
+    return starts
+
+
 @torch.no_grad()
 def evaluate(model, tokens: np.ndarray, seq_len: int, batch_size: int, n_batches: int, device,
-             bytes_per_token: float | None, autocast, ddp: Distributed) -> dict:
+             bytes_per_token: float | None, autocast, ddp: Distributed, eot_id: int | None = None) -> dict:
     """Mean validation loss over fixed windows (sharded across ranks), perplexity and bits per byte."""
     seq_len = min(seq_len, len(tokens) - 1)
     starts = eval_windows(len(tokens), seq_len, batch_size * ddp.world_size * n_batches)  # the global set
@@ -158,8 +166,9 @@ def evaluate(model, tokens: np.ndarray, seq_len: int, batch_size: int, n_batches
     for i in range(0, len(mine), batch_size):
         rows = np.stack([tokens[s:s + seq_len + 1] for s in mine[i:i + batch_size]]).astype(np.int64)
         t = torch.from_numpy(rows).to(device)
+        starts = document_starts(t[:, :-1], eot_id) if eot_id is not None else None
         with autocast:
-            logits = model(t[:, :-1]).logits
+            logits = model(t[:, :-1], doc_starts=starts).logits
         loss = F.cross_entropy(logits.float().flatten(0, 1), t[:, 1:].flatten(), reduction="sum")
         total += torch.stack([loss.double(), torch.tensor(t[:, 1:].numel(), dtype=torch.float64, device=device)])
     if ddp.enabled:
@@ -506,8 +515,9 @@ def _train(args, ddp: Distributed, check_vocab, open_split) -> int:
                 if ddp.enabled and not args.fsdp and micro < s["grad_accum"] - 1:
                     sync = train_model.no_sync()
                 with sync:
+                    starts = document_starts(x, tokenizer.eot_id) if s["document_masking"] else None
                     with autocast:
-                        out = train_model(x, y, mtp_weight=mtp_weight) if mtp_weight else train_model(x, y)
+                        out = train_model(x, y, mtp_weight=mtp_weight, doc_starts=starts)
                     (out.loss / s["grad_accum"]).backward()  # outside autocast, as torch recommends
                 value = out.loss.item()
                 finite = finite and math.isfinite(value)
@@ -567,7 +577,7 @@ def _train(args, ddp: Distributed, check_vocab, open_split) -> int:
                 stop.signal, time_up = (int(flags[0]) or None), bool(flags[1])
             if step % s["eval_every"] == 0 or step == total or time_up:  # a run cut short is still measured
                 ev = evaluate(train_model, val_tokens, s["seq_len"], s["batch_size"], s["eval_batches"], device,
-                              bytes_per_token, autocast, ddp)
+                              bytes_per_token, autocast, ddp, tokenizer.eot_id if s["document_masking"] else None)
                 metrics.add({"step": step, **ev})
                 bpb = f"  bpb {ev['val_bpb']:.4f}" if "val_bpb" in ev else ""
                 say(f"eval {step:>6}: val loss {ev['val_loss']:.4f}  ppl {ev['val_ppl']:.2f}{bpb}")

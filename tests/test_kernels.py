@@ -149,3 +149,48 @@ def test_model_trains_under_bf16_autocast():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(x[:, :-1], x[:, 1:]).loss.backward()  # backward inside autocast too
+
+
+@pytest.mark.parametrize("gate", ["moderate", "strong"])
+def test_chunk_document_starts_match_recurrent(gate):
+    """Packed documents: the state is dropped where a document starts, exactly as the recurrence does,
+    with starts at t = 0, at chunk boundaries, inside chunks and two in a row."""
+    B, T = 2, 150
+    xs = make_inputs(B, T, 2, 4, 16, 16, gate=gate, seed=4)
+    q, k, v, g, beta, h0 = xs
+    starts = torch.zeros(B, T, dtype=torch.bool)
+    starts[0, [0, 5, 63, 64, 100, 101]] = True
+    starts[1, [31, 128]] = True
+    o_ref, s_ref = recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=h0, doc_starts=starts)
+    o, s = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0, doc_starts=starts)
+    torch.testing.assert_close(o, o_ref, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(s, s_ref, rtol=1e-9, atol=1e-9)
+    gen = torch.Generator().manual_seed(2)
+    do, ds = torch.randn(o.shape, generator=gen, dtype=o.dtype), torch.randn(s.shape, generator=gen, dtype=s.dtype)
+    grads_ref = torch.autograd.grad((o_ref * do).sum() + (s_ref * ds).sum(), xs)
+    grads = torch.autograd.grad((o * do).sum() + (s * ds).sum(), xs)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-8)
+    # and a document on its own gives the same outputs as inside the pack
+    t0, t1 = 5, 63
+    alone, _ = recurrent_gated_delta_rule(*(x[:1, t0:t1] for x in (q, k, v, g, beta)))
+    torch.testing.assert_close(o[0, t0:t1], alone[0], rtol=1e-9, atol=1e-9)
+
+
+def test_conv_with_document_starts():
+    """Each packed document convolves as if alone (its past is zeros), forward and backward."""
+    gen = torch.Generator().manual_seed(5)
+    B, T, C, W = 1, 20, 6, 4
+    x = torch.randn(B, T, C, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(C, 1, W, generator=gen, dtype=torch.float64, requires_grad=True)
+    starts = torch.zeros(B, T, dtype=torch.bool)
+    bounds = [0, 7, 8, 14, T]  # documents [0,7) [7,8) [8,14) [14,20)
+    starts[0, bounds[1:-1]] = True
+    dy = torch.randn(B, T, C, generator=gen, dtype=torch.float64)
+    packed = causal_conv1d(x, weight, None, starts)
+    alone = torch.cat([causal_conv1d(x[:, a:b], weight) for a, b in zip(bounds, bounds[1:])], dim=1)
+    torch.testing.assert_close(packed, alone)
+    g_packed = torch.autograd.grad((packed * dy).sum(), (x, weight))
+    g_alone = torch.autograd.grad((alone * dy).sum(), (x, weight))
+    for a, b in zip(g_packed, g_alone):
+        torch.testing.assert_close(a, b)

@@ -236,3 +236,14 @@ def test_vocab_mismatch(tmp_path, capsys):
                "--eval-every", "2", "--allow-vocab-mismatch"])
     assert rc == 0
     assert ckpt.load_config(ckpt.find_latest(tmp_path / "run")).vocab_size == 2400
+
+
+def test_document_masking(data_dir, tmp_path):
+    """--document-masking trains, and changes what the model sees (windows hold several documents)."""
+    common = ["--steps", "3", "--eval-every", "3", "--save-every", "100"]
+    assert train(data_dir, tmp_path / "plain", *common) == 0
+    assert train(data_dir, tmp_path / "masked", *common, "--document-masking") == 0
+    plain, masked = losses(tmp_path / "plain"), losses(tmp_path / "masked")
+    assert plain.keys() == masked.keys() and plain[1] != masked[1]
+    state = json.loads((ckpt.find_latest(tmp_path / "masked") / ckpt.STATE_FILE).read_text())
+    assert state["args"]["document_masking"] is True

@@ -39,13 +39,17 @@ def resolve_kernel(name: str, device: torch.device | str) -> str:
     return name
 
 
-def gated_delta_rule(kernel: str, q, k, v, g, beta, scale=None, initial_state=None, output_final_state=True):
+def gated_delta_rule(kernel: str, q, k, v, g, beta, scale=None, initial_state=None, output_final_state=True,
+                     doc_starts=None):
     """Dispatch to the named kernel (already resolved: chunk, recurrent or fla)."""
     if kernel == "chunk":
-        return chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state)
+        return chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, doc_starts=doc_starts)
     if kernel == "recurrent":
-        return recurrent_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state)
+        return recurrent_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, doc_starts)
     if kernel == "fla":
+        if doc_starts is not None:  # fla takes packed documents as cu_seqlens of one flat batch instead
+            return chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state,
+                                          doc_starts=doc_starts)
         from .fla import fla_gated_delta_rule
 
         return fla_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state)

@@ -75,17 +75,17 @@ def _unchunk_gates(x: torch.Tensor, T: int) -> torch.Tensor:
 
 class ChunkGatedDeltaRule(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, scale, initial_state, chunk_size):
+    def forward(ctx, q, k, v, g, beta, scale, initial_state, chunk_size, doc_starts):
         with torch.autocast(v.device.type, enabled=False):  # this math runs in float32 whatever the caller's autocast
-            return ChunkGatedDeltaRule._forward(ctx, q, k, v, g, beta, scale, initial_state, chunk_size)
+            return ChunkGatedDeltaRule._forward(ctx, q, k, v, g, beta, scale, initial_state, chunk_size, doc_starts)
 
     @staticmethod
     def backward(ctx, dO, dS_final):
         with torch.autocast(dO.device.type, enabled=False):
-            return ChunkGatedDeltaRule._backward(ctx, dO, dS_final)
+            return ChunkGatedDeltaRule._backward(ctx, dO, dS_final) + (None,)
 
     @staticmethod
-    def _forward(ctx, q, k, v, g, beta, scale, initial_state, chunk_size):
+    def _forward(ctx, q, k, v, g, beta, scale, initial_state, chunk_size, doc_starts):
         B, T, Hk, K = k.shape
         H, V = v.shape[-2:]
         r, C = H // Hk, chunk_size
@@ -100,6 +100,9 @@ class ChunkGatedDeltaRule(torch.autograd.Function):
 
         # Γ; exponents above the diagonal are positive and could overflow: clamp to 0, then zero them
         decay = (G[..., :, None] - G[..., None, :]).clamp_(MIN_EXPONENT, 0.0).exp_().tril_()
+        masks = _document_masks(doc_starts, n, C, v.dtype) if doc_starts is not None else None
+        if masks is not None:
+            decay.mul_(masks[0])
         kT = k.transpose(-1, -2)
         KK, QK = k @ kT, q @ kT  # once per key head: [B, Hk, 1, n, C, C]
         A = KK * decay
@@ -107,11 +110,13 @@ class ChunkGatedDeltaRule(torch.autograd.Function):
         eye = torch.eye(C, dtype=dt, device=v.device)
         Tinv = torch.linalg.solve_triangular(A, eye.expand(A.shape), upper=False, unitriangular=True)
         P = QK * decay
-        eG = _decay(G)
+        eG, to_end = _decay(G), _decay(G[..., -1:] - G)
+        if masks is not None:
+            eG, to_end = eG * masks[1], to_end * masks[2]
         U = Tinv @ (v * beta[..., None])
         W = Tinv @ (k * (beta * eG)[..., None])
         qg = q * eG[..., None]  # [B, Hk, r, n, C, K]
-        kgT = (k * _decay(G[..., -1:] - G)[..., None]).transpose(-1, -2)
+        kgT = (k * to_end[..., None]).transpose(-1, -2)
         chunk_decay = eG[..., -1, None, None]  # [B, Hk, r, n, 1, 1]
 
         S = v.new_zeros(B, Hk, r, K, V) if initial_state is None else initial_state.to(dt).view(B, Hk, r, K, V).clone()
@@ -123,13 +128,14 @@ class ChunkGatedDeltaRule(torch.autograd.Function):
             S = S * chunk_decay[:, :, :, c] + kgT[:, :, :, c] @ u[:, :, :, c]
         O = torch.matmul(qg, states).add_(P @ u)
 
-        ctx.save_for_backward(q, k, v, beta, G, decay, KK, QK, Tinv, P, U, W, u, states, S)
+        ctx.save_for_backward(q, k, v, beta, G, decay, KK, QK, Tinv, P, U, W, u, states, S,
+                              *(masks[1:] if masks is not None else ()))
         ctx.meta = (T, scale, initial_state is not None)
         return _unchunk(O, T).to(ctx.in_dtypes[2]), S.reshape(B, H, K, V)
 
     @staticmethod
     def _backward(ctx, dO, dS_final):
-        q, k, v, beta, G, decay, KK, QK, Tinv, P, U, W, u, states, S_final = ctx.saved_tensors
+        q, k, v, beta, G, decay, KK, QK, Tinv, P, U, W, u, states, S_final, *masks = ctx.saved_tensors
         T, scale, has_initial = ctx.meta
         B, Hk, r, n, C, V = v.shape
         K = k.shape[-1]
@@ -137,8 +143,10 @@ class ChunkGatedDeltaRule(torch.autograd.Function):
         dO = _value_chunks(dO.to(dt), n, C, r)
         dS = torch.zeros_like(S_final) if dS_final is None else dS_final.to(dt).view_as(S_final).clone()
         eG = _decay(G)
-        chunk_decay = eG[..., -1, None, None]
         to_end = _decay(G[..., -1:] - G)  # decay from each position to the chunk's end
+        if masks:  # the same document masks as the forward (Γ, saved as `decay`, has them already)
+            eG, to_end = eG * masks[0], to_end * masks[1]
+        chunk_decay = eG[..., -1, None, None]
         kg = k * to_end[..., None]
         qg = q * eG[..., None]
 
@@ -192,6 +200,17 @@ class ChunkGatedDeltaRule(torch.autograd.Function):
                 None, d_initial, None)
 
 
+def _document_masks(doc_starts: torch.Tensor, n: int, C: int, dtype) -> tuple[torch.Tensor, ...]:
+    """Where packed documents must not see each other, per chunk (c_i = document starts at or before
+    position i within the chunk): Γ_ij only within one document (c_i == c_j), the decay from the chunk's
+    start only before the first start (c_i == 0), the decay to the chunk's end only in its last
+    document (c_i == c_C). Shapes [B, 1, 1, n, C, C], [B, 1, 1, n, C] (broadcast over heads).
+    The exponents themselves stay exact: no -inf trick."""
+    c = _pad_time(doc_starts.to(torch.int32), 1, n * C).unflatten(1, (n, C)).cumsum(-1)[:, None, None]
+    same = (c[..., :, None] == c[..., None, :]).to(dtype)
+    return same, (c == 0).to(dtype), (c == c[..., -1:]).to(dtype)
+
+
 def chunk_gated_delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -202,10 +221,12 @@ def chunk_gated_delta_rule(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = True,
     chunk_size: int = CHUNK_SIZE,
+    doc_starts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The gated delta rule over a whole sequence, chunk by chunk. Same contract as
     `naive.recurrent_gated_delta_rule`: q, k [B, T, Hk, K]; v [B, T, H, V]; g, beta [B, T, H];
-    initial_state [B, H, K, V]. Returns o [B, T, H, V] and the final state [B, H, K, V] (float32)."""
+    initial_state [B, H, K, V]; doc_starts [B, T] bool (packed documents: the state is dropped where
+    a document starts). Returns o [B, T, H, V] and the final state [B, H, K, V] (float32)."""
     scale = k.shape[-1] ** -0.5 if scale is None else scale
-    o, S = ChunkGatedDeltaRule.apply(q, k, v, g, beta, scale, initial_state, chunk_size)
+    o, S = ChunkGatedDeltaRule.apply(q, k, v, g, beta, scale, initial_state, chunk_size, doc_starts)
     return o, (S if output_final_state else None)

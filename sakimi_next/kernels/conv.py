@@ -18,12 +18,13 @@ import torch.nn.functional as F
 
 class CausalConv1dSiLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, window):
+    def forward(ctx, x, weight, window, doc_starts):
         """x [B, T, C]; weight [C, 1, W]; window [B, C, W] or None -> silu(y) [B, T, C], where
         y[t] = sum_i w_i * xp[t + i] over the input padded on the left with the window (or zeros).
+        doc_starts [B, T] bool or None: taps that would reach into an earlier document read zero.
         Computed in x's dtype (autocast does not apply inside)."""
         with torch.autocast(x.device.type, enabled=False):
-            return CausalConv1dSiLU._forward(ctx, x, weight, window)
+            return CausalConv1dSiLU._forward(ctx, x, weight, window, doc_starts)
 
     @staticmethod
     def backward(ctx, dout):
@@ -31,7 +32,7 @@ class CausalConv1dSiLU(torch.autograd.Function):
             return CausalConv1dSiLU._backward(ctx, dout)
 
     @staticmethod
-    def _forward(ctx, x, weight, window):
+    def _forward(ctx, x, weight, window, doc_starts):
         B, T, C = x.shape
         W = weight.shape[-1]
         w = weight.reshape(C, W).to(x.dtype)
@@ -39,30 +40,44 @@ class CausalConv1dSiLU(torch.autograd.Function):
             xp = F.pad(x, (0, 0, W - 1, 0))
         else:
             xp = torch.cat([window[..., 1:].transpose(1, 2).to(x.dtype), x], dim=1)
+        masks = _tap_masks(doc_starts, W, x.dtype) if doc_starts is not None else None
         y = xp[:, W - 1:] * w[:, W - 1]
         for i in range(W - 1):
-            y.addcmul_(xp[:, i:i + T], w[:, i])
-        ctx.save_for_backward(xp, w, y)
+            tap = xp[:, i:i + T] if masks is None else xp[:, i:i + T] * masks[i]
+            y.addcmul_(tap, w[:, i])
+        ctx.save_for_backward(xp, w, y, *(masks or ()))
         ctx.weight_shape = weight.shape
         return F.silu(y)
 
     @staticmethod
     def _backward(ctx, dout):
-        xp, w, y = ctx.saved_tensors
+        xp, w, y, *masks = ctx.saved_tensors
         T, W = y.shape[1], w.shape[1]
         dy = torch.ops.aten.silu_backward(dout.to(y.dtype), y)
-        dyp = F.pad(dy, (0, 0, 0, W - 1))  # dx[s] = sum_i w_i dy[s + W-1-i]; dy is 0 past the end
-        dx = dyp[:, :T] * w[:, W - 1]
+        # the gradient reaching tap i: dy, zeroed where that tap was masked
+        dys = [dy * masks[i] if masks else dy for i in range(W - 1)] + [dy]
+        dx = dy * w[:, W - 1]  # dx[s] = sum_i w_i dy_i[s + W-1-i]; dy_i is 0 past the end
         for i in range(W - 1):
-            dx.addcmul_(dyp[:, W - 1 - i:W - 1 - i + T], w[:, i])
-        dw = torch.stack([(xp[:, i:i + T] * dy).sum((0, 1)) for i in range(W)], dim=1)
-        return dx, dw.reshape(ctx.weight_shape).to(w.dtype), None
+            shift = W - 1 - i
+            dx[:, :T - shift].addcmul_(dys[i][:, shift:], w[:, i])
+        dw = torch.stack([(xp[:, i:i + T] * dys[i]).sum((0, 1)) for i in range(W)], dim=1)
+        return dx, dw.reshape(ctx.weight_shape).to(w.dtype), None, None
 
 
-def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, window: torch.Tensor | None = None) -> torch.Tensor:
+def _tap_masks(doc_starts: torch.Tensor, W: int, dtype) -> list[torch.Tensor]:
+    """For each of the first W-1 taps ([B, T, 1] each): 1 where the input it reads, W-1-i positions
+    back, belongs to the same document as the output position, else 0."""
+    B, T = doc_starts.shape
+    pos = torch.arange(T, device=doc_starts.device)
+    start = torch.where(doc_starts, pos, -T).cummax(dim=1).values  # the current document's first position
+    return [((pos - (W - 1 - i)) >= start).to(dtype)[..., None] for i in range(W - 1)]
+
+
+def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, window: torch.Tensor | None = None,
+                  doc_starts: torch.Tensor | None = None) -> torch.Tensor:
     """silu(depthwise causal conv) of x [B, T, C] -> [B, T, C]. `window` [B, C, W] holds the inputs
-    before x (from a cache); without it the past is zeros."""
-    return CausalConv1dSiLU.apply(x, weight, window)
+    before x (from a cache); without it the past is zeros. doc_starts [B, T]: packed documents."""
+    return CausalConv1dSiLU.apply(x, weight, window, doc_starts)
 
 
 def causal_conv1d_reference(x: torch.Tensor, weight: torch.Tensor, window: torch.Tensor | None = None) -> torch.Tensor:

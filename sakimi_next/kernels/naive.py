@@ -23,11 +23,13 @@ def recurrent_gated_delta_rule(
     scale: float | None = None,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = True,
+    doc_starts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """S_t = exp(g_t) S_{t-1};  S_t += k_t (beta_t (v_t - S_t^T k_t))^T;  o_t = S_t^T (scale q_t).
 
-    Returns o [B, T, H, V] in v's dtype and the final state [B, H, K, V] (float32, or float64 for
-    float64 inputs) when `output_final_state`. Differentiable by autograd.
+    doc_starts [B, T] bool: a new document starts at t, so the state coming into t is dropped (packed
+    documents share nothing). Returns o [B, T, H, V] in v's dtype and the final state [B, H, K, V]
+    (float32, or float64 for float64 inputs) when `output_final_state`. Differentiable by autograd.
     """
     B, T, Hk, K = k.shape
     H, V = v.shape[-2:]
@@ -41,6 +43,8 @@ def recurrent_gated_delta_rule(
     outs = []
     for t in range(T):
         S = S * g[:, t].exp()[..., None, None]
+        if doc_starts is not None:
+            S = S * (~doc_starts[:, t]).to(dt)[:, None, None, None]
         kt = k[:, t]  # [B, H, K]
         delta = beta[:, t, :, None] * (v[:, t] - torch.einsum("bhkv,bhk->bhv", S, kt))
         S = S + kt[..., None] * delta[..., None, :]
