@@ -197,15 +197,16 @@ def time_breakdown(model: Qwen3NextForCausalLM, optimizer, x: torch.Tensor) -> d
 
 
 # ---------------------------------------------------------------------------------------- decoding
-def decode_tokens_per_s(model, prompt_len: int, new_tokens: int, hf=None) -> tuple[float, float | None]:
-    """Greedy decoding of `new_tokens` after a random prompt, ours and transformers' `generate`."""
-    from .generate import generate
+def decode_tokens_per_s(model, prompt_len: int, new_tokens: int, hf=None, decode=None) -> tuple[float, float | None]:
+    """Greedy decoding of `new_tokens` after a random prompt, ours (with `decode`: a compiled decoder)
+    and transformers' `generate`."""
+    from .generate import decode_one_token, generate
 
     prompt = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
 
     def ours():
         with torch.inference_mode():
-            generate(model, prompt.tolist(), new_tokens)
+            generate(model, prompt.tolist(), new_tokens, decode=decode or decode_one_token)
 
     theirs = None
     if hf is not None:
@@ -274,6 +275,7 @@ def run_bench(args) -> int:
     if args.device not in ("auto", "cpu"):
         raise UserError("--mode bench measures the CPU figures; use --device cpu (or auto)")
     quick = bool(getattr(args, "quick", False))
+    compiled = bool(getattr(args, "compile", False))  # add the --compile figures (minutes of compiling)
     out_json = Path(args.out_dir or ".") / "bench.json"
     torch.manual_seed(args.seed)
     model = Qwen3NextForCausalLM(preset(name))
@@ -314,6 +316,14 @@ def run_bench(args) -> int:
         record(f"train_{B}x{T}", f"training step {B} x {T}", B * T / a, B * T / b if b else None, target=target)
         if (B, T) == (8, 128):
             step_seconds = a
+            if compiled:
+                t0 = time.perf_counter()
+                fast = training_step(torch.compile(model), opt, x, hf=False)
+                fast()
+                note = f"torch.compile took {time.perf_counter() - t0:.0f} s; transformers not compiled"
+                a, b = interleaved(fast, theirs, repeats=repeats)
+                record(f"train_{B}x{T}_compiled", f"training step {B} x {T}, --compile", B * T / a,
+                       B * T / b if b else None, note=note)
         if hf is not None:
             hf.eval()
     # --- prefill / forward
@@ -322,9 +332,20 @@ def run_bench(args) -> int:
     record("forward_1x2048", "prefill / forward 1 x 2048", 2048 / a, 2048 / b if b else None, target=">= 2.0x")
     t2048 = a
     # --- decoding
-    ours_tps, theirs_tps = decode_tokens_per_s(model, 32, 64 if quick else 256, hf)
-    record("decode_256", "greedy decode, 256 tokens after 32", ours_tps, theirs_tps,
+    new_tokens = 64 if quick else 256
+    ours_tps, theirs_tps = decode_tokens_per_s(model, 32, new_tokens, hf)
+    record("decode_256", f"greedy decode, {new_tokens} tokens after 32", ours_tps, theirs_tps,
            target=">= 1,000 tok/s and >= 20x")
+    if compiled:
+        from .generate import compiled_decoder
+
+        t0 = time.perf_counter()
+        decode = compiled_decoder(model)
+        decode_tokens_per_s(model, 32, 2, decode=decode)  # compiles here
+        note = f"torch.compile took {time.perf_counter() - t0:.0f} s; transformers not compiled"
+        ours_tps, theirs_tps = decode_tokens_per_s(model, 32, new_tokens, hf, decode)
+        record("decode_256_compiled", f"greedy decode, {new_tokens} tokens after 32, --compile", ours_tps,
+               theirs_tps, target=">= 1,000 tok/s and >= 20x", note=note)
     lat_short, lat_long = decode_latency(model, 256), decode_latency(model, 2048 if quick else 8192)
     record("decode_latency_ratio", f"decode latency at context {2048 if quick else 8192} / at 256",
            lat_long / lat_short, unit="x", target="<= 1.5x",

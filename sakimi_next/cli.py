@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence")
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"),
                    help="compute dtype: auto = bf16 autocast on CUDA, fp32 elsewhere")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (training and bench)")
+    p.add_argument("--compile", action="store_true", help="torch.compile: the model (train), the decoding step (generate), both (bench)")
 
     d = p.add_argument_group("data (prepare_data, train, eval)")
     d.add_argument("--train-data", nargs="+", action="extend", default=None, metavar="PATH",

@@ -83,7 +83,10 @@ def l2norm_small(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 def inference_weight(module: nn.Module, name: str, params: tuple[torch.Tensor, ...], build) -> torch.Tensor:
     """`build()` (weights fused for one-token decoding), cached on `module` until one of `params`
-    changes: in-place updates bump a tensor's version, moving it changes its storage."""
+    changes: in-place updates bump a tensor's version, moving it changes its storage. Inside a compiled
+    decoder (`generate.compiled_decoder`) the weights built eagerly before compiling are used as they are."""
+    if torch.compiler.is_compiling():
+        return module.__dict__[name][1]
     key = tuple((p._version, p.data_ptr()) for p in params)
     cached = module.__dict__.get(name)
     if cached is None or cached[0] != key:

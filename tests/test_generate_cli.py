@@ -151,6 +151,7 @@ def test_bad_generation_input(zh_checkpoint, tmp_path, capsys):
     assert "--top-p" in bad([*g, "--top-p", "1.5"], capsys)
     assert "--top-k" in bad([*g, "--top-k", "-3"], capsys)
     assert "--max-new-tokens" in bad([*g, "--max-new-tokens", "-1"], capsys)
+    assert "does not apply to --speculative" in bad([*g, "--speculative", "mtp", "--temperature", "0", "--compile"], capsys)
     (tmp_path / "latin1.txt").write_bytes("café\n".encode("latin-1"))
     assert "not UTF-8" in bad(["--mode", "generate", "--resume-from", str(ckpt), "--prompt-file",
                                str(tmp_path / "latin1.txt")], capsys)

@@ -1,0 +1,33 @@
+"""`--mode bench`: a smoke run writes its table, bench.json and the plot (no speed is asserted)."""
+
+import json
+import math
+
+import pytest
+
+from sakimi_next.cli import main
+
+
+@pytest.mark.slow
+def test_quick_bench_writes_figures(tmp_path, capsys):
+    assert main(["--mode", "bench", "--quick", "--out-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    results = json.loads((tmp_path / "bench.json").read_text())
+    figures = results["figures"]
+    for key in ("train_8x128", "train_1x2048", "forward_1x2048", "decode_256", "decode_latency_ratio",
+                "forward_long_memory", "forward_scaling", "mfu"):
+        value = figures[key]["ours"]
+        assert math.isfinite(value) and value > 0, (key, value)
+        assert figures[key]["label"] in out
+    assert 0 < figures["mfu"]["ours"] < 100
+    split = results["time_split_8x128"]
+    assert sum(split.values()) > 0 and split["delta rule kernel"] > 0 and split["MLP"] > 0
+    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_bad_input(capsys):
+    with pytest.raises(SystemExit) as e:  # argparse's choices
+        main(["--mode", "bench", "--compare", "vllm"])
+    assert e.value.code == 2 and "invalid choice: 'vllm'" in capsys.readouterr().err
+    assert main(["--mode", "bench", "--device", "cuda"]) == 2
+    assert "--device cpu" in capsys.readouterr().err
