@@ -226,7 +226,8 @@ class GatedDeltaNet(nn.Module):
 
     def projection_weight(self) -> torch.Tensor:
         """in_proj_qkvz and in_proj_ba stacked and reordered: [conv_dim + value_dim + 2 Hv, H]."""
-        return torch.cat([self.in_proj_qkvz.weight, self.in_proj_ba.weight])[self.proj_order]
+        # index_select, not [order]: its backward is an index_add, ~4x cheaper than advanced indexing's
+        return torch.index_select(torch.cat([self.in_proj_qkvz.weight, self.in_proj_ba.weight]), 0, self.proj_order)
 
     def forward(self, x, pad_mask=None, cache: LinearAttentionCache | None = None, doc_starts=None):
         """x [B, T, H]; pad_mask [B, T] (1 = token, 0 = padding) or None; doc_starts [B, T] bool or None
