@@ -36,7 +36,7 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 bench: setup
-	$(BIN)/sakimi-next --mode bench --config tiny_10m --compare transformers
+	$(BIN)/sakimi-next --mode bench --config tiny_10m --compare transformers --compile
 
 clean:
 	rm -rf $(VENV) *.egg-info

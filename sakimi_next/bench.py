@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .config import preset
-from .model import Qwen3NextForCausalLM
+from .model import Qwen3NextForCausalLM, active_parameters
 from .train import build_optimizer
 from .util import UserError, atomic_write_bytes, atomic_write_text, format_table
 
@@ -83,11 +83,12 @@ def matmul_peak(n: int = 2048) -> float:
 
 def training_flops_per_token(model: Qwen3NextForCausalLM, T: int) -> float:
     """Model FLOPs of one training token (forward + backward = 3 x forward): 2 per weight in a matmul
-    (every parameter but the embedding lookup; a tied LM head counts once), causal attention
+    (every active parameter but the embedding lookup: an MoE token meets k of the E routed experts; a
+    tied LM head counts once), causal attention
     (QKᵀ and PV over T/2 keys on average) and the gated delta rule's recurrence per value head
     (decay, Sᵀk, the rank-1 update and Sᵀq: ~7 dk dv)."""
     c = model.config
-    matmul_params = model.num_parameters() - (0 if c.tie_word_embeddings else c.vocab_size * c.hidden_size)
+    matmul_params = active_parameters(c) - (0 if c.tie_word_embeddings else c.vocab_size * c.hidden_size)
     n_attn = c.layer_types.count("full_attention")
     n_lin = c.num_hidden_layers - n_attn
     fwd = 2 * matmul_params

@@ -31,3 +31,17 @@ def test_bench_bad_input(capsys):
     assert e.value.code == 2 and "invalid choice: 'vllm'" in capsys.readouterr().err
     assert main(["--mode", "bench", "--device", "cuda"]) == 2
     assert "--device cpu" in capsys.readouterr().err
+
+
+def test_training_flops_count_active_parameters():
+    """MFU's numerator: 3 x (2 per matmul weight + causal attention + the delta rule's ~7 dk dv per
+    value head); an MoE token only meets the experts it is routed to."""
+    from sakimi_next.bench import training_flops_per_token
+    from sakimi_next.config import preset
+    from sakimi_next.model import Qwen3NextForCausalLM, active_parameters
+
+    dense = training_flops_per_token(Qwen3NextForCausalLM(preset("tiny_10m")), 128)
+    assert dense == 3 * (2 * 9_425_888 + 2 * 2 * 2 * 64 * 4 * 64 + 6 * 7 * 8 * 64 * 64)
+    moe = Qwen3NextForCausalLM(preset("tiny_10m_moe"))
+    extra = 2 * (active_parameters(moe.config) - 9_425_888)
+    assert training_flops_per_token(moe, 128) == dense + 3 * extra
