@@ -14,8 +14,8 @@ def test_quick_bench_writes_figures(tmp_path, capsys):
     out = capsys.readouterr().out
     results = json.loads((tmp_path / "bench.json").read_text())
     figures = results["figures"]
-    for key in ("train_8x128", "train_1x2048", "forward_1x2048", "decode_256", "decode_latency_ratio",
-                "forward_long_memory", "forward_scaling", "mfu"):
+    for key in ("train_8x128", "train_1x2048", "forward_1x2048", "decode_256", "decode_matmul_floor",
+                "decode_latency_ratio", "forward_long_memory", "forward_scaling", "mfu"):
         value = figures[key]["ours"]
         assert math.isfinite(value) and value > 0, (key, value)
         assert figures[key]["label"] in out
