@@ -45,3 +45,21 @@ def test_training_flops_count_active_parameters():
     moe = Qwen3NextForCausalLM(preset("tiny_10m_moe"))
     extra = 2 * (active_parameters(moe.config) - 9_425_888)
     assert training_flops_per_token(moe, 128) == dense + 3 * extra
+
+
+def test_gpu_check_script_runs_small_on_cpu(tmp_path):
+    """scripts/gpu_check.py is for a GPU machine; without CUDA it runs the same code small (chunk against
+    the recurrent reference), so it cannot rot unseen."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py"
+    r = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "gc.json")], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    report = json.loads((tmp_path / "gc.json").read_text())
+    for errors in report["agreement"].values():
+        assert len(errors) == 8 and max(errors.values()) < 1e-4 and min(errors.values()) > 0  # really compared
+    (training,) = report["training"].values()
+    assert training["tokens_per_s"] > 0 and 0 < training["mfu"] < 1
