@@ -247,3 +247,27 @@ def test_document_masking(data_dir, tmp_path):
     assert plain.keys() == masked.keys() and plain[1] != masked[1]
     state = json.loads((ckpt.find_latest(tmp_path / "masked") / ckpt.STATE_FILE).read_text())
     assert state["args"]["document_masking"] is True
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(data_dir, tmp_path):
+    """--compile (each decoder layer through torch.compile) trains to the eager run's losses and
+    writes the same parameter names."""
+    import shutil
+
+    from safetensors import safe_open
+
+    if not shutil.which("c++") and not shutil.which("g++"):
+        pytest.skip("torch.compile on the CPU needs a C++ compiler")
+    common = ["--steps", "3", "--eval-every", "3", "--save-every", "3"]
+    assert train(data_dir, tmp_path / "eager", *common) == 0
+    assert train(data_dir, tmp_path / "compiled", *common, "--compile") == 0
+    eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    assert eager.keys() == compiled.keys()
+    for step in eager:
+        assert compiled[step] == pytest.approx(eager[step], rel=1e-4)
+    names = []
+    for run in ("eager", "compiled"):
+        with safe_open(str(ckpt.find_latest(tmp_path / run) / "model.safetensors"), "pt") as f:
+            names.append(sorted(f.keys()))
+    assert names[0] == names[1]

@@ -67,7 +67,7 @@ class CausalConv1dSiLU(torch.autograd.Function):
 def _tap_masks(doc_starts: torch.Tensor, W: int, dtype) -> list[torch.Tensor]:
     """For each of the first W-1 taps ([B, T, 1] each): 1 where the input it reads, W-1-i positions
     back, belongs to the same document as the output position, else 0."""
-    B, T = doc_starts.shape
+    T = doc_starts.shape[1]
     pos = torch.arange(T, device=doc_starts.device)
     start = torch.where(doc_starts, pos, -T).cummax(dim=1).values  # the current document's first position
     return [((pos - (W - 1 - i)) >= start).to(dtype)[..., None] for i in range(W - 1)]
