@@ -221,17 +221,24 @@ def decode_tokens_per_s(model, prompt_len: int, new_tokens: int, hf=None, decode
 
 
 @torch.inference_mode()
+def decode_weights(model) -> list[torch.Tensor]:
+    """The matrices one decoding step of a dense model multiplies by, as the step holds them: the fused
+    inference weights (q/k/v, DeltaNet in-projections, gate/up), the output projections, the LM head."""
+    model.decode_step(torch.zeros(1, dtype=torch.long), model.new_cache(1, capacity=1))  # builds them
+    weights = [v[1] for m in model.model.layers.modules() for k, v in m.__dict__.items()
+               if k in ("_proj", "_qkv", "_gate_up")]
+    weights += [m.weight for name, m in model.model.layers.named_modules()
+                if name.endswith(("out_proj", "o_proj", "down_proj"))]
+    return weights + [model.lm_head_weight]
+
+
+@torch.inference_mode()
 def decode_matmul_floor(model) -> float:
-    """Seconds per token of a decoding step's matrix-vector products alone (the fused weights the step
-    uses, one after another, as decoding streams them): the floor under any fp32 decoder here."""
+    """Seconds per token of a decoding step's matrix-vector products alone (`decode_weights`, one after
+    another, as decoding streams them): the floor under any fp32 decoder here."""
     import torch.nn.functional as F
 
-    model.decode_step(torch.zeros(1, dtype=torch.long), model.new_cache(1, capacity=1))  # builds them
-    weights = [v[1] for m in model.modules() for k, v in m.__dict__.items()
-               if k in ("_proj", "_qkv", "_gate_up")]
-    weights += [m.weight for name, m in model.named_modules()
-                if name.endswith(("out_proj", "o_proj", "down_proj")) and not name.startswith("mtp")]
-    weights.append(model.lm_head_weight)
+    weights = decode_weights(model)
     inputs = {w.shape[1]: torch.randn(1, w.shape[1]) for w in weights}
     return statistics.median(timed(lambda: [F.linear(inputs[w.shape[1]], w) for w in weights], repeats=50, warmup=5))
 

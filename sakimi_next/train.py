@@ -82,15 +82,6 @@ def setup_distributed(device_name: str) -> Distributed:
 
 
 # -------------------------------------------------------------------------------------- optimiser
-def compile_layers(model: Qwen3NextForCausalLM) -> None:
-    """torch.compile each decoder layer in place ("regional compilation", as torchtitan does): layers of
-    one kind share one compiled graph, so compiling takes about half as long as for the whole model, at
-    the same speed. Parameter names do not change."""
-    layers = list(model.model.layers) + (list(model.mtp.layers) if hasattr(model, "mtp") else [])
-    for layer in layers:
-        layer.compile()
-
-
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
                     decay_norms: bool = True) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices and (as Qwen3-Next does) on the zero-centred norm weights,
@@ -126,6 +117,17 @@ def lr_at(step: int, lr: float, min_lr: float, warmup: int, total: int) -> float
         return lr * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+# ---------------------------------------------------------------------------------------- compile
+def compile_layers(model: Qwen3NextForCausalLM) -> None:
+    """torch.compile each decoder layer in place ("regional compilation", as torchtitan does): layers of
+    one kind share one compiled graph, so compiling takes about half as long as for the whole model, at
+    the same speed. Parameter names do not change."""
+    layers = list(model.model.layers) + (list(model.mtp.layers) if hasattr(model, "mtp") else [])
+    for layer in layers:
+        layer.compile()
+
 
 
 # ------------------------------------------------------------------------------------------- data

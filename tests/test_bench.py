@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from sakimi_next.cli import main
 
@@ -63,3 +64,18 @@ def test_gpu_check_script_runs_small_on_cpu(tmp_path):
         assert len(errors) == 8 and max(errors.values()) < 1e-4 and min(errors.values()) > 0  # really compared
     (training,) = report["training"].values()
     assert training["tokens_per_s"] > 0 and 0 < training["mfu"] < 1
+
+
+def test_decode_floor_streams_every_matrix_once():
+    """The decode ceiling times every matrix a dense step uses: all the trunk's Linear weights and the LM
+    head, each once (fused or not), so the figure cannot quietly leave a layer out."""
+    from sakimi_next.bench import decode_weights
+    from sakimi_next.config import preset
+    from sakimi_next.model import Qwen3NextForCausalLM
+
+    for name in ("tiny_5m", "tiny_10m"):
+        model = Qwen3NextForCausalLM(preset(name)).eval()
+        linear = sum(m.weight.numel() for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear))
+        weights = decode_weights(model)
+        assert sum(w.numel() for w in weights) == linear + model.lm_head_weight.numel()
+        assert all(w.ndim == 2 for w in weights)

@@ -117,8 +117,11 @@ def test_compiled_decoder_equals_eager(model):
 
     if not shutil.which("c++") and not shutil.which("g++"):
         pytest.skip("torch.compile on the CPU needs a C++ compiler")
+    from torch._dynamo.utils import counters
+
     from sakimi_next.generate import compiled_decoder, decode_one_token, prefill
 
+    counters.clear()
     decode = compiled_decoder(model)
     gen = torch.Generator().manual_seed(2)
     ids = torch.randint(1, model.config.vocab_size, (2, 9), generator=gen)
@@ -131,5 +134,6 @@ def test_compiled_decoder_equals_eager(model):
         eager, compiled = decode_one_token(model, token, caches[0]), decode(model, token, caches[1])
         torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
         token = eager.argmax(-1)
+    assert counters["stats"]["unique_graphs"] >= 1  # it really went through torch.compile
     prompts = [ids[0, 4:].tolist(), ids[1].tolist()]
     assert generate(model, prompts, 12, decode=decode) == generate(model, prompts, 12)

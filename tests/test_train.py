@@ -261,7 +261,11 @@ def test_compiled_training_matches_eager(data_dir, tmp_path):
         pytest.skip("torch.compile on the CPU needs a C++ compiler")
     common = ["--steps", "3", "--eval-every", "3", "--save-every", "3"]
     assert train(data_dir, tmp_path / "eager", *common) == 0
+    from torch._dynamo.utils import counters
+
+    counters.clear()
     assert train(data_dir, tmp_path / "compiled", *common, "--compile") == 0
+    assert counters["stats"]["unique_graphs"] >= 2  # a linear-attention and a full-attention layer graph
     eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
     assert eager.keys() == compiled.keys()
     for step in eager:

@@ -47,7 +47,7 @@ def gated_delta_rule(kernel: str, q, k, v, g, beta, scale=None, initial_state=No
     if kernel == "recurrent":
         return recurrent_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, doc_starts)
     if kernel == "fla":
-        if doc_starts is not None:  # fla takes packed documents as cu_seqlens of one flat batch instead
+        if doc_starts is not None:  # fla wants packed documents as cu_seqlens of a flattened batch: use chunk
             return chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state,
                                           doc_starts=doc_starts)
         from .fla import fla_gated_delta_rule
