@@ -8,22 +8,16 @@ No figure is asserted anywhere: speed lives here, correctness in the tests.
 
 from __future__ import annotations
 
-import copy
 import json
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 
-from .config import preset
 from .model import Qwen3NextForCausalLM, active_parameters
-from .train import build_optimizer, compile_layers
-from .util import UserError, atomic_write_bytes, atomic_write_text, format_table
 
 
 def timed(fn, repeats: int = 5, warmup: int = 2) -> list[float]:
@@ -283,175 +277,3 @@ def forward_peak_memory(preset_name: str, T: int) -> dict:
     if r.returncode != 0:
         return {"error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "failed"}
     return json.loads(r.stdout.strip().splitlines()[-1])
-
-
-# -------------------------------------------------------------------------------------------- main
-def run_bench(args) -> int:
-    torch.set_flush_denormal(True)  # both implementations run with it (see cli.main)
-    name = args.config or "tiny_10m"
-    compare = getattr(args, "compare", None)
-    if compare not in (None, "transformers"):
-        raise UserError(f"--compare {compare!r}: only 'transformers' can be compared")
-    if compare:
-        try:
-            import transformers  # noqa: F401
-        except ImportError:
-            raise UserError("--compare transformers needs the transformers package (pip install transformers)") from None
-    if args.device not in ("auto", "cpu"):
-        raise UserError("--mode bench measures the CPU figures; use --device cpu (or auto)")
-    quick = bool(getattr(args, "quick", False))
-    compiled = bool(getattr(args, "compile", False))  # add the --compile figures (minutes of compiling)
-    out_json = Path(args.out_dir or ".") / "bench.json"
-    torch.manual_seed(args.seed)
-    model = Qwen3NextForCausalLM(preset(name))
-    model.set_kernel("recurrent" if args.disable_fast_kernels else "chunk", "cpu")
-    hf = None
-    if compare:
-        from .interop import to_transformers
-
-        hf = to_transformers(model)
-    threads = torch.get_num_threads()
-    print(f"sakimi-next bench: {name}, float32, CPU, {threads} threads, torch {torch.__version__}"
-          + (f", against transformers {__import__('transformers').__version__}" if hf else ""), flush=True)
-    rows, results = [], {"preset": name, "threads": threads, "torch": torch.__version__,
-                         "machine": platform.processor() or platform.machine(), "figures": {}}
-
-    def record(key, label, ours, theirs=None, unit="tokens/s", target=None, note=""):
-        ratio = (ours / theirs if unit == "tokens/s" else theirs / ours) if theirs else None
-        results["figures"][key] = {"label": label, "ours": ours, "transformers": theirs, "unit": unit,
-                                   "ratio": ratio, "target": target, "note": note}
-        fmt = (lambda v: f"{v:,.0f}") if unit == "tokens/s" else (lambda v: f"{v:.3g}")
-        rows.append((label, fmt(ours) + f" {unit}", fmt(theirs) if theirs else "-",
-                     f"{ratio:.2f}x" if ratio else "-", target or "", note))
-        print(f"  {label}: {fmt(ours)} {unit}" + (f" vs {fmt(theirs)} ({ratio:.2f}x)" if ratio else ""), flush=True)
-
-    repeats = 3 if quick else 5
-    # --- training steps
-    for B, T, target in ((8, 128, ">= 2.0x"), (1, 2048, ">= 2.0x")):
-        x = torch.randint(0, model.config.vocab_size, (B, T + 1), generator=torch.Generator().manual_seed(B))
-        opt = build_optimizer(model, 1e-4, 0.0, (0.9, 0.95))
-        ours = training_step(model, opt, x, hf=False)
-        theirs = None
-        if hf is not None:
-            hf.train()
-            hopt = torch.optim.AdamW(hf.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0,
-                                     fused=True)
-            theirs = training_step(hf, hopt, x, hf=True)
-        a, b = interleaved(ours, theirs, repeats=repeats, warmup=3)  # the first figure: fresh pages too
-        record(f"train_{B}x{T}", f"training step {B} x {T}", B * T / a, B * T / b if b else None, target=target)
-        if (B, T) == (8, 128):
-            step_seconds = a
-            if compiled:  # as `--mode train --compile` does it, on a copy (later figures are eager)
-                t0 = time.perf_counter()
-                twin = copy.deepcopy(model)
-                compile_layers(twin)
-                fast = training_step(twin, build_optimizer(twin, 1e-4, 0.0, (0.9, 0.95)), x, hf=False)
-                fast()
-                note = f"torch.compile took {time.perf_counter() - t0:.0f} s; transformers not compiled"
-                a, b = interleaved(fast, theirs, repeats=repeats)
-                record(f"train_{B}x{T}_compiled", f"training step {B} x {T}, --compile", B * T / a,
-                       B * T / b if b else None, note=note)
-        if hf is not None:
-            hf.eval()
-    # --- prefill / forward
-    x = torch.randint(0, model.config.vocab_size, (1, 2048), generator=torch.Generator().manual_seed(3))
-    a, b = interleaved(forward_only(model, x), forward_only(hf, x) if hf is not None else None, repeats=repeats)
-    record("forward_1x2048", "prefill / forward 1 x 2048", 2048 / a, 2048 / b if b else None, target=">= 2.0x")
-    t2048 = a
-    # --- decoding
-    new_tokens = 64 if quick else 256
-    ours_tps, theirs_tps = decode_tokens_per_s(model, 32, new_tokens, hf)
-    record("decode_256", f"greedy decode, {new_tokens} tokens after 32", ours_tps, theirs_tps,
-           target=">= 1,000 tok/s and >= 20x")
-    if compiled:
-        from .generate import compiled_decoder
-
-        t0 = time.perf_counter()
-        decode = compiled_decoder(model)
-        decode_tokens_per_s(model, 32, 2, decode=decode)  # compiles here
-        note = f"torch.compile took {time.perf_counter() - t0:.0f} s; transformers not compiled"
-        ours_tps, theirs_tps = decode_tokens_per_s(model, 32, new_tokens, hf, decode)
-        record("decode_256_compiled", f"greedy decode, {new_tokens} tokens after 32, --compile", ours_tps,
-               theirs_tps, target=">= 1,000 tok/s and >= 20x", note=note)
-    if not model.config.num_experts:  # an MoE step's products depend on its routing
-        floor = decode_matmul_floor(model)
-        record("decode_matmul_floor", "decode: its matrix-vector products alone", 1 / floor,
-               note=f"{floor * 1e3:.2f} ms per token: the ceiling of fp32 decoding here")
-    lat_short, lat_long = decode_latency(model, 256), decode_latency(model, 2048 if quick else 8192)
-    record("decode_latency_ratio", f"decode latency at context {2048 if quick else 8192} / at 256",
-           lat_long / lat_short, unit="x", target="<= 1.5x",
-           note=f"{lat_short * 1e3:.2f} ms vs {lat_long * 1e3:.2f} ms per token")
-    # --- long context forward
-    long_T = 4096 if quick else 16384
-    mem = forward_peak_memory(name, long_T)
-    if "error" in mem:
-        record("forward_long_memory", f"forward 1 x {long_T}: peak memory", float("nan"), unit="GB",
-               note=mem["error"])
-    else:
-        record("forward_long_memory", f"forward 1 x {long_T}: peak memory", mem["peak_mb"] / 1024, unit="GB",
-               target="<= 2 GB", note=f"whole process (torch, model, activations); before the forward {mem['model_mb'] / 1024:.2f} GB")
-        t_long = statistics.median(timed(forward_only(model, torch.randint(0, model.config.vocab_size, (1, long_T))),
-                                         repeats=3, warmup=1))
-        record("forward_scaling", f"forward time T={long_T} / T=2048", t_long / t2048, unit="x",
-               target="<= 10x" if long_T == 16384 else "", note=f"{t_long:.2f} s vs {t2048:.2f} s")
-    # --- model FLOPs utilisation
-    peak = matmul_peak()
-    mfu = training_flops_per_token(model, 128) * 8 * 128 / step_seconds / peak
-    record("mfu", "MFU of the 8 x 128 training step", mfu * 100, unit="%",
-           target="aim >= 60%", note=f"vs measured fp32 matmul peak {peak / 1e9:.0f} GFLOP/s")
-    # --- small_50m
-    if not quick and name != "small_50m":
-        big = Qwen3NextForCausalLM(preset("small_50m"))
-        xb = torch.randint(0, 50304, (4, 257), generator=torch.Generator().manual_seed(5))
-        ob = build_optimizer(big, 1e-4, 0.0, (0.9, 0.95))
-        t_big = statistics.median(timed(training_step(big, ob, xb, hf=False), repeats=3, warmup=1))
-        record("train_small_50m", "small_50m training step 4 x 256", 4 * 256 / t_big)
-        del big, ob
-    # --- where the time goes
-    opt = build_optimizer(model, 1e-4, 0.0, (0.9, 0.95))
-    split = time_breakdown(model, opt, torch.randint(0, model.config.vocab_size, (8, 129),
-                                                     generator=torch.Generator().manual_seed(8)))
-    total = sum(split.values())
-    results["time_split_8x128"] = {k: v for k, v in split.items()}
-
-    print()
-    print(format_table(rows, ("figure", "sakimi-next", "transformers", "ratio", "target", "note")))
-    print("\ntime of one 8 x 128 training step by part (PyTorch profiler, backward charged to its forward):")
-    print(format_table([(k, f"{v * 1e3:.0f} ms", f"{100 * v / total:.0f}%") for k, v in split.items()]))
-    atomic_write_text(out_json, json.dumps(results, indent=1) + "\n")
-    _plot(results, out_json.with_suffix(".png"))
-    print(f"\nwrote {out_json} and {out_json.with_suffix('.png')}")
-    return 0
-
-
-def _plot(results: dict, path: Path) -> None:
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figs = [(f["label"], f["ours"], f["transformers"]) for f in results["figures"].values()
-            if f["unit"] == "tokens/s" and f["transformers"]]
-    split = results.get("time_split_8x128", {})
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), dpi=100)
-    if figs:
-        labels, ours, theirs = zip(*figs)
-        ys = range(len(labels))
-        axes[0].barh([y + 0.2 for y in ys], ours, height=0.4, label="sakimi-next", color="tab:orange")
-        axes[0].barh([y - 0.2 for y in ys], theirs, height=0.4, label="transformers", color="tab:gray")
-        axes[0].set_yticks(list(ys), labels)
-        axes[0].set_xscale("log")
-        axes[0].set_xlabel("tokens/s (log scale)")
-        axes[0].legend()
-        axes[0].set_title(f"{results['preset']}, fp32, {results['threads']} CPU threads")
-    if split:
-        axes[1].pie(list(split.values()), labels=[k if v / sum(split.values()) > 0.02 else "" for k, v in split.items()],
-                    autopct=lambda p: f"{p:.0f}%" if p > 2 else "")
-        axes[1].set_title("training step 8 x 128: time by part")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight")  # keep the pie's outer labels
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())

@@ -310,8 +310,7 @@ def load_pretrained_weights(model: torch.nn.Module, path: str | Path) -> None:
     load_weights(model, interop.load_hf_tensors(p), p)
 
 
-def load_for_inference(path: str | Path, device: str = "auto", kernel: str = "auto",
-                       disable_fast_kernels: bool = False):
+def load_for_inference(path: str | Path, device: str = "auto", kernel: str = "auto"):
     """A model ready to generate or evaluate, from a training checkpoint or a Hugging Face directory.
     Returns (model in eval mode on the device, tokenizer, info dict)."""
     from .model import Qwen3NextForCausalLM
@@ -350,9 +349,6 @@ def load_for_inference(path: str | Path, device: str = "auto", kernel: str = "au
 
         tokenizer = interop.load_hf_tokenizer(p)
     model.to(dev).eval()
-    try:
-        model.set_kernel("recurrent" if disable_fast_kernels else kernel, dev)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    model.set_kernel(kernel, dev)
     info.update(device=str(dev), kernel=model.kernel, parameters=model.num_parameters())
     return model, tokenizer, info

@@ -770,21 +770,3 @@ def prepare_data(train_data: list[str] | None, val_data: list[str] | None, out_d
     say(f"wrote {out_dir / 'meta.json'} ({dtype.name} tokens, tokenizer {tok_path}) in "
         f"{time.perf_counter() - t0:.1f} s; encoding {mb_s:.2f} MB/s" + (f"; peak memory {rss:,.0f} MB" if rss else ""))
     return out_dir
-
-
-def run_prepare_data(args) -> int:
-    """`--mode prepare_data`: the CLI entry."""
-    from .config import RECOMMENDED_PRESET, preset
-
-    name = args.config or RECOMMENDED_PRESET
-    config = preset(name)
-    if args.out_dir and args.data_dir and Path(args.out_dir) != Path(args.data_dir):
-        raise UserError(f"--out-dir ({args.out_dir}) and --data-dir ({args.data_dir}) differ; "
-                        "prepare_data writes one directory")
-    out_dir = args.out_dir or args.data_dir or DEFAULT_OUT_DIR
-    say(f"sakimi-next --mode prepare_data: preset {name} (vocab_size {config.vocab_size:,}) -> {out_dir}")
-    prepare_data(args.train_data, args.val_data, out_dir, tokenizer_path=args.tokenizer, vocab_size=args.vocab_size,
-                 val_fraction=args.val_fraction, doc_split=args.doc_split, encoding_errors=args.encoding_errors,
-                 rebuild_tokenizer=args.rebuild_tokenizer, seed=args.seed, config=config,
-                 allow_vocab_mismatch=args.allow_vocab_mismatch)
-    return 0

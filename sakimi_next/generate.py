@@ -12,8 +12,7 @@ padded and masked. `StreamDecoder` turns tokens into text without ever printing 
 
 from __future__ import annotations
 
-import sys
-import time
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -32,7 +31,12 @@ class SamplingSettings:
     top_p: float = 1.0  # 1 = off
     repetition_penalty: float = 1.0  # 1 = off
 
-    def validate(self) -> None:
+    def validate(self) -> "SamplingSettings":
+        """Raise UserError (naming the command-line flag) unless every value is usable."""
+        for flag, x in (("--temperature", self.temperature), ("--top-p", self.top_p),
+                        ("--repetition-penalty", self.repetition_penalty)):
+            if not math.isfinite(x):
+                raise UserError(f"{flag} ({x}) must be a finite number")
         if self.temperature < 0:
             raise UserError(f"--temperature ({self.temperature}) must be >= 0 (0 = greedy)")
         if self.top_k < 0:
@@ -40,7 +44,8 @@ class SamplingSettings:
         if not 0 < self.top_p <= 1:
             raise UserError(f"--top-p ({self.top_p}) must be in (0, 1]")
         if self.repetition_penalty <= 0:
-            raise UserError(f"--repetition-penalty ({self.repetition_penalty}) must be > 0")
+            raise UserError(f"--repetition-penalty ({self.repetition_penalty}) must be positive")
+        return self
 
     @property
     def greedy(self) -> bool:
@@ -288,46 +293,10 @@ class StreamDecoder:
         return text
 
 
-def unescape(s: str) -> str:
-    """`--stop "\\n\\n"` arrives from the shell with literal backslashes."""
-    return s.replace("\\n", "\n").replace("\\t", "\t").replace("\\r", "\r")
-
-
 def first_stop(text: str, stops: list[str]) -> int | None:
     """Index where the earliest stop string starts in `text`, or None."""
     hits = [i for i in (text.find(s) for s in stops) if i >= 0]
     return min(hits) if hits else None
-
-
-# ------------------------------------------------------------------------------------------- CLI
-def _read_prompts(args) -> list[str] | None:
-    """--prompt, --prompt-file (one prompt per line), or standard input when it is not a terminal."""
-    if args.prompt is not None and args.prompt_file:
-        raise UserError("give --prompt or --prompt-file, not both")
-    if args.prompt is not None:
-        return [args.prompt]
-    if args.prompt_file:
-        try:
-            raw = open(args.prompt_file, "rb").read()
-        except OSError as e:
-            raise UserError(f"cannot read --prompt-file {args.prompt_file}: {e.strerror}") from None
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise UserError(f"--prompt-file {args.prompt_file} is not UTF-8 (byte offset {e.start})") from None
-        prompts = [line for line in text.splitlines() if line.strip()]
-        if not prompts:
-            raise UserError(f"--prompt-file {args.prompt_file} has no prompts")
-        return prompts
-    if args.interactive:
-        return None
-    if not sys.stdin.isatty():
-        data = sys.stdin.buffer.read()
-        try:
-            return [data.decode("utf-8").rstrip("\n")]
-        except UnicodeDecodeError as e:
-            raise UserError(f"standard input is not UTF-8 (byte offset {e.start})") from None
-    return [""]
 
 
 def encode_prompt(tokenizer, text: str, max_len: int, truncate: bool) -> list[int]:
@@ -344,13 +313,13 @@ def encode_prompt(tokenizer, text: str, max_len: int, truncate: bool) -> list[in
 
 
 class TextRow:
-    """The text of one generated row: incremental decoding, stop strings, and (optionally) streaming to
-    stdout, holding back what could be the start of a stop string."""
+    """The text of one generated row: incremental decoding, end-of-text and stop strings. Text up to
+    `shown_end` can be shown as it comes; the rest could still turn out to be the start of a stop string."""
 
-    def __init__(self, tokenizer, stops: list[str], stream: bool):
-        self.decoder, self.eot_id, self.stops, self.stream = StreamDecoder(tokenizer), tokenizer.eot_id, stops, stream
+    def __init__(self, tokenizer, stops: list[str] | tuple[str, ...] = ()):
+        self.decoder, self.eot_id, self.stops = StreamDecoder(tokenizer), tokenizer.eot_id, list(stops)
         self.hold = max((len(x) for x in stops), default=1) - 1
-        self.text, self.printed, self.done, self.tokens = "", 0, False, 0
+        self.text, self.done, self.tokens = "", False, 0
 
     def add(self, token: int) -> bool:
         """Take one generated token; True once the row is finished (end-of-text or a stop string)."""
@@ -362,7 +331,6 @@ class TextRow:
         else:
             self.text += self.decoder.push(token)
             self._cut()
-        self._print()
         return self.done
 
     def finish(self) -> str:
@@ -370,114 +338,13 @@ class TextRow:
             self.text += self.decoder.flush()
             self._cut()
             self.done = True
-        self._print()
         return self.text
+
+    @property
+    def shown_end(self) -> int:
+        return len(self.text) - (0 if self.done else self.hold)
 
     def _cut(self):
         cut = first_stop(self.text, self.stops) if self.stops else None
         if cut is not None:
             self.text, self.done = self.text[:cut], True
-
-    def _print(self):
-        end = len(self.text) - (0 if self.done else self.hold)
-        if self.stream and end > self.printed:
-            sys.stdout.write(self.text[self.printed:end])
-            sys.stdout.flush()
-            self.printed = end
-
-
-def run_generate(args) -> int:
-    from .checkpoint import load_for_inference
-
-    settings = SamplingSettings(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
-    settings.validate()
-    if args.max_new_tokens < 0:
-        raise UserError(f"--max-new-tokens ({args.max_new_tokens}) must be >= 0")
-    if args.num_samples <= 0:
-        raise UserError(f"--num-samples ({args.num_samples}) must be positive")
-    if args.speculative:
-        if not settings.greedy:
-            raise UserError("--speculative mtp decodes greedily: pass --temperature 0")
-        if args.num_samples != 1:
-            raise UserError("--speculative mtp decodes greedily, so --num-samples must be 1")
-        if args.compile:
-            raise UserError("--compile compiles the plain decoding step; it does not apply to --speculative mtp")
-        if args.draft_len <= 0:
-            raise UserError(f"--draft-len ({args.draft_len}) must be positive")
-    prompts = _read_prompts(args)
-    if not args.resume_from:
-        raise UserError("pass the model to talk to: --resume-from CHECKPOINT_DIR (e.g. runs/tiny_10m/latest)")
-    model, tokenizer, info = load_for_inference(args.resume_from, args.device, args.kernel,
-                                                args.disable_fast_kernels)
-    if args.speculative and not hasattr(model, "mtp"):
-        raise UserError(f"{args.resume_from} has no MTP block; train with --mtp-weight to use --speculative mtp")
-    generator = torch.Generator(device=model.device).manual_seed(args.seed)
-    decode = decode_one_token
-    if args.compile:
-        print("compiling the decoding step (about a minute, once)...", file=sys.stderr, flush=True)
-        decode = compiled_decoder(model)
-    stops = [unescape(x) for x in (args.stop or [])]
-
-    def budget(rows: list[list[int]]) -> int:
-        room = model.config.max_position_embeddings - max(len(r) for r in rows)
-        max_new = min(args.max_new_tokens, max(room, 0))
-        if max_new < args.max_new_tokens:
-            print(f"note: generating {max_new} tokens to stay within max_position_embeddings", file=sys.stderr)
-        return max_new
-
-    def answer(texts: list[str], echo: bool) -> None:
-        ids = [encode_prompt(tokenizer, t, model.config.max_position_embeddings, args.truncate_prompt)
-               for t in texts for _ in range(args.num_samples)]
-        stream = len(ids) == 1 or bool(args.speculative)
-        t0 = time.perf_counter()
-        if args.speculative:
-            rows, extra = [], []
-            for text, prompt in zip(texts, ids):
-                if echo or len(texts) > 1:
-                    sys.stdout.write(text)
-                row = TextRow(tokenizer, stops, stream=True)
-                _, st = speculative_generate(model, prompt, budget([prompt]), args.draft_len, None, on_token=row.add)
-                row.finish()
-                sys.stdout.write("\n")
-                rows.append(row)
-                extra.append(st)
-            drafted, accepted = sum(x.drafted for x in extra), sum(x.accepted for x in extra)
-            rounds = sum(x.rounds for x in extra)
-            note = (f"; MTP acceptance {accepted / max(drafted, 1):.2f} ({accepted}/{drafted} drafts), "
-                    f"{sum(r.tokens for r in rows) / max(rounds, 1):.2f} tokens per verification")
-        else:
-            if echo and stream:
-                sys.stdout.write(texts[0])
-            rows = [TextRow(tokenizer, stops, stream) for _ in ids]
-            for token in generate_tokens(model, ids, budget(ids), settings, tokenizer.pad_id, generator, decode):
-                finished = [row.add(t) for row, t in zip(rows, token.tolist())]
-                if all(finished):
-                    break
-            for row in rows:
-                row.finish()
-            if stream:
-                sys.stdout.write("\n")
-            else:
-                for i, row in enumerate(rows):
-                    p, k = divmod(i, args.num_samples)
-                    label = f"prompt {p + 1}" + (f", sample {k + 1}" if args.num_samples > 1 else "")
-                    sys.stdout.write(f"--- {label} ---\n{texts[p]}{row.text}\n")
-            note = ""
-        sys.stdout.flush()
-        seconds = time.perf_counter() - t0
-        n = sum(r.tokens for r in rows)
-        print(f"[{n} tokens in {seconds:.2f} s, {n / max(seconds, 1e-9):.1f} tokens/s{note}]", file=sys.stderr)
-
-    if prompts is not None:
-        answer(prompts, echo=True)
-        return 0
-    print(f"interactive: {info['source']} ({info['parameters']:,} parameters, {info['device']}). "
-          "Type a prompt and press Enter; Ctrl-D to quit.", file=sys.stderr)
-    while True:
-        try:
-            line = input("> ")
-        except EOFError:
-            print(file=sys.stderr)
-            return 0
-        if line.strip():
-            answer([line], echo=False)

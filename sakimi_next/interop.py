@@ -294,16 +294,3 @@ def export(ckpt_path: str | Path, out_dir: str | Path, shard_bytes: int = 2 * 10
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def run_export(args) -> int:
-    if not args.resume_from:
-        raise UserError("pass the checkpoint to export: --resume-from CHECKPOINT_DIR")
-    if not args.out_dir:
-        raise UserError("pass where to write the model: --out-dir DIR")
-    out = export(args.resume_from, args.out_dir)
-    files = sorted(p.name for p in out.iterdir())
-    print(f"exported {args.resume_from} -> {out}: {', '.join(files)}")
-    print(f"load it with: AutoModelForCausalLM.from_pretrained({str(out)!r}); "
-          f"AutoTokenizer.from_pretrained({str(out)!r})")
-    return 0

@@ -10,15 +10,15 @@ or FSDP2 with `--fsdp`; only rank 0 writes.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -28,25 +28,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
-from .config import RECOMMENDED_PRESET, Config, fmt_count, preset
+from .config import RECOMMENDED_PRESET, TRAINING_DEFAULTS, Config, fmt_count, preset
 from .model import GatedDeltaNet, Qwen3NextForCausalLM, RMSNorm
 from .tokenizer import Tokenizer
-from .util import UserError, atomic_write_bytes, resolve_device
-
-# Per-preset defaults for what the command line leaves out (documented in the README).
-PRESET_DEFAULTS = {
-    "tiny_5m": dict(batch_size=16, seq_len=256, learning_rate=2e-3, warmup_steps=100, steps=2000),
-    "tiny_10m": dict(batch_size=16, seq_len=256, learning_rate=1e-3, warmup_steps=100, steps=5000),
-    "tiny_10m_moe": dict(batch_size=16, seq_len=256, learning_rate=1e-3, warmup_steps=100, steps=5000),
-    "small_50m": dict(batch_size=16, seq_len=512, learning_rate=6e-4, warmup_steps=500, steps=20000),
-}
-COMMON_DEFAULTS = dict(save_every=250, eval_every=200, eval_batches=16, grad_accum=1, weight_decay=0.1,
-                       no_decay_norms=False, beta1=0.9, beta2=0.95, grad_clip=1.0, seed=0, mtp_weight=0.0,
-                       document_masking=False)
-# command-line values a resumed run takes from its checkpoint when they are not given again
-RESUMABLE = ("steps", "learning_rate", "min_lr", "warmup_steps", "batch_size", "seq_len", "grad_accum",
-             "weight_decay", "no_decay_norms", "beta1", "beta2", "grad_clip", "save_every", "eval_every",
-             "eval_batches", "seed", "mtp_weight", "document_masking")
+from .util import UserError, atomic_write_bytes, new_figure, resolve_device, save_png
 
 
 # ------------------------------------------------------------------------------------ distributed
@@ -199,14 +184,9 @@ def evaluate(model, tokens: np.ndarray, seq_len: int, batch_size: int, n_batches
 # -------------------------------------------------------------------------------------- reporting
 def save_loss_curve(records: list[dict], path: Path, title: str) -> None:
     """Train loss (raw and smoothed) and validation loss against steps, written atomically as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    fig, ax = new_figure()
     if train:
         s, l = zip(*train)
         ax.plot(s, l, color="tab:blue", alpha=0.3, linewidth=0.8, label="train")
@@ -223,11 +203,7 @@ def save_loss_curve(records: list[dict], path: Path, title: str) -> None:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_png(fig, path)
 
 
 class MetricsLog:
@@ -280,352 +256,503 @@ class _StopRequest:
         self.signal = signum
 
 
-def _settings(args, resumed_args: dict | None, preset_name: str) -> dict:
-    """Command line first, then the checkpoint's arguments when resuming, then the preset's defaults."""
-    defaults = {**COMMON_DEFAULTS, **PRESET_DEFAULTS.get(preset_name, PRESET_DEFAULTS[RECOMMENDED_PRESET])}
+# --------------------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class Hyperparameters:
+    """What a resumed run takes from its checkpoint when the command line does not give it again
+    (None: not given; `resolve_hyperparameters` fills everything in)."""
+
+    steps: int | None = None
+    learning_rate: float | None = None
+    min_lr: float | None = None
+    warmup_steps: int | None = None
+    batch_size: int | None = None
+    seq_len: int | None = None
+    grad_accum: int | None = None
+    weight_decay: float | None = None
+    no_decay_norms: bool | None = None
+    beta1: float | None = None
+    beta2: float | None = None
+    grad_clip: float | None = None
+    save_every: int | None = None
+    eval_every: int | None = None
+    eval_batches: int | None = None
+    seed: int | None = None
+    mtp_weight: float | None = None
+    document_masking: bool | None = None
+
+
+RESUMABLE = tuple(f.name for f in fields(Hyperparameters))
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Everything a training run needs, already checked by the caller (the `train` command)."""
+
+    data_dir: Path
+    hyper: Hyperparameters = Hyperparameters()
+    preset: str | None = None  # None: the checkpoint's, else the recommended preset
+    out_dir: Path | None = None  # None: the resumed checkpoint's run directory, else runs/PRESET
+    resume_from: str | None = None  # "auto" (the latest in out_dir), a checkpoint directory, or None
+    init_from: str | None = None  # start from these weights (a checkpoint or a Hugging Face directory)
+    allow_vocab_mismatch: bool = False
+    device: str = "auto"
+    kernel: str = "auto"
+    dtype: str = "auto"  # auto = bf16 autocast on CUDA, fp32 elsewhere
+    compile: bool = False
+    fsdp: bool = False
+    keep_last: int = 3
+    print_every: int = 10
+    early_stop_patience: int = 0  # 0 = never
+    early_stop_min_delta: float = 0.0
+    skip_nonfinite: bool = False
+    max_minutes: float | None = None
+
+    def record(self, hyper: Hyperparameters) -> dict:
+        """The settings as trainer_state.json keeps them ("args"), with the resolved hyperparameters."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "hyper"}
+        out = {k: str(v) if isinstance(v, Path) else v for k, v in out.items()}
+        return {**out, **asdict(hyper)}
+
+
+def resolve_hyperparameters(given: Hyperparameters, resumed: dict | None, preset_name: str) -> Hyperparameters:
+    """Command line first, then the checkpoint's settings when resuming, then the preset's defaults."""
+    defaults = asdict(TRAINING_DEFAULTS.get(preset_name, TRAINING_DEFAULTS[RECOMMENDED_PRESET]))
     out = {}
     for name in RESUMABLE:
-        value = getattr(args, name, None)
-        if value is None and resumed_args and resumed_args.get(name) is not None:
-            value = resumed_args[name]
-        if value is None:
-            value = defaults.get(name)
-        out[name] = value
+        value = getattr(given, name)
+        if value is None and resumed and resumed.get(name) is not None:
+            value = resumed[name]
+        out[name] = defaults[name] if value is None else value
     if out["min_lr"] is None:
         out["min_lr"] = out["learning_rate"] / 10
-    warmup_given = args.warmup_steps is not None or (resumed_args or {}).get("warmup_steps") is not None
+    warmup_given = given.warmup_steps is not None or (resumed or {}).get("warmup_steps") is not None
     if not warmup_given and out["steps"] and out["warmup_steps"] > out["steps"] // 10:
         out["warmup_steps"] = out["steps"] // 10  # a short run should still reach its peak learning rate
-    return out
+    return Hyperparameters(**out)
 
 
-def _validate(s: dict, config: Config, train_tokens: int) -> None:
-    for name in ("steps", "batch_size", "seq_len", "grad_accum"):
-        if s[name] is None or s[name] <= 0:
-            raise UserError(f"--{name.replace('_', '-')} ({s[name]}) must be positive")
-    if not s["learning_rate"] > 0:
-        raise UserError(f"--learning-rate ({s['learning_rate']}) must be positive")
-    if s["min_lr"] < 0 or s["min_lr"] > s["learning_rate"]:
-        raise UserError(f"--min-lr ({s['min_lr']}) must be between 0 and the learning rate ({s['learning_rate']})")
-    if s["warmup_steps"] < 0:
-        raise UserError(f"--warmup-steps ({s['warmup_steps']}) must be >= 0")
-    for name in ("save_every", "eval_every", "eval_batches"):
-        if s[name] is not None and s[name] <= 0:
-            raise UserError(f"--{name.replace('_', '-')} ({s[name]}) must be positive")
-    if s["seq_len"] > config.max_position_embeddings:
-        raise UserError(f"--seq-len ({s['seq_len']}) exceeds the model's max_position_embeddings "
+def _validate(h: Hyperparameters, config: Config, train_tokens: int) -> None:
+    """What can only be checked once the checkpoint's settings, the model and the data are known."""
+    for name in ("steps", "batch_size", "seq_len", "grad_accum", "save_every", "eval_every", "eval_batches"):
+        if getattr(h, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} ({getattr(h, name)}) must be positive")
+    if not h.learning_rate > 0:
+        raise UserError(f"--learning-rate ({h.learning_rate}) must be positive")
+    if h.min_lr < 0 or h.min_lr > h.learning_rate:
+        raise UserError(f"--min-lr ({h.min_lr}) must be between 0 and the learning rate ({h.learning_rate})")
+    if h.warmup_steps < 0:
+        raise UserError(f"--warmup-steps ({h.warmup_steps}) must be >= 0")
+    if h.seq_len > config.max_position_embeddings:
+        raise UserError(f"--seq-len ({h.seq_len}) exceeds the model's max_position_embeddings "
                         f"({config.max_position_embeddings})")
-    if train_tokens < s["seq_len"] + 1:
+    if train_tokens < h.seq_len + 1:
         raise UserError(f"the training split has {train_tokens} tokens, fewer than --seq-len + 1 "
-                        f"({s['seq_len'] + 1}); use a shorter --seq-len or more text")
+                        f"({h.seq_len + 1}); use a shorter --seq-len or more text")
 
 
-def _prepare_inputs(args, ddp: Distributed):
-    """Find (or first prepare) the data directory; return (data_dir, meta, tokenizer)."""
-    from .data import load_meta, load_tokenizer, prepare_data
+# ------------------------------------------------------------------------------------ the inputs
+@dataclass
+class Console:
+    """Lines for the user, from rank 0 only."""
 
-    data_dir = Path(args.data_dir or "data")
-    if args.train_data:
+    enabled: bool
+
+    def log(self, *a, **k):
+        if self.enabled:
+            print(*a, **k)
+
+    def say(self, msg: str):  # a line that does not break the progress bar
+        if self.enabled:
+            tqdm.write(msg, file=sys.stderr)
+
+
+def _load_data(s: TrainSettings, ddp: Distributed, prepare: Callable[[], object] | None):
+    """Prepare the data directory first when asked (rank 0); return (meta, tokenizer)."""
+    from .data import load_meta, load_tokenizer
+
+    if prepare is not None:
         if ddp.is_main:
-            prepare_data(args.train_data, args.val_data, data_dir, tokenizer_path=args.tokenizer,
-                         vocab_size=args.vocab_size, val_fraction=args.val_fraction, doc_split=args.doc_split,
-                         encoding_errors=args.encoding_errors, rebuild_tokenizer=args.rebuild_tokenizer,
-                         seed=0 if args.seed is None else args.seed,
-                         config=preset(args.config or RECOMMENDED_PRESET),
-                         allow_vocab_mismatch=args.allow_vocab_mismatch)
+            prepare()
         if ddp.enabled:
             dist.barrier()
-    elif not (data_dir / "meta.json").is_file():
-        raise UserError(f"no prepared data in {data_dir}/ (meta.json missing): run --mode prepare_data "
+    elif not (s.data_dir / "meta.json").is_file():
+        raise UserError(f"no prepared data in {s.data_dir}/ (meta.json missing): run --mode prepare_data "
                         "first, or pass --train-data")
-    return data_dir, load_meta(data_dir), load_tokenizer(data_dir)
+    return load_meta(s.data_dir), load_tokenizer(s.data_dir)
 
 
-def run_train(args) -> int:
-    from .data import check_vocab, open_split
+@dataclass
+class Start:
+    """Where a run starts: its model, its run directory, and the checkpoint it resumes (if any)."""
 
-    ddp = setup_distributed(args.device)
+    preset: str
+    config: Config
+    out_dir: Path
+    resume_path: Path | None = None
+    state: dict | None = None
+
+
+def _init_tokenizer_check(init_from: str, tokenizer: Tokenizer, data_dir: Path) -> None:
+    init_dir = Path(init_from)
+    init_tok = next((p / "tokenizer.json" for p in (init_dir, init_dir / "latest") if (p / "tokenizer.json").is_file()),
+                    None)
+    if init_tok is not None and Tokenizer.load(init_tok).sha256 != tokenizer.sha256:
+        raise UserError(f"{data_dir} was tokenized with another tokenizer than the model at {init_from}; "
+                        f"prepare the data with --tokenizer {init_tok}")
+
+
+def _starting_point(s: TrainSettings, tokenizer: Tokenizer, console: Console) -> Start:
+    """A resumed checkpoint, --init-from weights, or a fresh preset; the model's vocabulary checked."""
+    from .data import check_vocab
+
+    preset_name = s.preset
+    out_dir = s.out_dir or Path(f"runs/{preset_name or RECOMMENDED_PRESET}")
+    resume_path = None
+    if s.resume_from == "auto":
+        resume_path = ckpt.find_latest(out_dir)
+        console.log(f"resume: {'from ' + str(resume_path) if resume_path else 'no checkpoint in ' + str(out_dir) + ', starting fresh'}")
+    elif s.resume_from:
+        resume_path = ckpt.resolve_checkpoint(s.resume_from)
+    if resume_path is not None:
+        state = ckpt.read_json(resume_path / ckpt.STATE_FILE)
+        if preset_name and state.get("preset") and preset_name != state["preset"]:
+            raise UserError(f"checkpoint {resume_path} is a {state['preset']} model, not {preset_name}")
+        if state.get("tokenizer_sha256") and state["tokenizer_sha256"] != tokenizer.sha256:
+            raise UserError(f"checkpoint {resume_path} was trained with another tokenizer than the one in "
+                            f"{s.data_dir} (sha256 {state['tokenizer_sha256'][:12]} vs {tokenizer.sha256[:12]})")
+        start = Start(state.get("preset") or preset_name, ckpt.load_config(resume_path),
+                      s.out_dir or resume_path.parent, resume_path, state)
+    elif s.init_from:
+        start = Start(preset_name or "custom", ckpt.load_pretrained_config(s.init_from), out_dir)
+        _init_tokenizer_check(s.init_from, tokenizer, s.data_dir)
+    else:
+        preset_name = preset_name or RECOMMENDED_PRESET
+        start = Start(preset_name, check_vocab(preset(preset_name), tokenizer, s.allow_vocab_mismatch), out_dir)
+    if start.config.vocab_size < tokenizer.vocab_size:
+        raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {start.config.vocab_size}")
+    start.config = start.config.replace(eos_token_id=tokenizer.eot_id, pad_token_id=tokenizer.pad_id)
+    if s.hyper.mtp_weight and not start.config.mtp_num_hidden_layers:
+        start.config = start.config.replace(mtp_num_hidden_layers=1)
+    return start
+
+
+# ---------------------------------------------------------------------------------- model, devices
+def _build_model(s: TrainSettings, start: Start, seed: int, device: torch.device):
+    """The model on its device with its kernel, from the checkpoint or --init-from when given.
+    Returns (model, kernel, number of parameters)."""
+    torch.manual_seed(seed)
+    model = Qwen3NextForCausalLM(start.config)
+    if s.init_from and start.resume_path is None:
+        ckpt.load_pretrained_weights(model, s.init_from)
+    if start.resume_path is not None:
+        ckpt.load_weights(model, ckpt.load_tensors(start.resume_path / ckpt.MODEL_FILE), start.resume_path)
+    model.to(device)
+    kernel = model.set_kernel(s.kernel, device)
+    model.train()
+    return model, kernel, model.num_parameters()  # counted before FSDP turns parameters into shards
+
+
+def _distribute(model: Qwen3NextForCausalLM, s: TrainSettings, ddp: Distributed) -> torch.nn.Module:
+    """Compile (--compile), then wrap for DDP or shard with FSDP2; returns the module to train."""
+    if s.fsdp and not ddp.enabled:
+        raise UserError("--fsdp shards the model across processes: start it with torchrun")
+    if s.compile:
+        compile_layers(model)
+    if not ddp.enabled:
+        return model
+    if s.fsdp:  # shard each decoder layer, then the rest; the optimiser must see the shards
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        return model
+    device = ddp.device
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _autocast(dtype: str, device: torch.device) -> tuple[str, object]:
+    dtype = dtype if dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    return dtype, (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext())
+
+
+# ------------------------------------------------------------------------------------------ the run
+@dataclass
+class StepLosses:
+    loss: float = 0.0
+    mtp: float = 0.0
+    aux: float = 0.0
+    finite: bool = True
+
+
+class TrainingRun:
+    """One run's state and the parts of its loop: a step, its report, evaluation, saving."""
+
+    def __init__(self, s: TrainSettings, h: Hyperparameters, ddp: Distributed, console: Console, start: Start,
+                 data_dir: Path, meta: dict, tokenizer: Tokenizer):
+        self.s, self.h, self.ddp, self.console, self.start = s, h, ddp, console, start
+        self.data_dir, self.tokenizer, self.out_dir = data_dir, tokenizer, start.out_dir
+        state = start.state or {}
+        self.start_step = state.get("step", 0) if start.state else 0
+        self.tokens_per_step = h.batch_size * h.seq_len * h.grad_accum * ddp.world_size
+        val = meta["splits"]["val"]
+        self.bytes_per_token = (val["bytes"] / val["tokens"]) if val.get("tokens") else None
+        self.best = dict(loss=state.get("best_val_loss", math.inf), step=state.get("best_step"))
+        self.stale_evals = state.get("evals_without_improvement", 0)
+        self.tokens_seen = state.get("tokens_seen", 0)
+        self.elapsed_before = state.get("elapsed_s", 0.0)
+        self.record = s.record(h)
+        self.t_start = time.perf_counter()
+
+    def attach(self, model, train_model, optimizer, sampler: WindowSampler, val_tokens, autocast) -> None:
+        self.model, self.train_model, self.optimizer = model, train_model, optimizer
+        self.sampler, self.val_tokens, self.autocast = sampler, val_tokens, autocast
+        self.metrics = MetricsLog(self.out_dir / "metrics.jsonl", self.ddp.is_main,
+                                  self.start_step if self.start.state else None)
+
+    # --- saving
+    def trainer_state(self, step: int) -> dict:
+        h = self.h
+        return {"preset": self.start.preset, "tokens_seen": self.tokens_seen, "best_val_loss": self.best["loss"],
+                "best_step": self.best["step"], "evals_without_improvement": self.stale_evals,
+                "elapsed_s": self.elapsed_before + (time.perf_counter() - self.t_start),
+                "sampler": {"kind": "WindowSampler", "seed": h.seed, "next_step": step},
+                "scheduler": {"kind": "warmup_cosine", "learning_rate": h.learning_rate, "min_lr": h.min_lr,
+                              "warmup_steps": h.warmup_steps, "steps": h.steps},
+                "args": self.record, "tokenizer_sha256": self.tokenizer.sha256, "data_dir": str(self.data_dir),
+                "world_size": self.ddp.world_size, "tokens_per_step": self.tokens_per_step}
+
+    def save(self, step: int, reason: str) -> Path | None:
+        """Rank 0 writes; a failure (full disk, ...) keeps the previous checkpoints and training goes on."""
+        path = None
+        ddp = self.ddp
+        gathered = ckpt.gather_state(self.model, self.optimizer) if self.s.fsdp or ddp.is_main else None  # FSDP: all ranks
+        if ddp.is_main:
+            try:
+                path = ckpt.save_checkpoint(self.out_dir, step, self.model, self.optimizer, self.trainer_state(step),
+                                            self.start.config, self.tokenizer.path, gathered)
+                ckpt.prune(self.out_dir, self.s.keep_last)
+                self.console.say(f"saved {reason} checkpoint: {path}")
+            except OSError as e:
+                prev = ckpt.find_latest(self.out_dir)
+                self.console.say(f"warning: could not save the checkpoint at step {step} ({e.strerror or e}); "
+                                 f"the previous checkpoint {prev} is intact")
+        if ddp.enabled:
+            dist.barrier()
+        return path
+
+    # --- one optimizer step
+    def forward_backward(self, step: int) -> StepLosses:
+        """The micro-batches of `step`: forward, backward, and their mean losses (all ranks)."""
+        h, ddp, device = self.h, self.ddp, self.ddp.device
+        out_losses = StepLosses()
+        for micro in range(h.grad_accum):
+            x, y = self.sampler.batch(step, micro)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            sync = nullcontext()
+            if ddp.enabled and not self.s.fsdp and micro < h.grad_accum - 1:
+                sync = self.train_model.no_sync()
+            with sync:
+                starts = document_starts(x, self.tokenizer.eot_id) if h.document_masking else None
+                with self.autocast:
+                    out = self.train_model(x, y, mtp_weight=h.mtp_weight or 0.0, doc_starts=starts)
+                (out.loss / h.grad_accum).backward()  # outside autocast, as torch recommends
+            value = out.loss.item()
+            out_losses.finite = out_losses.finite and math.isfinite(value)
+            out_losses.loss += value / h.grad_accum
+            if out.mtp_loss is not None:
+                out_losses.mtp += out.mtp_loss.item() / h.grad_accum
+            if out.aux_loss is not None:
+                out_losses.aux += out.aux_loss.item() / h.grad_accum
+        if ddp.enabled:
+            t = torch.tensor([out_losses.loss, float(not out_losses.finite)], device=device)
+            dist.all_reduce(t)
+            out_losses.loss, out_losses.finite = t[0].item() / ddp.world_size, t[1].item() == 0
+        return out_losses
+
+    def report_step(self, step: int, lr: float, losses: StepLosses, grad_norm: float, bar) -> None:
+        now = time.perf_counter()
+        tok_s = self.window_tokens / max(now - self.window_t, 1e-9)
+        record = {"step": step, "loss": losses.loss, "lr": lr, "grad_norm": grad_norm, "tokens": self.tokens_seen,
+                  "tokens_per_s": round(tok_s, 1), "elapsed_s": round(self.elapsed_before + now - self.t_start, 2)}
+        mtp_weight, is_moe = self.h.mtp_weight or 0.0, self.start.config.is_moe
+        if mtp_weight:
+            record["mtp_loss"] = losses.mtp
+        if is_moe:
+            record["aux_loss"] = losses.aux
+        self.metrics.add(record)
+        bar.set_postfix(loss=f"{losses.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", refresh=False)
+        if step % self.s.print_every == 0 or step == self.h.steps:
+            extra = f" mtp {losses.mtp:.4f}" if mtp_weight else ""
+            extra += f" aux {losses.aux:.4f}" if is_moe else ""
+            self.console.say(f"step {step:>6}/{self.h.steps}  loss {losses.loss:.4f}{extra}  lr {lr:.2e}  "
+                             f"grad {grad_norm:.2f}  {tok_s:,.0f} tok/s")
+            self.window_t, self.window_tokens = now, 0
+
+    def stop_nonfinite(self, step: int, what: str) -> None:
+        prev = ckpt.find_latest(self.out_dir) if self.ddp.is_main else None
+        self.console.log(f"error: non-finite {what} at step {step}; stopping. The last good checkpoint is "
+                         f"{prev or 'none (nothing saved yet)'}. Lower --learning-rate, or --skip-nonfinite.",
+                         file=sys.stderr)
+
+    # --- evaluation
+    def write_loss_curve(self) -> None:
+        if self.ddp.is_main:
+            save_loss_curve(self.metrics.records, self.out_dir / "loss_curve.png",
+                            f"{self.start.preset} on {self.data_dir}")
+
+    def evaluate(self, step: int) -> tuple[bool, bool]:
+        """Validate, keep the best checkpoint. Returns (saved a checkpoint, stop early)."""
+        h = self.h
+        ev = evaluate(self.train_model, self.val_tokens, h.seq_len, h.batch_size, h.eval_batches, self.ddp.device,
+                      self.bytes_per_token, self.autocast, self.ddp,
+                      self.tokenizer.eot_id if h.document_masking else None)
+        self.metrics.add({"step": step, **ev})
+        bpb = f"  bpb {ev['val_bpb']:.4f}" if "val_bpb" in ev else ""
+        self.console.say(f"eval {step:>6}: val loss {ev['val_loss']:.4f}  ppl {ev['val_ppl']:.2f}{bpb}")
+        self.write_loss_curve()
+        if ev["val_loss"] < self.best["loss"] - self.s.early_stop_min_delta:
+            self.best.update(loss=ev["val_loss"], step=step)
+            self.stale_evals = 0
+            path = self.save(step, "best")
+            if path is not None:
+                ckpt.point(self.out_dir, "best", path)
+            return True, False
+        self.stale_evals += 1
+        if self.s.early_stop_patience and self.stale_evals >= self.s.early_stop_patience:
+            self.console.log(f"early stop: no improvement for {self.stale_evals} evaluations (best "
+                             f"{self.best['loss']:.4f} at step {self.best['step']})")
+            return False, True
+        return False, False
+
+    def time_up(self, stop: "_StopRequest") -> bool:
+        """--max-minutes reached; under torchrun every rank takes the same decision (and signal), or the
+        others would wait forever."""
+        time_up = bool(self.s.max_minutes and (time.perf_counter() - self.t_start) / 60 >= self.s.max_minutes)
+        if self.ddp.enabled:
+            flags = torch.tensor([stop.signal or 0, int(time_up)], device=self.ddp.device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            stop.signal, time_up = (int(flags[0]) or None), bool(flags[1])
+        return time_up
+
+    # --- the loop
+    def loop(self) -> tuple[int, int]:
+        """Train to the last step (or a stop). Returns (step reached, exit code)."""
+        h, say = self.h, self.console.say
+        stop = _StopRequest()
+        stop.install()
+        self.t_start = time.perf_counter()
+        bar = tqdm(total=h.steps, initial=self.start_step, disable=not self.ddp.is_main, unit="step",
+                   dynamic_ncols=True, file=sys.stderr)
+        step, exit_code, last_saved = self.start_step, 0, self.start_step if self.start.state else None
+        self.window_t, self.window_tokens = time.perf_counter(), 0
+        try:
+            while step < h.steps:
+                lr = lr_at(step, h.learning_rate, h.min_lr, h.warmup_steps, h.steps)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                losses = self.forward_backward(step)
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), h.grad_clip or float("inf")))
+                if not (losses.finite and math.isfinite(grad_norm)):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    what = f"loss {losses.loss}" if not losses.finite else f"gradient norm {grad_norm}"
+                    if self.s.skip_nonfinite:
+                        say(f"step {step}: non-finite {what}; step skipped (--skip-nonfinite)")
+                        step += 1
+                        bar.update(1)
+                        continue
+                    self.stop_nonfinite(step, what)
+                    exit_code = 1
+                    break
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                step += 1
+                self.tokens_seen += self.tokens_per_step
+                self.window_tokens += self.tokens_per_step
+                bar.update(1)
+                self.report_step(step, lr, losses, grad_norm, bar)
+
+                time_up = self.time_up(stop)
+                if step % h.eval_every == 0 or step == h.steps or time_up:  # a run cut short is still measured
+                    saved, early_stop = self.evaluate(step)
+                    last_saved = step if saved else last_saved
+                    if early_stop:
+                        break
+                if step % h.save_every == 0 and last_saved != step:
+                    self.save(step, "periodic")
+                    last_saved = step
+                if stop.signal is not None:
+                    say(f"{signal.Signals(stop.signal).name} received at step {step}: saving and stopping; "
+                        "resume with --resume-from auto")
+                    exit_code = 128 + stop.signal
+                    break
+                if time_up:
+                    say(f"--max-minutes {self.s.max_minutes:g} reached at step {step}")
+                    break
+            if exit_code != 1 and last_saved != step:
+                self.save(step, "final")
+        finally:
+            bar.close()
+            stop.restore()
+        return step, exit_code
+
+
+# -------------------------------------------------------------------------------------------- main
+def run_training(s: TrainSettings, prepare: Callable[[], object] | None = None) -> int:
+    """Train as `s` says, on one device or under torchrun; `prepare` (rank 0, first) makes the data
+    directory when it is to be prepared from text. Returns the exit code."""
+    ddp = setup_distributed(s.device)
     try:
-        return _train(args, ddp, check_vocab, open_split)
+        return _train(s, ddp, prepare)
     finally:
         if ddp.enabled and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(args, ddp: Distributed, check_vocab, open_split) -> int:
-    def log(*a, **k):
-        if ddp.is_main:
-            print(*a, **k)
+def _plan(run: TrainingRun, n_params: int, kernel: str, dtype: str, meta: dict) -> None:
+    s, h, ddp, split, log = run.s, run.h, run.ddp, meta["splits"], run.console.log
+    log(f"model: {run.start.preset}, {n_params:,} parameters ({fmt_count(n_params)})")
+    log(f"device: {ddp.device}   kernel: {kernel}   dtype: {dtype}   compile: {bool(s.compile)}"
+        f"{'   world size: ' + str(ddp.world_size) + (' (FSDP2)' if s.fsdp else ' (DDP)') if ddp.enabled else ''}")
+    log(f"data: {run.data_dir} ({split['train']['tokens']:,} train / {split['val']['tokens']:,} validation tokens)")
+    log(f"batch: {h.batch_size} x {h.seq_len} tokens x {h.grad_accum} accumulation x {ddp.world_size} "
+        f"process(es) = {run.tokens_per_step:,} tokens per step (global batch {h.batch_size * h.grad_accum * ddp.world_size})")
+    log(f"plan: steps {run.start_step} -> {h.steps}, {run.tokens_per_step * max(0, h.steps - run.start_step):,} tokens; "
+        f"lr {h.learning_rate:g} (warm-up {h.warmup_steps}, cosine to {h.min_lr:g}); out: {run.out_dir}")
 
-    def say(msg: str):  # a line that does not break the progress bar
-        if ddp.is_main:
-            tqdm.write(msg, file=sys.stderr)
-    data_dir, meta, tokenizer = _prepare_inputs(args, ddp)
 
-    # --- resume / init: where the weights and the configuration come from
-    preset_name = args.config
-    out_dir = Path(args.out_dir or f"runs/{preset_name or RECOMMENDED_PRESET}")
-    resume_path = None
-    if args.resume_from:
-        if args.resume_from == "auto":
-            resume_path = ckpt.find_latest(out_dir)
-            log(f"resume: {'from ' + str(resume_path) if resume_path else 'no checkpoint in ' + str(out_dir) + ', starting fresh'}")
-        else:
-            resume_path = ckpt.resolve_checkpoint(args.resume_from)
-    state, resumed_args = None, None
-    if resume_path is not None:
-        state = ckpt.read_json(resume_path / ckpt.STATE_FILE)
-        resumed_args = state.get("args", {})
-        if preset_name and state.get("preset") and preset_name != state["preset"]:
-            raise UserError(f"checkpoint {resume_path} is a {state['preset']} model, not {preset_name}")
-        if state.get("tokenizer_sha256") and state["tokenizer_sha256"] != tokenizer.sha256:
-            raise UserError(f"checkpoint {resume_path} was trained with another tokenizer than the one in "
-                            f"{data_dir} (sha256 {state['tokenizer_sha256'][:12]} vs {tokenizer.sha256[:12]})")
-        preset_name = state.get("preset") or preset_name
-        config = ckpt.load_config(resume_path)
-        if args.out_dir is None:
-            out_dir = resume_path.parent
-    elif args.init_from:
-        config = ckpt.load_pretrained_config(args.init_from)
-        preset_name = preset_name or "custom"
-        init_dir = Path(args.init_from)
-        init_tok = next((p / "tokenizer.json" for p in (init_dir, init_dir / "latest") if (p / "tokenizer.json").is_file()),
-                        None)
-        if init_tok is not None and Tokenizer.load(init_tok).sha256 != tokenizer.sha256:
-            raise UserError(f"{data_dir} was tokenized with another tokenizer than the model at {args.init_from}; "
-                            f"prepare the data with --tokenizer {init_tok}")
-    else:
-        preset_name = preset_name or RECOMMENDED_PRESET
-        config = preset(preset_name)
-        config = check_vocab(config, tokenizer, args.allow_vocab_mismatch)
-    if config.vocab_size < tokenizer.vocab_size:
-        raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {config.vocab_size}")
-    config = config.replace(eos_token_id=tokenizer.eot_id, pad_token_id=tokenizer.pad_id)
-    if getattr(args, "mtp_weight", None) and not config.mtp_num_hidden_layers:
-        config = config.replace(mtp_num_hidden_layers=1)
+def _train(s: TrainSettings, ddp: Distributed, prepare: Callable[[], object] | None) -> int:
+    from .data import open_split
 
-    s = _settings(args, resumed_args, preset_name)
-    train_tokens = open_split(data_dir, "train")
-    val_tokens = open_split(data_dir, "val")
-    _validate(s, config, len(train_tokens))
+    console = Console(ddp.is_main)
+    meta, tokenizer = _load_data(s, ddp, prepare)
+    start = _starting_point(s, tokenizer, console)
+    h = resolve_hyperparameters(s.hyper, (start.state or {}).get("args", {}) if start.state else None, start.preset)
+    train_tokens, val_tokens = open_split(s.data_dir, "train"), open_split(s.data_dir, "val")
+    _validate(h, start.config, len(train_tokens))
 
-    # --- model, optimiser
-    torch.manual_seed(s["seed"])
-    device = ddp.device
-    model = Qwen3NextForCausalLM(config)
-    if args.init_from and resume_path is None:
-        ckpt.load_pretrained_weights(model, args.init_from)
-    if resume_path is not None:
-        ckpt.load_weights(model, ckpt.load_tensors(resume_path / ckpt.MODEL_FILE), resume_path)
-    model.to(device)
-    kernel = "recurrent" if args.disable_fast_kernels else args.kernel
-    try:
-        kernel = model.set_kernel(kernel, device)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    model.train()
-    n_params = model.num_parameters()  # before FSDP turns parameters into shards
-    if args.fsdp and not ddp.enabled:
-        raise UserError("--fsdp shards the model across processes: start it with torchrun")
-    train_model = model
-    if args.compile:
-        compile_layers(model)
-    if ddp.enabled:
-        if args.fsdp:  # shard each decoder layer, then the rest; the optimiser must see the shards
-            from torch.distributed.fsdp import fully_shard
-
-            for layer in model.model.layers:
-                fully_shard(layer)
-            fully_shard(model)
-        else:
-            train_model = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = build_optimizer(model, s["learning_rate"], s["weight_decay"], (s["beta1"], s["beta2"]),
-                                decay_norms=not s["no_decay_norms"])
-    if resume_path is not None:
-        ckpt.load_optimizer(model, optimizer, resume_path)
-        ckpt.restore_rng(resume_path, state)
-
-    dtype = args.dtype if args.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
-    # --- plan
-    start_step = state["step"] if state else 0
-    total = s["steps"]
-    tokens_per_step = s["batch_size"] * s["seq_len"] * s["grad_accum"] * ddp.world_size
-    split = meta["splits"]
-    bytes_per_token = (split["val"]["bytes"] / split["val"]["tokens"]) if split["val"].get("tokens") else None
-    log(f"model: {preset_name}, {n_params:,} parameters ({fmt_count(n_params)})")
-    log(f"device: {device}   kernel: {kernel}   dtype: {dtype}   compile: {bool(args.compile)}"
-        f"{'   world size: ' + str(ddp.world_size) + (' (FSDP2)' if args.fsdp else ' (DDP)') if ddp.enabled else ''}")
-    log(f"data: {data_dir} ({split['train']['tokens']:,} train / {split['val']['tokens']:,} validation tokens)")
-    log(f"batch: {s['batch_size']} x {s['seq_len']} tokens x {s['grad_accum']} accumulation x {ddp.world_size} "
-        f"process(es) = {tokens_per_step:,} tokens per step (global batch {s['batch_size'] * s['grad_accum'] * ddp.world_size})")
-    log(f"plan: steps {start_step} -> {total}, {tokens_per_step * max(0, total - start_step):,} tokens; "
-        f"lr {s['learning_rate']:g} (warm-up {s['warmup_steps']}, cosine to {s['min_lr']:g}); out: {out_dir}")
+    model, kernel, n_params = _build_model(s, start, h.seed, ddp.device)
+    train_model = _distribute(model, s, ddp)
+    optimizer = build_optimizer(model, h.learning_rate, h.weight_decay, (h.beta1, h.beta2),
+                                decay_norms=not h.no_decay_norms)
+    if start.resume_path is not None:
+        ckpt.load_optimizer(model, optimizer, start.resume_path)
+        ckpt.restore_rng(start.resume_path, start.state)
+    dtype, autocast = _autocast(s.dtype, ddp.device)
+    run = TrainingRun(s, h, ddp, console, start, s.data_dir, meta, tokenizer)
+    _plan(run, n_params, kernel, dtype, meta)
     if ddp.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if not os.access(out_dir, os.W_OK):
-            raise UserError(f"output directory {out_dir} is not writable")
+        run.out_dir.mkdir(parents=True, exist_ok=True)
+        if not os.access(run.out_dir, os.W_OK):
+            raise UserError(f"output directory {run.out_dir} is not writable")
+    sampler = WindowSampler(train_tokens, h.seq_len, h.batch_size, h.seed, ddp.rank, ddp.world_size)
+    run.attach(model, train_model, optimizer, sampler, val_tokens, autocast)
 
-    sampler = WindowSampler(train_tokens, s["seq_len"], s["batch_size"], s["seed"], ddp.rank, ddp.world_size)
-    metrics = MetricsLog(out_dir / "metrics.jsonl", ddp.is_main, start_step if state else None)
-    best = dict(loss=(state or {}).get("best_val_loss", math.inf), step=(state or {}).get("best_step"))
-    stale_evals = (state or {}).get("evals_without_improvement", 0)
-    tokens_seen = (state or {}).get("tokens_seen", 0)
-    elapsed_before = (state or {}).get("elapsed_s", 0.0)
-    args_record = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))}
-    args_record.update(s)
-    mtp_weight = s.get("mtp_weight") or 0.0
-
-    def trainer_state(step: int) -> dict:
-        return {"preset": preset_name, "tokens_seen": tokens_seen, "best_val_loss": best["loss"],
-                "best_step": best["step"], "evals_without_improvement": stale_evals,
-                "elapsed_s": elapsed_before + (time.perf_counter() - t_start),
-                "sampler": {"kind": "WindowSampler", "seed": s["seed"], "next_step": step},
-                "scheduler": {"kind": "warmup_cosine", "learning_rate": s["learning_rate"], "min_lr": s["min_lr"],
-                              "warmup_steps": s["warmup_steps"], "steps": total},
-                "args": args_record, "tokenizer_sha256": tokenizer.sha256, "data_dir": str(data_dir),
-                "world_size": ddp.world_size, "tokens_per_step": tokens_per_step}
-
-    def save(step: int, reason: str) -> Path | None:
-        """Rank 0 writes; a failure (full disk, ...) keeps the previous checkpoints and training goes on."""
-        path = None
-        gathered = ckpt.gather_state(model, optimizer) if args.fsdp or ddp.is_main else None  # FSDP: all ranks
-        if ddp.is_main:
-            try:
-                path = ckpt.save_checkpoint(out_dir, step, model, optimizer, trainer_state(step), config,
-                                            tokenizer.path, gathered)
-                ckpt.prune(out_dir, args.keep_last)
-                say(f"saved {reason} checkpoint: {path}")
-            except OSError as e:
-                prev = ckpt.find_latest(out_dir)
-                say(f"warning: could not save the checkpoint at step {step} ({e.strerror or e}); "
-                          f"the previous checkpoint {prev} is intact")
-        if ddp.enabled:
-            dist.barrier()
-        return path
-
-    stop = _StopRequest()
-    stop.install()
-    t_start = time.perf_counter()
-    bar = tqdm(total=total, initial=start_step, disable=not ddp.is_main, unit="step", dynamic_ncols=True,
-               file=sys.stderr)
-    step, exit_code, last_saved = start_step, 0, start_step if state else None
-    window_t, window_tokens = time.perf_counter(), 0
-    try:
-        while step < total:
-            lr = lr_at(step, s["learning_rate"], s["min_lr"], s["warmup_steps"], total)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum, mtp_sum, aux_sum, finite = 0.0, 0.0, 0.0, True
-            for micro in range(s["grad_accum"]):
-                x, y = sampler.batch(step, micro)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                sync = nullcontext()
-                if ddp.enabled and not args.fsdp and micro < s["grad_accum"] - 1:
-                    sync = train_model.no_sync()
-                with sync:
-                    starts = document_starts(x, tokenizer.eot_id) if s["document_masking"] else None
-                    with autocast:
-                        out = train_model(x, y, mtp_weight=mtp_weight, doc_starts=starts)
-                    (out.loss / s["grad_accum"]).backward()  # outside autocast, as torch recommends
-                value = out.loss.item()
-                finite = finite and math.isfinite(value)
-                loss_sum += value / s["grad_accum"]
-                if out.mtp_loss is not None:
-                    mtp_sum += out.mtp_loss.item() / s["grad_accum"]
-                if out.aux_loss is not None:
-                    aux_sum += out.aux_loss.item() / s["grad_accum"]
-            if ddp.enabled:
-                t = torch.tensor([loss_sum, float(not finite)], device=device)
-                dist.all_reduce(t)
-                loss_sum, finite = t[0].item() / ddp.world_size, t[1].item() == 0
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), s["grad_clip"] or float("inf"))
-            grad_norm = float(grad_norm)
-            if not (finite and math.isfinite(grad_norm)):
-                optimizer.zero_grad(set_to_none=True)
-                what = f"loss {loss_sum}" if not finite else f"gradient norm {grad_norm}"
-                if args.skip_nonfinite:
-                    say(f"step {step}: non-finite {what}; step skipped (--skip-nonfinite)")
-                    step += 1
-                    bar.update(1)
-                    continue
-                prev = ckpt.find_latest(out_dir) if ddp.is_main else None
-                log(f"error: non-finite {what} at step {step}; stopping. The last good checkpoint is "
-                    f"{prev or 'none (nothing saved yet)'}. Lower --learning-rate, or --skip-nonfinite.",
-                    file=sys.stderr)
-                exit_code = 1
-                break
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            tokens_seen += tokens_per_step
-            window_tokens += tokens_per_step
-            bar.update(1)
-
-            now = time.perf_counter()
-            tok_s = window_tokens / max(now - window_t, 1e-9)
-            record = {"step": step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "tokens": tokens_seen,
-                      "tokens_per_s": round(tok_s, 1), "elapsed_s": round(elapsed_before + now - t_start, 2)}
-            if mtp_weight:
-                record["mtp_loss"] = mtp_sum
-            if config.is_moe:
-                record["aux_loss"] = aux_sum
-            metrics.add(record)
-            bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", refresh=False)
-            if step % args.print_every == 0 or step == total:
-                extra = f" mtp {mtp_sum:.4f}" if mtp_weight else ""
-                extra += f" aux {aux_sum:.4f}" if config.is_moe else ""
-                say(f"step {step:>6}/{total}  loss {loss_sum:.4f}{extra}  lr {lr:.2e}  "
-                          f"grad {grad_norm:.2f}  {tok_s:,.0f} tok/s")
-                window_t, window_tokens = now, 0
-
-            time_up = bool(args.max_minutes and (now - t_start) / 60 >= args.max_minutes)
-            if ddp.enabled:  # every rank must take the same decision, or the others wait forever
-                flags = torch.tensor([stop.signal or 0, int(time_up)], device=device)
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-                stop.signal, time_up = (int(flags[0]) or None), bool(flags[1])
-            if step % s["eval_every"] == 0 or step == total or time_up:  # a run cut short is still measured
-                ev = evaluate(train_model, val_tokens, s["seq_len"], s["batch_size"], s["eval_batches"], device,
-                              bytes_per_token, autocast, ddp, tokenizer.eot_id if s["document_masking"] else None)
-                metrics.add({"step": step, **ev})
-                bpb = f"  bpb {ev['val_bpb']:.4f}" if "val_bpb" in ev else ""
-                say(f"eval {step:>6}: val loss {ev['val_loss']:.4f}  ppl {ev['val_ppl']:.2f}{bpb}")
-                if ddp.is_main:
-                    save_loss_curve(metrics.records, out_dir / "loss_curve.png", f"{preset_name} on {data_dir}")
-                if ev["val_loss"] < best["loss"] - args.early_stop_min_delta:
-                    best.update(loss=ev["val_loss"], step=step)
-                    stale_evals = 0
-                    path = save(step, "best")
-                    last_saved = step
-                    if path is not None:
-                        ckpt.point(out_dir, "best", path)
-                else:
-                    stale_evals += 1
-                    if args.early_stop_patience and stale_evals >= args.early_stop_patience:
-                        log(f"early stop: no improvement for {stale_evals} evaluations (best {best['loss']:.4f} "
-                            f"at step {best['step']})")
-                        break
-            if step % s["save_every"] == 0 and last_saved != step:
-                save(step, "periodic")
-                last_saved = step
-            if stop.signal is not None:
-                name = signal.Signals(stop.signal).name
-                say(f"{name} received at step {step}: saving and stopping; resume with --resume-from auto")
-                exit_code = 128 + stop.signal
-                break
-            if time_up:
-                say(f"--max-minutes {args.max_minutes:g} reached at step {step}")
-                break
-        if exit_code != 1 and last_saved != step:
-            save(step, "final")
-            last_saved = step
-    finally:
-        bar.close()
-        stop.restore()
-    if ddp.is_main and exit_code != 1 and metrics.records:
-        save_loss_curve(metrics.records, out_dir / "loss_curve.png", f"{preset_name} on {data_dir}")
-        latest = ckpt.find_latest(out_dir)
-        log(f"done: step {step}, {tokens_seen:,} tokens, best val loss {best['loss']:.4f} (step {best['step']}); "
-            f"checkpoint {latest}; loss curve {out_dir / 'loss_curve.png'}")
+    step, exit_code = run.loop()
+    if ddp.is_main and exit_code != 1 and run.metrics.records:
+        run.write_loss_curve()
+        console.log(f"done: step {step}, {run.tokens_seen:,} tokens, best val loss {run.best['loss']:.4f} "
+                    f"(step {run.best['step']}); checkpoint {ckpt.find_latest(run.out_dir)}; "
+                    f"loss curve {run.out_dir / 'loss_curve.png'}")
     return exit_code

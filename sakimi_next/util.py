@@ -101,3 +101,26 @@ def format_table(rows: list[tuple], headers: tuple | None = None) -> str:
     if headers:
         lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def new_figure(ncols: int = 1, figsize: tuple[float, float] = (8, 4.5)):
+    """(figure, axes) from matplotlib's file-only backend, for `save_png`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(1, ncols, figsize=figsize, dpi=100)
+
+
+def save_png(fig, path: str | Path, **savefig_kwargs) -> None:
+    """Lay out `fig`, write it atomically as a PNG, and free it."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", **savefig_kwargs)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())

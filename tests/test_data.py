@@ -293,7 +293,7 @@ def bad_inputs(tmp_path):
         "no text field": (["--train-data", d / "notext.jsonl"], f'{d / "notext.jsonl"}:3: no "text" string'),
         "too small for vocab": ([*en, "--vocab-size", "2000"], "too small for a vocabulary of 2,000"),
         "too small for val": (["--train-data", d / "one.txt"], "only 1 document(s), too few to hold out"),
-        "val fraction": ([*en, "--val-fraction", "1.0"], "--val-fraction (1.0) must be between 0 and 1"),
+        "val fraction": ([*en, "--val-fraction", "1.0"], "--val-fraction (1.0) must be in [0, 1)"),
         "vocab below bytes": ([*en, "--vocab-size", "100"], "must be at least 260"),
         "unwritable out dir": ([*en, "--out-dir", d / "afile" / "out"], "cannot write to"),
         "not a tokenizer": ([*en, "--tokenizer", d / "notatok.json"], "notatok.json is not a tokenizer.json"),

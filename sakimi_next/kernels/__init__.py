@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ..util import UserError
 from .chunk import chunk_gated_delta_rule
 from .naive import recurrent_gated_delta_rule, recurrent_step
 
@@ -28,14 +29,15 @@ def fla_available() -> bool:
 
 
 def resolve_kernel(name: str, device: torch.device | str) -> str:
-    """`auto` -> `fla` on CUDA when installed, else `chunk`. Raises ValueError for an unusable choice."""
+    """The one place a kernel choice is resolved: `auto` -> `fla` on CUDA when installed, else `chunk`.
+    An unusable choice is the user's to fix: UserError."""
     device = torch.device(device)
     if name not in KERNELS:
-        raise ValueError(f"unknown kernel {name!r}; choose one of: {', '.join(KERNELS)}")
+        raise UserError(f"unknown kernel {name!r}; choose one of: {', '.join(KERNELS)}")
     if name == "auto":
         return "fla" if device.type == "cuda" and fla_available() else "chunk"
     if name == "fla" and not (device.type == "cuda" and fla_available()):
-        raise ValueError("kernel 'fla' needs a CUDA device and the flash-linear-attention package (pip install flash-linear-attention)")
+        raise UserError("kernel 'fla' needs a CUDA device and the flash-linear-attention package (pip install flash-linear-attention)")
     return name
 
 

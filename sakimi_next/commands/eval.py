@@ -1,0 +1,106 @@
+"""`--mode eval`: loss, perplexity and bits per byte of a text file or a prepared validation split."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..evaluate import score, summarize
+from ..util import UserError
+from . import common
+
+HELP = "loss, perplexity and bits per byte of a text file or a prepared validation split"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    common.add_checkpoint(p, "the model: a checkpoint directory (or its run directory) or a Hugging Face directory")
+    common.add_device(p)
+    p.add_argument("--text-file", default=None, help="a UTF-8 text file to score")
+    p.add_argument("--data-dir", default=None, help="a prepared data directory: score its validation split")
+    p.add_argument("--seq-len", type=int, default=None, help="window in tokens (default: the checkpoint's, else 256)")
+    p.add_argument("--eval-method", default="carry", choices=("carry", "sliding"),
+                   help="long text: carry the state across windows, or plain sliding windows")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    checkpoint: str
+    device: str
+    kernel: str
+    text_file: Path | None
+    data_dir: Path | None
+    seq_len: int | None
+    method: str
+    json: bool
+
+
+def settings(args: argparse.Namespace) -> EvalSettings:
+    checkpoint = common.required("--resume-from CHECKPOINT_DIR", args.resume_from, "the model to evaluate")
+    if bool(args.text_file) == bool(args.data_dir):
+        raise UserError("give exactly one of --text-file FILE or --data-dir DIR (its validation split)")
+    return EvalSettings(checkpoint=checkpoint, device=args.device, kernel=common.kernel_name(args),
+                        text_file=Path(args.text_file) if args.text_file else None,
+                        data_dir=Path(args.data_dir) if args.data_dir else None,
+                        seq_len=common.count("--seq-len", args.seq_len), method=args.eval_method, json=args.json)
+
+
+def _text_ids(path: Path, tokenizer) -> tuple[list[int], int, str]:
+    """(ids, bytes scored, source) of a text file; the text starts a document: after end-of-text."""
+    try:
+        raw = path.read_bytes()
+        text = raw.decode("utf-8")
+    except OSError as e:
+        raise UserError(f"cannot read --text-file {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"--text-file {path} is not UTF-8 (byte offset {e.start})") from None
+    body = tokenizer.encode(text)
+    if not body:
+        raise UserError(f"--text-file {path} is empty")
+    return [tokenizer.eot_id] + body, len(raw), str(path)
+
+
+def _split_ids(data_dir: Path, tokenizer):
+    """(ids, bytes scored, source) of a prepared directory's validation split."""
+    import numpy as np
+
+    from ..data import load_meta, open_split
+
+    meta = load_meta(data_dir)
+    if meta.get("tokenizer_sha256") and meta["tokenizer_sha256"] != tokenizer.sha256:
+        raise UserError(f"{data_dir} was tokenized with another tokenizer than the model's")
+    tokens = open_split(data_dir, "val")
+    if len(tokens) < 2:
+        raise UserError(f"the validation split of {data_dir} has fewer than 2 tokens")
+    ids = np.asarray(tokens, dtype=np.int64)
+    # every token but the first is predicted: scale the split's bytes accordingly
+    n_bytes = round(meta["splits"]["val"]["bytes"] * (len(ids) - 1) / len(ids))
+    return ids, n_bytes, f"{data_dir} (validation split)"
+
+
+def run(s: EvalSettings) -> int:
+    import numpy as np
+    import torch
+
+    from ..checkpoint import load_for_inference
+
+    model, tokenizer, info = load_for_inference(s.checkpoint, s.device, s.kernel)
+    window = min(s.seq_len or info.get("seq_len") or 256, model.config.max_position_embeddings)
+    ids, n_bytes, source = _text_ids(s.text_file, tokenizer) if s.text_file else _split_ids(s.data_dir, tokenizer)
+    ids_t = torch.as_tensor(np.asarray(ids, dtype=np.int64), device=model.device)
+
+    t0 = time.perf_counter()
+    nats, n = score(model, ids_t, window, s.method)
+    seconds = time.perf_counter() - t0
+    result = {"source": source, "model": info["source"], "method": s.method, "window": window,
+              **summarize(nats, n, n_bytes), "seconds": round(seconds, 3), "tokens_per_s": round(n / seconds, 1)}
+    if s.json:
+        print(json.dumps(result, indent=1))
+    else:
+        bpb = f"  bits/byte {result['bpb']:.4f}" if "bpb" in result else ""
+        print(f"{source}: {n:,} tokens, loss {result['loss']:.4f}  ppl {result['ppl']:.2f}{bpb}  "
+              f"({s.method}, window {window}, {result['tokens_per_s']:,.0f} tokens/s)")
+    return 0

@@ -1,0 +1,101 @@
+"""`--mode prepare_data`: text files -> a tokenizer and token files (train.bin, val.bin, meta.json)."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import preset
+from ..data import DEFAULT_OUT_DIR, DOC_SPLITS, prepare_data, say
+from ..tokenizer import MIN_VOCAB, SPECIAL_TOKENS
+from ..util import UserError
+from . import common
+
+HELP = "tokenize text into a prepared data directory (tokenizer, train.bin, val.bin, meta.json)"
+MAX_VOCAB = 1 << 24
+
+
+def add_data_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of data preparation (train takes them too, to prepare first with --train-data)."""
+    p.add_argument("--train-data", nargs="+", action="extend", default=None, metavar="PATH",
+                   help="text: .txt/.jsonl files, directories or globs (default: the embedded CPython docs)")
+    p.add_argument("--val-data", nargs="+", action="extend", default=None, metavar="PATH",
+                   help="validation text (default: a held-out fraction of the training documents)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="documents held out for validation")
+    p.add_argument("--doc-split", default="auto", choices=DOC_SPLITS,
+                   help="what a document is: auto = a JSONL record; for .txt, blank-line paragraphs, or lines "
+                        "if the file has almost no blank lines")
+    p.add_argument("--encoding-errors", default="strict", choices=("strict", "replace"),
+                   help="what to do with bytes that are not UTF-8")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json to use or create (default DATA_DIR/tokenizer.json)")
+    p.add_argument("--vocab-size", type=int, default=None, help="tokenizer vocabulary (default: the preset's)")
+    p.add_argument("--rebuild-tokenizer", action="store_true", help="train the tokenizer again even if it exists")
+    p.add_argument("--allow-vocab-mismatch", action="store_true",
+                   help="let the model's vocab_size follow the tokenizer instead of refusing")
+    p.add_argument("--data-dir", default=None, help="prepared data directory (train.bin, val.bin, meta.json)")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    common.add_preset(p, "model preset whose vocabulary the tokenizer gets")
+    common.add_seed(p, "seed of the validation split and the tokenizer sample")
+    add_data_arguments(p)
+    p.add_argument("--out-dir", default=None, help=f"where to write (default: --data-dir, else {DEFAULT_OUT_DIR}/)")
+
+
+@dataclass(frozen=True)
+class PrepareDataSettings:
+    preset: str
+    out_dir: Path
+    train_data: tuple[str, ...] | None
+    val_data: tuple[str, ...] | None
+    tokenizer: str | None
+    vocab_size: int | None
+    val_fraction: float
+    doc_split: str
+    encoding_errors: str
+    rebuild_tokenizer: bool
+    seed: int
+    allow_vocab_mismatch: bool
+
+
+def data_settings(args: argparse.Namespace, out_dir: str | Path, seed: int) -> PrepareDataSettings:
+    """The checked data flags (shared with train's --train-data)."""
+    if args.vocab_size is not None and not MIN_VOCAB <= args.vocab_size <= MAX_VOCAB:
+        raise UserError(f"--vocab-size ({args.vocab_size}) must be at least {MIN_VOCAB} (256 byte tokens + "
+                        f"{len(SPECIAL_TOKENS)} special tokens) and at most {MAX_VOCAB:,}")
+    common.finite_float("--val-fraction", args.val_fraction, lo=0, hi=1, hi_open=True)
+    if args.tokenizer is not None and Path(args.tokenizer).is_dir():
+        raise UserError(f"--tokenizer {args.tokenizer} is a directory; give the path of a tokenizer.json")
+    if args.tokenizer is not None:
+        common.writable_dir("--tokenizer", Path(args.tokenizer).parent)
+    return PrepareDataSettings(
+        preset=common.preset_name(args.config), out_dir=common.writable_dir("--out-dir", out_dir),
+        train_data=tuple(args.train_data) if args.train_data else None,
+        val_data=tuple(args.val_data) if args.val_data else None,
+        tokenizer=args.tokenizer, vocab_size=args.vocab_size, val_fraction=args.val_fraction,
+        doc_split=args.doc_split, encoding_errors=args.encoding_errors, rebuild_tokenizer=args.rebuild_tokenizer,
+        seed=seed, allow_vocab_mismatch=args.allow_vocab_mismatch)
+
+
+def settings(args: argparse.Namespace) -> PrepareDataSettings:
+    if args.out_dir and args.data_dir and Path(args.out_dir) != Path(args.data_dir):
+        raise UserError(f"--out-dir ({args.out_dir}) and --data-dir ({args.data_dir}) differ; "
+                        "prepare_data writes one directory")
+    seed = common.seed(args.seed)
+    return data_settings(args, args.out_dir or args.data_dir or DEFAULT_OUT_DIR, 0 if seed is None else seed)
+
+
+def prepare(s: PrepareDataSettings) -> Path:
+    return prepare_data(list(s.train_data or ()) or None, list(s.val_data or ()) or None, s.out_dir,
+                        tokenizer_path=s.tokenizer, vocab_size=s.vocab_size, val_fraction=s.val_fraction,
+                        doc_split=s.doc_split, encoding_errors=s.encoding_errors,
+                        rebuild_tokenizer=s.rebuild_tokenizer, seed=s.seed, config=preset(s.preset),
+                        allow_vocab_mismatch=s.allow_vocab_mismatch)
+
+
+def run(s: PrepareDataSettings) -> int:
+    say(f"sakimi-next --mode prepare_data: preset {s.preset} (vocab_size {preset(s.preset).vocab_size:,}) "
+        f"-> {s.out_dir}")
+    prepare(s)
+    return 0
