@@ -45,7 +45,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from .tokenizer import Tokenizer, train_tokenizer
-from .util import UserError, atomic_write_text, format_table, sha256_file
+from .util import UserError, carry_over, format_table, publish_dir, sha256_file
 
 say = functools.partial(print, flush=True)  # progress lines should show up at once in logs too
 
@@ -726,8 +726,10 @@ def prepare_data(train_data: list[str] | None, val_data: list[str] | None, out_d
         rate = tokenizer_sample_rate(scan)
         return tokenizer_sample(pieces(), rate, seed, sum(scan.bytes)), (f", a {rate:.1%} sample" if rate < 1 else "")
 
+    if out_dir.is_symlink():
+        out_dir = out_dir.resolve()  # the directory is swapped where the link leads; the link stays
     with _cleanup_new_dirs(out_dir, tok_path.parent):
-        _check_writable(out_dir)
+        _check_writable(out_dir.parent)
         _check_writable(tok_path.parent)
 
         # 4. the tokenizer
@@ -737,34 +739,41 @@ def prepare_data(train_data: list[str] | None, val_data: list[str] | None, out_d
                                           train_texts)
         check_vocab(config, tok, allow_vocab_mismatch)
 
-        # 5. tokens into temporary files, then everything into place, meta.json last
+        # 5. the new directory built beside the old one, which stays complete until the swap
         dtype = token_dtype(tok.vocab_size)
-        writers = {}
-        try:
-            for split in ("train", "val"):
-                writers[split] = _SplitWriter(out_dir, split, dtype)
-            t1 = time.perf_counter()
-            encode_to_files(pieces(), tok, writers, sum(scan.bytes))
-            mb_s = sum(scan.bytes) / 1e6 / max(time.perf_counter() - t1, 1e-9)
-            (out_dir / "meta.json").unlink(missing_ok=True)  # from here to the end the directory is incomplete
-            if tok.path is None or tok.path.resolve() != tok_path.resolve():
-                tok.save(tok_path)
-            for w in writers.values():
-                w.commit()
-        finally:
-            for w in writers.values():
-                if not w.f.closed:
-                    w.discard()
-    meta.update({"vocab_size": tok.vocab_size, "dtype": dtype.name, "eot_id": tok.eot_id, "pad_id": tok.pad_id,
-                 "tokenizer_sha256": tok.sha256, "tokenizer_training": fingerprint,
-                 "splits": {name: w.describe() for name, w in writers.items()}})
-    order = ("format", "vocab_size", "dtype", "eot_id", "pad_id", "tokenizer", "tokenizer_sha256", "splits",
-             "sources", "settings", "tokenizer_training")
-    meta_text = json.dumps({k: meta[k] for k in order}, indent=2, ensure_ascii=False) + "\n"
-    atomic_write_text(out_dir / "meta.json", meta_text)
+        tok_is_new = tok.path is None or tok.path.resolve() != tok_path.resolve()
+        tok_inside = tok_path.resolve().is_relative_to(out_dir.resolve())
+        with publish_dir(out_dir) as tmp:
+            written = {"train.bin", "val.bin", "meta.json"}
+            if tok_is_new and tok_inside:
+                written.add(tok_path.resolve().relative_to(out_dir.resolve()).parts[0])
+            carry_over(out_dir, tmp, skip=written)
+            writers = {}
+            try:
+                for split in ("train", "val"):
+                    writers[split] = _SplitWriter(tmp, split, dtype)
+                t1 = time.perf_counter()
+                encode_to_files(pieces(), tok, writers, sum(scan.bytes))
+                mb_s = sum(scan.bytes) / 1e6 / max(time.perf_counter() - t1, 1e-9)
+                for w in writers.values():
+                    w.commit()
+            finally:
+                for w in writers.values():
+                    if not w.f.closed:
+                        w.discard()
+            meta.update({"vocab_size": tok.vocab_size, "dtype": dtype.name, "eot_id": tok.eot_id,
+                         "pad_id": tok.pad_id, "tokenizer_sha256": tok.sha256, "tokenizer_training": fingerprint,
+                         "splits": {name: w.describe() for name, w in writers.items()}})
+            order = ("format", "vocab_size", "dtype", "eot_id", "pad_id", "tokenizer", "tokenizer_sha256", "splits",
+                     "sources", "settings", "tokenizer_training")
+            (tmp / "meta.json").write_text(json.dumps({k: meta[k] for k in order}, indent=2, ensure_ascii=False)
+                                           + "\n", encoding="utf-8")
+            if tok_is_new:  # a tokenizer outside the directory is written last, just before the swap
+                tok.save(tmp / tok_path.resolve().relative_to(out_dir.resolve()) if tok_inside else tok_path)
+                tok.path = tok_path
 
     rows = [(name, f"{w.documents:,}", f"{w.tokens:,}", f"{w.bytes:,}", f"{w.bytes / max(w.tokens, 1):.2f}",
-             str(w.final)) for name, w in writers.items()]
+             str(out_dir / w.file)) for name, w in writers.items()]
     say(format_table(rows, ("split", "documents", "tokens", "bytes", "bytes/token", "file")))
     rss = _peak_rss_mb()
     say(f"wrote {out_dir / 'meta.json'} ({dtype.name} tokens, tokenizer {tok_path}) in "

@@ -64,7 +64,7 @@ def summarize(nats: float, tokens: int, n_bytes: int | None) -> dict:
 
 
 def run_eval(args) -> int:
-    from .checkpoint import load_for_inference
+    from .pretrained import load_for_inference
 
     if not args.resume_from:
         raise UserError("pass the model to evaluate: --resume-from CHECKPOINT_DIR")

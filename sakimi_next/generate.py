@@ -387,7 +387,7 @@ class TextRow:
 
 
 def run_generate(args) -> int:
-    from .checkpoint import load_for_inference
+    from .pretrained import load_for_inference
 
     settings = SamplingSettings(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
     settings.validate()

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
+from . import pretrained
 from .config import RECOMMENDED_PRESET, Config, fmt_count, preset
 from .model import GatedDeltaNet, Qwen3NextForCausalLM, RMSNorm
 from .tokenizer import Tokenizer
@@ -368,13 +369,13 @@ def _train(args, ddp: Distributed, check_vocab, open_split) -> int:
     resume_path = None
     if args.resume_from:
         if args.resume_from == "auto":
-            resume_path = ckpt.find_latest(out_dir)
+            resume_path = ckpt.find_latest(out_dir, verify=True)
             log(f"resume: {'from ' + str(resume_path) if resume_path else 'no checkpoint in ' + str(out_dir) + ', starting fresh'}")
         else:
             resume_path = ckpt.resolve_checkpoint(args.resume_from)
     state, resumed_args = None, None
     if resume_path is not None:
-        state = ckpt.read_json(resume_path / ckpt.STATE_FILE)
+        state = ckpt.read_state(resume_path)
         resumed_args = state.get("args", {})
         if preset_name and state.get("preset") and preset_name != state["preset"]:
             raise UserError(f"checkpoint {resume_path} is a {state['preset']} model, not {preset_name}")
@@ -386,7 +387,7 @@ def _train(args, ddp: Distributed, check_vocab, open_split) -> int:
         if args.out_dir is None:
             out_dir = resume_path.parent
     elif args.init_from:
-        config = ckpt.load_pretrained_config(args.init_from)
+        config = pretrained.load_pretrained_config(args.init_from)
         preset_name = preset_name or "custom"
         init_dir = Path(args.init_from)
         init_tok = next((p / "tokenizer.json" for p in (init_dir, init_dir / "latest") if (p / "tokenizer.json").is_file()),
@@ -414,7 +415,7 @@ def _train(args, ddp: Distributed, check_vocab, open_split) -> int:
     device = ddp.device
     model = Qwen3NextForCausalLM(config)
     if args.init_from and resume_path is None:
-        ckpt.load_pretrained_weights(model, args.init_from)
+        pretrained.load_pretrained_weights(model, args.init_from)
     if resume_path is not None:
         ckpt.load_weights(model, ckpt.load_tensors(resume_path / ckpt.MODEL_FILE), resume_path)
     model.to(device)

@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 
-from sakimi_next.checkpoint import load_for_inference
+from sakimi_next.pretrained import load_for_inference
 from sakimi_next.cli import main
 from sakimi_next.config import preset
 from sakimi_next.generate import generate

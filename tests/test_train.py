@@ -115,7 +115,7 @@ def test_interrupted_while_saving(data_dir, tmp_path, monkeypatch):
     assert train(data_dir, tmp_path / "cut", *common) == 130  # the CLI reports the interrupt
     monkeypatch.setattr(ckpt, "_write_json", real)
     run = tmp_path / "cut"
-    assert not list(run.glob(".tmp-*"))  # the half-written checkpoint was removed
+    assert not list(run.glob(".step_*.tmp-*"))  # the half-written checkpoint was removed
     assert ckpt.find_latest(run).name == "step_000004"
     assert train(data_dir, run, *common, "--resume-from", "auto") == 0
     assert losses(run) == losses(tmp_path / "whole")
@@ -136,7 +136,7 @@ def test_full_disk_keeps_previous_checkpoint(data_dir, tmp_path, monkeypatch, ca
     err = capsys.readouterr().err
     assert "No space left on device" in err and "step_000003 is intact" in err
     assert ckpt.find_latest(tmp_path / "run").name == "step_000003"
-    assert not list((tmp_path / "run").glob(".tmp-*"))
+    assert not list((tmp_path / "run").glob(".step_*.tmp-*"))
 
 
 def test_nonfinite_loss_stops_or_skips(data_dir, tmp_path, monkeypatch, capsys):
