@@ -202,7 +202,7 @@ def damage(ckpt: Path) -> str | None:
         if not path.is_file():
             return f"{path} is missing"
         if sha256_file(path) != expected:
-            return f"{path} is corrupt: its sha256 differs from the one recorded in {STATE_FILE}"
+            return f"{path} is corrupt or truncated: its sha256 differs from the one recorded in {STATE_FILE}"
     return None
 
 

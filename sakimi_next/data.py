@@ -45,7 +45,8 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from .tokenizer import Tokenizer, train_tokenizer
-from .util import UserError, carry_over, format_table, publish_dir, sha256_file
+from .util import (UserError, carry_over, format_table, inside, is_int, is_sha256, json_field, json_object,
+                   publish_dir, sha256_file)
 
 say = functools.partial(print, flush=True)  # progress lines should show up at once in logs too
 
@@ -492,15 +493,22 @@ def _rel_or_abs(path: Path, base: Path) -> str:
 
 def _read_meta_quietly(out_dir: Path) -> dict | None:
     try:
-        meta = json.loads((out_dir / "meta.json").read_text("utf-8"))
-        return meta if isinstance(meta, dict) and meta.get("format") == FORMAT else None
-    except (OSError, ValueError):
+        return load_meta(out_dir)
+    except UserError:
         return None
 
 
+def _is_count(v) -> bool:
+    return is_int(v) and v >= 0
+
+
+SPLIT_FIELDS = {"file": (lambda v: isinstance(v, str), "a file name"), "tokens": (_is_count, "an integer >= 0"),
+                "documents": (_is_count, "an integer >= 0"), "bytes": (_is_count, "an integer >= 0")}
+
+
 def load_meta(data_dir) -> dict:
-    """meta.json of a prepared data directory; a UserError when the directory or the file is missing
-    or unreadable."""
+    """meta.json of a prepared data directory, checked field by field; a UserError when the directory or
+    the file is missing, unreadable or wrong."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise UserError(f"data directory not found: {data_dir}; create it with --mode prepare_data")
@@ -513,17 +521,29 @@ def load_meta(data_dir) -> dict:
         raise UserError(f"{path} is not readable JSON ({e}); run --mode prepare_data again") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise UserError(f"{path} is not a format-{FORMAT} meta.json; run --mode prepare_data again")
-    missing = [k for k in ("vocab_size", "dtype", "eot_id", "pad_id", "tokenizer", "tokenizer_sha256", "splits")
-               if k not in meta]
-    if missing:
-        raise UserError(f"{path} lacks {missing[0]!r}; run --mode prepare_data again")
+    vocab = json_field(meta, path, "vocab_size", lambda v: is_int(v) and v > 0, "a positive integer")
+    json_field(meta, path, "dtype", lambda v: v in ("uint16", "uint32"), '"uint16" or "uint32"')
+    for name in ("eot_id", "pad_id"):
+        json_field(meta, path, name, lambda v: is_int(v) and 0 <= v < vocab, f"an integer in 0..{vocab - 1}")
+    json_field(meta, path, "tokenizer", lambda v: isinstance(v, str) and v, "a path")
+    json_field(meta, path, "tokenizer_sha256", is_sha256, "a sha256 hex digest")
+    splits = json_field(meta, path, "splits", lambda v: isinstance(v, dict), "an object")
+    for split, info in splits.items():
+        where = f"{path} (split {split!r})"
+        json_object(info, where)
+        for name, (ok, must) in SPLIT_FIELDS.items():
+            json_field(info, where, name, ok, must)
+        inside(data_dir, info["file"], where)
     return meta
 
 
 def tokenizer_path(data_dir, meta: dict | None = None) -> Path:
-    """Where the tokenizer of a data directory is (meta.json's path is relative to the directory)."""
+    """Where the tokenizer of a data directory is: meta.json's path is relative to the directory and stays
+    inside it, or absolute for a tokenizer given with --tokenizer from elsewhere (verified by its sha256)."""
     meta = meta or load_meta(data_dir)
-    return Path(data_dir) / meta["tokenizer"]  # an absolute path stays absolute
+    if Path(meta["tokenizer"]).is_absolute():
+        return Path(meta["tokenizer"])
+    return inside(data_dir, meta["tokenizer"], Path(data_dir) / "meta.json")
 
 
 def load_tokenizer(data_dir) -> Tokenizer:
@@ -541,7 +561,7 @@ def open_split(data_dir, split: str) -> np.ndarray:
     if split not in meta["splits"]:
         raise UserError(f"{data_dir} has no {split!r} split (it has: {', '.join(meta['splits'])})")
     info = meta["splits"][split]
-    path = Path(data_dir) / info["file"]
+    path = inside(data_dir, info["file"], Path(data_dir) / "meta.json")
     dtype = np.dtype(meta["dtype"]).newbyteorder("<")
     expected = info["tokens"] * dtype.itemsize
     if not path.is_file() or path.stat().st_size != expected:
