@@ -11,9 +11,11 @@
       latest -> step_000250     symlink to the newest complete checkpoint
       best   -> step_000200     symlink to the best validation checkpoint (never pruned)
 
-A checkpoint is built in a hidden temporary directory, every file fsync'd, then renamed into place:
-a crash or a full disk while saving leaves the previous checkpoints untouched. Loading reads only
-safetensors and JSON, so it never executes code from the file.
+A checkpoint is built in a hidden temporary directory, every file fsync'd, then swapped into place
+(`util.publish_dir`): a crash or a full disk while saving leaves the previous checkpoints untouched.
+trainer_state.json records the sha256 of each weight file; loading verifies them, and reads back every
+JSON file field by field. Loading reads only safetensors and JSON, so it never executes code from the
+file. (Loading a model from a checkpoint or a Hugging Face directory for use is in `pretrained.py`.)
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import json
 import os
 import random
 import shutil
-import tempfile
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +40,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from .config import Config, ConfigError
-from .util import UserError, fsync_dir, umask
+from .util import (UserError, fsync_dir, inside, is_int, is_sha256, json_field, json_object, publish_dir,
+                   read_json_file, recover_dir, sha256_file)
 
 MODEL_FILE = "model.safetensors"
 OPTIM_FILE = "optimizer.safetensors"
@@ -46,6 +50,7 @@ STATE_FILE = "trainer_state.json"
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
 REQUIRED = (MODEL_FILE, STATE_FILE, CONFIG_FILE)
+WEIGHT_FILES = (MODEL_FILE, OPTIM_FILE)  # their sha256 is recorded in trainer_state.json
 
 
 def step_dir_name(step: int) -> str:
@@ -117,38 +122,34 @@ def save_checkpoint(
     gathered: dict | None = None,
 ) -> Path:
     """Write checkpoint `out_dir/step_NNNNNN` atomically, point `latest` at it, and return its path.
-    `gathered` is `gather_state(model, optimizer)` when the caller already collected it (FSDP)."""
+    `gathered` is `gather_state(model, optimizer)` when the caller already collected it (FSDP).
+    trainer_state.json records the sha256 of each weight file, which loading verifies."""
     gathered = gathered if gathered is not None else gather_state(model, optimizer)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / step_dir_name(step)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=out_dir))
-    try:
+    with publish_dir(final) as tmp:
         save_file(gathered["model"], str(tmp / MODEL_FILE), metadata={"format": "pt"})
+        _test_pause()
         rng_tensors, rng_meta = rng_payload()
         opt_meta = gathered["optimizer_meta"]
         save_file({**gathered["optimizer"], **rng_tensors}, str(tmp / OPTIM_FILE), metadata={"format": "pt"})
         if opt_meta is not None:
             _write_json(tmp / OPTIM_JSON, opt_meta)
-        _write_json(tmp / STATE_FILE, {**trainer_state, "step": step, "rng": rng_meta})
+        hashes = {f: sha256_file(tmp / f) for f in WEIGHT_FILES}
+        _write_json(tmp / STATE_FILE, {**trainer_state, "step": step, "rng": rng_meta, "sha256": hashes})
         _write_json(tmp / CONFIG_FILE, config.to_dict())
         if tokenizer_path is not None:
             shutil.copyfile(tokenizer_path, tmp / TOKENIZER_FILE)
-        for f in tmp.iterdir():
-            os.chmod(f, 0o666 & ~umask())
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes private directories
-        fsync_dir(tmp)
-        if final.exists():  # re-saving the same step (e.g. the end of a run that just saved)
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        fsync_dir(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     point(out_dir, "latest", final)
     return final
+
+
+def _test_pause() -> None:
+    """Tests make saving slow (SAKIMI_TEST_SLOW_SAVE seconds, after the model file) to kill a process
+    while it writes a checkpoint."""
+    seconds = os.environ.get("SAKIMI_TEST_SLOW_SAVE")
+    if seconds:
+        time.sleep(float(seconds))
 
 
 def point(out_dir: Path, name: str, target: Path) -> None:
@@ -171,12 +172,14 @@ def prune(out_dir: str | Path, keep_last: int) -> None:
     """Delete all but the newest `keep_last` step directories, never the one `best` points to,
     and any temporary directory a crash left behind."""
     out_dir = Path(out_dir)
+    for p in out_dir.glob(".step_*.old"):
+        recover_dir(out_dir / p.name[1:-len(".old")])
     protected = {p.resolve() for p in (out_dir / "best", out_dir / "latest") if p.exists()}
     steps = sorted(p for p in out_dir.glob("step_*") if p.is_dir())
     for p in steps[:-keep_last] if keep_last > 0 else []:
         if p.resolve() not in protected:
             shutil.rmtree(p, ignore_errors=True)
-    for p in out_dir.glob(".tmp-step_*"):
+    for p in out_dir.glob(".step_*.tmp-*"):
         shutil.rmtree(p, ignore_errors=True)
 
 
@@ -185,25 +188,59 @@ def is_checkpoint(path: Path) -> bool:
     return path.is_dir() and all((path / f).is_file() for f in REQUIRED)
 
 
-def find_latest(out_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint under `out_dir` (via `latest`, else the highest step that loads)."""
+def damage(ckpt: Path) -> str | None:
+    """Why checkpoint `ckpt` cannot be trusted (unreadable metadata, a weight file whose sha256 differs
+    from the recorded one), or None when it is intact. Checkpoints from before hashes were recorded
+    are not verified."""
+    try:
+        state = read_state(ckpt)
+        load_config(ckpt)
+    except UserError as e:
+        return str(e)
+    for name, expected in state.get("sha256", {}).items():
+        path = inside(ckpt, name, ckpt / STATE_FILE)
+        if not path.is_file():
+            return f"{path} is missing"
+        if sha256_file(path) != expected:
+            return f"{path} is corrupt or truncated: its sha256 differs from the one recorded in {STATE_FILE}"
+    return None
+
+
+def find_latest(out_dir: str | Path, verify: bool = False) -> Path | None:
+    """The newest complete checkpoint under `out_dir` (via `latest`, else the highest step that loads).
+    `verify`: also check the weight files' hashes, and say on stderr (one line) when a newer checkpoint
+    was passed over because it is damaged."""
     out_dir = Path(out_dir)
     candidates = []
     if (out_dir / "latest").exists():
         candidates.append((out_dir / "latest").resolve())
     candidates += sorted((p for p in out_dir.glob("step_*") if p.is_dir()), reverse=True)
-    for c in candidates:
-        if is_checkpoint(c):
-            try:
-                read_json(c / STATE_FILE)
-                read_json(c / CONFIG_FILE)
-                return c
-            except UserError:
-                continue
+    passed_over = None
+    for c in dict.fromkeys(candidates):
+        if not is_checkpoint(c):
+            continue
+        problem = damage(c) if verify else _unreadable(c)
+        if problem is None:
+            if passed_over:
+                print(f"warning: skipping {passed_over[0]} ({passed_over[1]}); using {c.name}, the newest intact "
+                      "checkpoint", file=sys.stderr, flush=True)
+            return c
+        passed_over = passed_over or (c, problem)
     return None
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
+def _unreadable(ckpt: Path) -> str | None:
+    try:
+        read_state(ckpt)
+        load_config(ckpt)
+    except UserError as e:
+        return str(e)
+    return None
+
+
+def resolve_checkpoint(path: str | Path, verify: bool = True) -> Path:
+    """The checkpoint at `path` (a run directory means its `latest`), verified unless `verify` is False:
+    a damaged one is a UserError."""
     p = Path(path)
     if not p.exists():
         raise UserError(f"checkpoint not found: {p}")
@@ -212,14 +249,56 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if not is_checkpoint(p):
         missing = [f for f in REQUIRED if not (p / f).is_file()] if p.is_dir() else list(REQUIRED)
         raise UserError(f"not a checkpoint: {p} (missing {', '.join(missing)})")
-    return p.resolve()
+    p = p.resolve()
+    problem = damage(p) if verify else None
+    if problem:
+        raise UserError(problem)
+    return p
 
 
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read {path}: {e}") from None
+def read_json(path: Path):
+    return read_json_file(path)
+
+
+def _is_count(v) -> bool:
+    return is_int(v) and v >= 0
+
+
+# trainer_state.json: the fields read back, what each must be (others are kept for the record)
+STATE_FIELDS = {
+    "step": (_is_count, "an integer >= 0"),
+    "preset": (lambda v: v is None or isinstance(v, str), "a preset name or null"),
+    "tokens_seen": (_is_count, "an integer >= 0"),
+    "best_val_loss": (lambda v: v is None or isinstance(v, (int, float)) and not isinstance(v, bool),
+                      "a number or null"),
+    "best_step": (lambda v: v is None or _is_count(v), "an integer >= 0 or null"),
+    "evals_without_improvement": (_is_count, "an integer >= 0"),
+    "elapsed_s": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0, "a number >= 0"),
+    "args": (lambda v: isinstance(v, dict), "an object"),
+    "rng": (lambda v: isinstance(v, dict), "an object"),
+    "tokenizer_sha256": (is_sha256, "a sha256 hex digest"),
+    "sha256": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and is_sha256(h) for k, h in v.items()),
+               "an object of file name -> sha256 hex digest"),
+}
+
+
+def read_state(ckpt: Path) -> dict:
+    """trainer_state.json of `ckpt`, checked field by field."""
+    path = Path(ckpt) / STATE_FILE
+    state = json_object(read_json_file(path), path)
+    for name, (ok, must) in STATE_FIELDS.items():
+        if name in state or name == "step":
+            json_field(state, path, name, ok, must)
+    return state
+
+
+def read_optimizer_meta(ckpt: Path) -> dict:
+    path = Path(ckpt) / OPTIM_JSON
+    meta = json_object(read_json_file(path), path)
+    json_field(meta, path, "param_groups", lambda v: isinstance(v, list) and all(
+        isinstance(g, dict) and isinstance(g.get("params"), list) and all(isinstance(n, str) for n in g["params"])
+        for g in v), "a list of objects with a 'params' list of parameter names")
+    return meta
 
 
 def load_tensors(path: Path, device="cpu") -> dict[str, torch.Tensor]:
@@ -231,10 +310,23 @@ def load_tensors(path: Path, device="cpu") -> dict[str, torch.Tensor]:
 
 
 def load_config(ckpt: Path) -> Config:
+    path = Path(ckpt) / CONFIG_FILE
     try:
-        return Config.from_dict(read_json(ckpt / CONFIG_FILE))
+        return Config.from_dict(read_json_file(path))
     except (ConfigError, TypeError) as e:
-        raise UserError(f"invalid config in {ckpt / CONFIG_FILE}: {e}") from None
+        raise UserError(f"invalid config in {path}: {e}") from None
+
+
+def check_tokenizer(config: Config, tokenizer, trained_sha256: str | None, source: str | Path) -> None:
+    """A model and its tokenizer belong together: the tokenizer fits the model's vocabulary and, when the
+    model records which tokenizer it was trained with, is that one. Every loader calls this."""
+    if tokenizer.vocab_size > config.vocab_size:
+        raise UserError(f"{source}: the tokenizer has {tokenizer.vocab_size:,} tokens but the model's vocab_size "
+                        f"is {config.vocab_size:,}; this tokenizer does not belong to this model")
+    if trained_sha256 and tokenizer.sha256 != trained_sha256:
+        raise UserError(f"{source}: {tokenizer.path.name if tokenizer.path else 'the tokenizer'} (sha256 "
+                        f"{tokenizer.sha256[:12]}) is not the tokenizer the model was trained with "
+                        f"(sha256 {trained_sha256[:12]})")
 
 
 def load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str | Path) -> None:
@@ -254,7 +346,7 @@ def load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], sourc
 
 def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ckpt: Path) -> None:
     """Restore AdamW's moments and step counts (each rank reads the full state and keeps its shard)."""
-    meta = read_json(ckpt / OPTIM_JSON)
+    meta = read_optimizer_meta(ckpt)
     tensors = load_tensors(ckpt / OPTIM_FILE)
     state: dict[str, dict] = {}
     for key, t in tensors.items():
@@ -270,85 +362,20 @@ def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ckp
 
 def restore_rng(ckpt: Path, state: dict) -> None:
     tensors = load_tensors(ckpt / OPTIM_FILE)
+    if "rng.torch" not in tensors:
+        raise UserError(f"{ckpt / OPTIM_FILE} lacks the random-number state (rng.torch)")
     torch.set_rng_state(tensors["rng.torch"])
     if torch.cuda.is_available():
         cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
         if len(cuda) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda)
     rng = state.get("rng") or {}
-    if "numpy" in rng:
-        n = rng["numpy"]
-        np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
-    if "python" in rng:
-        p = rng["python"]
-        random.setstate((p[0], tuple(p[1]), p[2]))
-
-
-# ------------------------------------------------------------------------- weights from elsewhere
-def load_pretrained_config(path: str | Path) -> Config:
-    """The Config of a training checkpoint or of a Hugging Face Qwen3-Next directory."""
-    p = Path(path)
-    if not p.exists():
-        raise UserError(f"model path not found: {p}")
-    if is_checkpoint(p) or is_checkpoint(p / "latest"):
-        return load_config(resolve_checkpoint(p))
-    from . import interop
-
-    if interop.is_hf_dir(p):
-        return interop.load_hf_config(p)
-    raise UserError(f"not a checkpoint or a Hugging Face model directory: {p}")
-
-
-def load_pretrained_weights(model: torch.nn.Module, path: str | Path) -> None:
-    p = Path(path)
-    if is_checkpoint(p) or is_checkpoint(p / "latest"):
-        c = resolve_checkpoint(p)
-        load_weights(model, load_tensors(c / MODEL_FILE), c)
-        return
-    from . import interop
-
-    load_weights(model, interop.load_hf_tensors(p), p)
-
-
-def load_for_inference(path: str | Path, device: str = "auto", kernel: str = "auto"):
-    """A model ready to generate or evaluate, from a training checkpoint or a Hugging Face directory.
-    Returns (model in eval mode on the device, tokenizer, info dict)."""
-    from .model import Qwen3NextForCausalLM
-    from .tokenizer import Tokenizer
-    from .util import resolve_device
-
-    p = Path(path)
-    if not p.exists():
-        raise UserError(f"checkpoint not found: {p}")
-    is_ours = is_checkpoint(p) or is_checkpoint(p / "latest")
-    info: dict = {"source": str(p)}
-    if is_ours:
-        c = resolve_checkpoint(p)
-        if not (c / TOKENIZER_FILE).is_file():
-            raise UserError(f"checkpoint {c} has no {TOKENIZER_FILE}; it cannot encode or decode text")
-        config = load_config(c)
-        tensors = load_tensors(c / MODEL_FILE)
-        tokenizer = Tokenizer.load(c / TOKENIZER_FILE)
-        state = read_json(c / STATE_FILE)
-        info.update(kind="checkpoint", step=state.get("step"), preset=state.get("preset"),
-                    seq_len=(state.get("args") or {}).get("seq_len"))
-    else:
-        from . import interop
-
-        if not interop.is_hf_dir(p):
-            raise UserError(f"not a checkpoint or a Hugging Face model directory: {p}")
-        config = interop.load_hf_config(p)
-        tensors = interop.load_hf_tensors(p)
-        tokenizer = None  # read after the weights: a weight problem is the one to report first
-        info.update(kind="huggingface")
-    dev = resolve_device(device)
-    model = Qwen3NextForCausalLM(config)
-    load_weights(model, tensors, p)
-    if tokenizer is None:
-        from . import interop
-
-        tokenizer = interop.load_hf_tokenizer(p)
-    model.to(dev).eval()
-    model.set_kernel(kernel, dev)
-    info.update(device=str(dev), kernel=model.kernel, parameters=model.num_parameters())
-    return model, tokenizer, info
+    try:
+        if "numpy" in rng:
+            n = rng["numpy"]
+            np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
+        if "python" in rng:
+            p = rng["python"]
+            random.setstate((p[0], tuple(p[1]), p[2]))
+    except (TypeError, ValueError, IndexError, KeyError) as e:
+        raise UserError(f"{ckpt / STATE_FILE}: field 'rng' is not a valid random-number state ({e})") from None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +18,32 @@ FULL = "full_attention"
 
 class ConfigError(ValueError):
     """An impossible or inconsistent configuration; the message names the field."""
+
+
+def json_kind(v) -> str:
+    """How a JSON value is called in an error message."""
+    return {dict: "an object", list: "a list", str: "a string", bool: "true/false", type(None): "null"}.get(
+        type(v), "a number")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+# declared field type -> (check, what it must be)
+_TYPE_CHECKS = {
+    "int": (_is_int, "an integer"),
+    "float": (_is_number, "a finite number"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "int | None": (lambda v: v is None or _is_int(v), "an integer or null"),
+    "list[str]": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of strings"),
+    "list[int]": (lambda v: isinstance(v, list) and all(_is_int(x) for x in v), "a list of integers"),
+}
 
 
 def hybrid_layer_types(num_layers: int, full_attention_interval: int = 4) -> list[str]:
@@ -68,10 +95,12 @@ class Config:
     pad_token_id: int | None = None
 
     def __post_init__(self):
-        if not self.layer_types:
+        if not self.layer_types and _is_int(self.num_hidden_layers):
             self.layer_types = hybrid_layer_types(self.num_hidden_layers)
-        self.layer_types = list(self.layer_types)
-        self.mlp_only_layers = list(self.mlp_only_layers)
+        if isinstance(self.layer_types, tuple):
+            self.layer_types = list(self.layer_types)
+        if isinstance(self.mlp_only_layers, tuple):
+            self.mlp_only_layers = list(self.mlp_only_layers)
         self.validate()
 
     # ------------------------------------------------------------------ derived sizes
@@ -104,7 +133,18 @@ class Config:
         return any(self.is_moe_layer(i) for i in range(self.num_hidden_layers))
 
     # ------------------------------------------------------------------ validation
+    def check_types(self) -> None:
+        """Each field has its declared JSON type (an int is a number; true is not an integer; numbers are
+        finite), so that a hand-edited or foreign config.json fails here with the field's name."""
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            ok, what = _TYPE_CHECKS[f.type]
+            if not ok(v):
+                raise ConfigError(f"{f.name} ({v!r}) must be {what}")
+
     def validate(self) -> None:
+        self.check_types()
+
         def positive(*names):
             for n in names:
                 v = getattr(self, n)
@@ -168,6 +208,8 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
+        if not isinstance(d, dict):
+            raise ConfigError(f"the config must be a JSON object, not {json_kind(d)}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -203,28 +245,34 @@ class Config:
     def from_hf_dict(cls, d: dict) -> "Config":
         """Read a transformers `config.json` dict. Fields this project does not model are ignored,
         except those that change the computation, which are refused with a ConfigError."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"the config must be a JSON object, not {json_kind(d)}")
         if d.get("model_type", "qwen3_next") != "qwen3_next":
             raise ConfigError(f"model_type is {d.get('model_type')!r}, not 'qwen3_next'")
         if d.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"hidden_act ({d['hidden_act']!r}) is not supported; only 'silu'")
         if d.get("attention_bias", False):
             raise ConfigError("attention_bias (True) is not supported")
-        rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            raise ConfigError(f"rope_parameters ({rope!r}) must be an object")
+        if not _is_int(d.get("num_hidden_layers")) or not _is_int(d.get("full_attention_interval", 4)):
+            raise ConfigError("num_hidden_layers and full_attention_interval must be integers "
+                              f"({d.get('num_hidden_layers')!r}, {d.get('full_attention_interval', 4)!r})")
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":
             raise ConfigError(f"rope_parameters.rope_type ({rope_type!r}) is not supported; only 'default'")
         names = {f.name for f in dataclasses.fields(cls)}
         kw = {k: v for k, v in d.items() if k in names}
-        kw["rope_theta"] = float(rope.get("rope_theta", d.get("rope_theta", 10000.0)))
-        kw["partial_rotary_factor"] = float(rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 0.25)))
+        kw["rope_theta"] = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+        kw["partial_rotary_factor"] = rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 0.25))
         if "layer_types" not in d or d["layer_types"] is None:
             kw["layer_types"] = hybrid_layer_types(d["num_hidden_layers"], d.get("full_attention_interval", 4))
         if isinstance(kw.get("eos_token_id"), list):
             kw["eos_token_id"] = kw["eos_token_id"][0] if kw["eos_token_id"] else None
         kw["mlp_only_layers"] = kw.get("mlp_only_layers") or []
-        kw["mtp_num_hidden_layers"] = int(d.get("mtp_num_hidden_layers", d.get("num_nextn_predict_layers", 0)) or 0)
-        for k in ("num_experts",):
-            kw[k] = int(kw.get(k) or 0)
+        kw["mtp_num_hidden_layers"] = d.get("mtp_num_hidden_layers", d.get("num_nextn_predict_layers", 0)) or 0
+        kw["num_experts"] = kw.get("num_experts") or 0
         return cls(**kw)
 
     def save(self, path: str | Path) -> None:

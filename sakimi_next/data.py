@@ -45,7 +45,8 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from .tokenizer import Tokenizer, train_tokenizer
-from .util import UserError, atomic_write_text, format_table, sha256_file
+from .util import (UserError, carry_over, format_table, inside, is_int, is_sha256, json_field, json_object,
+                   publish_dir, sha256_file)
 
 say = functools.partial(print, flush=True)  # progress lines should show up at once in logs too
 
@@ -492,15 +493,22 @@ def _rel_or_abs(path: Path, base: Path) -> str:
 
 def _read_meta_quietly(out_dir: Path) -> dict | None:
     try:
-        meta = json.loads((out_dir / "meta.json").read_text("utf-8"))
-        return meta if isinstance(meta, dict) and meta.get("format") == FORMAT else None
-    except (OSError, ValueError):
+        return load_meta(out_dir)
+    except UserError:
         return None
 
 
+def _is_count(v) -> bool:
+    return is_int(v) and v >= 0
+
+
+SPLIT_FIELDS = {"file": (lambda v: isinstance(v, str), "a file name"), "tokens": (_is_count, "an integer >= 0"),
+                "documents": (_is_count, "an integer >= 0"), "bytes": (_is_count, "an integer >= 0")}
+
+
 def load_meta(data_dir) -> dict:
-    """meta.json of a prepared data directory; a UserError when the directory or the file is missing
-    or unreadable."""
+    """meta.json of a prepared data directory, checked field by field; a UserError when the directory or
+    the file is missing, unreadable or wrong."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise UserError(f"data directory not found: {data_dir}; create it with --mode prepare_data")
@@ -513,17 +521,29 @@ def load_meta(data_dir) -> dict:
         raise UserError(f"{path} is not readable JSON ({e}); run --mode prepare_data again") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise UserError(f"{path} is not a format-{FORMAT} meta.json; run --mode prepare_data again")
-    missing = [k for k in ("vocab_size", "dtype", "eot_id", "pad_id", "tokenizer", "tokenizer_sha256", "splits")
-               if k not in meta]
-    if missing:
-        raise UserError(f"{path} lacks {missing[0]!r}; run --mode prepare_data again")
+    vocab = json_field(meta, path, "vocab_size", lambda v: is_int(v) and v > 0, "a positive integer")
+    json_field(meta, path, "dtype", lambda v: v in ("uint16", "uint32"), '"uint16" or "uint32"')
+    for name in ("eot_id", "pad_id"):
+        json_field(meta, path, name, lambda v: is_int(v) and 0 <= v < vocab, f"an integer in 0..{vocab - 1}")
+    json_field(meta, path, "tokenizer", lambda v: isinstance(v, str) and v, "a path")
+    json_field(meta, path, "tokenizer_sha256", is_sha256, "a sha256 hex digest")
+    splits = json_field(meta, path, "splits", lambda v: isinstance(v, dict), "an object")
+    for split, info in splits.items():
+        where = f"{path} (split {split!r})"
+        json_object(info, where)
+        for name, (ok, must) in SPLIT_FIELDS.items():
+            json_field(info, where, name, ok, must)
+        inside(data_dir, info["file"], where)
     return meta
 
 
 def tokenizer_path(data_dir, meta: dict | None = None) -> Path:
-    """Where the tokenizer of a data directory is (meta.json's path is relative to the directory)."""
+    """Where the tokenizer of a data directory is: meta.json's path is relative to the directory and stays
+    inside it, or absolute for a tokenizer given with --tokenizer from elsewhere (verified by its sha256)."""
     meta = meta or load_meta(data_dir)
-    return Path(data_dir) / meta["tokenizer"]  # an absolute path stays absolute
+    if Path(meta["tokenizer"]).is_absolute():
+        return Path(meta["tokenizer"])
+    return inside(data_dir, meta["tokenizer"], Path(data_dir) / "meta.json")
 
 
 def load_tokenizer(data_dir) -> Tokenizer:
@@ -541,7 +561,7 @@ def open_split(data_dir, split: str) -> np.ndarray:
     if split not in meta["splits"]:
         raise UserError(f"{data_dir} has no {split!r} split (it has: {', '.join(meta['splits'])})")
     info = meta["splits"][split]
-    path = Path(data_dir) / info["file"]
+    path = inside(data_dir, info["file"], Path(data_dir) / "meta.json")
     dtype = np.dtype(meta["dtype"]).newbyteorder("<")
     expected = info["tokens"] * dtype.itemsize
     if not path.is_file() or path.stat().st_size != expected:
@@ -726,8 +746,10 @@ def prepare_data(train_data: list[str] | None, val_data: list[str] | None, out_d
         rate = tokenizer_sample_rate(scan)
         return tokenizer_sample(pieces(), rate, seed, sum(scan.bytes)), (f", a {rate:.1%} sample" if rate < 1 else "")
 
+    if out_dir.is_symlink():
+        out_dir = out_dir.resolve()  # the directory is swapped where the link leads; the link stays
     with _cleanup_new_dirs(out_dir, tok_path.parent):
-        _check_writable(out_dir)
+        _check_writable(out_dir.parent)
         _check_writable(tok_path.parent)
 
         # 4. the tokenizer
@@ -737,34 +759,41 @@ def prepare_data(train_data: list[str] | None, val_data: list[str] | None, out_d
                                           train_texts)
         check_vocab(config, tok, allow_vocab_mismatch)
 
-        # 5. tokens into temporary files, then everything into place, meta.json last
+        # 5. the new directory built beside the old one, which stays complete until the swap
         dtype = token_dtype(tok.vocab_size)
-        writers = {}
-        try:
-            for split in ("train", "val"):
-                writers[split] = _SplitWriter(out_dir, split, dtype)
-            t1 = time.perf_counter()
-            encode_to_files(pieces(), tok, writers, sum(scan.bytes))
-            mb_s = sum(scan.bytes) / 1e6 / max(time.perf_counter() - t1, 1e-9)
-            (out_dir / "meta.json").unlink(missing_ok=True)  # from here to the end the directory is incomplete
-            if tok.path is None or tok.path.resolve() != tok_path.resolve():
-                tok.save(tok_path)
-            for w in writers.values():
-                w.commit()
-        finally:
-            for w in writers.values():
-                if not w.f.closed:
-                    w.discard()
-    meta.update({"vocab_size": tok.vocab_size, "dtype": dtype.name, "eot_id": tok.eot_id, "pad_id": tok.pad_id,
-                 "tokenizer_sha256": tok.sha256, "tokenizer_training": fingerprint,
-                 "splits": {name: w.describe() for name, w in writers.items()}})
-    order = ("format", "vocab_size", "dtype", "eot_id", "pad_id", "tokenizer", "tokenizer_sha256", "splits",
-             "sources", "settings", "tokenizer_training")
-    meta_text = json.dumps({k: meta[k] for k in order}, indent=2, ensure_ascii=False) + "\n"
-    atomic_write_text(out_dir / "meta.json", meta_text)
+        tok_is_new = tok.path is None or tok.path.resolve() != tok_path.resolve()
+        tok_inside = tok_path.resolve().is_relative_to(out_dir.resolve())
+        with publish_dir(out_dir) as tmp:
+            written = {"train.bin", "val.bin", "meta.json"}
+            if tok_is_new and tok_inside:
+                written.add(tok_path.resolve().relative_to(out_dir.resolve()).parts[0])
+            carry_over(out_dir, tmp, skip=written)
+            writers = {}
+            try:
+                for split in ("train", "val"):
+                    writers[split] = _SplitWriter(tmp, split, dtype)
+                t1 = time.perf_counter()
+                encode_to_files(pieces(), tok, writers, sum(scan.bytes))
+                mb_s = sum(scan.bytes) / 1e6 / max(time.perf_counter() - t1, 1e-9)
+                for w in writers.values():
+                    w.commit()
+            finally:
+                for w in writers.values():
+                    if not w.f.closed:
+                        w.discard()
+            meta.update({"vocab_size": tok.vocab_size, "dtype": dtype.name, "eot_id": tok.eot_id,
+                         "pad_id": tok.pad_id, "tokenizer_sha256": tok.sha256, "tokenizer_training": fingerprint,
+                         "splits": {name: w.describe() for name, w in writers.items()}})
+            order = ("format", "vocab_size", "dtype", "eot_id", "pad_id", "tokenizer", "tokenizer_sha256", "splits",
+                     "sources", "settings", "tokenizer_training")
+            (tmp / "meta.json").write_text(json.dumps({k: meta[k] for k in order}, indent=2, ensure_ascii=False)
+                                           + "\n", encoding="utf-8")
+            if tok_is_new:  # a tokenizer outside the directory is written last, just before the swap
+                tok.save(tmp / tok_path.resolve().relative_to(out_dir.resolve()) if tok_inside else tok_path)
+                tok.path = tok_path
 
     rows = [(name, f"{w.documents:,}", f"{w.tokens:,}", f"{w.bytes:,}", f"{w.bytes / max(w.tokens, 1):.2f}",
-             str(w.final)) for name, w in writers.items()]
+             str(out_dir / w.file)) for name, w in writers.items()]
     say(format_table(rows, ("split", "documents", "tokens", "bytes", "bytes/token", "file")))
     rss = _peak_rss_mb()
     say(f"wrote {out_dir / 'meta.json'} ({dtype.name} tokens, tokenizer {tok_path}) in "

@@ -11,13 +11,19 @@ The in-memory parameter names are transformers' own, so conversion is only about
 - multi-token-prediction weights keep the released `mtp.*` names; transformers ignores them on load;
 - the tokenizer is written as `tokenizer.json` plus `tokenizer_config.json` and `special_tokens_map.json`
   for `AutoTokenizer`.
-Only safetensors are read: a directory with only pickled `.bin` weights is refused.
+Only safetensors are read: a directory with only pickled `.bin` weights is refused. Every JSON file read
+(config.json, the index) is checked field by field, and file names in the index must stay inside the
+directory.
+
+Export builds the directory beside `--out-dir` and swaps it in (`util.publish_dir`). It writes
+`sakimi_export.json` (the files it wrote, the source step and its tokenizer's sha256) and replaces only
+a directory holding an earlier export and nothing else; never the current directory, the source
+checkpoint, or a directory that contains either.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -25,11 +31,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from . import checkpoint as ckpt
 from .config import Config, ConfigError
-from .util import UserError, umask
+from .util import UserError, inside, is_int, is_sha256, json_field, json_object, publish_dir, read_json_file, sha256_file
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
+EXPORT_RECORD = "sakimi_export.json"  # marks a directory as this project's export
 _STACKED = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
 _PER_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
@@ -86,33 +94,29 @@ def is_hf_dir(path: Path) -> bool:
 
 
 def load_hf_config(path: str | Path) -> Config:
-    p = Path(path)
-    try:
-        d = json.loads((p / "config.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read {p / 'config.json'}: {e}") from None
+    p = Path(path) / "config.json"
+    d = json_object(read_json_file(p), p)
     if d.get("model_type") != "qwen3_next":
-        raise UserError(f"{p} holds a {d.get('model_type')!r} model, not qwen3_next")
+        raise UserError(f"{p.parent} holds a {d.get('model_type')!r} model, not qwen3_next")
     try:
         return Config.from_hf_dict(d)
     except ConfigError as e:
-        raise UserError(f"{p / 'config.json'}: {e}") from None
+        raise UserError(f"{p}: {e}") from None
     except (TypeError, KeyError) as e:
-        raise UserError(f"{p / 'config.json'} is not a valid Qwen3-Next config ({e})") from None
+        raise UserError(f"{p} is not a valid Qwen3-Next config ({type(e).__name__}: {e})") from None
 
 
 def weight_files(path: Path) -> list[Path]:
     p = Path(path)
     if (p / INDEX).is_file():
-        try:
-            index = json.loads((p / INDEX).read_text())
-            files = sorted(set(index["weight_map"].values()))
-        except (OSError, json.JSONDecodeError, KeyError) as e:
-            raise UserError(f"invalid {p / INDEX}: {e}") from None
-        missing = [f for f in files if not (p / f).is_file()]
+        index = json_object(read_json_file(p / INDEX), p / INDEX)
+        weight_map = json_field(index, p / INDEX, "weight_map", lambda v: isinstance(v, dict) and v and all(
+            isinstance(f, str) for f in v.values()), "an object of tensor name -> file name")
+        files = [inside(p, f, p / INDEX) for f in sorted(set(weight_map.values()))]
+        missing = [f for f in files if not f.is_file()]
         if missing:
-            raise UserError(f"{p} lacks the weight shard {missing[0]} listed in {INDEX}")
-        return [p / f for f in files]
+            raise UserError(f"{p} lacks the weight shard {missing[0].name} listed in {INDEX}")
+        return files
     if (p / WEIGHTS).is_file():
         return [p / WEIGHTS]
     if any(p.glob("*.bin")):
@@ -123,13 +127,11 @@ def weight_files(path: Path) -> list[Path]:
 
 def load_hf_tensors(path: str | Path, config: Config | None = None) -> dict[str, torch.Tensor]:
     """All tensors of a Hugging Face directory, renamed to this project's in-memory names."""
-    from .checkpoint import load_tensors
-
     p = Path(path)
     config = config or load_hf_config(p)
     tensors: dict[str, torch.Tensor] = {}
     for f in weight_files(p):
-        tensors.update(load_tensors(f))
+        tensors.update(ckpt.load_tensors(f))
     tensors = from_hf_tensors(tensors)
     if not config.mtp_num_hidden_layers:
         tensors = {k: v for k, v in tensors.items() if not k.startswith("mtp.")}
@@ -241,23 +243,41 @@ def model_card(config: Config, state: dict, metrics: list[dict], n_params: int) 
     return "\n".join(lines) + "\n"
 
 
-def export(ckpt_path: str | Path, out_dir: str | Path, shard_bytes: int = 2 * 1024**3) -> Path:
-    """Write a transformers model directory from a training checkpoint. Built in a temporary directory
-    beside `out_dir` and renamed into place."""
-    import tempfile
+def export_record(path: str | Path) -> dict:
+    """`sakimi_export.json` of an exported directory, checked; {} when there is none."""
+    p = Path(path) / EXPORT_RECORD
+    if not p.is_file():
+        return {}
+    record = json_object(read_json_file(p), p)
+    json_field(record, p, "files", lambda v: isinstance(v, dict) and all(is_sha256(h) for h in v.values()),
+               "an object of file name -> sha256")
+    if "tokenizer_sha256" in record:
+        json_field(record, p, "tokenizer_sha256", is_sha256, "a sha256 hex digest")
+    return record
 
-    from . import checkpoint as ckpt
 
-    src = ckpt.resolve_checkpoint(ckpt_path)
-    if not (src / ckpt.TOKENIZER_FILE).is_file():
-        raise UserError(f"checkpoint {src} has no {ckpt.TOKENIZER_FILE} to export")
-    from .tokenizer import Tokenizer
+def _check_out_dir(out: Path, src: Path) -> None:
+    """Export replaces `out` whole: refuse anything whose loss would hurt (see the module docstring)."""
+    resolved, here = out.resolve(), Path.cwd().resolve()
+    for name, guarded in (("the current directory", here), ("the source checkpoint", src)):
+        if resolved == guarded or guarded.is_relative_to(resolved):
+            raise UserError(f"--out-dir {out} is or contains {name}; export into a new directory")
+    if resolved.is_relative_to(src):
+        raise UserError(f"--out-dir {out} is inside the source checkpoint {src}; export into a new directory")
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise UserError(f"--out-dir {out} exists and is not a directory; export into a new directory")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not (out / EXPORT_RECORD).is_file():
+        raise UserError(f"--out-dir {out} is not empty and holds no earlier export ({EXPORT_RECORD}); "
+                        "export into a new or empty directory")
+    foreign = sorted({p.name for p in out.iterdir()} - set(export_record(out)["files"]) - {EXPORT_RECORD})
+    if foreign:
+        raise UserError(f"--out-dir {out} holds an earlier export and also {foreign[0]!r}, which export did not "
+                        "write; move it away or export into a new directory")
 
-    config = ckpt.load_config(src)
-    state = ckpt.read_json(src / ckpt.STATE_FILE)
-    tensors = ckpt.load_tensors(src / ckpt.MODEL_FILE)
-    tokenizer = Tokenizer.load(src / ckpt.TOKENIZER_FILE)
-    metrics_file = src.parent / "metrics.jsonl"
+
+def _metrics_until(metrics_file: Path, step: int) -> list[dict]:
     metrics = []
     if metrics_file.is_file():
         for line in metrics_file.read_text().splitlines():
@@ -265,17 +285,29 @@ def export(ckpt_path: str | Path, out_dir: str | Path, shard_bytes: int = 2 * 10
                 m = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if m.get("step", 0) <= (state.get("step") or 0):
+            if isinstance(m, dict) and is_int(m.get("step")) and m["step"] <= step:
                 metrics.append(m)
+    return metrics
+
+
+def export(ckpt_path: str | Path, out_dir: str | Path, shard_bytes: int = 2 * 1024**3) -> Path:
+    """Write a transformers model directory from a training checkpoint. Built in a temporary directory
+    beside `out_dir` and swapped into place; `out_dir` may only hold an earlier export."""
+    from .tokenizer import Tokenizer
+
+    src = ckpt.resolve_checkpoint(ckpt_path)
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        if not (out / "config.json").is_file():
-            raise UserError(f"--out-dir {out} exists and is not an exported model; choose an empty or new directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        hf = config.to_hf_dict()
-        (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    _check_out_dir(out, src)
+    if not (src / ckpt.TOKENIZER_FILE).is_file():
+        raise UserError(f"checkpoint {src} has no {ckpt.TOKENIZER_FILE} to export")
+    config = ckpt.load_config(src)
+    state = ckpt.read_state(src)
+    tensors = ckpt.load_tensors(src / ckpt.MODEL_FILE)
+    tokenizer = Tokenizer.load(src / ckpt.TOKENIZER_FILE)
+    ckpt.check_tokenizer(config, tokenizer, state.get("tokenizer_sha256"), src)
+    metrics = _metrics_until(src.parent / "metrics.jsonl", state["step"])
+    with publish_dir(out) as tmp:
+        (tmp / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
         gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
                "pad_token_id": config.pad_token_id, "do_sample": True, "temperature": 0.8, "top_k": 50,
                "top_p": 0.95}
@@ -284,13 +316,8 @@ def export(ckpt_path: str | Path, out_dir: str | Path, shard_bytes: int = 2 * 10
         tokenizer_files(tokenizer, tmp, config.max_position_embeddings)
         n_params = sum(t.numel() for k, t in tensors.items())
         (tmp / "README.md").write_text(model_card(config, state, metrics, n_params))
-        for f in tmp.iterdir():
-            os.chmod(f, 0o666 & ~umask())
-        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes private directories
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        record = {"format": 1, "exported_by": "sakimi-next", "step": state["step"],
+                  "tokenizer_sha256": tokenizer.sha256,
+                  "files": {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}}
+        (tmp / EXPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     return out

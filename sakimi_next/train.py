@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
+from . import pretrained
 from .config import RECOMMENDED_PRESET, TRAINING_DEFAULTS, Config, fmt_count, preset
 from .model import GatedDeltaNet, Qwen3NextForCausalLM, RMSNorm
 from .tokenizer import Tokenizer
@@ -410,12 +411,12 @@ def _starting_point(s: TrainSettings, tokenizer: Tokenizer, console: Console) ->
     out_dir = s.out_dir or Path(f"runs/{preset_name or RECOMMENDED_PRESET}")
     resume_path = None
     if s.resume_from == "auto":
-        resume_path = ckpt.find_latest(out_dir)
+        resume_path = ckpt.find_latest(out_dir, verify=True)
         console.log(f"resume: {'from ' + str(resume_path) if resume_path else 'no checkpoint in ' + str(out_dir) + ', starting fresh'}")
     elif s.resume_from:
         resume_path = ckpt.resolve_checkpoint(s.resume_from)
     if resume_path is not None:
-        state = ckpt.read_json(resume_path / ckpt.STATE_FILE)
+        state = ckpt.read_state(resume_path)
         if preset_name and state.get("preset") and preset_name != state["preset"]:
             raise UserError(f"checkpoint {resume_path} is a {state['preset']} model, not {preset_name}")
         if state.get("tokenizer_sha256") and state["tokenizer_sha256"] != tokenizer.sha256:
@@ -424,7 +425,7 @@ def _starting_point(s: TrainSettings, tokenizer: Tokenizer, console: Console) ->
         start = Start(state.get("preset") or preset_name, ckpt.load_config(resume_path),
                       s.out_dir or resume_path.parent, resume_path, state)
     elif s.init_from:
-        start = Start(preset_name or "custom", ckpt.load_pretrained_config(s.init_from), out_dir)
+        start = Start(preset_name or "custom", pretrained.load_pretrained_config(s.init_from), out_dir)
         _init_tokenizer_check(s.init_from, tokenizer, s.data_dir)
     else:
         preset_name = preset_name or RECOMMENDED_PRESET
@@ -444,7 +445,7 @@ def _build_model(s: TrainSettings, start: Start, seed: int, device: torch.device
     torch.manual_seed(seed)
     model = Qwen3NextForCausalLM(start.config)
     if s.init_from and start.resume_path is None:
-        ckpt.load_pretrained_weights(model, s.init_from)
+        pretrained.load_pretrained_weights(model, s.init_from)
     if start.resume_path is not None:
         ckpt.load_weights(model, ckpt.load_tensors(start.resume_path / ckpt.MODEL_FILE), start.resume_path)
     model.to(device)

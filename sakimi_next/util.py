@@ -1,11 +1,18 @@
-"""Small shared helpers: atomic file writes, user-facing errors, hashing."""
+"""Small shared helpers: atomic file and directory writes, user-facing errors, hashing."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
 import hashlib
+import json
 import os
+import shutil
+import sys
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 
 class UserError(Exception):
@@ -54,12 +61,160 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where the
+    system or the file system cannot."""
+    rename2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None) if sys.platform == "linux" else None
+    if rename2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if rename2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file and directory under `root` to disk."""
+    os.chmod(root, 0o777 & ~umask())  # mkdtemp makes private directories
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            f = os.path.join(dirpath, name)
+            if not os.path.islink(f):
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        fsync_dir(dirpath)
+
+
+def recover_dir(final: str | Path) -> None:
+    """Put back the previous result of an interrupted two-rename publish (see `publish_dir`)."""
+    final = Path(final)
+    old = final.parent / f".{final.name}.old"
+    if old.is_dir() and not os.path.lexists(final):
+        os.rename(old, final)
+    elif old.is_dir():
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def publish_dir(final: str | Path) -> Iterator[Path]:
+    """Build a directory and publish it at `final` atomically.
+
+        with publish_dir(out) as tmp:
+            write files into tmp
+
+    The body writes into a temporary sibling of `final`; on success every file is fsync'd and the new
+    directory takes the place of the old one, so that at every instant `final` is either the old
+    complete directory or the new complete one (where the system cannot swap two directories in one
+    step, the old one waits as `.NAME.old` for the instant between two renames and `recover_dir` puts it
+    back after a crash). On failure or interruption the temporary directory is removed and `final` is
+    untouched. Re-publishing is a swap: the old version is deleted only once the new one is in place.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    recover_dir(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if not os.path.lexists(final):
+            os.rename(tmp, final)
+        elif _exchange(tmp, final):
+            pass  # tmp now holds the previous version
+        else:
+            old = final.parent / f".{final.name}.old"
+            os.rename(final, old)
+            os.rename(tmp, final)
+            os.rename(old, tmp)
+        fsync_dir(final.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def carry_over(old: Path, new: Path, skip: set[str]) -> None:
+    """Hard-link (or copy) the entries of directory `old` that are not in `skip` into `new`, so that a
+    directory rebuilt with `publish_dir` keeps what else the user kept in it."""
+    if not old.is_dir():
+        return
+    for entry in old.iterdir():
+        if entry.name in skip:
+            continue
+        target = new / entry.name
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, target, symlinks=True, copy_function=_link_or_copy)
+        elif entry.is_symlink():
+            os.symlink(os.readlink(entry), target)
+        else:
+            _link_or_copy(entry, target)
+
+
+def _link_or_copy(src, dst) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+_REQUIRED = object()
+
+
+def read_json_file(path: str | Path):
+    """The parsed content of a JSON file; unreadable or invalid JSON is a UserError naming the file."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+
+
+def json_object(value, where: str | Path) -> dict:
+    if not isinstance(value, dict):
+        from .config import json_kind
+
+        raise UserError(f"{where} must hold a JSON object, not {json_kind(value)}")
+    return value
+
+
+def json_field(d: dict, where: str | Path, name: str, ok, must: str, default=_REQUIRED):
+    """`d[name]`, checked: `ok(value)` must hold, else a UserError naming the file, the field and what it
+    must be. A missing field is `default`, or an error when there is none."""
+    if name not in d:
+        if default is _REQUIRED:
+            raise UserError(f"{where} lacks the field {name!r}")
+        return default
+    value = d[name]
+    if not ok(value):
+        raise UserError(f"{where}: field {name!r} is {json.dumps(value)[:60]}; it must be {must}")
+    return value
+
+
+def is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_sha256(v) -> bool:
+    return isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v)
+
+
+def inside(directory: str | Path, name, where: str | Path) -> Path:
+    """`directory / name` for a file name read from metadata (`where`), refused unless it is a plain
+    relative name that stays inside `directory`, symlinks included."""
+    directory = Path(directory)
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise UserError(f"{where} names the file {name!r}, which is not a relative path inside {directory}")
+    path = directory / name
+    if not path.resolve().is_relative_to(directory.resolve()):
+        raise UserError(f"{where} names {name!r}, which leads outside {directory} (through a symlink)")
+    return path
 
 
 def resolve_device(name: str = "auto"):

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from sakimi_next.checkpoint import load_for_inference
+from sakimi_next.pretrained import load_for_inference
 from sakimi_next.generate import generate, speculative_generate
 
 PROMPTS = ["ROMEO:\n", "First Citizen:\nWe are accounted poor citizens", "KING RICHARD III:\nNow is the winter",

@@ -13,6 +13,8 @@ from sakimi_next.data import check_vocab, load_meta, load_tokenizer, open_split,
 from sakimi_next.tokenizer import Tokenizer, train_tokenizer
 from sakimi_next.util import UserError
 
+from .helpers import chinese_text, english_text
+
 ENGLISH = "\n\n".join(
     f"Story {i}. Once upon a time, a little {animal} named {name} lived near the river.\n"
     f"Every day {name} counted {i * 7} stones and sang a song about the {animal}s."
@@ -367,15 +369,9 @@ def test_reading_prepared_data_errors(run, corpus, tmp_path):
 # a small real corpus
 
 
-def head(path, n=100_000):
-    """The first `n` bytes of a file, cut back to the last newline."""
-    raw = path.read_bytes()[:n]
-    return raw[:raw.rfind(b"\n") + 1].decode("utf-8")
-
-
-def test_real_corpus_end_to_end(run, shared_data, tmp_path):
-    en = head(shared_data / "tinystories" / "tinystories_mini.txt")
-    zh = head(shared_data / "zh_novels" / "hongloumeng.txt")
+def test_larger_corpus_end_to_end(run, tmp_path):
+    en = english_text(100_000)
+    zh = chinese_text(33_000)
     (tmp_path / "en.txt").write_text(en)
     (tmp_path / "zh.txt").write_text(zh)
     out = tmp_path / "out"

@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 
-from sakimi_next.checkpoint import load_for_inference
+from sakimi_next.pretrained import load_for_inference
 from sakimi_next.cli import main
 from sakimi_next.config import preset
 from sakimi_next.generate import generate
@@ -14,7 +14,7 @@ from sakimi_next.interop import export, from_hf_tensors, load_hf_config, load_hf
 from sakimi_next.model import Qwen3NextForCausalLM
 from sakimi_next.tokenizer import train_tokenizer
 
-from .helpers import SHARED_DATA, make_checkpoint, mixed_corpus, small_config, train_briefly
+from .helpers import make_checkpoint, mixed_corpus, small_config, train_briefly
 
 ENGLISH = "Once upon a time, a little girl named Lily found a shiny red ball in the park.\n"
 CHINESE = "却说贾母正在房中与众人说笑，忽见宝玉进来，便问：“你往哪里去了？”\n"
@@ -22,8 +22,6 @@ CHINESE = "却说贾母正在房中与众人说笑，忽见宝玉进来，便问
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    if not SHARED_DATA.is_dir():
-        pytest.skip("shared corpora not found")
     tok = train_tokenizer([mixed_corpus()], 1024)
     tok.save(tmp_path_factory.mktemp("tok") / "tokenizer.json")
     return tok

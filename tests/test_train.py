@@ -16,7 +16,7 @@ from sakimi_next import checkpoint as ckpt
 from sakimi_next.cli import main
 from sakimi_next.data import prepare_data
 
-from .helpers import ROOT, SHARED_DATA, read_head
+from .helpers import ROOT, english_text
 
 TRAIN = ["--mode", "train", "--config", "tiny_5m", "--batch-size", "4", "--seq-len", "64", "--learning-rate", "3e-3",
          "--warmup-steps", "2", "--eval-batches", "2", "--print-every", "1", "--device", "cpu"]
@@ -24,11 +24,9 @@ TRAIN = ["--mode", "train", "--config", "tiny_5m", "--batch-size", "4", "--seq-l
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    """~100 KB of TinyStories, prepared with the tiny_5m vocabulary (2048)."""
-    if not SHARED_DATA.is_dir():
-        pytest.skip("shared corpora not found")
+    """~100 KB of the CPython docs, prepared with the tiny_5m vocabulary (2048)."""
     root = tmp_path_factory.mktemp("data")
-    (root / "stories.txt").write_text(read_head(SHARED_DATA / "tinystories" / "tinystories_mini.txt", 100_000))
+    (root / "stories.txt").write_text(english_text(100_000))
     return prepare_data([str(root / "stories.txt")], None, root / "prepared", vocab_size=2048)
 
 
@@ -115,7 +113,7 @@ def test_interrupted_while_saving(data_dir, tmp_path, monkeypatch):
     assert train(data_dir, tmp_path / "cut", *common) == 130  # the CLI reports the interrupt
     monkeypatch.setattr(ckpt, "_write_json", real)
     run = tmp_path / "cut"
-    assert not list(run.glob(".tmp-*"))  # the half-written checkpoint was removed
+    assert not list(run.glob(".step_*.tmp-*"))  # the half-written checkpoint was removed
     assert ckpt.find_latest(run).name == "step_000004"
     assert train(data_dir, run, *common, "--resume-from", "auto") == 0
     assert losses(run) == losses(tmp_path / "whole")
@@ -136,7 +134,7 @@ def test_full_disk_keeps_previous_checkpoint(data_dir, tmp_path, monkeypatch, ca
     err = capsys.readouterr().err
     assert "No space left on device" in err and "step_000003 is intact" in err
     assert ckpt.find_latest(tmp_path / "run").name == "step_000003"
-    assert not list((tmp_path / "run").glob(".tmp-*"))
+    assert not list((tmp_path / "run").glob(".step_*.tmp-*"))
 
 
 def test_nonfinite_loss_stops_or_skips(data_dir, tmp_path, monkeypatch, capsys):
@@ -224,9 +222,7 @@ def test_missing_data_dir(tmp_path, capsys):
 
 
 def test_vocab_mismatch(tmp_path, capsys):
-    if not SHARED_DATA.is_dir():
-        pytest.skip("shared corpora not found")
-    (tmp_path / "t.txt").write_text(read_head(SHARED_DATA / "tinystories" / "tinystories_mini.txt", 100_000))
+    (tmp_path / "t.txt").write_text(english_text(100_000))
     big = prepare_data([str(tmp_path / "t.txt")], None, tmp_path / "big", vocab_size=2400,
                        allow_vocab_mismatch=True)
     rc = main([*TRAIN, "--data-dir", str(big), "--out-dir", str(tmp_path / "run"), "--steps", "2"])

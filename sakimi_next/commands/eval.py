@@ -85,7 +85,7 @@ def run(s: EvalSettings) -> int:
     import numpy as np
     import torch
 
-    from ..checkpoint import load_for_inference
+    from ..pretrained import load_for_inference
 
     model, tokenizer, info = load_for_inference(s.checkpoint, s.device, s.kernel)
     window = min(s.seq_len or info.get("seq_len") or 256, model.config.max_position_embeddings)

@@ -214,7 +214,7 @@ class Session:
 
 
 def run(s: GenerateSettings) -> int:
-    from ..checkpoint import load_for_inference
+    from ..pretrained import load_for_inference
 
     prompts = _stdin_prompts(s)
     model, tokenizer, info = load_for_inference(s.checkpoint, s.device, s.kernel)

@@ -1,0 +1,83 @@
+"""A model ready to use, from a training checkpoint or from a Hugging Face directory.
+
+Dependencies run one way: `checkpoint` (our checkpoints) <- `interop` (the Hugging Face format, and
+export from a checkpoint) <- this module, which reads either kind of directory. Every path here checks
+the model and its tokenizer together (`checkpoint.check_tokenizer`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from . import checkpoint as ckpt
+from . import interop
+from .config import Config
+from .util import UserError
+
+
+def is_ours(path: Path) -> bool:
+    return ckpt.is_checkpoint(path) or ckpt.is_checkpoint(path / "latest")
+
+
+def load_pretrained_config(path: str | Path) -> Config:
+    """The Config of a training checkpoint or of a Hugging Face Qwen3-Next directory."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"model path not found: {p}")
+    if is_ours(p):
+        return ckpt.load_config(ckpt.resolve_checkpoint(p, verify=False))
+    if interop.is_hf_dir(p):
+        return interop.load_hf_config(p)
+    raise UserError(f"not a checkpoint or a Hugging Face model directory: {p}")
+
+
+def load_pretrained_weights(model: torch.nn.Module, path: str | Path) -> None:
+    p = Path(path)
+    if is_ours(p):
+        c = ckpt.resolve_checkpoint(p)
+        ckpt.load_weights(model, ckpt.load_tensors(c / ckpt.MODEL_FILE), c)
+        return
+    ckpt.load_weights(model, interop.load_hf_tensors(p), p)
+
+
+def load_for_inference(path: str | Path, device: str = "auto", kernel: str = "auto"):
+    """A model ready to generate or evaluate, from a training checkpoint or a Hugging Face directory.
+    Returns (model in eval mode on the device, tokenizer, info dict)."""
+    from .model import Qwen3NextForCausalLM
+    from .tokenizer import Tokenizer
+    from .util import resolve_device
+
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"checkpoint not found: {p}")
+    info: dict = {"source": str(p)}
+    if is_ours(p):
+        c = ckpt.resolve_checkpoint(p)
+        if not (c / ckpt.TOKENIZER_FILE).is_file():
+            raise UserError(f"checkpoint {c} has no {ckpt.TOKENIZER_FILE}; it cannot encode or decode text")
+        config = ckpt.load_config(c)
+        state = ckpt.read_state(c)
+        tensors = ckpt.load_tensors(c / ckpt.MODEL_FILE)
+        tokenizer = Tokenizer.load(c / ckpt.TOKENIZER_FILE)
+        ckpt.check_tokenizer(config, tokenizer, state.get("tokenizer_sha256"), c)
+        info.update(kind="checkpoint", step=state.get("step"), preset=state.get("preset"),
+                    seq_len=(state.get("args") or {}).get("seq_len"))
+    else:
+        if not interop.is_hf_dir(p):
+            raise UserError(f"not a checkpoint or a Hugging Face model directory: {p}")
+        config = interop.load_hf_config(p)
+        tensors = interop.load_hf_tensors(p)
+        tokenizer = None  # read after the weights: a weight problem is the one to report first
+        info.update(kind="huggingface")
+    dev = resolve_device(device)
+    model = Qwen3NextForCausalLM(config)
+    ckpt.load_weights(model, tensors, p)
+    if tokenizer is None:
+        tokenizer = interop.load_hf_tokenizer(p)
+        ckpt.check_tokenizer(config, tokenizer, interop.export_record(p).get("tokenizer_sha256"), p)
+    model.to(dev).eval()
+    model.set_kernel(kernel, dev)
+    info.update(device=str(dev), kernel=model.kernel, parameters=model.num_parameters())
+    return model, tokenizer, info
