@@ -8,7 +8,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..evaluate import score, summarize
 from ..util import UserError
 from . import common
 
@@ -86,6 +85,7 @@ def run(s: EvalSettings) -> int:
     import torch
 
     from ..checkpoint import load_for_inference
+    from ..evaluate import score, summarize
 
     model, tokenizer, info = load_for_inference(s.checkpoint, s.device, s.kernel)
     window = min(s.seq_len or info.get("seq_len") or 256, model.config.max_position_embeddings)
