@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .settings import Hyperparameters
+
 LINEAR = "linear_attention"
 FULL = "full_attention"
 
@@ -331,36 +333,21 @@ PRESETS: dict[str, dict] = {
 RECOMMENDED_PRESET = "tiny_10m"
 
 
-@dataclass(frozen=True)
-class TrainingDefaults:
-    """What `--mode train` uses for a setting the command line leaves out (the README's table)."""
-
-    batch_size: int
-    seq_len: int
-    learning_rate: float
-    warmup_steps: int  # cut to a tenth of --steps for short runs
-    steps: int
-    save_every: int = 250
-    eval_every: int = 200
-    eval_batches: int = 16
-    grad_accum: int = 1
-    weight_decay: float = 0.1
-    no_decay_norms: bool = False
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    seed: int = 0
-    mtp_weight: float = 0.0
-    document_masking: bool = False
-    min_lr: float | None = None  # None: learning_rate / 10
-
-
-# Training defaults per preset; a model that is no preset (--init-from) takes the recommended one's.
-TRAINING_DEFAULTS: dict[str, TrainingDefaults] = {
-    "tiny_5m": TrainingDefaults(batch_size=16, seq_len=256, learning_rate=2e-3, warmup_steps=100, steps=2000),
-    "tiny_10m": TrainingDefaults(batch_size=16, seq_len=256, learning_rate=1e-3, warmup_steps=100, steps=5000),
-    "tiny_10m_moe": TrainingDefaults(batch_size=16, seq_len=256, learning_rate=1e-3, warmup_steps=100, steps=5000),
-    "small_50m": TrainingDefaults(batch_size=16, seq_len=512, learning_rate=6e-4, warmup_steps=500, steps=20000),
+# Training defaults per preset, for what the command line leaves out (the README's table); a model
+# that is no preset (--init-from) takes the recommended preset's. The warm-up is cut to a tenth of
+# --steps for short runs; min_lr None is learning_rate / 10.
+_SHARED_TRAINING = dict(save_every=250, eval_every=200, eval_batches=16, grad_accum=1, weight_decay=0.1,
+                        no_decay_norms=False, beta1=0.9, beta2=0.95, grad_clip=1.0, seed=0, mtp_weight=0.0,
+                        document_masking=False, min_lr=None)
+TRAINING_DEFAULTS: dict[str, Hyperparameters] = {
+    "tiny_5m": Hyperparameters(
+        **_SHARED_TRAINING, batch_size=16, seq_len=256, learning_rate=2e-3, warmup_steps=100, steps=2000),
+    "tiny_10m": Hyperparameters(
+        **_SHARED_TRAINING, batch_size=16, seq_len=256, learning_rate=1e-3, warmup_steps=100, steps=5000),
+    "tiny_10m_moe": Hyperparameters(
+        **_SHARED_TRAINING, batch_size=16, seq_len=256, learning_rate=1e-3, warmup_steps=100, steps=5000),
+    "small_50m": Hyperparameters(
+        **_SHARED_TRAINING, batch_size=16, seq_len=512, learning_rate=6e-4, warmup_steps=500, steps=20000),
 }
 
 

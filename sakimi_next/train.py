@@ -31,6 +31,7 @@ from . import checkpoint as ckpt
 from . import pretrained
 from .config import RECOMMENDED_PRESET, TRAINING_DEFAULTS, Config, fmt_count, preset
 from .model import GatedDeltaNet, Qwen3NextForCausalLM, RMSNorm
+from .settings import Hyperparameters, TrainSettings
 from .tokenizer import Tokenizer
 from .util import UserError, atomic_write_bytes, new_figure, resolve_device, save_png
 
@@ -258,62 +259,7 @@ class _StopRequest:
 
 
 # --------------------------------------------------------------------------------------- settings
-@dataclass(frozen=True)
-class Hyperparameters:
-    """What a resumed run takes from its checkpoint when the command line does not give it again
-    (None: not given; `resolve_hyperparameters` fills everything in)."""
-
-    steps: int | None = None
-    learning_rate: float | None = None
-    min_lr: float | None = None
-    warmup_steps: int | None = None
-    batch_size: int | None = None
-    seq_len: int | None = None
-    grad_accum: int | None = None
-    weight_decay: float | None = None
-    no_decay_norms: bool | None = None
-    beta1: float | None = None
-    beta2: float | None = None
-    grad_clip: float | None = None
-    save_every: int | None = None
-    eval_every: int | None = None
-    eval_batches: int | None = None
-    seed: int | None = None
-    mtp_weight: float | None = None
-    document_masking: bool | None = None
-
-
 RESUMABLE = tuple(f.name for f in fields(Hyperparameters))
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    """Everything a training run needs, already checked by the caller (the `train` command)."""
-
-    data_dir: Path
-    hyper: Hyperparameters = Hyperparameters()
-    preset: str | None = None  # None: the checkpoint's, else the recommended preset
-    out_dir: Path | None = None  # None: the resumed checkpoint's run directory, else runs/PRESET
-    resume_from: str | None = None  # "auto" (the latest in out_dir), a checkpoint directory, or None
-    init_from: str | None = None  # start from these weights (a checkpoint or a Hugging Face directory)
-    allow_vocab_mismatch: bool = False
-    device: str = "auto"
-    kernel: str = "auto"
-    dtype: str = "auto"  # auto = bf16 autocast on CUDA, fp32 elsewhere
-    compile: bool = False
-    fsdp: bool = False
-    keep_last: int = 3
-    print_every: int = 10
-    early_stop_patience: int = 0  # 0 = never
-    early_stop_min_delta: float = 0.0
-    skip_nonfinite: bool = False
-    max_minutes: float | None = None
-
-    def record(self, hyper: Hyperparameters) -> dict:
-        """The settings as trainer_state.json keeps them ("args"), with the resolved hyperparameters."""
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "hyper"}
-        out = {k: str(v) if isinstance(v, Path) else v for k, v in out.items()}
-        return {**out, **asdict(hyper)}
 
 
 def resolve_hyperparameters(given: Hyperparameters, resumed: dict | None, preset_name: str) -> Hyperparameters:

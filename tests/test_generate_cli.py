@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sakimi_next.cli import main
-from sakimi_next.generate import StreamDecoder
+from sakimi_next.text import StreamDecoder
 from sakimi_next.model import Qwen3NextForCausalLM
 from sakimi_next.tokenizer import train_tokenizer
 

@@ -12,7 +12,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import bench
 from ..config import preset
 from ..util import UserError, atomic_write_text, format_table, new_figure, save_png
 from . import common
@@ -73,6 +72,7 @@ def _training(s: BenchSettings, model, hf, figs: Figures) -> float:
     """Training steps at 8 x 128 and 1 x 2048 (and compiled); returns the seconds of an 8 x 128 step."""
     import torch
 
+    from .. import bench
     from ..train import build_optimizer, compile_layers
 
     repeats = 3 if s.quick else 5
@@ -105,6 +105,8 @@ def _training(s: BenchSettings, model, hf, figs: Figures) -> float:
 
 
 def _decoding(s: BenchSettings, model, hf, figs: Figures) -> None:
+    from .. import bench
+
     new_tokens = 64 if s.quick else 256
     target = ">= 1,000 tok/s and >= 20x"
     ours_tps, theirs_tps = bench.decode_tokens_per_s(model, 32, new_tokens, hf)
@@ -133,6 +135,8 @@ def _prefill(s: BenchSettings, model, hf, figs: Figures) -> float:
     """Forward 1 x 2048; returns our seconds."""
     import torch
 
+    from .. import bench
+
     x = torch.randint(0, model.config.vocab_size, (1, 2048), generator=torch.Generator().manual_seed(3))
     a, b = bench.interleaved(bench.forward_only(model, x), bench.forward_only(hf, x) if hf is not None else None,
                              repeats=3 if s.quick else 5)
@@ -143,6 +147,8 @@ def _prefill(s: BenchSettings, model, hf, figs: Figures) -> float:
 def _long_forward(s: BenchSettings, model, t2048: float, figs: Figures) -> None:
     """A long forward: peak memory (in a fresh process) and time against T=2048."""
     import torch
+
+    from .. import bench
 
     long_T = 4096 if s.quick else 16384
     mem = bench.forward_peak_memory(s.preset, long_T)
@@ -162,6 +168,7 @@ def _utilisation(s: BenchSettings, model, step_seconds: float, figs: Figures) ->
     """MFU, small_50m's training step, and where the time of a step goes (by part)."""
     import torch
 
+    from .. import bench
     from ..model import Qwen3NextForCausalLM
     from ..train import build_optimizer
 

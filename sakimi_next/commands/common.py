@@ -11,8 +11,9 @@ import os
 from pathlib import Path
 
 from ..config import PRESETS, RECOMMENDED_PRESET
-from ..kernels import KERNELS
 from ..util import UserError
+
+KERNELS = ("auto", "chunk", "recurrent", "fla")  # kernels.KERNELS, without importing torch to parse
 
 
 

@@ -8,7 +8,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..evaluate import score, summarize
 from ..util import UserError
 from . import common
 
@@ -85,6 +84,7 @@ def run(s: EvalSettings) -> int:
     import numpy as np
     import torch
 
+    from ..evaluate import score, summarize
     from ..pretrained import load_for_inference
 
     model, tokenizer, info = load_for_inference(s.checkpoint, s.device, s.kernel)

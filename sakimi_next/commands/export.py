@@ -6,7 +6,6 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..interop import export
 from . import common
 
 HELP = "write a checkpoint as a Hugging Face transformers model directory"
@@ -30,6 +29,8 @@ def settings(args: argparse.Namespace) -> ExportSettings:
 
 
 def run(s: ExportSettings) -> int:
+    from ..interop import export
+
     out = export(s.checkpoint, s.out_dir)
     files = sorted(p.name for p in out.iterdir())
     print(f"exported {s.checkpoint} -> {out}: {', '.join(files)}")

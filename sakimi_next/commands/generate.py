@@ -7,8 +7,8 @@ import sys
 import time
 from dataclasses import dataclass
 
-from ..generate import (SamplingSettings, TextRow, compiled_decoder, decode_one_token, encode_prompt,
-                        generate_tokens, speculative_generate)
+from ..settings import SamplingSettings
+from ..text import TextRow, encode_prompt
 from ..util import UserError
 from . import common
 
@@ -146,12 +146,14 @@ class Session:
     def __init__(self, s: GenerateSettings, model, tokenizer):
         import torch
 
-        self.s, self.model, self.tokenizer = s, model, tokenizer
+        from .. import generate
+
+        self.s, self.model, self.tokenizer, self.lib = s, model, tokenizer, generate
         self.generator = torch.Generator(device=model.device).manual_seed(s.seed)
-        self.decode = decode_one_token
+        self.decode = generate.decode_one_token
         if s.compile:
             print("compiling the decoding step (about a minute, once)...", file=sys.stderr, flush=True)
-            self.decode = compiled_decoder(model)
+            self.decode = generate.compiled_decoder(model)
 
     def budget(self, rows: list[list[int]]) -> int:
         room = self.model.config.max_position_embeddings - max(len(r) for r in rows)
@@ -180,8 +182,8 @@ class Session:
             if echo or len(texts) > 1:
                 sys.stdout.write(text)
             row = PrintedRow(self.tokenizer, self.s.stops, stream=True)
-            _, st = speculative_generate(self.model, prompt, self.budget([prompt]), self.s.draft_len, None,
-                                         on_token=row.add)
+            _, st = self.lib.speculative_generate(self.model, prompt, self.budget([prompt]), self.s.draft_len,
+                                                  None, on_token=row.add)
             row.finish()
             sys.stdout.write("\n")
             rows.append(row)
@@ -196,8 +198,8 @@ class Session:
         if echo and stream:
             sys.stdout.write(texts[0])
         rows = [PrintedRow(self.tokenizer, self.s.stops, stream) for _ in ids]
-        for token in generate_tokens(self.model, ids, self.budget(ids), self.s.sampling, self.tokenizer.pad_id,
-                                     self.generator, self.decode):
+        for token in self.lib.generate_tokens(self.model, ids, self.budget(ids), self.s.sampling,
+                                              self.tokenizer.pad_id, self.generator, self.decode):
             finished = [row.add(t) for row, t in zip(rows, token.tolist())]
             if all(finished):
                 break

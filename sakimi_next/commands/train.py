@@ -8,7 +8,7 @@ from functools import partial
 from pathlib import Path
 
 from ..data import DEFAULT_OUT_DIR
-from ..train import Hyperparameters, TrainSettings, run_training
+from ..settings import Hyperparameters, TrainSettings
 from ..util import UserError
 from . import common
 from .prepare_data import PrepareDataSettings, add_data_arguments, data_settings, prepare
@@ -116,4 +116,6 @@ def settings(args: argparse.Namespace) -> TrainCommandSettings:
 
 
 def run(s: TrainCommandSettings) -> int:
+    from ..train import run_training
+
     return run_training(s.training, partial(prepare, s.prepare) if s.prepare else None)

@@ -1,0 +1,94 @@
+"""The typed settings the library takes: training (`Hyperparameters`, `TrainSettings`) and sampling
+(`SamplingSettings`). No torch here, so the commands check a command line before anything heavy loads."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from .util import UserError
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    """The training settings a resumed run takes from its checkpoint when the command line does not give
+    them again, and for which each preset has defaults (config.TRAINING_DEFAULTS). None: not given;
+    `train.resolve_hyperparameters` fills everything in."""
+
+    steps: int | None = None
+    learning_rate: float | None = None
+    min_lr: float | None = None
+    warmup_steps: int | None = None
+    batch_size: int | None = None
+    seq_len: int | None = None
+    grad_accum: int | None = None
+    weight_decay: float | None = None
+    no_decay_norms: bool | None = None
+    beta1: float | None = None
+    beta2: float | None = None
+    grad_clip: float | None = None
+    save_every: int | None = None
+    eval_every: int | None = None
+    eval_batches: int | None = None
+    seed: int | None = None
+    mtp_weight: float | None = None
+    document_masking: bool | None = None
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Everything a training run needs, already checked by the caller (the `train` command)."""
+
+    data_dir: Path
+    hyper: Hyperparameters = Hyperparameters()
+    preset: str | None = None  # None: the checkpoint's, else the recommended preset
+    out_dir: Path | None = None  # None: the resumed checkpoint's run directory, else runs/PRESET
+    resume_from: str | None = None  # "auto" (the latest in out_dir), a checkpoint directory, or None
+    init_from: str | None = None  # start from these weights (a checkpoint or a Hugging Face directory)
+    allow_vocab_mismatch: bool = False
+    device: str = "auto"
+    kernel: str = "auto"
+    dtype: str = "auto"  # auto = bf16 autocast on CUDA, fp32 elsewhere
+    compile: bool = False
+    fsdp: bool = False
+    keep_last: int = 3
+    print_every: int = 10
+    early_stop_patience: int = 0  # 0 = never
+    early_stop_min_delta: float = 0.0
+    skip_nonfinite: bool = False
+    max_minutes: float | None = None
+
+    def record(self, hyper: Hyperparameters) -> dict:
+        """The settings as trainer_state.json keeps them ("args"), with the resolved hyperparameters."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "hyper"}
+        out = {k: str(v) if isinstance(v, Path) else v for k, v in out.items()}
+        return {**out, **asdict(hyper)}
+
+
+@dataclass
+class SamplingSettings:
+    temperature: float = 0.8  # 0 = greedy
+    top_k: int = 50  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    repetition_penalty: float = 1.0  # 1 = off
+
+    def validate(self) -> "SamplingSettings":
+        """Raise UserError (naming the command-line flag) unless every value is usable."""
+        for flag, x in (("--temperature", self.temperature), ("--top-p", self.top_p),
+                        ("--repetition-penalty", self.repetition_penalty)):
+            if not math.isfinite(x):
+                raise UserError(f"{flag} ({x}) must be a finite number")
+        if self.temperature < 0:
+            raise UserError(f"--temperature ({self.temperature}) must be >= 0 (0 = greedy)")
+        if self.top_k < 0:
+            raise UserError(f"--top-k ({self.top_k}) must be >= 0 (0 = off)")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"--top-p ({self.top_p}) must be in (0, 1]")
+        if self.repetition_penalty <= 0:
+            raise UserError(f"--repetition-penalty ({self.repetition_penalty}) must be positive")
+        return self
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
