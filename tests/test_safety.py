@@ -320,6 +320,8 @@ CASES = {
         lambda c: edit_json(c / ckpt.CONFIG_FILE, lambda x: {**x, "rope_theta": "abc"}), "rope_theta ('abc')"),
     "tokenizer larger than the vocabulary": _checkpoint_case(_smaller_config, "this tokenizer does not belong"),
     "tokenizer not the one trained with": _checkpoint_case(_foreign_tokenizer, "not the tokenizer the model was trained"),
+    "flipped bit in an export": _hf_case(lambda hf, d: flip_bit(hf / "model.safetensors"),
+                                         "model.safetensors is corrupt"),
     "index weight_map ../x": _hf_case(_index_pointing_at(lambda hf, d: "../outside.safetensors"),
                                       "not a relative path inside"),
     "index weight_map absolute": _hf_case(_index_pointing_at(lambda hf, d: str(d / "outside.safetensors")),
