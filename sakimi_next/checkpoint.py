@@ -256,10 +256,6 @@ def resolve_checkpoint(path: str | Path, verify: bool = True) -> Path:
     return p
 
 
-def read_json(path: Path):
-    return read_json_file(path)
-
-
 def _is_count(v) -> bool:
     return is_int(v) and v >= 0
 

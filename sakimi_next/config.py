@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .settings import Hyperparameters
+from .util import atomic_write_text, json_kind
 
 LINEAR = "linear_attention"
 FULL = "full_attention"
@@ -20,12 +21,6 @@ FULL = "full_attention"
 
 class ConfigError(ValueError):
     """An impossible or inconsistent configuration; the message names the field."""
-
-
-def json_kind(v) -> str:
-    """How a JSON value is called in an error message."""
-    return {dict: "an object", list: "a list", str: "a string", bool: "true/false", type(None): "null"}.get(
-        type(v), "a number")
 
 
 def _is_int(v) -> bool:
@@ -278,8 +273,6 @@ class Config:
         return cls(**kw)
 
     def save(self, path: str | Path) -> None:
-        from .util import atomic_write_text
-
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod

@@ -699,6 +699,8 @@ def prepare_data(train_data: list[str] | None, val_data: list[str] | None, out_d
                         "choose a larger --config, or pass --allow-vocab-mismatch to make the model follow it")
     out_dir = Path(out_dir)
     tok_path = Path(tokenizer_path) if tokenizer_path else out_dir / "tokenizer.json"
+    if tok_path.is_dir():
+        raise UserError(f"{tok_path} is not a tokenizer.json but a directory")
 
     # 1. the sources, hashed
     if train_data:

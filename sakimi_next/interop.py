@@ -129,8 +129,11 @@ def load_hf_tensors(path: str | Path, config: Config | None = None) -> dict[str,
     """All tensors of a Hugging Face directory, renamed to this project's in-memory names."""
     p = Path(path)
     config = config or load_hf_config(p)
+    recorded = export_record(p).get("files", {})  # our exports: verify the weights as checkpoints are
     tensors: dict[str, torch.Tensor] = {}
     for f in weight_files(p):
+        if f.name in recorded and sha256_file(f) != recorded[f.name]:
+            raise UserError(f"{f} is corrupt or truncated: its sha256 differs from the one recorded in {EXPORT_RECORD}")
         tensors.update(ckpt.load_tensors(f))
     tensors = from_hf_tensors(tensors)
     if not config.mtp_num_hidden_layers:
@@ -306,18 +309,21 @@ def export(ckpt_path: str | Path, out_dir: str | Path, shard_bytes: int = 2 * 10
     tokenizer = Tokenizer.load(src / ckpt.TOKENIZER_FILE)
     ckpt.check_tokenizer(config, tokenizer, state.get("tokenizer_sha256"), src)
     metrics = _metrics_until(src.parent / "metrics.jsonl", state["step"])
-    with publish_dir(out) as tmp:
-        (tmp / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
-        gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
-               "pad_token_id": config.pad_token_id, "do_sample": True, "temperature": 0.8, "top_k": 50,
-               "top_p": 0.95}
-        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-        save_tensors_sharded(to_hf_tensors(tensors), tmp, shard_bytes)
-        tokenizer_files(tokenizer, tmp, config.max_position_embeddings)
-        n_params = sum(t.numel() for k, t in tensors.items())
-        (tmp / "README.md").write_text(model_card(config, state, metrics, n_params))
-        record = {"format": 1, "exported_by": "sakimi-next", "step": state["step"],
-                  "tokenizer_sha256": tokenizer.sha256,
-                  "files": {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}}
-        (tmp / EXPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    try:
+        with publish_dir(out) as tmp:
+            (tmp / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
+            gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
+                   "pad_token_id": config.pad_token_id, "do_sample": True, "temperature": 0.8, "top_k": 50,
+                   "top_p": 0.95}
+            (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+            save_tensors_sharded(to_hf_tensors(tensors), tmp, shard_bytes)
+            tokenizer_files(tokenizer, tmp, config.max_position_embeddings)
+            n_params = sum(t.numel() for k, t in tensors.items())
+            (tmp / "README.md").write_text(model_card(config, state, metrics, n_params))
+            record = {"format": 1, "exported_by": "sakimi-next", "step": state["step"],
+                      "tokenizer_sha256": tokenizer.sha256,
+                      "files": {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}}
+            (tmp / EXPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    except OSError as e:  # nothing was replaced: the new directory is built beside the old one
+        raise UserError(f"cannot write {out}: {e.strerror or e}") from None
     return out

@@ -176,10 +176,14 @@ def read_json_file(path: str | Path):
         raise UserError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
 
 
+def json_kind(v) -> str:
+    """How a JSON value is called in an error message."""
+    return {dict: "an object", list: "a list", str: "a string", bool: "true/false", type(None): "null"}.get(
+        type(v), "a number")
+
+
 def json_object(value, where: str | Path) -> dict:
     if not isinstance(value, dict):
-        from .config import json_kind
-
         raise UserError(f"{where} must hold a JSON object, not {json_kind(value)}")
     return value
 

@@ -104,7 +104,7 @@ def test_transformers_gives_the_same_ids(hf_tok, tok, text):
 
 @pytest.fixture(scope="module")
 def hf_tok(tok, tmp_path_factory):
-    transformers = pytest.importorskip("transformers")
+    import transformers  # a test dependency (pyproject.toml, extra "test"): its absence is a failure, not a skip
     path = tmp_path_factory.mktemp("hf") / "tokenizer.json"
     tok.save(path)
     hf = transformers.PreTrainedTokenizerFast(tokenizer_file=str(path))

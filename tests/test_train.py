@@ -95,6 +95,35 @@ def test_kill_and_resume_is_bit_identical(data_dir, tmp_path, how):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
+def test_sigkill_while_saving_resumes_exactly(data_dir, tmp_path):
+    """A real SIGKILL while the step-8 checkpoint is being written (saving made slow through the test-only
+    SAKIMI_TEST_SLOW_SAVE): step 4 stays the last complete checkpoint, and resuming from it ends
+    bit-identical to an uninterrupted run."""
+    common = ["--steps", "8", "--eval-every", "100", "--save-every", "4"]
+    assert train(data_dir, tmp_path / "whole", *common) == 0
+    run = tmp_path / "cut"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "SAKIMI_TEST_SLOW_SAVE": "10"}
+    proc = subprocess.Popen([sys.executable, "-m", "sakimi_next", *TRAIN, "--data-dir", str(data_dir), "--out-dir",
+                             str(run), *common], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 300
+    while not any(run.glob(f".step_000008.tmp-*/{ckpt.MODEL_FILE}")):  # the save is under way
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert list(run.glob(".step_000008.tmp-*")) and not (run / "step_000008").exists()  # killed mid-save
+    assert ckpt.find_latest(run, verify=True).name == "step_000004"
+    assert train(data_dir, run, *common, "--resume-from", "auto") == 0
+    assert losses(run) == losses(tmp_path / "whole")  # bit for bit, every step
+    a = ckpt.load_tensors(tmp_path / "whole" / "latest" / ckpt.MODEL_FILE)
+    b = ckpt.load_tensors(run / "latest" / ckpt.MODEL_FILE)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not list(run.glob(".step_*.tmp-*"))  # the half-written checkpoint was cleaned up
+
+
 def test_interrupted_while_saving(data_dir, tmp_path, monkeypatch):
     """A crash in the middle of writing a checkpoint leaves the previous one, which resumes exactly."""
     common = ["--steps", "8", "--eval-every", "100", "--save-every", "4"]
