@@ -294,7 +294,7 @@ def _prepare_with_tokenizer_dir(w, d):
     data = copy_of(w["data"], d / "data")
     (d / "tokdir").mkdir()
     return ["--mode", "prepare_data", "--train-data", str(w["root"] / "en.txt"), "--out-dir", str(data),
-            "--tokenizer", str(d / "tokdir"), "--vocab-size", "512"], [data], "is not a tokenizer.json but a directory"
+            "--tokenizer", str(d / "tokdir"), "--vocab-size", "512"], [data], "is a directory"
 
 
 CASES = {
