@@ -188,21 +188,21 @@ def is_checkpoint(path: Path) -> bool:
     return path.is_dir() and all((path / f).is_file() for f in REQUIRED)
 
 
-def damage(ckpt: Path) -> str | None:
-    """Why checkpoint `ckpt` cannot be trusted (unreadable metadata, a weight file whose sha256 differs
-    from the recorded one), or None when it is intact. Checkpoints from before hashes were recorded
-    are not verified."""
+def damage(ckpt: Path, hashes: bool = True) -> str | None:
+    """Why checkpoint `ckpt` cannot be trusted (unreadable metadata; with `hashes`, a weight file whose
+    sha256 differs from the recorded one), or None when it is intact. Checkpoints from before hashes
+    were recorded are not verified."""
     try:
         state = read_state(ckpt)
         load_config(ckpt)
+        for name, expected in (state.get("sha256") or {}).items() if hashes else ():
+            path = inside(ckpt, name, ckpt / STATE_FILE)
+            if not path.is_file():
+                return f"{path} is missing"
+            if sha256_file(path) != expected:
+                return f"{path} is corrupt or truncated: its sha256 differs from the one recorded in {STATE_FILE}"
     except UserError as e:
         return str(e)
-    for name, expected in state.get("sha256", {}).items():
-        path = inside(ckpt, name, ckpt / STATE_FILE)
-        if not path.is_file():
-            return f"{path} is missing"
-        if sha256_file(path) != expected:
-            return f"{path} is corrupt or truncated: its sha256 differs from the one recorded in {STATE_FILE}"
     return None
 
 
@@ -219,22 +219,13 @@ def find_latest(out_dir: str | Path, verify: bool = False) -> Path | None:
     for c in dict.fromkeys(candidates):
         if not is_checkpoint(c):
             continue
-        problem = damage(c) if verify else _unreadable(c)
+        problem = damage(c, hashes=verify)
         if problem is None:
             if passed_over:
                 print(f"warning: skipping {passed_over[0]} ({passed_over[1]}); using {c.name}, the newest intact "
                       "checkpoint", file=sys.stderr, flush=True)
             return c
         passed_over = passed_over or (c, problem)
-    return None
-
-
-def _unreadable(ckpt: Path) -> str | None:
-    try:
-        read_state(ckpt)
-        load_config(ckpt)
-    except UserError as e:
-        return str(e)
     return None
 
 

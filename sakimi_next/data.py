@@ -13,8 +13,11 @@ A data directory holds:
     tokenizer.json       unless --tokenizer points elsewhere
     meta.json            format, vocab_size, dtype, eot_id, pad_id, tokenizer (path, relative when inside
                          the directory) and tokenizer_sha256, splits {train, val: file, tokens, documents,
-                         bytes}, sources (path, size, sha256 of each input), settings. Written last: a
-                         directory without it is not (completely) prepared.
+                         bytes}, sources (path, size, sha256 of each input), settings; read back field
+                         by field, its file names must stay inside the directory.
+
+The whole directory is built beside the old one and swapped in at the end (`util.publish_dir`; other files
+kept in it are carried over as hard links), so the previous result stays complete until the new one is.
 
 `bytes` is the UTF-8 size of the split's document text, so bits per byte = loss / ln 2 * tokens / bytes
 (tokens include one EOT per document).

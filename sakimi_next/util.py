@@ -113,6 +113,8 @@ def publish_dir(final: str | Path) -> Iterator[Path]:
     untouched. Re-publishing is a swap: the old version is deleted only once the new one is in place.
     """
     final = Path(final)
+    if final.is_symlink() or (final.exists() and not final.is_dir()):
+        raise UserError(f"{final} exists and is not a directory; it is left as it is")
     final.parent.mkdir(parents=True, exist_ok=True)
     recover_dir(final)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))

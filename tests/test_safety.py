@@ -101,6 +101,16 @@ def test_publish_dir_swaps_and_never_exposes_a_partial_result(tmp_path, monkeypa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary directory left
 
 
+def test_publish_dir_leaves_files_and_symlinks_alone(tmp_path):
+    (tmp_path / "file").write_text("mine")
+    os.symlink(tmp_path / "elsewhere", tmp_path / "link")
+    for final in (tmp_path / "file", tmp_path / "link"):
+        with pytest.raises(UserError, match="is not a directory"):
+            with publish_dir(final):
+                pass
+    assert (tmp_path / "file").read_text() == "mine" and os.path.islink(tmp_path / "link")
+
+
 def test_publish_dir_recovers_after_a_crash_between_two_renames(tmp_path):
     """Where directories cannot be swapped in one step, a crash between the two renames leaves the old
     version as .NAME.old; the next publish (or prune) puts it back first."""
@@ -347,6 +357,10 @@ CASES = {
     "resume with optimizer.json without param_groups": _resume_case(
         lambda r: (r / "step_000002" / ckpt.OPTIM_JSON).write_text('{"class": "AdamW"}'), "'param_groups'"),
     "prepare_data --tokenizer a directory": _prepare_with_tokenizer_dir,
+    "prepare_data --out-dir a file": lambda w, d: (
+        (d / "f").write_text("mine"),
+        ["--mode", "prepare_data", "--train-data", str(w["root"] / "en.txt"), "--out-dir", str(d / "f")], [d],
+        "cannot write to")[1:],
 }
 
 
