@@ -131,6 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="eval of long text: carry the state across windows, or plain sliding windows")
     g.add_argument("--json", action="store_true", help="eval: print JSON")
 
+    # issue 15: GGUF export (read in interop.run_export)
+    x = p.add_argument_group("export")
+    x.add_argument("--format", choices=("hf", "gguf"), default="hf",
+                   help="export: a transformers directory (hf) or one llama.cpp GGUF file (gguf)")
+    x.add_argument("--gguf-type", choices=("f32", "f16", "q8_0"), default="f16",
+                   help="GGUF weight type of the matrices (vectors and norms stay f32)")
+    x.add_argument("--out-file", default=None,
+                   help="export --format gguf: the file to write (default OUT_DIR/model-GGUF_TYPE.gguf)")
+
     b = p.add_argument_group("benchmark")
     b.add_argument("--compare", choices=("transformers",), default=None,
                    help="also measure transformers' Qwen3NextForCausalLM on the same weights")

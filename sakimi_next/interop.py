@@ -299,6 +299,18 @@ def export(ckpt_path: str | Path, out_dir: str | Path, shard_bytes: int = 2 * 10
 def run_export(args) -> int:
     if not args.resume_from:
         raise UserError("pass the checkpoint to export: --resume-from CHECKPOINT_DIR")
+    if args.format == "gguf":  # issue 15
+        from .gguf_export import export_gguf
+
+        if not (args.out_file or args.out_dir):
+            raise UserError("pass where to write the GGUF file: --out-file FILE.gguf or --out-dir DIR")
+        res = export_gguf(args.resume_from, args.out_file or Path(args.out_dir) / f"model-{args.gguf_type}.gguf",
+                          args.gguf_type, progress=True)
+        for note in res.notes:
+            print(f"note: {note}")
+        print(f"exported {args.resume_from} -> {res.path} (llama.cpp architecture {res.architecture}, "
+              f"{res.weight_type}); run it with: llama-cli -m {res.path}")
+        return 0
     if not args.out_dir:
         raise UserError("pass where to write the model: --out-dir DIR")
     out = export(args.resume_from, args.out_dir)
