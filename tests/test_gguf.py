@@ -62,7 +62,7 @@ def tokenizer(tmp_path_factory):
     return tok
 
 
-def trained_on_text(config, tokenizer, steps: int = 60, seed: int = 0) -> Qwen3NextForCausalLM:
+def trained_on_text(config, tokenizer, steps: int = 30, seed: int = 0) -> Qwen3NextForCausalLM:
     """A model trained for `steps` AdamW steps on windows of the docs and the Chinese text."""
     torch.manual_seed(seed)
     model = Qwen3NextForCausalLM(config)
@@ -133,6 +133,7 @@ def test_logits_match_f32(exported, tokenizer, kind):
     theirs = llama_logits(llama(files["f32"]), ids)
     with torch.no_grad():
         ours = model(torch.tensor([ids])).logits[0].numpy()
+    print(f"{kind} f32: max |logit difference| {np.abs(theirs - ours).max():.2e}")
     assert np.abs(theirs - ours).max() <= 1e-3
 
 
@@ -156,6 +157,7 @@ def test_greedy_agrees_q8_0(exported, tokenizer, kind):
         theirs, ours = llama_greedy(llm, prompt, 64), generate(model, [prompt], 64)[0]
         same += sum(a == b for a, b in zip(theirs, ours))
         total += len(ours)
+    print(f"{kind} q8_0: {same}/{total} greedy tokens agree")
     assert same / total >= 0.9, f"{same}/{total}"
 
 
@@ -166,6 +168,7 @@ def test_f16_logits_close(exported, tokenizer, kind):
     theirs = llama_logits(llama(files["f16"]), ids)
     with torch.no_grad():
         ours = model(torch.tensor([ids])).logits[0].numpy()
+    print(f"{kind} f16: max |logit difference| {np.abs(theirs - ours).max():.2e}")
     assert np.abs(theirs - ours).max() <= 0.05
     assert (theirs.argmax(-1) == ours.argmax(-1)).mean() >= 0.95
 
