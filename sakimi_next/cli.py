@@ -24,6 +24,7 @@ MODES = {
     "eval": ("sakimi_next.evaluate", "run_eval"),
     "export": ("sakimi_next.interop", "run_export"),
     "bench": ("sakimi_next.bench", "run_bench"),
+    "serve": ("sakimi_next.commands.serve", "run_from_args"),  # issue 14: temporary glue (issue 12 shape)
 }
 
 
@@ -135,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--compare", choices=("transformers",), default=None,
                    help="also measure transformers' Qwen3NextForCausalLM on the same weights")
     b.add_argument("--quick", action="store_true", help="smaller sizes and fewer repeats (a smoke run)")
+
+    from .commands import serve  # issue 14: temporary glue (issue 12 shape)
+
+    serve.add_arguments(p.add_argument_group("serve"))
     return p
 
 

@@ -210,6 +210,10 @@ class Engine:
 
     def _admit(self, request: Request) -> None:
         """Prefill one prompt alone, sample its first token, and let it join the batch."""
+        if request.deadline is not None and time.monotonic() > request.deadline:
+            self._emit(request, Event(error="the request timed out waiting for a free slot", code="timeout",
+                                      prompt_tokens=len(request.prompt)))
+            return
         try:
             seq = _Sequence(request, self.tokenizer, self.model.device)
             cache = self.model.new_cache(1, capacity=len(request.prompt) + min(request.max_tokens, 256))
