@@ -26,6 +26,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--request-timeout", type=float, default=300.0,
                         help="seconds a request may take, waiting included (then 503)")
     parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for the model (default: torch's; 1 is best on a busy machine)")
     parser.add_argument("--model-name", default=None, help="the model id clients use (default: the checkpoint's name)")
 
 
@@ -44,6 +46,7 @@ class ServeSettings:
     device: str = "auto"
     kernel: str = "auto"
     compile: bool = False
+    threads: int | None = None
 
 
 def settings(args: argparse.Namespace) -> ServeSettings:
@@ -60,13 +63,16 @@ def settings(args: argparse.Namespace) -> ServeSettings:
         raise UserError(f"--max-prompt-tokens ({args.max_prompt_tokens}) must be positive")
     if not (math.isfinite(args.request_timeout) and args.request_timeout > 0):
         raise UserError(f"--request-timeout ({args.request_timeout}) must be a positive number of seconds")
+    if args.threads is not None and args.threads <= 0:
+        raise UserError(f"--threads ({args.threads}) must be positive")
     if args.api_key is not None and not args.api_key.strip():
         raise UserError("--api-key must not be empty")
     path = Path(args.resume_from)
     name = args.model_name or (path.parent.name if path.name == "latest" else path.name) or "sakimi-next"
     return ServeSettings(args.resume_from, args.host, args.port, args.max_concurrent, args.max_queue,
                          args.max_prompt_tokens, args.max_tokens, args.request_timeout, args.api_key, name,
-                         args.device, "recurrent" if args.disable_fast_kernels else args.kernel, bool(args.compile))
+                         args.device, "recurrent" if args.disable_fast_kernels else args.kernel, bool(args.compile),
+                         args.threads)
 
 
 def run(s: ServeSettings) -> int:
@@ -77,6 +83,10 @@ def run(s: ServeSettings) -> int:
     from ..serve.api import ServerSettings, create_app
     from ..serve.engine import Engine
 
+    import torch
+
+    if s.threads:
+        torch.set_num_threads(s.threads)
     model, tokenizer, info = load_for_inference(s.checkpoint, s.device, s.kernel)
     context = model.config.max_position_embeddings
     max_prompt = min(s.max_prompt_tokens or context - 1, context - 1)
@@ -84,7 +94,7 @@ def run(s: ServeSettings) -> int:
     if s.compile:
         print("compiling the decoding step (about a minute, once)...", file=sys.stderr, flush=True)
         decode = compiled_decoder(model)
-    engine = Engine(model, tokenizer, s.max_concurrent, s.max_queue, decode)
+    engine = Engine(model, tokenizer, s.max_concurrent, s.max_queue, decode, s.threads)
     app = create_app(engine, ServerSettings(s.model_name, max_prompt, s.max_tokens, s.request_timeout, s.api_key))
     print(f"serving {info['source']} as {s.model_name!r} ({info['parameters']:,} parameters, {info['device']}) "
           f"on http://{s.host}:{s.port}/  (chat page at /, API at /v1)", file=sys.stderr, flush=True)

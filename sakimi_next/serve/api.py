@@ -271,12 +271,16 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
             event = first
             yield reply.sse(reply.opening())
             while True:
+                text = event.text
+                while not event.last and not events.empty():  # the client is behind: send what is ready at once
+                    event = events.get_nowait()
+                    text += event.text
+                if text:
+                    yield reply.sse(reply.chunk(text, None))
                 if event.error:  # the status line is gone: the error travels as an event
                     e = failure(event)
                     yield reply.sse({"error": {"message": e.message, "type": e.type, "param": None, "code": e.code}})
                     break
-                if event.text:
-                    yield reply.sse(reply.chunk(event.text, None))
                 if event.last:
                     yield reply.sse(reply.chunk("", event.finish_reason))
                     if (reply.body.stream_options or {}).get("include_usage"):
