@@ -104,8 +104,8 @@ def sampling_probs(logits: torch.Tensor, settings: SamplingSettings) -> torch.Te
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if settings.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= settings.top_p  # keep the smallest set reaching top_p
+        p = sorted_logits.softmax(-1)
+        drop = p.cumsum(-1) - p >= settings.top_p  # keep the smallest set reaching top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     return logits.softmax(-1)

@@ -47,9 +47,12 @@ def seeded_checkpoint(folder: Path, preset_name: str) -> Path:
     return save_checkpoint(folder / "run", 0, model, None, state, model.config, tok.path)
 
 
+SAMPLING = {"temperature": 0.8, "top_p": 0.95}  # set from the command line
+
+
 def stream_one(http, url: str, max_tokens: int, seed: int) -> tuple[float, int]:
     """One streamed chat request: (seconds to the first text, completion tokens)."""
-    body = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": max_tokens, "temperature": 0.8,
+    body = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": max_tokens, **SAMPLING,
             "seed": seed, "stream": True, "stream_options": {"include_usage": True}}
     t0, first, tokens = time.perf_counter(), None, 0
     with http.stream("POST", url + "/v1/chat/completions", json=body) as r:
@@ -128,12 +131,15 @@ def main() -> int:
     p.add_argument("--requests", type=int, default=3, help="requests per client, one after another")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens per reply")
     p.add_argument("--ttft-samples", type=int, default=20)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--repeats", type=int, default=3, help="runs of each level, interleaved; the best is reported")
     p.add_argument("--threads", type=int, default=None, help="the server's --threads")
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--json", default=None, help="also write the results here")
     a = p.parse_args()
     levels = [int(x) for x in a.clients.split(",")]
+    SAMPLING.update(temperature=a.temperature, top_p=a.top_p)
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = a.checkpoint or str(seeded_checkpoint(Path(tmp), a.preset))
         url = f"http://127.0.0.1:{a.port}"
@@ -152,7 +158,8 @@ def main() -> int:
     cpu_best = [max(run[i]["tokens_per_cpu_s"] for run in runs) for i in range(len(levels))]
     base, cpu_base = best[0]["tokens_per_s"], cpu_best[0]
     print(f"\n{a.checkpoint or a.preset + ' (seeded)'}: {a.requests} streamed requests of {a.max_tokens} tokens "
-          f"per client; best of {a.repeats} interleaved runs\n")
+          f"per client, temperature {a.temperature}, top-p {a.top_p}, server threads {a.threads or 'default'}; "
+          f"best of {a.repeats} interleaved runs\n")
     print("| concurrent clients | aggregate tokens/s | vs 1 client | all runs (tokens/s) "
           "| tokens per server CPU-second | vs 1 client |")
     print("|---:|---:|---:|---|---:|---:|")

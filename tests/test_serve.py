@@ -294,3 +294,43 @@ def test_queue_full_and_timeouts(checkpoint):
         r = httpx.post(srv.url + "/v1/completions", json={"prompt": "x", "max_tokens": 3900, "temperature": 0},
                        timeout=60)
         assert error_of(r, 503)["code"] == "timeout"
+
+
+def test_serve_command(checkpoint, capsys):
+    """`--mode serve` itself: bad flags are one line and exit code 2; the server starts, answers, stops."""
+    import socket
+    import subprocess
+    import sys
+
+    from sakimi_next.cli import main
+
+    from .helpers import ROOT
+
+    for flags, message in (([], "--resume-from"), (["--resume-from", str(checkpoint), "--max-concurrent", "0"],
+                                                   "--max-concurrent"),
+                           (["--resume-from", str(checkpoint), "--request-timeout", "nan"], "--request-timeout"),
+                           (["--resume-from", str(checkpoint), "--port", "70000"], "--port")):
+        assert main(["--mode", "serve", *flags]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "sakimi_next", "--mode", "serve", "--resume-from", str(checkpoint),
+                             "--port", str(port), "--model-name", MODEL, "--threads", "1"], cwd=ROOT,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(600):  # bounded: up to a minute to load and bind
+            try:
+                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        r = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0).completions.create(
+            model=MODEL, prompt="The for statement", max_tokens=5, temperature=0)
+        assert r.usage.completion_tokens == 5
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+    assert f"as '{MODEL}'" in err and f"http://127.0.0.1:{port}/" in err
