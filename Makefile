@@ -40,7 +40,7 @@ bench: setup
 
 # --mode serve: aggregate tokens/s with 1, 4, 8 and 16 streaming clients, time to first token
 bench-serve: setup
-	$(BIN)/python scripts/bench_serve.py --threads 1
+	$(BIN)/python scripts/bench_serve.py --threads 1 --temperature 0
 
 clean:
 	rm -rf $(VENV) *.egg-info
