@@ -21,11 +21,11 @@ from typing import Any, Literal
 from fastapi import FastAPI, Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..generate import SamplingSettings
-from ..tokenizer import EOT, IM_END, IM_START
+from ..tokenizer import IM_END, IM_START
 from .engine import Engine, EngineStopped, Event, QueueFull, Request
 
 ROLES = ("system", "user", "assistant")
@@ -109,9 +109,7 @@ def text_of(m: Message) -> str:
 # --------------------------------------------------------------------------------------------- app
 def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
     app = FastAPI(title="sakimi-next", docs_url=None, redoc_url=None, openapi_url=None)
-    tokenizer = engine.tokenizer
-    context = engine.model.config.max_position_embeddings
-    chat_stop_ids = frozenset(i for i in (tokenizer.eot_id, tokenizer.token_to_id(IM_END)) if i is not None)
+    api = Completions(engine, settings)
     created = int(time.time())
 
     @app.exception_handler(ApiError)
@@ -152,17 +150,36 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody, request: HttpRequest):
+        limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        return await api.complete(body, request, api.chat_prompt(body), limit, api.chat_stop_ids, "chat.completion")
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionBody, request: HttpRequest):
+        prompt = api.completion_prompt(body)
+        return await api.complete(body, request, prompt, body.max_tokens, api.text_stop_ids, "text_completion")
+
+    return app
+
+
+class Completions:
+    """From a validated request body to the engine and back: the reply whole, or streamed as events."""
+
+    def __init__(self, engine: Engine, settings: ServerSettings):
+        self.engine, self.settings, self.tokenizer = engine, settings, engine.tokenizer
+        self.context = engine.model.config.max_position_embeddings
+        ends = (self.tokenizer.eot_id, self.tokenizer.token_to_id(IM_END))
+        self.chat_stop_ids = frozenset(i for i in ends if i is not None)
+        self.text_stop_ids = frozenset({self.tokenizer.eot_id})
+
+    def chat_prompt(self, body: ChatBody) -> list[int]:
         if not body.messages:
             raise ApiError(400, "messages must not be empty", param="messages")
         for m in body.messages:
             if m.role not in ROLES:
                 raise ApiError(400, f"unknown role {m.role!r}: use one of {', '.join(ROLES)}", param="messages")
-        prompt = tokenizer.encode(render_chatml(body.messages))
-        limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        return await complete(body, request, prompt, limit, chat_stop_ids, "chat.completion")
+        return self.tokenizer.encode(render_chatml(body.messages))
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionBody, request: HttpRequest):
+    def completion_prompt(self, body: CompletionBody) -> list[int]:
         if body.echo or body.logprobs:
             raise ApiError(400, "echo and logprobs are not supported", param="echo" if body.echo else "logprobs")
         p = body.prompt
@@ -171,64 +188,57 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
                 raise ApiError(400, "one prompt per request", param="prompt")
             p = p[0]
         if isinstance(p, str):
-            prompt = tokenizer.encode(p) or [tokenizer.eot_id]
-        else:
-            if not p or min(p) < 0 or max(p) >= engine.model.config.vocab_size:
-                raise ApiError(400, "prompt token ids must be a non-empty list of ids in the vocabulary",
-                               param="prompt")
-            prompt = list(p)
-        return await complete(body, request, prompt, body.max_tokens, frozenset({tokenizer.eot_id}), "text_completion")
+            return self.tokenizer.encode(p) or [self.tokenizer.eot_id]
+        if not p or min(p) < 0 or max(p) >= self.engine.model.config.vocab_size:
+            raise ApiError(400, "prompt token ids must be a non-empty list of ids in the vocabulary", param="prompt")
+        return list(p)
 
-    async def complete(body: _Common, http: HttpRequest, prompt: list[int], max_tokens: int | None,
+    async def complete(self, body: _Common, http: HttpRequest, prompt: list[int], max_tokens: int | None,
                        stop_ids: frozenset[int], kind: str):
-        request, events = make_request(body, prompt, max_tokens, stop_ids)
+        request, events = self._request(body, prompt, max_tokens, stop_ids)
         try:
-            engine.submit(request)
+            self.engine.submit(request)
         except QueueFull as e:
             raise ApiError(429, f"the server is busy: {e}", "rate_limit_error", None, "queue_full") from None
         except EngineStopped as e:
             raise ApiError(503, str(e), "server_error", None, "unavailable") from None
-        reply = Reply(kind, settings.model_name, body, len(prompt))
-        watcher = asyncio.create_task(watch_disconnect(http, request, events))
+        reply = Reply(kind, self.settings.model_name, body, len(prompt))
+        watcher = asyncio.create_task(self._watch_disconnect(http, request, events))
         streaming = False
         try:
-            first = await wait_event(events, request)
+            first = await self._next_event(events, request)
             if first.error:
-                raise failure(first)
+                raise self._failure(first)
             if body.stream:
                 streaming = True  # from here on the stream frees the slot when it ends
-                return StreamingResponse(stream(reply, first, events, request), media_type="text/event-stream",
+                return StreamingResponse(self._stream(reply, first, events, request), media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
             event, text = first, [first.text]
             while not event.last:
-                event = await wait_event(events, request)
+                event = await self._next_event(events, request)
                 if event.error:
-                    raise failure(event)
+                    raise self._failure(event)
                 text.append(event.text)
             return reply.whole("".join(text), event)
         finally:
             watcher.cancel()
             if not streaming:
-                engine.cancel(request.id)
+                self.engine.cancel(request.id)
 
-    async def watch_disconnect(http: HttpRequest, request: Request, events: asyncio.Queue) -> None:
-        """Until the response starts: a client that hangs up frees its slot (and its queue place)."""
-        while (await http.receive())["type"] != "http.disconnect":
-            pass
-        engine.cancel(request.id)
-        events.put_nowait(Event(error="the client disconnected", code="disconnected"))
-
-    def make_request(body: _Common, prompt: list[int], max_tokens: int | None, stop_ids) -> tuple[Request, asyncio.Queue]:
-        if body.model and body.model != settings.model_name:
-            raise ApiError(404, f"the model {body.model!r} does not exist; this server has {settings.model_name!r}",
+    def _request(self, body: _Common, prompt: list[int], max_tokens: int | None, stop_ids) -> tuple[Request, asyncio.Queue]:
+        """Check the request's settings and make the engine's request, its events going to a queue."""
+        limits = self.settings
+        if body.model and body.model != limits.model_name:
+            raise ApiError(404, f"the model {body.model!r} does not exist; this server has {limits.model_name!r}",
                            "not_found_error", "model", "model_not_found")
-        if len(prompt) > settings.max_prompt_tokens:
+        if len(prompt) > limits.max_prompt_tokens or len(prompt) >= self.context:
             raise ApiError(413, f"the prompt has {len(prompt)} tokens, more than this server takes "
-                                f"({settings.max_prompt_tokens})", param="messages", code="context_length_exceeded")
+                                f"({min(limits.max_prompt_tokens, self.context - 1)})", param="messages",
+                           code="context_length_exceeded")
         if body.n != 1:
             raise ApiError(400, "n must be 1", param="n")
-        if max_tokens is not None and not 1 <= max_tokens <= settings.max_tokens:
-            raise ApiError(400, f"max_tokens must be between 1 and {settings.max_tokens}", param="max_tokens")
+        if max_tokens is not None and not 1 <= max_tokens <= limits.max_tokens:
+            raise ApiError(400, f"max_tokens must be between 1 and {limits.max_tokens}", param="max_tokens")
         temperature = 1.0 if body.temperature is None else body.temperature
         top_p = 1.0 if body.top_p is None else body.top_p
         if not 0 <= temperature <= 2:
@@ -240,19 +250,23 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stop) > 4 or any(not s for s in stop):
             raise ApiError(400, "stop: at most 4 non-empty strings", param="stop")
-        room = context - len(prompt)
-        if room < 1:
-            raise ApiError(413, f"the prompt fills the model's context ({context} tokens)", param="messages",
-                           code="context_length_exceeded")
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         request = Request(
-            prompt=prompt, max_tokens=min(max_tokens or settings.max_tokens, room),
+            prompt=prompt, max_tokens=min(max_tokens or limits.max_tokens, self.context - len(prompt)),
             sampling=SamplingSettings(temperature=temperature, top_k=body.top_k or 0, top_p=top_p),
             on_event=lambda e: loop.call_soon_threadsafe(events.put_nowait, e),
-            seed=body.seed, stop=stop, stop_ids=stop_ids, deadline=time.monotonic() + settings.request_timeout)
+            seed=body.seed, stop=stop, stop_ids=stop_ids, deadline=time.monotonic() + limits.request_timeout)
         return request, events
 
-    async def wait_event(events: asyncio.Queue, request: Request) -> Event:
+    async def _watch_disconnect(self, http: HttpRequest, request: Request, events: asyncio.Queue) -> None:
+        """Until the response starts: a client that hangs up frees its slot (and its queue place)."""
+        while (await http.receive())["type"] != "http.disconnect":
+            pass
+        self.engine.cancel(request.id)
+        events.put_nowait(Event(error="the client disconnected", code="disconnected"))
+
+    @staticmethod
+    async def _next_event(events: asyncio.Queue, request: Request) -> Event:
         """The next event; a safety timeout a little after the engine's own deadline."""
         left = request.deadline - time.monotonic() + 5.0
         try:
@@ -260,13 +274,13 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         except asyncio.TimeoutError:
             return Event(error="the request timed out", code="timeout")
 
-    def failure(event: Event) -> ApiError:
+    def _failure(self, event: Event) -> ApiError:
         if event.code == "timeout":
-            return ApiError(503, f"{event.error} (--request-timeout {settings.request_timeout:g} s)", "server_error",
-                            None, "timeout")
+            return ApiError(503, f"{event.error} (--request-timeout {self.settings.request_timeout:g} s)",
+                            "server_error", None, "timeout")
         return ApiError(503 if event.code == "server_shutdown" else 500, event.error, "server_error", None, event.code)
 
-    async def stream(reply: "Reply", first: Event, events: asyncio.Queue, request: Request):
+    async def _stream(self, reply: "Reply", first: Event, events: asyncio.Queue, request: Request):
         try:
             event = first
             yield reply.sse(reply.opening())
@@ -278,7 +292,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
                 if text:
                     yield reply.sse(reply.chunk(text, None))
                 if event.error:  # the status line is gone: the error travels as an event
-                    e = failure(event)
+                    e = self._failure(event)
                     yield reply.sse({"error": {"message": e.message, "type": e.type, "param": None, "code": e.code}})
                     break
                 if event.last:
@@ -286,12 +300,10 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
                     if (reply.body.stream_options or {}).get("include_usage"):
                         yield reply.sse(reply.usage_chunk(event))
                     break
-                event = await wait_event(events, request)
+                event = await self._next_event(events, request)
             yield "data: [DONE]\n\n"
         finally:  # the client went away (or the stream ended): free the slot now
-            engine.cancel(request.id)
-
-    return app
+            self.engine.cancel(request.id)
 
 
 class KeyCheck:
