@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # pyproject.toml allows a range, so GPU users keep the torch they have.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench bench-serve clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -37,6 +37,10 @@ test: setup
 
 bench: setup
 	$(BIN)/sakimi-next --mode bench --config tiny_10m --compare transformers --compile
+
+# --mode serve: aggregate tokens/s with 1, 4, 8 and 16 streaming clients, time to first token
+bench-serve: setup
+	$(BIN)/python scripts/bench_serve.py --threads 1 --temperature 0
 
 clean:
 	rm -rf $(VENV) *.egg-info

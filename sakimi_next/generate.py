@@ -69,18 +69,23 @@ def sample(logits: torch.Tensor, settings: SamplingSettings, generator: torch.Ge
     """logits [B, V] (float) -> next tokens [B]: temperature, then top-k, then top-p (nucleus)."""
     if settings.greedy:
         return logits.argmax(dim=-1)
+    return torch.multinomial(sampling_probs(logits, settings), 1, generator=generator).squeeze(-1)
+
+
+def sampling_probs(logits: torch.Tensor, settings: SamplingSettings) -> torch.Tensor:
+    """The distribution `sample` draws from (not greedy): logits [B, V] -> probabilities [B, V]. Each
+    row on its own, so a server can compute many rows at once and draw each with its own generator."""
     logits = logits.float() / settings.temperature
     if settings.top_k and settings.top_k < logits.shape[-1]:
         kth = torch.topk(logits, settings.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if settings.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= settings.top_p  # keep the smallest set reaching top_p
+        p = sorted_logits.softmax(-1)
+        drop = p.cumsum(-1) - p >= settings.top_p  # keep the smallest set reaching top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return logits.softmax(-1)
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -9,4 +9,5 @@ MODES = {
     "eval": "sakimi_next.commands.eval",
     "export": "sakimi_next.commands.export",
     "bench": "sakimi_next.commands.bench",
+    "serve": "sakimi_next.commands.serve",
 }

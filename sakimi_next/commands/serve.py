@@ -1,0 +1,110 @@
+"""`--mode serve`: an OpenAI-compatible HTTP server with continuous batching, and a chat page at /."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..util import UserError
+from . import common
+
+HELP = "serve a model: OpenAI-compatible API (chat and completions, streaming) and a web chat page"
+
+
+def add_arguments(parser) -> None:
+    common.add_checkpoint(parser, "the model: a checkpoint directory (or its run directory) or a Hugging Face directory")
+    common.add_device(parser)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decoding step (about a minute, once)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 opens it to the network)")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on")
+    parser.add_argument("--max-concurrent", type=int, default=16, help="requests decoded together in one batch")
+    parser.add_argument("--max-queue", type=int, default=64,
+                        help="requests waiting for a slot; more get 429")
+    parser.add_argument("--max-prompt-tokens", type=int, default=None,
+                        help="longest prompt accepted (413 beyond; default: the model's context - 1)")
+    parser.add_argument("--max-tokens", type=int, default=512,
+                        help="the most tokens a request may generate (and the default of max_tokens)")
+    parser.add_argument("--request-timeout", type=float, default=300.0,
+                        help="seconds a request may take, waiting included (then 503)")
+    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for the model (default: torch's; 1 is best on a busy machine)")
+    parser.add_argument("--model-name", default=None, help="the model id clients use (default: the checkpoint's name)")
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    checkpoint: str
+    host: str
+    port: int
+    max_concurrent: int
+    max_queue: int
+    max_prompt_tokens: int | None
+    max_tokens: int
+    request_timeout: float
+    api_key: str | None
+    model_name: str
+    device: str = "auto"
+    kernel: str = "auto"
+    compile: bool = False
+    threads: int | None = None
+
+
+def settings(args: argparse.Namespace) -> ServeSettings:
+    common.required("--resume-from CHECKPOINT_DIR (e.g. runs/tiny_10m/latest)", args.resume_from, "the model to serve")
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port ({args.port}) must be in 0..65535")
+    for name in ("max_concurrent", "max_tokens"):
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} ({getattr(args, name)}) must be positive")
+    if args.max_queue < 0:
+        raise UserError(f"--max-queue ({args.max_queue}) must be >= 0")
+    if args.max_prompt_tokens is not None and args.max_prompt_tokens <= 0:
+        raise UserError(f"--max-prompt-tokens ({args.max_prompt_tokens}) must be positive")
+    if not (math.isfinite(args.request_timeout) and args.request_timeout > 0):
+        raise UserError(f"--request-timeout ({args.request_timeout}) must be a positive number of seconds")
+    if args.threads is not None and args.threads <= 0:
+        raise UserError(f"--threads ({args.threads}) must be positive")
+    if args.api_key is not None and not args.api_key.strip():
+        raise UserError("--api-key must not be empty")
+    path = Path(args.resume_from)
+    name = args.model_name or (path.parent.name if path.name == "latest" else path.name) or "sakimi-next"
+    return ServeSettings(args.resume_from, args.host, args.port, args.max_concurrent, args.max_queue,
+                         args.max_prompt_tokens, args.max_tokens, args.request_timeout, args.api_key, name,
+                         args.device, common.kernel_name(args), bool(args.compile),
+                         args.threads)
+
+
+def run(s: ServeSettings) -> int:
+    import uvicorn
+
+    from ..pretrained import load_for_inference
+    from ..generate import compiled_decoder, decode_one_token
+    from ..serve.api import ServerSettings, create_app
+    from ..serve.engine import Engine
+
+    import torch
+
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    model, tokenizer, info = load_for_inference(s.checkpoint, s.device, s.kernel)
+    context = model.config.max_position_embeddings
+    max_prompt = min(s.max_prompt_tokens or context - 1, context - 1)
+    decode = decode_one_token
+    if s.compile:
+        print("compiling the decoding step (about a minute, once)...", file=sys.stderr, flush=True)
+        decode = compiled_decoder(model)
+    engine = Engine(model, tokenizer, s.max_concurrent, s.max_queue, decode, s.threads)
+    app = create_app(engine, ServerSettings(s.model_name, max_prompt, s.max_tokens, s.request_timeout, s.api_key))
+    print(f"serving {info['source']} as {s.model_name!r} ({info['parameters']:,} parameters, {info['device']}) "
+          f"on http://{s.host}:{s.port}/  (chat page at /, API at /v1)", file=sys.stderr, flush=True)
+    engine.start()
+    try:
+        uvicorn.run(app, host=s.host, port=s.port, log_level="warning")
+    finally:
+        engine.stop()
+    return 0
+

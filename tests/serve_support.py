@@ -1,0 +1,63 @@
+"""A served model for the server and browser tests: a tokenizer trained on the embedded CPython docs,
+a small model trained on them for a few steps, saved as a checkpoint and loaded back the way
+`--mode serve` loads it, and uvicorn on a free port of 127.0.0.1."""
+
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from sakimi_next.pretrained import load_for_inference
+from sakimi_next.model import Qwen3NextForCausalLM
+from sakimi_next.serve.api import BackgroundServer, ServerSettings, create_app
+from sakimi_next.serve.engine import Engine
+from sakimi_next.tokenizer import train_tokenizer
+from sakimi_next.train import build_optimizer
+
+from .helpers import make_checkpoint, small_config
+
+VOCAB = 512
+MODEL = "docs-tiny"
+
+
+def docs() -> list[str]:
+    from pydoc_data.topics import topics
+
+    return [topics[k] for k in sorted(topics)]
+
+
+def make_served_checkpoint(root: Path, steps: int = 30) -> Path:
+    """A checkpoint whose greedy replies are word-like text, after `steps` AdamW steps on the docs."""
+    texts = docs()
+    tok = train_tokenizer(texts, VOCAB)
+    tok.save(root / "tokenizer.json")
+    torch.manual_seed(0)
+    model = Qwen3NextForCausalLM(small_config(vocab_size=VOCAB, max_position_embeddings=4096,
+                                              eos_token_id=tok.eot_id, pad_token_id=tok.pad_id))
+    ids = torch.tensor(tok.encode("\n\n".join(texts[:40]))[: 40 * 65])
+    windows = ids[: len(ids) // 65 * 65].view(-1, 65)
+    opt = build_optimizer(model, 3e-3, 0.1, (0.9, 0.95))
+    g = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(steps):
+        batch = windows[torch.randint(0, len(windows), (8,), generator=g)]
+        model(batch[:, :-1], batch[:, 1:]).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    return make_checkpoint(root / "run", model, tok)
+
+
+@contextmanager
+def live_server(checkpoint: Path, max_concurrent: int = 8, max_queue: int = 16, max_prompt_tokens: int = 2000,
+                max_tokens: int = 4000, request_timeout: float = 120.0, api_key: str | None = None):
+    """(server, engine): the model loaded from `checkpoint` and served until the block ends."""
+    model, tokenizer, _ = load_for_inference(checkpoint, "cpu")
+    engine = Engine(model, tokenizer, max_concurrent, max_queue)
+    app = create_app(engine, ServerSettings(MODEL, max_prompt_tokens, max_tokens, request_timeout, api_key))
+    engine.start()
+    try:
+        with BackgroundServer(app) as server:
+            yield server, engine
+    finally:
+        engine.stop()
