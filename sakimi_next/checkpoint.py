@@ -8,6 +8,7 @@
         trainer_state.json      step, tokens, sampler state, RNG states, scheduler, best validation, arguments
         config.json             the model Config
         tokenizer.json          a copy, so generation needs nothing else
+        tokenizer_config.json   with special_tokens_map.json: for AutoTokenizer, with the ChatML chat_template
       latest -> step_000250     symlink to the newest complete checkpoint
       best   -> step_000200     symlink to the best validation checkpoint (never pruned)
 
@@ -133,7 +134,10 @@ def save_checkpoint(
         _write_json(tmp / STATE_FILE, {**trainer_state, "step": step, "rng": rng_meta})
         _write_json(tmp / CONFIG_FILE, config.to_dict())
         if tokenizer_path is not None:
+            from .interop import tokenizer_config_files
+
             shutil.copyfile(tokenizer_path, tmp / TOKENIZER_FILE)
+            tokenizer_config_files(tmp, config.max_position_embeddings)  # AutoTokenizer, chat_template
         for f in tmp.iterdir():
             os.chmod(f, 0o666 & ~umask())
             with open(f, "rb") as fh:

@@ -196,15 +196,23 @@ def save_tensors_sharded(tensors: dict[str, torch.Tensor], out_dir: Path, shard_
 
 def tokenizer_files(tokenizer, out_dir: Path, max_length: int) -> None:
     """tokenizer.json plus what AutoTokenizer reads to know the class and the special tokens."""
+    shutil.copyfile(tokenizer.path, out_dir / "tokenizer.json")
+    tokenizer_config_files(out_dir, max_length)
+
+
+def tokenizer_config_files(out_dir: Path, max_length: int) -> None:
+    """tokenizer_config.json (class, special tokens, the ChatML chat_template) and special_tokens_map.json,
+    beside a tokenizer.json: what AutoTokenizer and apply_chat_template read."""
+    from .chat import CHAT_TEMPLATE
     from .tokenizer import EOT, PAD
 
-    shutil.copyfile(tokenizer.path, out_dir / "tokenizer.json")
     special = {"eos_token": EOT, "pad_token": PAD, "bos_token": None, "unk_token": None}
     (out_dir / "special_tokens_map.json").write_text(json.dumps(
         {k: v for k, v in special.items() if v is not None}, indent=2) + "\n")
     cfg = {"tokenizer_class": "PreTrainedTokenizerFast", **special, "model_max_length": max_length,
-           "clean_up_tokenization_spaces": False, "add_bos_token": False, "add_eos_token": False}
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+           "clean_up_tokenization_spaces": False, "add_bos_token": False, "add_eos_token": False,
+           "chat_template": CHAT_TEMPLATE}
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
 
 
 def model_card(config: Config, state: dict, metrics: list[dict], n_params: int) -> str:

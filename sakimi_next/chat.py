@@ -1,0 +1,225 @@
+"""The chat format (ChatML), chat data for fine-tuning, and a multi-turn chat that keeps its cache.
+
+    <|im_start|>system\\n{content}<|im_end|>\\n          (optional, first)
+    <|im_start|>user\\n{content}<|im_end|>\\n
+    <|im_start|>assistant\\n{content}<|im_end|>\\n
+    ...
+    <|im_start|>assistant\\n                             (the generation prompt)
+
+`<|im_start|>` and `<|im_end|>` are special tokens of the tokenizer: matched before anything else and
+never merged with their neighbours, so the text between two of them is tokenized on its own and a
+conversation's ids are the concatenation of its pieces' ids. The same format is written as the Jinja
+`chat_template` of every checkpoint's and export's tokenizer_config.json, so transformers'
+`apply_chat_template` gives exactly these ids.
+
+Fine-tuning data: JSONL, one `{"messages": [{"role": ..., "content": ...}, ...]}` per line. Each
+conversation becomes its ids followed by one end-of-text token (packed conversations restart attention
+and DeltaNet state there, see `--document-masking`), and a loss mask that is 1 exactly on the tokens of
+the assistant replies and their `<|im_end|>`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from .tokenizer import EOT, IM_END, IM_START, Tokenizer
+from .util import UserError, atomic_write_bytes, atomic_write_text
+
+ROLES = ("system", "user", "assistant")
+RESERVED = (IM_START, IM_END, EOT)
+
+# ChatML as Jinja, for tokenizer_config.json; `render` below is the same in Python (tested equal).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+GENERATION_PROMPT = f"{IM_START}assistant\n"
+MASK_SUFFIX = ".mask.bin"  # train.mask.bin beside train.bin: one uint8 per token, 1 = counted in the loss
+
+
+# ------------------------------------------------------------------------------------------ format
+def check_messages(messages, where: str = "the conversation", need_assistant: bool = False) -> list[dict]:
+    """`messages` as a list of {"role", "content"} dicts, or a UserError saying what is wrong with it.
+    Roles are system, user and assistant; content is a string without the reserved markers (which
+    would otherwise become special tokens and forge turns)."""
+    if not isinstance(messages, list) or not messages:
+        raise UserError(f'{where}: "messages" must be a non-empty list of {{"role", "content"}} objects')
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise UserError(f'{where}: message {i + 1} is not an object with "role" and "content" strings')
+        if m["role"] not in ROLES:
+            raise UserError(f"{where}: message {i + 1} has unknown role {m['role']!r} "
+                            f"(expected {', '.join(ROLES[:-1])} or {ROLES[-1]})")
+        marker = next((r for r in RESERVED if r in m["content"]), None)
+        if marker is not None:
+            raise UserError(f"{where}: message {i + 1} contains the reserved token {marker}")
+        out.append({"role": m["role"], "content": m["content"]})
+    if need_assistant and not any(m["role"] == "assistant" for m in out):
+        raise UserError(f"{where}: the conversation has no assistant turn, so there is nothing to learn from it")
+    return out
+
+
+def render(messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """The conversation as ChatML text (what `CHAT_TEMPLATE` renders)."""
+    text = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
+    return text + (GENERATION_PROMPT if add_generation_prompt else "")
+
+
+def marker_ids(tokenizer: Tokenizer) -> tuple[int, int]:
+    """The ids of <|im_start|> and <|im_end|>; a UserError for a tokenizer without them."""
+    start, end = tokenizer.token_to_id(IM_START), tokenizer.token_to_id(IM_END)
+    if start is None or end is None:
+        raise UserError(f"the tokenizer has no {IM_START} / {IM_END} tokens, so it cannot encode a chat")
+    return start, end
+
+
+def encode_chat(tokenizer: Tokenizer, messages: list[dict],
+                add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+    """(ids, loss mask) of a conversation: ids == tokenizer.encode(render(messages, ...)); the mask is 1
+    on the tokens of each assistant reply and its <|im_end|>, 0 elsewhere.
+
+    The text between two special tokens is tokenized on its own, so each message is encoded as
+    <|im_start|>, "role\\ncontent", <|im_end|>, "\\n". Within "assistant\\ncontent" a reply starting with
+    a newline may merge with the header's; such a token carries reply text and counts as reply."""
+    start, end = marker_ids(tokenizer)
+    ids, mask = [], []
+    for m in messages:
+        body = tokenizer.encode(f"{m['role']}\n{m['content']}")
+        first = 0
+        if m["role"] == "assistant":
+            header = tokenizer.encode("assistant\n")
+            while first < min(len(header), len(body)) and body[first] == header[first]:
+                first += 1
+        newline = tokenizer.encode("\n")
+        ids += [start, *body, end, *newline]
+        reply = int(m["role"] == "assistant")
+        mask += [0] * (1 + first) + [reply] * (len(body) - first + 1) + [0] * len(newline)
+    if add_generation_prompt:
+        prompt = [start, *tokenizer.encode("assistant\n")]
+        ids += prompt
+        mask += [0] * len(prompt)
+    return ids, mask
+
+
+# ------------------------------------------------------------------------------------- chat data
+def is_chat_jsonl(path: Path) -> bool:
+    """Whether the first record of a .jsonl file is a conversation (has "messages")."""
+    if path.suffix.lower() != ".jsonl":
+        return False
+    with open(path, "rb") as f:
+        for raw in f:
+            if raw.strip():
+                try:
+                    record = json.loads(raw.decode("utf-8", "replace").removeprefix("\ufeff"))
+                except ValueError:
+                    return False
+                return isinstance(record, dict) and "messages" in record
+    return False
+
+
+def read_conversations(path: Path) -> Iterator[list[dict]]:
+    """The conversations of a JSONL file, each checked; a bad line is a UserError naming file and line."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8").removeprefix("\ufeff")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{where}: not valid UTF-8 ({e.reason})") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as e:
+                raise UserError(f"{where}: not valid JSON ({getattr(e, 'msg', e)}); each line must be "
+                                '{"messages": [{"role": ..., "content": ...}, ...]}') from None
+            if not isinstance(record, dict) or "messages" not in record:
+                raise UserError(f'{where}: no "messages" in this record; each line must be '
+                                '{"messages": [{"role": ..., "content": ...}, ...]}')
+            yield check_messages(record["messages"], where, need_assistant=True)
+
+
+def prepare_chat_data(sources, out_dir: Path, tok_path: Path, vocab_size: int, val_fraction: float, seed: int,
+                      config, allow_vocab_mismatch: bool, rebuild_tokenizer: bool) -> Path:
+    """Conversations (data.Source list, .jsonl) -> train/val token files, loss masks and meta.json in
+    `out_dir`. Validation: the "val" sources, else a seeded `val_fraction` of the conversations. The
+    tokenizer at `tok_path` is used when it exists (fine-tuning: the pretrained model's), else trained
+    on the training conversations."""
+    from .data import FORMAT, _rel_or_abs, check_vocab, choose_val_docs, token_dtype
+    from .tokenizer import train_tokenizer
+
+    t0 = time.perf_counter()
+    convs = {"train": [], "val": []}
+    for src in sources:
+        if src.path is None or not is_chat_jsonl(src.path):
+            raise UserError(f"{src.name} is not a chat JSONL file ({{\"messages\": [...]}} per line); "
+                            "chat data and plain text cannot be prepared together")
+        convs[src.role] += list(read_conversations(src.path))
+    if not convs["val"]:
+        held = choose_val_docs(len(convs["train"]), val_fraction, seed)
+        convs = {"train": [c for c, h in zip(convs["train"], held) if not h],
+                 "val": [c for c, h in zip(convs["train"], held) if h]}
+    if tok_path.is_file() and not rebuild_tokenizer:
+        tok = Tokenizer.load(tok_path)
+        print(f"tokenizer: using {tok_path} ({tok.vocab_size:,} tokens)", flush=True)
+    else:
+        print(f"tokenizer: training byte-level BPE, vocab {vocab_size:,} on the training conversations", flush=True)
+        tok = train_tokenizer((render(c) for c in convs["train"]), vocab_size)
+    check_vocab(config, tok, allow_vocab_mismatch)
+    marker_ids(tok)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dtype, splits = token_dtype(tok.vocab_size), {}
+    for split, items in convs.items():
+        ids, mask, n_bytes = [], [], 0
+        for c in items:
+            i, m = encode_chat(tok, c)
+            ids += i + [tok.eot_id]
+            mask += m + [0]
+            n_bytes += len(render(c).encode("utf-8"))
+        atomic_write_bytes(out_dir / f"{split}.bin", np.asarray(ids, dtype=dtype).tobytes())
+        atomic_write_bytes(out_dir / f"{split}{MASK_SUFFIX}", np.asarray(mask, dtype=np.uint8).tobytes())
+        splits[split] = {"file": f"{split}.bin", "tokens": len(ids), "documents": len(items), "bytes": n_bytes,
+                         "mask": f"{split}{MASK_SUFFIX}", "target_tokens": int(sum(mask))}
+    if tok.path is None or tok.path.resolve() != tok_path.resolve():
+        tok.save(tok_path)
+    meta = {"format": FORMAT, "vocab_size": tok.vocab_size, "dtype": dtype.name, "eot_id": tok.eot_id,
+            "pad_id": tok.pad_id, "tokenizer": _rel_or_abs(tok_path, out_dir), "tokenizer_sha256": tok.sha256,
+            "splits": splits, "chat": {"format": "chatml", "loss": "assistant replies and their <|im_end|>"},
+            "sources": [s.describe() for s in sources],
+            "settings": {"chat": True, "val_fraction": val_fraction, "seed": seed, "vocab_size": vocab_size}}
+    atomic_write_text(out_dir / "meta.json", json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    for split, s in splits.items():
+        print(f"{split}: {s['documents']:,} conversations, {s['tokens']:,} tokens, "
+              f"{s['target_tokens']:,} of them assistant targets", flush=True)
+    print(f"wrote {out_dir / 'meta.json'} (chat data, tokenizer {tok_path}) in {time.perf_counter() - t0:.1f} s",
+          flush=True)
+    return out_dir
+
+
+def open_loss_mask(data_dir, meta: dict, split: str) -> np.ndarray | None:
+    """The loss mask of a split of chat data (uint8 per token, memory-mapped); None for plain text."""
+    info = meta["splits"][split]
+    if "mask" not in info:
+        return None
+    path = Path(data_dir) / info["mask"]
+    if not path.is_file() or path.stat().st_size != info["tokens"]:
+        raise UserError(f"{path} is missing or not {info['tokens']:,} bytes as meta.json says; "
+                        "run --mode prepare_data again")
+    return np.memmap(path, dtype=np.uint8, mode="r") if info["tokens"] else np.zeros(0, np.uint8)
+
+
+def masked_targets(targets, mask_rows):
+    """targets [B, T] with -100 (cross-entropy's ignore_index) where mask_rows [B, T] is 0."""
+    import torch
+
+    return targets.masked_fill(torch.as_tensor(mask_rows, device=targets.device) == 0, -100)
