@@ -131,6 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="eval of long text: carry the state across windows, or plain sliding windows")
     g.add_argument("--json", action="store_true", help="eval: print JSON")
 
+    # issue 14 (chat)
+    c = p.add_argument_group("chat")
+    c.add_argument("--chat", action="store_true",
+                   help="generate: a multi-turn chat (ChatML; /reset starts over, Ctrl-D quits); prepare_data: the "
+                        'data are conversations, JSONL {"messages": [...]} (also detected by itself)')
+    c.add_argument("--system", default=None, help="generate --chat: the system message")
+
     b = p.add_argument_group("benchmark")
     b.add_argument("--compare", choices=("transformers",), default=None,
                    help="also measure transformers' Qwen3NextForCausalLM on the same weights")

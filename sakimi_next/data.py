@@ -652,7 +652,7 @@ def _tokenizer_for(tok_path: Path, old: dict | None, fingerprint: dict, rebuild:
 def prepare_data(train_data: list[str] | None, val_data: list[str] | None, out_dir=DEFAULT_OUT_DIR,
                  tokenizer_path=None, vocab_size: int | None = None, val_fraction: float = 0.1,
                  doc_split: str = "auto", encoding_errors: str = "strict", rebuild_tokenizer: bool = False,
-                 seed: int = 0, config=None, allow_vocab_mismatch: bool = False) -> Path:
+                 seed: int = 0, config=None, allow_vocab_mismatch: bool = False, chat: bool | None = None) -> Path:
     """Tokenize `train_data` (and `val_data`, else a held-out `val_fraction` of the training documents)
     into `out_dir`; returns `out_dir`. Unchanged inputs and settings: nothing is done.
 
@@ -660,7 +660,8 @@ def prepare_data(train_data: list[str] | None, val_data: list[str] | None, out_d
     fraction). `vocab_size` defaults to `config.vocab_size` (config: the tiny_10m preset by default).
     The tokenizer at `tokenizer_path` (default out_dir/tokenizer.json) is trained when missing, when
     `rebuild_tokenizer`, or when this directory's previous run trained it from different training data
-    or settings; a tokenizer from elsewhere is used as it is.
+    or settings; a tokenizer from elsewhere is used as it is. `chat`: the data are conversations (see
+    chat.prepare_chat_data); None: when a source is a JSONL file of {"messages": [...]} records.
     """
     from .config import RECOMMENDED_PRESET, preset
 
@@ -689,6 +690,11 @@ def prepare_data(train_data: list[str] | None, val_data: list[str] | None, out_d
             "(pass --train-data to use your own text)")
     if val_data:
         sources += resolve_sources(val_data, "val")
+    from .chat import is_chat_jsonl, prepare_chat_data  # issue 14 (chat): conversations, with a loss mask
+
+    if chat or (chat is None and any(s.path is not None and is_chat_jsonl(s.path) for s in sources)):
+        return prepare_chat_data(sources, out_dir, tok_path, vocab_size, val_fraction, seed, config,
+                                 allow_vocab_mismatch, rebuild_tokenizer)
     settings = {"doc_split": doc_split, "val_fraction": None if val_data else val_fraction, "seed": seed,
                 "encoding_errors": encoding_errors, "vocab_size": vocab_size}
     meta = {"format": FORMAT, "tokenizer": _rel_or_abs(tok_path, out_dir),
@@ -786,5 +792,5 @@ def run_prepare_data(args) -> int:
     prepare_data(args.train_data, args.val_data, out_dir, tokenizer_path=args.tokenizer, vocab_size=args.vocab_size,
                  val_fraction=args.val_fraction, doc_split=args.doc_split, encoding_errors=args.encoding_errors,
                  rebuild_tokenizer=args.rebuild_tokenizer, seed=args.seed, config=config,
-                 allow_vocab_mismatch=args.allow_vocab_mismatch)
+                 allow_vocab_mismatch=args.allow_vocab_mismatch, chat=args.chat or None)
     return 0

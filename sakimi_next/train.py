@@ -137,10 +137,12 @@ class WindowSampler:
     state besides the step, a resumed run sees the same windows, and N processes with batch B see the
     windows one process with batch N*B would."""
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, rank: int, world: int):
+    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, rank: int, world: int,
+                 loss_mask: np.ndarray | None = None):
         self.tokens, self.seq_len, self.batch_size = tokens, seq_len, batch_size
         self.seed, self.rank, self.world = seed, rank, world
         self.max_start = len(tokens) - seq_len - 1
+        self.loss_mask = loss_mask  # chat data: targets where it is 0 become -100 (not in the loss)
 
     def batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng([self.seed, step, micro])
@@ -148,6 +150,11 @@ class WindowSampler:
         starts = starts[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
         rows = np.stack([self.tokens[s:s + self.seq_len + 1] for s in starts]).astype(np.int64)
         t = torch.from_numpy(rows)
+        if self.loss_mask is not None:
+            from .chat import masked_targets
+
+            mask = np.stack([self.loss_mask[s + 1:s + self.seq_len + 1] for s in starts])
+            return t[:, :-1], masked_targets(t[:, 1:], mask)
         return t[:, :-1], t[:, 1:]
 
 
@@ -166,8 +173,10 @@ def document_starts(x: torch.Tensor, eot_id: int) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model, tokens: np.ndarray, seq_len: int, batch_size: int, n_batches: int, device,
-             bytes_per_token: float | None, autocast, ddp: Distributed, eot_id: int | None = None) -> dict:
-    """Mean validation loss over fixed windows (sharded across ranks), perplexity and bits per byte."""
+             bytes_per_token: float | None, autocast, ddp: Distributed, eot_id: int | None = None,
+             loss_mask: np.ndarray | None = None) -> dict:
+    """Mean validation loss over fixed windows (sharded across ranks), perplexity and bits per byte.
+    `loss_mask` (chat data): only the targets where it is 1 count."""
     seq_len = min(seq_len, len(tokens) - 1)
     starts = eval_windows(len(tokens), seq_len, batch_size * ddp.world_size * n_batches)  # the global set
     mine = starts[ddp.rank::ddp.world_size]
@@ -180,8 +189,14 @@ def evaluate(model, tokens: np.ndarray, seq_len: int, batch_size: int, n_batches
         starts = document_starts(t[:, :-1], eot_id) if eot_id is not None else None
         with autocast:
             logits = model(t[:, :-1], doc_starts=starts).logits
-        loss = F.cross_entropy(logits.float().flatten(0, 1), t[:, 1:].flatten(), reduction="sum")
-        total += torch.stack([loss.double(), torch.tensor(t[:, 1:].numel(), dtype=torch.float64, device=device)])
+        targets = t[:, 1:]
+        if loss_mask is not None:
+            from .chat import masked_targets
+
+            rows_mask = np.stack([loss_mask[s + 1:s + seq_len + 1] for s in mine[i:i + batch_size]])
+            targets = masked_targets(targets, rows_mask)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum", ignore_index=-100)
+        total += torch.stack([loss.double(), (targets != -100).sum().to(torch.float64)])
     if ddp.enabled:
         dist.all_reduce(total)
     if hasattr(ckpt.plain_module(model), "reshard"):
@@ -404,6 +419,13 @@ def _train(args, ddp: Distributed, check_vocab, open_split) -> int:
     if getattr(args, "mtp_weight", None) and not config.mtp_num_hidden_layers:
         config = config.replace(mtp_num_hidden_layers=1)
 
+    # issue 14 (chat): chat data carry loss masks (only assistant replies count), and conversations
+    # packed in a window do not see each other (document masking on by default)
+    from .chat import open_loss_mask
+
+    train_mask, val_mask = open_loss_mask(data_dir, meta, "train"), open_loss_mask(data_dir, meta, "val")
+    if train_mask is not None and args.document_masking is None:
+        args.document_masking = True
     s = _settings(args, resumed_args, preset_name)
     train_tokens = open_split(data_dir, "train")
     val_tokens = open_split(data_dir, "val")
@@ -454,6 +476,7 @@ def _train(args, ddp: Distributed, check_vocab, open_split) -> int:
     tokens_per_step = s["batch_size"] * s["seq_len"] * s["grad_accum"] * ddp.world_size
     split = meta["splits"]
     bytes_per_token = (split["val"]["bytes"] / split["val"]["tokens"]) if split["val"].get("tokens") else None
+    bytes_per_token = None if val_mask is not None else bytes_per_token  # a masked loss has no bits per byte
     log(f"model: {preset_name}, {n_params:,} parameters ({fmt_count(n_params)})")
     log(f"device: {device}   kernel: {kernel}   dtype: {dtype}   compile: {bool(args.compile)}"
         f"{'   world size: ' + str(ddp.world_size) + (' (FSDP2)' if args.fsdp else ' (DDP)') if ddp.enabled else ''}")
@@ -467,7 +490,8 @@ def _train(args, ddp: Distributed, check_vocab, open_split) -> int:
         if not os.access(out_dir, os.W_OK):
             raise UserError(f"output directory {out_dir} is not writable")
 
-    sampler = WindowSampler(train_tokens, s["seq_len"], s["batch_size"], s["seed"], ddp.rank, ddp.world_size)
+    sampler = WindowSampler(train_tokens, s["seq_len"], s["batch_size"], s["seed"], ddp.rank, ddp.world_size,
+                            train_mask)
     metrics = MetricsLog(out_dir / "metrics.jsonl", ddp.is_main, start_step if state else None)
     best = dict(loss=(state or {}).get("best_val_loss", math.inf), step=(state or {}).get("best_step"))
     stale_evals = (state or {}).get("evals_without_improvement", 0)
@@ -587,7 +611,8 @@ def _train(args, ddp: Distributed, check_vocab, open_split) -> int:
                 stop.signal, time_up = (int(flags[0]) or None), bool(flags[1])
             if step % s["eval_every"] == 0 or step == total or time_up:  # a run cut short is still measured
                 ev = evaluate(train_model, val_tokens, s["seq_len"], s["batch_size"], s["eval_batches"], device,
-                              bytes_per_token, autocast, ddp, tokenizer.eot_id if s["document_masking"] else None)
+                              bytes_per_token, autocast, ddp, tokenizer.eot_id if s["document_masking"] else None,
+                              val_mask)
                 metrics.add({"step": step, **ev})
                 bpb = f"  bpb {ev['val_bpb']:.4f}" if "val_bpb" in ev else ""
                 say(f"eval {step:>6}: val loss {ev['val_loss']:.4f}  ppl {ev['val_ppl']:.2f}{bpb}")

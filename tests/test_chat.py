@@ -132,3 +132,153 @@ def test_chat_template_in_transformers(tok, checkpoint, tmp_path):
 def test_check_messages_rejects(messages, reason):
     with pytest.raises(chat.UserError, match=reason.replace("|", r"\|").replace("(", r"\(")):
         chat.check_messages(messages, need_assistant=True)
+
+
+# ------------------------------------------------------------------------------------- chat data
+WORDS = ["apple", "river", "stone", "cloud", "green", "table", "music", "light", "paper", "smile", "tiger", "bread"]
+HANZI = "天地人山水火木金土日月星"
+
+
+def synthetic_conversations(n: int, seed: int = 0) -> list[dict]:
+    """Small learnable requests: repeat a word, or give the character paired with it (both directions)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        i = int(rng.integers(len(WORDS)))
+        if rng.random() < 0.5:
+            msgs = [{"role": "user", "content": f"Say {WORDS[i]} twice."},
+                    {"role": "assistant", "content": f"{WORDS[i]} {WORDS[i]}"}]
+        else:
+            msgs = [{"role": "user", "content": f"“{HANZI[i]}”是什么？"}, {"role": "assistant", "content": WORDS[i]}]
+        if rng.random() < 0.3:
+            msgs.insert(0, {"role": "system", "content": "Answer briefly."})
+        out.append({"messages": msgs})
+    return out
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def prepare(capsys, *args):
+    rc = main(["--mode", "prepare_data", *map(str, args)])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_prepare_chat_data(tok, tmp_path, capsys):
+    """Conversations are detected, split, encoded with encode_chat and one EOT each, with the mask beside."""
+    from sakimi_next.data import load_meta, open_split
+
+    records = synthetic_conversations(50)
+    src = write_jsonl(tmp_path / "chats.jsonl", records)
+    out = tmp_path / "data"
+    rc, _, err = prepare(capsys, "--train-data", src, "--out-dir", out, "--tokenizer", tok.path, "--val-fraction", 0.2)
+    assert rc == 0, err
+    meta = load_meta(out)
+    assert meta["chat"]["format"] == "chatml" and meta["tokenizer_sha256"] == tok.sha256
+    assert meta["splits"]["train"]["documents"] == 40 and meta["splits"]["val"]["documents"] == 10
+    seen = []
+    for split in ("train", "val"):
+        ids = np.asarray(open_split(out, split))
+        mask = chat.open_loss_mask(out, meta, split)
+        assert len(mask) == len(ids) and meta["splits"][split]["target_tokens"] == int(mask.sum())
+        for a, b in chat.conversations_of(ids, tok.eot_id):
+            msgs = [m for r in records for m in [r["messages"]] if chat.encode_chat(tok, m)[0] == ids[a:b].tolist()]
+            assert msgs, "every conversation is one of the records, encoded whole"
+            assert mask[a:b].tolist() == chat.encode_chat(tok, msgs[0])[1] and mask[b] == 0
+            seen.append(ids[a:b].tolist())
+    assert sorted(seen) == sorted(chat.encode_chat(tok, r["messages"])[0] for r in records)
+
+
+@pytest.mark.parametrize("line,reason", [
+    ("{not json", "not valid JSON"),
+    ('{"text": "plain"}', 'no "messages"'),
+    ('{"messages": []}', "non-empty list"),
+    ('{"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "beep"}]}', "unknown role 'robot'"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}', "no assistant turn"),
+    ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant"}]}', "message 2 is not an object"),
+    ('{"messages": [{"role": "user", "content": "<|im_start|>system"}, {"role": "assistant", "content": "x"}]}',
+     "reserved token"),
+])
+def test_bad_chat_records(tok, tmp_path, capsys, line, reason):
+    good = json.dumps(synthetic_conversations(1)[0])
+    src = tmp_path / "chats.jsonl"
+    src.write_text(f"{good}\n{good}\n\n{line}\n{good}\n")
+    rc, _, err = prepare(capsys, "--train-data", src, "--out-dir", tmp_path / "data", "--tokenizer", tok.path)
+    assert rc == 2
+    assert err.count("\n") == 1 and err.startswith(f"error: {src}:4: ") and reason in err, err
+    assert not (tmp_path / "data" / "meta.json").exists()
+
+
+def test_chat_and_text_do_not_mix(tok, tmp_path, capsys):
+    src = write_jsonl(tmp_path / "chats.jsonl", synthetic_conversations(5))
+    (tmp_path / "text.txt").write_text("Plain text.\n")
+    rc, _, err = prepare(capsys, "--train-data", src, tmp_path / "text.txt", "--out-dir", tmp_path / "d",
+                         "--tokenizer", tok.path)
+    assert rc == 2 and "text.txt is not a chat JSONL file" in err
+
+
+@torch.no_grad()
+def test_packed_conversations_do_not_see_each_other(tok, checkpoint):
+    """In a packed window with document starts after each EOT, a conversation's logits are its own."""
+    from sakimi_next.train import document_starts
+
+    _, model = checkpoint
+    convs = [chat.encode_chat(tok, c)[0] + [tok.eot_id] for c in CONVERSATIONS[:3]]
+    row = torch.tensor([sum(convs, [])])
+    packed = model(row, doc_starts=document_starts(row, tok.eot_id)).logits[0]
+    a = len(convs[0])
+    alone = model(torch.tensor([convs[1]])).logits[0]
+    torch.testing.assert_close(packed[a:a + len(convs[1])], alone, rtol=1e-4, atol=1e-4)
+    assert (model(row).logits[0, a:a + len(convs[1])] - alone).abs().max() > 1e-3
+
+
+def test_sampler_masks_targets(tok, tmp_path, capsys):
+    """The training windows' targets are -100 exactly where the loss mask is 0."""
+    from sakimi_next.data import load_meta, open_split
+    from sakimi_next.train import WindowSampler
+
+    src = write_jsonl(tmp_path / "chats.jsonl", synthetic_conversations(40))
+    assert prepare(capsys, "--train-data", src, "--out-dir", tmp_path / "d", "--tokenizer", tok.path)[0] == 0
+    ids, mask = open_split(tmp_path / "d", "train"), chat.open_loss_mask(tmp_path / "d", load_meta(tmp_path / "d"), "train")
+    sampler = WindowSampler(ids, 32, 4, seed=0, rank=0, world=1, loss_mask=mask)
+    plain = WindowSampler(ids, 32, 4, seed=0, rank=0, world=1)
+    for step in range(3):
+        (x, y), (x0, y0) = sampler.batch(step, 0), plain.batch(step, 0)
+        assert torch.equal(x, x0)
+        kept = y != -100
+        assert torch.equal(y[kept], y0[kept]) and kept.any()
+        rng = np.random.default_rng([0, step, 0])
+        starts = rng.integers(0, len(ids) - 33 + 1, size=4)
+        expected = np.stack([np.asarray(mask[s + 1:s + 33]) for s in starts]).astype(bool)
+        assert torch.equal(kept, torch.from_numpy(expected))
+
+
+def test_sft_lowers_heldout_assistant_loss(tok, checkpoint, tmp_path, capsys):
+    """Fine-tuning from a checkpoint (--init-from) on chat data: held-out assistant loss goes down, and
+    training turned document masking on by itself."""
+    from sakimi_next.checkpoint import load_for_inference
+    from sakimi_next.data import load_meta, open_split
+
+    ckpt, model = checkpoint
+    src = write_jsonl(tmp_path / "chats.jsonl", synthetic_conversations(300))
+    data = tmp_path / "d"
+    assert prepare(capsys, "--train-data", src, "--out-dir", data, "--tokenizer", ckpt / "tokenizer.json")[0] == 0
+    meta = load_meta(data)
+    val, val_mask = open_split(data, "val"), chat.open_loss_mask(data, meta, "val")
+    before = chat.assistant_loss(model, val, val_mask, tok.eot_id)
+    rc = main(["--mode", "train", "--data-dir", str(data), "--init-from", str(ckpt), "--out-dir", str(tmp_path / "sft"),
+               "--steps", "40", "--batch-size", "8", "--seq-len", "64", "--learning-rate", "3e-3",
+               "--warmup-steps", "4", "--eval-every", "20", "--eval-batches", "2", "--print-every", "20"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    state = json.loads((tmp_path / "sft" / "latest" / "trainer_state.json").read_text())
+    assert state["args"]["document_masking"] is True
+    tuned = load_for_inference(tmp_path / "sft" / "latest", "cpu")[0]
+    after = chat.assistant_loss(tuned, val, val_mask, tok.eot_id)
+    assert after < before - 1.0, (before, after)
+    metrics = [json.loads(x) for x in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
+    evals = [m for m in metrics if "val_loss" in m]
+    assert "val_bpb" not in evals[-1] and evals[-1]["val_loss"] < before
