@@ -262,3 +262,136 @@ def assistant_loss(model, tokens: np.ndarray, mask: np.ndarray, eot_id: int, row
             count += int((y != -100).sum())
     model.train(was_training)
     return total / max(count, 1)
+
+
+# ----------------------------------------------------------------------------------- chat session
+class ChatSession:
+    """A multi-turn conversation held in one decoding cache: each turn runs only its new tokens (the end
+    of the previous reply and the new user message) through the model, never the history again.
+
+    `ids` is the whole conversation as the model sees it: the generated reply tokens as they were
+    sampled, each reply closed with <|im_end|> and a newline. `fed` of them are in the cache; the last
+    sampled token of a reply is only fed at the start of the next turn. `prefilled` counts the tokens
+    each turn ran through the model before its first new token."""
+
+    def __init__(self, model, tokenizer: Tokenizer, system: str | None = None, settings=None, generator=None,
+                 decode=None):
+        from .generate import SamplingSettings, decode_one_token
+
+        self.model, self.tokenizer = model, tokenizer
+        self.system = check_messages([{"role": "system", "content": system}])[0] if system else None
+        self.settings = settings or SamplingSettings(temperature=0)
+        self.generator, self.decode = generator, decode or decode_one_token
+        self.start_id, self.end_id = marker_ids(tokenizer)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the conversation (the system message stays)."""
+        self.cache = self.model.new_cache(1, capacity=256)
+        self.ids: list[int] = []
+        self.fed = 0
+        self.prefilled: list[int] = []
+        self.logits = None  # the model's last logits [V]
+
+    def _close_reply(self, reply: list[int]) -> None:
+        self.ids += reply
+        if not reply or reply[-1] != self.end_id:
+            self.ids.append(self.end_id)  # a reply cut short by the token budget is closed here
+        self.ids += self.tokenizer.encode("\n")
+
+    def reply(self, user: str, max_new_tokens: int) -> Iterator[int]:
+        """Yield the assistant's reply to `user`, token by token, until <|im_end|> (not yielded) or
+        `max_new_tokens`. The reply stays in the conversation, also when the caller stops early."""
+        import torch
+
+        from .generate import apply_repetition_penalty, prefill, sample
+
+        first = not self.ids
+        turn = ([self.system] if first and self.system else []) + [{"role": "user", "content": user}]
+        new = encode_chat(self.tokenizer, check_messages(turn), add_generation_prompt=True)[0]
+        limit = self.model.config.max_position_embeddings
+        if len(self.ids) + len(new) + max_new_tokens > limit:
+            raise UserError(f"the conversation would exceed max_position_embeddings ({limit}); /reset to start over")
+        self.ids += new
+        todo = torch.tensor([self.ids[self.fed:]], device=self.model.device)
+        self.prefilled.append(todo.shape[1])
+        self.logits = prefill(self.model, todo, None, self.cache)[0]
+        self.fed = len(self.ids)
+        reply: list[int] = []
+        penalty = self.settings.repetition_penalty
+        seen = None
+        if penalty != 1.0:
+            seen = torch.zeros(1, self.model.config.vocab_size, dtype=torch.bool, device=self.model.device)
+            seen[0, torch.tensor(self.ids, device=seen.device)] = True
+        try:
+            while len(reply) < max_new_tokens:
+                logits = self.logits[None] if seen is None else apply_repetition_penalty(self.logits[None], seen, penalty)
+                token = sample(logits, self.settings, self.generator)
+                reply.append(int(token))
+                if reply[-1] == self.end_id:
+                    break
+                yield reply[-1]
+                if len(reply) == max_new_tokens:
+                    break
+                if seen is not None:
+                    seen[0, token] = True
+                self.logits = self.decode(self.model, token, self.cache)[0]
+                self.fed += 1
+        finally:
+            self._close_reply(reply)
+
+
+def run_chat(model, tokenizer: Tokenizer, info: dict, settings, system: str | None, max_new_tokens: int,
+             seed: int, decode=None) -> int:
+    """The terminal chat of `generate --chat`: read a line, stream the reply, until EOF (Ctrl-D)."""
+    import torch
+
+    from .generate import StreamDecoder
+
+    generator = torch.Generator(device=model.device).manual_seed(seed)
+    session = ChatSession(model, tokenizer, system, settings, generator, decode)
+    print(f"chat: {info['source']} ({info['parameters']:,} parameters, {info['device']}). Type a message and "
+          "press Enter; /reset starts over, Ctrl-D quits.", file=sys.stderr, flush=True)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if line.strip() == "/reset":
+            session.reset()
+            print("(conversation reset)", file=sys.stderr, flush=True)
+            continue
+        if not line.strip():
+            continue
+        t0, n = time.perf_counter(), 0
+        stream = StreamDecoder(tokenizer)
+        for token in session.reply(line, max_new_tokens):
+            n += 1
+            sys.stdout.write(stream.push(token))
+            sys.stdout.flush()
+        sys.stdout.write(stream.flush() + "\n")
+        sys.stdout.flush()
+        seconds = time.perf_counter() - t0
+        print(f"[{n} tokens in {seconds:.2f} s, {n / max(seconds, 1e-9):.1f} tokens/s; prefilled "
+              f"{session.prefilled[-1]} new tokens, {len(session.ids)} in the conversation]", file=sys.stderr, flush=True)
+
+
+def run_chat_command(args, settings) -> int:
+    """`--mode generate --chat`: check the flags that do not apply, load the model, chat."""
+    from .checkpoint import load_for_inference
+    from .generate import compiled_decoder, decode_one_token
+
+    for flag, given in (("--prompt", args.prompt is not None), ("--prompt-file", args.prompt_file),
+                        ("--speculative", args.speculative), ("--interactive", args.interactive),
+                        ("--num-samples", args.num_samples != 1), ("--stop", args.stop)):
+        if given:
+            raise UserError(f"{flag} does not apply to --chat (a chat reads its messages from standard input)")
+    if args.max_new_tokens <= 0:
+        raise UserError(f"--max-new-tokens ({args.max_new_tokens}) must be positive in a chat")
+    if not args.resume_from:
+        raise UserError("pass the model to talk to: --resume-from CHECKPOINT_DIR (e.g. runs/chat-demo/sft/latest)")
+    model, tokenizer, info = load_for_inference(args.resume_from, args.device, args.kernel, args.disable_fast_kernels)
+    marker_ids(tokenizer)
+    decode = compiled_decoder(model) if args.compile else decode_one_token
+    return run_chat(model, tokenizer, info, settings, args.system, args.max_new_tokens, args.seed, decode)

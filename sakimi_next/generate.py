@@ -404,6 +404,12 @@ def run_generate(args) -> int:
             raise UserError("--compile compiles the plain decoding step; it does not apply to --speculative mtp")
         if args.draft_len <= 0:
             raise UserError(f"--draft-len ({args.draft_len}) must be positive")
+    if args.chat or args.system is not None:  # issue 14 (chat): a multi-turn chat
+        from .chat import run_chat_command
+
+        if not args.chat:
+            raise UserError("--system is the system message of a chat: add --chat")
+        return run_chat_command(args, settings)
     prompts = _read_prompts(args)
     if not args.resume_from:
         raise UserError("pass the model to talk to: --resume-from CHECKPOINT_DIR (e.g. runs/tiny_10m/latest)")

@@ -282,3 +282,79 @@ def test_sft_lowers_heldout_assistant_loss(tok, checkpoint, tmp_path, capsys):
     metrics = [json.loads(x) for x in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
     evals = [m for m in metrics if "val_loss" in m]
     assert "val_bpb" not in evals[-1] and evals[-1]["val_loss"] < before
+
+
+# ---------------------------------------------------------------------------------- generate --chat
+TURNS = ["Hello! What is a list?", "请用中文回答：大观园在哪里？", "And a tuple?"]
+
+
+SYSTEM = {"role": "system", "content": "You are terse. 你很简洁。"}
+
+
+@torch.no_grad()
+def test_chat_session_cache_equals_from_scratch(tok, checkpoint):
+    """Each turn prefills only its new tokens, and what it then computes (logits and greedy tokens) is
+    what running the whole conversation from scratch gives."""
+    from sakimi_next.generate import generate
+
+    _, model = checkpoint
+    session = chat.ChatSession(model, tok, system=SYSTEM["content"])
+    end = tok.token_to_id(chat.IM_END)
+    for k, user in enumerate(TURNS):
+        before, fed_before = len(session.ids), session.fed
+        reply = list(session.reply(user, max_new_tokens=12))
+        new = chat.encode_chat(tok, ([SYSTEM] if k == 0 else []) + [{"role": "user", "content": user}], True)[0]
+        prompt = session.ids[:before + len(new)]
+        assert prompt[before:] == new
+        # new tokens only: the last sampled token of the previous reply, <|im_end|>, "\n", then the turn
+        assert session.prefilled[k] == len(prompt) - fed_before
+        assert k == 0 or len(prompt) - len(new) - fed_before <= 3
+        scratch = generate(model, [prompt], 12, eos_id=end)[0]
+        assert reply == [t for t in scratch if t != end]
+        # the session's last logits (after its last fed token) are the from-scratch forward's
+        full = model(torch.tensor([session.ids[:session.fed]])).logits[0, -1]
+        torch.testing.assert_close(session.logits, full, rtol=1e-4, atol=1e-4)
+        # the reply is closed in the history: <|im_end|> and a newline
+        assert session.ids[before + len(new):] == reply + [end] + tok.encode("\n")
+    session.reset()
+    list(session.reply(TURNS[1], 4))
+    assert session.prefilled == [len(chat.encode_chat(tok, [SYSTEM, {"role": "user", "content": TURNS[1]}], True)[0])]
+
+
+def test_generate_chat_cli(tok, checkpoint):
+    """`generate --chat` through a real process and its stdin: streamed greedy replies equal a ChatSession's,
+    turn 2 prefills only its new tokens, /reset starts over (with the system message), EOF quits."""
+    import re
+
+    ckpt, model = checkpoint
+    lines = [TURNS[0], TURNS[1], "/reset", TURNS[2]]
+    r = subprocess.run([sys.executable, "-m", "sakimi_next", "--mode", "generate", "--chat", "--resume-from", str(ckpt),
+                        "--system", SYSTEM["content"], "--max-new-tokens", "10", "--temperature", "0"],
+                       input="\n".join(lines) + "\n", capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    session = chat.ChatSession(model, tok, system=SYSTEM["content"])
+    expected = []
+    for line in lines:
+        if line == "/reset":
+            session.reset()
+            expected.append("> ")
+        else:
+            expected.append("> " + tok.decode(list(session.reply(line, 10))) + "\n")
+    assert r.stdout == "".join(expected) + "> "
+    prefilled = [int(n) for n in re.findall(r"prefilled (\d+) new tokens", r.stderr)]
+    first = len(chat.encode_chat(tok, [SYSTEM, {"role": "user", "content": TURNS[0]}], True)[0])
+    second = len(chat.encode_chat(tok, [{"role": "user", "content": TURNS[1]}], True)[0])
+    third = len(chat.encode_chat(tok, [SYSTEM, {"role": "user", "content": TURNS[2]}], True)[0])
+    assert prefilled[0] == first and second < prefilled[1] <= second + 3 and prefilled[2] == third
+    assert "conversation reset" in r.stderr
+
+
+@pytest.mark.parametrize("flags,reason", [
+    (["--system", "hi"], "add --chat"),
+    (["--chat", "--prompt", "hi"], "--prompt does not apply to --chat"),
+    (["--chat", "--num-samples", "2"], "--num-samples does not apply"),
+])
+def test_generate_chat_bad_flags(checkpoint, capsys, flags, reason):
+    ckpt, _ = checkpoint
+    assert main(["--mode", "generate", "--resume-from", str(ckpt), *flags]) == 2
+    assert reason in capsys.readouterr().err
