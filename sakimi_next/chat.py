@@ -178,18 +178,20 @@ def prepare_chat_data(sources, out_dir: Path, tok_path: Path, vocab_size: int, v
     marker_ids(tok)
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "meta.json").unlink(missing_ok=True)  # from here to the end the directory is incomplete
     dtype, splits = token_dtype(tok.vocab_size), {}
     for split, items in convs.items():
-        ids, mask, n_bytes = [], [], 0
+        ids, mask, n_bytes = [np.zeros(0, dtype)], [np.zeros(0, np.uint8)], 0
         for c in items:
             i, m = encode_chat(tok, c)
-            ids += i + [tok.eot_id]
-            mask += m + [0]
+            ids.append(np.asarray(i + [tok.eot_id], dtype=dtype))
+            mask.append(np.asarray(m + [0], dtype=np.uint8))
             n_bytes += len(render(c).encode("utf-8"))
-        atomic_write_bytes(out_dir / f"{split}.bin", np.asarray(ids, dtype=dtype).tobytes())
-        atomic_write_bytes(out_dir / f"{split}{MASK_SUFFIX}", np.asarray(mask, dtype=np.uint8).tobytes())
+        ids, mask = np.concatenate(ids), np.concatenate(mask)
+        atomic_write_bytes(out_dir / f"{split}.bin", ids.tobytes())
+        atomic_write_bytes(out_dir / f"{split}{MASK_SUFFIX}", mask.tobytes())
         splits[split] = {"file": f"{split}.bin", "tokens": len(ids), "documents": len(items), "bytes": n_bytes,
-                         "mask": f"{split}{MASK_SUFFIX}", "target_tokens": int(sum(mask))}
+                         "mask": f"{split}{MASK_SUFFIX}", "target_tokens": int(mask.sum())}
     if tok.path is None or tok.path.resolve() != tok_path.resolve():
         tok.save(tok_path)
     meta = {"format": FORMAT, "vocab_size": tok.vocab_size, "dtype": dtype.name, "eot_id": tok.eot_id,
