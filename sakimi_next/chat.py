@@ -354,12 +354,15 @@ def run_chat(model, tokenizer: Tokenizer, info: dict, settings, system: str | No
     session = ChatSession(model, tokenizer, system, settings, generator, decode)
     print(f"chat: {info['source']} ({info['parameters']:,} parameters, {info['device']}). Type a message and "
           "press Enter; /reset starts over, Ctrl-D quits.", file=sys.stderr, flush=True)
+    echo = not sys.stdin.isatty()  # messages piped in are shown, so the transcript reads as a conversation
     while True:
         try:
             line = input("> ")
         except EOFError:
             print(file=sys.stderr)
             return 0
+        if echo:
+            print(line, flush=True)
         if line.strip() == "/reset":
             session.reset()
             print("(conversation reset)", file=sys.stderr, flush=True)

@@ -337,9 +337,9 @@ def test_generate_chat_cli(tok, checkpoint):
     for line in lines:
         if line == "/reset":
             session.reset()
-            expected.append("> ")
-        else:
-            expected.append("> " + tok.decode(list(session.reply(line, 10))) + "\n")
+            expected.append(f"> {line}\n")
+        else:  # stdin is not a terminal: each message is echoed after the prompt, then the reply
+            expected.append(f"> {line}\n" + tok.decode(list(session.reply(line, 10))) + "\n")
     assert r.stdout == "".join(expected) + "> "
     prefilled = [int(n) for n in re.findall(r"prefilled (\d+) new tokens", r.stderr)]
     first = len(chat.encode_chat(tok, [SYSTEM, {"role": "user", "content": TURNS[0]}], True)[0])
