@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # pyproject.toml allows a range, so GPU users keep the torch they have.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo test bench bench-serve clean
+.PHONY: setup demo chat-demo test bench bench-serve clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -31,6 +31,30 @@ demo: setup
 		--eval-every 100 --save-every 100 --print-every 50 --max-minutes 6
 	$(BIN)/sakimi-next --mode generate --resume-from runs/demo/latest --prompt "The list" \
 		--max-new-tokens 150 --temperature 0.8 --top-k 50 --seed 0
+
+# Talk to it (issue 14), in ~11 minutes on an idle 2-core CPU: pretrain tiny_10m on English and Chinese
+# stories, fine-tune it on English <-> Chinese translation requests (held-out sentences measured before
+# and after), then chat with it. Needs the corpora in $(SHARED_DATA).
+SHARED_DATA ?= ../shared/data
+CHAT_DEMO := data/chat-demo
+chat-demo: setup
+	mkdir -p $(CHAT_DEMO)
+	head -n 1200 $(SHARED_DATA)/zh_novels/hongloumeng.txt > $(CHAT_DEMO)/hongloumeng_part.txt
+	$(BIN)/python scripts/make_translation_chats.py $(SHARED_DATA)/cmn_eng/cmn.txt --out-dir $(CHAT_DEMO)/chats
+	$(BIN)/sakimi-next --config tiny_10m --mode prepare_data --out-dir $(CHAT_DEMO)/pretrain \
+		--train-data $(SHARED_DATA)/tinystories/tinystories_mini.txt $(CHAT_DEMO)/hongloumeng_part.txt
+	$(BIN)/sakimi-next --config tiny_10m --mode train --data-dir $(CHAT_DEMO)/pretrain --out-dir runs/chat-demo/pretrain \
+		--steps 250 --batch-size 8 --seq-len 256 --learning-rate 2e-3 --warmup-steps 25 \
+		--eval-every 125 --save-every 125 --print-every 25
+	$(BIN)/sakimi-next --mode prepare_data --out-dir $(CHAT_DEMO)/sft --tokenizer runs/chat-demo/pretrain/latest/tokenizer.json \
+		--train-data $(CHAT_DEMO)/chats/train.jsonl --val-data $(CHAT_DEMO)/chats/val.jsonl
+	$(BIN)/sakimi-next --mode train --data-dir $(CHAT_DEMO)/sft --init-from runs/chat-demo/pretrain/latest \
+		--out-dir runs/chat-demo/sft --steps 300 --batch-size 8 --seq-len 128 --learning-rate 1e-3 --warmup-steps 30 \
+		--eval-every 100 --save-every 100 --print-every 25
+	$(BIN)/python scripts/chat_demo_eval.py --model runs/chat-demo/pretrain/latest --model runs/chat-demo/sft/latest \
+		--data-dir $(CHAT_DEMO)/sft --chats $(CHAT_DEMO)/chats/val.jsonl --json runs/chat-demo/eval.json
+	printf 'Translate into Chinese: I like cats.\n把这句话翻译成英文：我很高兴。\n/reset\nHow do you say "Where is the station?" in Chinese?\n' | \
+		$(BIN)/sakimi-next --mode generate --chat --resume-from runs/chat-demo/sft/latest --temperature 0 --max-new-tokens 40
 
 test: setup
 	$(BIN)/python -m pytest -q

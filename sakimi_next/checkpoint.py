@@ -40,6 +40,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from .config import Config, ConfigError
+from .tokenizer import write_tokenizer_config
 from .util import (UserError, fsync_dir, inside, is_int, is_sha256, json_field, json_object, publish_dir,
                    read_json_file, recover_dir, sha256_file)
 
@@ -140,6 +141,7 @@ def save_checkpoint(
         _write_json(tmp / CONFIG_FILE, config.to_dict())
         if tokenizer_path is not None:
             shutil.copyfile(tokenizer_path, tmp / TOKENIZER_FILE)
+            write_tokenizer_config(tmp, config.max_position_embeddings)  # AutoTokenizer, chat_template
     point(out_dir, "latest", final)
     return final
 

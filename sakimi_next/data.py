@@ -47,6 +47,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from .chat import MASK_SUFFIX, encode_chat, is_chat_jsonl, marker_ids, read_conversations, render
 from .tokenizer import Tokenizer, train_tokenizer
 from .util import (UserError, carry_over, format_table, inside, is_int, is_sha256, json_field, json_object,
                    publish_dir, sha256_file)
@@ -675,7 +676,7 @@ def _tokenizer_for(tok_path: Path, old: dict | None, fingerprint: dict, rebuild:
 def prepare_data(train_data: list[str] | None, val_data: list[str] | None, out_dir=DEFAULT_OUT_DIR,
                  tokenizer_path=None, vocab_size: int | None = None, val_fraction: float = 0.1,
                  doc_split: str = "auto", encoding_errors: str = "strict", rebuild_tokenizer: bool = False,
-                 seed: int = 0, config=None, allow_vocab_mismatch: bool = False) -> Path:
+                 seed: int = 0, config=None, allow_vocab_mismatch: bool = False, chat: bool | None = None) -> Path:
     """Tokenize `train_data` (and `val_data`, else a held-out `val_fraction` of the training documents)
     into `out_dir`; returns `out_dir`. Unchanged inputs and settings: nothing is done.
 
@@ -683,7 +684,8 @@ def prepare_data(train_data: list[str] | None, val_data: list[str] | None, out_d
     fraction). `vocab_size` defaults to `config.vocab_size` (config: the tiny_10m preset by default).
     The tokenizer at `tokenizer_path` (default out_dir/tokenizer.json) is trained when missing, when
     `rebuild_tokenizer`, or when this directory's previous run trained it from different training data
-    or settings; a tokenizer from elsewhere is used as it is.
+    or settings; a tokenizer from elsewhere is used as it is. `chat`: the data are conversations (see
+    prepare_chat_data); None: when a source is a JSONL file of {"messages": [...]} records.
     """
     from .config import RECOMMENDED_PRESET, preset
 
@@ -714,6 +716,9 @@ def prepare_data(train_data: list[str] | None, val_data: list[str] | None, out_d
             "(pass --train-data to use your own text)")
     if val_data:
         sources += resolve_sources(val_data, "val")
+    if chat or (chat is None and any(s.path is not None and is_chat_jsonl(s.path) for s in sources)):
+        return prepare_chat_data(sources, out_dir, tok_path, vocab_size, val_fraction, seed, config,
+                                 allow_vocab_mismatch, rebuild_tokenizer)
     settings = {"doc_split": doc_split, "val_fraction": None if val_data else val_fraction, "seed": seed,
                 "encoding_errors": encoding_errors, "vocab_size": vocab_size}
     meta = {"format": FORMAT, "tokenizer": _rel_or_abs(tok_path, out_dir),
@@ -804,3 +809,86 @@ def prepare_data(train_data: list[str] | None, val_data: list[str] | None, out_d
     say(f"wrote {out_dir / 'meta.json'} ({dtype.name} tokens, tokenizer {tok_path}) in "
         f"{time.perf_counter() - t0:.1f} s; encoding {mb_s:.2f} MB/s" + (f"; peak memory {rss:,.0f} MB" if rss else ""))
     return out_dir
+
+
+# ------------------------------------------------------------------ chat data (conversations + loss masks)
+def _write_chat_splits(directory: Path, tok: Tokenizer, convs: dict[str, list]) -> dict:
+    """Token files and loss masks (one uint8 per token, 1 = counted) of each split; their meta.json entries."""
+    dtype, splits = token_dtype(tok.vocab_size), {}
+    for split, items in convs.items():
+        ids, mask, n_bytes = [np.zeros(0, dtype)], [np.zeros(0, np.uint8)], 0
+        for c in items:
+            i, m = encode_chat(tok, c)
+            ids.append(np.asarray(i + [tok.eot_id], dtype=dtype))
+            mask.append(np.asarray(m + [0], dtype=np.uint8))
+            n_bytes += len(render(c).encode("utf-8"))
+        ids, mask = np.concatenate(ids), np.concatenate(mask)
+        (directory / f"{split}.bin").write_bytes(ids.tobytes())
+        (directory / f"{split}{MASK_SUFFIX}").write_bytes(mask.tobytes())
+        splits[split] = {"file": f"{split}.bin", "tokens": len(ids), "documents": len(items), "bytes": n_bytes,
+                         "mask": f"{split}{MASK_SUFFIX}", "target_tokens": int(mask.sum())}
+    return splits
+
+
+def prepare_chat_data(sources, out_dir: Path, tok_path: Path, vocab_size: int, val_fraction: float, seed: int,
+                      config, allow_vocab_mismatch: bool, rebuild_tokenizer: bool) -> Path:
+    """Conversations (data.Source list, .jsonl) -> train/val token files, loss masks and meta.json in
+    `out_dir`. Validation: the "val" sources, else a seeded `val_fraction` of the conversations. The
+    tokenizer at `tok_path` is used when it exists (fine-tuning: the pretrained model's), else trained
+    on the training conversations."""
+    t0 = time.perf_counter()
+    convs = {"train": [], "val": []}
+    for src in sources:
+        if src.path is None or not is_chat_jsonl(src.path):
+            raise UserError(f"{src.name} is not a chat JSONL file ({{\"messages\": [...]}} per line); "
+                            "chat data and plain text cannot be prepared together")
+        convs[src.role] += list(read_conversations(src.path))
+    if not convs["val"]:
+        held = choose_val_docs(len(convs["train"]), val_fraction, seed)
+        convs = {"train": [c for c, h in zip(convs["train"], held) if not h],
+                 "val": [c for c, h in zip(convs["train"], held) if h]}
+    if tok_path.is_file() and not rebuild_tokenizer:
+        tok = Tokenizer.load(tok_path)
+        say(f"tokenizer: using {tok_path} ({tok.vocab_size:,} tokens)")
+    else:
+        say(f"tokenizer: training byte-level BPE, vocab {vocab_size:,} on the training conversations")
+        tok = train_tokenizer((render(c) for c in convs["train"]), vocab_size)
+    check_vocab(config, tok, allow_vocab_mismatch)
+    marker_ids(tok)
+
+    if out_dir.is_symlink():
+        out_dir = out_dir.resolve()  # the directory is swapped where the link leads; the link stays
+    tok_is_new = tok.path is None or tok.path.resolve() != tok_path.resolve()
+    tok_inside = tok_path.resolve().is_relative_to(out_dir.resolve())
+    with publish_dir(out_dir) as tmp:  # the previous result stays complete until the swap
+        written = {"train.bin", "val.bin", "meta.json", f"train{MASK_SUFFIX}", f"val{MASK_SUFFIX}"}
+        if tok_is_new and tok_inside:
+            written.add(tok_path.resolve().relative_to(out_dir.resolve()).parts[0])
+        carry_over(out_dir, tmp, skip=written)
+        splits = _write_chat_splits(tmp, tok, convs)
+        meta = {"format": FORMAT, "vocab_size": tok.vocab_size, "dtype": token_dtype(tok.vocab_size).name, "eot_id": tok.eot_id,
+                "pad_id": tok.pad_id, "tokenizer": _rel_or_abs(tok_path, out_dir), "tokenizer_sha256": tok.sha256,
+                "splits": splits, "chat": {"format": "chatml", "loss": "assistant replies and their <|im_end|>"},
+                "sources": [s.describe() for s in sources],
+                "settings": {"chat": True, "val_fraction": val_fraction, "seed": seed, "vocab_size": vocab_size}}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        if tok_is_new:
+            tok.save(tmp / tok_path.resolve().relative_to(out_dir.resolve()) if tok_inside else tok_path)
+            tok.path = tok_path
+    for split, s in splits.items():
+        say(f"{split}: {s['documents']:,} conversations, {s['tokens']:,} tokens, "
+              f"{s['target_tokens']:,} of them assistant targets")
+    say(f"wrote {out_dir / 'meta.json'} (chat data, tokenizer {tok_path}) in {time.perf_counter() - t0:.1f} s")
+    return out_dir
+
+
+def open_loss_mask(data_dir, meta: dict, split: str) -> np.ndarray | None:
+    """The loss mask of a split of chat data (uint8 per token, memory-mapped); None for plain text."""
+    info = meta["splits"][split]
+    if "mask" not in info:
+        return None
+    path = inside(data_dir, info["mask"], Path(data_dir) / "meta.json")
+    if not path.is_file() or path.stat().st_size != info["tokens"]:
+        raise UserError(f"{path} is missing or not {info['tokens']:,} bytes as meta.json says; "
+                        "run --mode prepare_data again")
+    return np.memmap(path, dtype=np.uint8, mode="r") if info["tokens"] else np.zeros(0, np.uint8)

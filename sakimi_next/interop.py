@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 
 from . import checkpoint as ckpt
 from .config import Config, ConfigError
+from .tokenizer import write_tokenizer_config
 from .util import UserError, inside, is_int, is_sha256, json_field, json_object, publish_dir, read_json_file, sha256_file
 
 WEIGHTS = "model.safetensors"
@@ -201,15 +202,8 @@ def save_tensors_sharded(tensors: dict[str, torch.Tensor], out_dir: Path, shard_
 
 def tokenizer_files(tokenizer, out_dir: Path, max_length: int) -> None:
     """tokenizer.json plus what AutoTokenizer reads to know the class and the special tokens."""
-    from .tokenizer import EOT, PAD
-
     shutil.copyfile(tokenizer.path, out_dir / "tokenizer.json")
-    special = {"eos_token": EOT, "pad_token": PAD, "bos_token": None, "unk_token": None}
-    (out_dir / "special_tokens_map.json").write_text(json.dumps(
-        {k: v for k, v in special.items() if v is not None}, indent=2) + "\n")
-    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", **special, "model_max_length": max_length,
-           "clean_up_tokenization_spaces": False, "add_bos_token": False, "add_eos_token": False}
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    write_tokenizer_config(out_dir, max_length)
 
 
 def model_card(config: Config, state: dict, metrics: list[dict], n_params: int) -> str:

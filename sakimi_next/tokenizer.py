@@ -19,6 +19,7 @@ The same file loads in `transformers.PreTrainedTokenizerFast(tokenizer_file=...)
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Iterable
 
@@ -29,6 +30,13 @@ PAD = "<|pad|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 SPECIAL_TOKENS = [EOT, PAD, IM_START, IM_END]  # ids 0, 1, 2, 3
+# ChatML as Jinja, for tokenizer_config.json (apply_chat_template); chat.render is the same in Python (tested equal).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 # Qwen2's pre-tokenization pattern: English contractions; a letter run with at most one leading
 # non-letter (" the", "，贾母"); one digit; punctuation with its trailing newlines; newline runs;
@@ -158,3 +166,15 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
                         f"{tok.vocab_size:,} tokens worth learning; use --vocab-size {tok.vocab_size} or less, "
                         "or more text")
     return tok
+
+
+def write_tokenizer_config(out_dir: Path, max_length: int) -> None:
+    """tokenizer_config.json (class, special tokens, the ChatML chat_template) and special_tokens_map.json,
+    beside a tokenizer.json: what AutoTokenizer and apply_chat_template read."""
+    special = {"eos_token": EOT, "pad_token": PAD, "bos_token": None, "unk_token": None}
+    (out_dir / "special_tokens_map.json").write_text(json.dumps(
+        {k: v for k, v in special.items() if v is not None}, indent=2) + "\n")
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", **special, "model_max_length": max_length,
+           "clean_up_tokenization_spaces": False, "add_bos_token": False, "add_eos_token": False,
+           "chat_template": CHAT_TEMPLATE}
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")

@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -124,10 +124,12 @@ class WindowSampler:
     state besides the step, a resumed run sees the same windows, and N processes with batch B see the
     windows one process with batch N*B would."""
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, rank: int, world: int):
+    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, rank: int, world: int,
+                 loss_mask: np.ndarray | None = None):
         self.tokens, self.seq_len, self.batch_size = tokens, seq_len, batch_size
         self.seed, self.rank, self.world = seed, rank, world
         self.max_start = len(tokens) - seq_len - 1
+        self.loss_mask = loss_mask  # chat data: targets where it is 0 become -100 (not in the loss)
 
     def batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng([self.seed, step, micro])
@@ -135,7 +137,15 @@ class WindowSampler:
         starts = starts[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
         rows = np.stack([self.tokens[s:s + self.seq_len + 1] for s in starts]).astype(np.int64)
         t = torch.from_numpy(rows)
+        if self.loss_mask is not None:
+            return t[:, :-1], masked_targets(t[:, 1:], [self.loss_mask[s + 1:s + self.seq_len + 1] for s in starts])
         return t[:, :-1], t[:, 1:]
+
+
+def masked_targets(targets: torch.Tensor, mask_rows) -> torch.Tensor:
+    """targets [B, T] with -100 (cross-entropy's ignore_index) where mask_rows [B, T] is 0."""
+    keep = torch.from_numpy(np.array(mask_rows, dtype=bool)).to(targets.device)  # a copy: memmaps are read-only
+    return targets.masked_fill(~keep, -100)
 
 
 def eval_windows(n_tokens: int, seq_len: int, n_windows: int) -> np.ndarray:
@@ -153,8 +163,10 @@ def document_starts(x: torch.Tensor, eot_id: int) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model, tokens: np.ndarray, seq_len: int, batch_size: int, n_batches: int, device,
-             bytes_per_token: float | None, autocast, ddp: Distributed, eot_id: int | None = None) -> dict:
-    """Mean validation loss over fixed windows (sharded across ranks), perplexity and bits per byte."""
+             bytes_per_token: float | None, autocast, ddp: Distributed, eot_id: int | None = None,
+             loss_mask: np.ndarray | None = None) -> dict:
+    """Mean validation loss over fixed windows (sharded across ranks), perplexity and bits per byte.
+    `loss_mask` (chat data): only the targets where it is 1 count."""
     seq_len = min(seq_len, len(tokens) - 1)
     starts = eval_windows(len(tokens), seq_len, batch_size * ddp.world_size * n_batches)  # the global set
     mine = starts[ddp.rank::ddp.world_size]
@@ -167,8 +179,11 @@ def evaluate(model, tokens: np.ndarray, seq_len: int, batch_size: int, n_batches
         starts = document_starts(t[:, :-1], eot_id) if eot_id is not None else None
         with autocast:
             logits = model(t[:, :-1], doc_starts=starts).logits
-        loss = F.cross_entropy(logits.float().flatten(0, 1), t[:, 1:].flatten(), reduction="sum")
-        total += torch.stack([loss.double(), torch.tensor(t[:, 1:].numel(), dtype=torch.float64, device=device)])
+        targets = t[:, 1:]
+        if loss_mask is not None:
+            targets = masked_targets(targets, [loss_mask[s + 1:s + seq_len + 1] for s in mine[i:i + batch_size]])
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum", ignore_index=-100)
+        total += torch.stack([loss.double(), (targets != -100).sum().to(torch.float64)])
     if ddp.enabled:
         dist.all_reduce(total)
     if hasattr(ckpt.plain_module(model), "reshard"):
@@ -444,7 +459,8 @@ class TrainingRun:
         self.start_step = state.get("step", 0) if start.state else 0
         self.tokens_per_step = h.batch_size * h.seq_len * h.grad_accum * ddp.world_size
         val = meta["splits"]["val"]
-        self.bytes_per_token = (val["bytes"] / val["tokens"]) if val.get("tokens") else None
+        # a masked (chat) loss counts only some tokens: it has no bits per byte
+        self.bytes_per_token = (val["bytes"] / val["tokens"]) if val.get("tokens") and "mask" not in val else None
         self.best = dict(loss=state.get("best_val_loss", math.inf), step=state.get("best_step"))
         self.stale_evals = state.get("evals_without_improvement", 0)
         self.tokens_seen = state.get("tokens_seen", 0)
@@ -452,9 +468,10 @@ class TrainingRun:
         self.record = s.record(h)
         self.t_start = time.perf_counter()
 
-    def attach(self, model, train_model, optimizer, sampler: WindowSampler, val_tokens, autocast) -> None:
+    def attach(self, model, train_model, optimizer, sampler: WindowSampler, val_tokens, autocast,
+               val_mask: np.ndarray | None = None) -> None:
         self.model, self.train_model, self.optimizer = model, train_model, optimizer
-        self.sampler, self.val_tokens, self.autocast = sampler, val_tokens, autocast
+        self.sampler, self.val_tokens, self.autocast, self.val_mask = sampler, val_tokens, autocast, val_mask
         self.metrics = MetricsLog(self.out_dir / "metrics.jsonl", self.ddp.is_main,
                                   self.start_step if self.start.state else None)
 
@@ -554,7 +571,7 @@ class TrainingRun:
         h = self.h
         ev = evaluate(self.train_model, self.val_tokens, h.seq_len, h.batch_size, h.eval_batches, self.ddp.device,
                       self.bytes_per_token, self.autocast, self.ddp,
-                      self.tokenizer.eot_id if h.document_masking else None)
+                      self.tokenizer.eot_id if h.document_masking else None, self.val_mask)
         self.metrics.add({"step": step, **ev})
         bpb = f"  bpb {ev['val_bpb']:.4f}" if "val_bpb" in ev else ""
         self.console.say(f"eval {step:>6}: val loss {ev['val_loss']:.4f}  ppl {ev['val_ppl']:.2f}{bpb}")
@@ -670,12 +687,18 @@ def _plan(run: TrainingRun, n_params: int, kernel: str, dtype: str, meta: dict) 
 
 
 def _train(s: TrainSettings, ddp: Distributed, prepare: Callable[[], object] | None) -> int:
-    from .data import open_split
+    from .data import open_loss_mask, open_split
 
     console = Console(ddp.is_main)
     meta, tokenizer = _load_data(s, ddp, prepare)
     start = _starting_point(s, tokenizer, console)
-    h = resolve_hyperparameters(s.hyper, (start.state or {}).get("args", {}) if start.state else None, start.preset)
+    # chat data carry loss masks (only assistant replies count), and conversations packed in a window
+    # do not see each other: document masking is on unless the command line says otherwise
+    train_mask, val_mask = open_loss_mask(s.data_dir, meta, "train"), open_loss_mask(s.data_dir, meta, "val")
+    hyper = s.hyper
+    if train_mask is not None and hyper.document_masking is None:
+        hyper = replace(hyper, document_masking=True)
+    h = resolve_hyperparameters(hyper, (start.state or {}).get("args", {}) if start.state else None, start.preset)
     train_tokens, val_tokens = open_split(s.data_dir, "train"), open_split(s.data_dir, "val")
     _validate(h, start.config, len(train_tokens))
 
@@ -693,8 +716,8 @@ def _train(s: TrainSettings, ddp: Distributed, prepare: Callable[[], object] | N
         run.out_dir.mkdir(parents=True, exist_ok=True)
         if not os.access(run.out_dir, os.W_OK):
             raise UserError(f"output directory {run.out_dir} is not writable")
-    sampler = WindowSampler(train_tokens, h.seq_len, h.batch_size, h.seed, ddp.rank, ddp.world_size)
-    run.attach(model, train_model, optimizer, sampler, val_tokens, autocast)
+    sampler = WindowSampler(train_tokens, h.seq_len, h.batch_size, h.seed, ddp.rank, ddp.world_size, train_mask)
+    run.attach(model, train_model, optimizer, sampler, val_tokens, autocast, val_mask)
 
     step, exit_code = run.loop()
     if ddp.is_main and exit_code != 1 and run.metrics.records:

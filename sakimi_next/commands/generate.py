@@ -35,6 +35,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--speculative", choices=("mtp",), default=None,
                    help="speculative decoding: the MTP block drafts, the model verifies (greedy)")
     g.add_argument("--draft-len", type=int, default=3, help="tokens drafted per step with --speculative")
+    c = p.add_argument_group("chat")
+    c.add_argument("--chat", action="store_true",
+                   help="a multi-turn chat (ChatML) read from standard input: /reset starts over, Ctrl-D quits")
+    c.add_argument("--system", default=None, help="--chat: the system message")
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,8 @@ class GenerateSettings:
     truncate_prompt: bool
     speculative: str | None
     draft_len: int
+    chat: bool = False
+    system: str | None = None
 
 
 def unescape(s: str) -> str:
@@ -88,6 +94,14 @@ def settings(args: argparse.Namespace) -> GenerateSettings:
             raise UserError("--speculative mtp decodes greedily, so --num-samples must be 1")
         if args.compile:
             raise UserError("--compile compiles the plain decoding step; it does not apply to --speculative mtp")
+    if args.system is not None and not args.chat:
+        raise UserError("--system is the system message of a chat: add --chat")
+    if args.chat:
+        for flag, given in (("--prompt", args.prompt is not None), ("--prompt-file", args.prompt_file),
+                            ("--speculative", args.speculative), ("--interactive", args.interactive),
+                            ("--num-samples", args.num_samples != 1), ("--stop", args.stop)):
+            if given:
+                raise UserError(f"{flag} does not apply to --chat (a chat reads its messages from standard input)")
     if args.prompt is not None and args.prompt_file:
         raise UserError("give --prompt or --prompt-file, not both")
     prompts = (args.prompt,) if args.prompt is not None else _prompt_file(args.prompt_file) if args.prompt_file else None
@@ -97,7 +111,7 @@ def settings(args: argparse.Namespace) -> GenerateSettings:
         device=args.device, kernel=common.kernel_name(args), seed=common.seed(args.seed) or 0, compile=args.compile,
         sampling=sampling, prompts=prompts, interactive=args.interactive, max_new_tokens=args.max_new_tokens,
         num_samples=args.num_samples, stops=stops, truncate_prompt=args.truncate_prompt,
-        speculative=args.speculative, draft_len=args.draft_len)
+        speculative=args.speculative, draft_len=args.draft_len, chat=args.chat, system=args.system)
 
 
 def _stdin_prompts(s: GenerateSettings) -> list[str] | None:
@@ -218,6 +232,8 @@ class Session:
 def run(s: GenerateSettings) -> int:
     from ..pretrained import load_for_inference
 
+    if s.chat:
+        return run_chat(s)
     prompts = _stdin_prompts(s)
     model, tokenizer, info = load_for_inference(s.checkpoint, s.device, s.kernel)
     if s.speculative and not hasattr(model, "mtp"):
@@ -236,3 +252,47 @@ def run(s: GenerateSettings) -> int:
             return 0
         if line.strip():
             session.answer([line], echo=False)
+
+
+def run_chat(s: GenerateSettings) -> int:
+    """`--chat`: read a message, stream the reply, until EOF (Ctrl-D); the history stays in the cache."""
+    import torch
+
+    from ..chat import ChatSession, marker_ids
+    from ..generate import compiled_decoder, decode_one_token
+    from ..pretrained import load_for_inference
+    from ..text import StreamDecoder
+
+    model, tokenizer, info = load_for_inference(s.checkpoint, s.device, s.kernel)
+    marker_ids(tokenizer)
+    decode = compiled_decoder(model) if s.compile else decode_one_token
+    generator = torch.Generator(device=model.device).manual_seed(s.seed)
+    session = ChatSession(model, tokenizer, s.system, s.sampling, generator, decode)
+    print(f"chat: {info['source']} ({info['parameters']:,} parameters, {info['device']}). Type a message and "
+          "press Enter; /reset starts over, Ctrl-D quits.", file=sys.stderr, flush=True)
+    echo = not sys.stdin.isatty()  # messages piped in are shown, so the transcript reads as a conversation
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if echo:
+            print(line, flush=True)
+        if line.strip() == "/reset":
+            session.reset()
+            print("(conversation reset)", file=sys.stderr, flush=True)
+            continue
+        if not line.strip():
+            continue
+        t0, n = time.perf_counter(), 0
+        stream = StreamDecoder(tokenizer)
+        for token in session.reply(line, s.max_new_tokens):
+            n += 1
+            sys.stdout.write(stream.push(token))
+            sys.stdout.flush()
+        sys.stdout.write(stream.flush() + "\n")
+        sys.stdout.flush()
+        seconds = time.perf_counter() - t0
+        print(f"[{n} tokens in {seconds:.2f} s, {n / max(seconds, 1e-9):.1f} tokens/s; prefilled "
+              f"{session.prefilled[-1]} new tokens, {len(session.ids)} in the conversation]", file=sys.stderr, flush=True)

@@ -34,6 +34,9 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-vocab-mismatch", action="store_true",
                    help="let the model's vocab_size follow the tokenizer instead of refusing")
     p.add_argument("--data-dir", default=None, help="prepared data directory (train.bin, val.bin, meta.json)")
+    p.add_argument("--chat", action="store_true", default=None,
+                   help='the data are conversations, JSONL {"messages": [...]} (detected by itself when omitted): '
+                        "token files plus loss masks that count only the assistant replies")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -57,6 +60,7 @@ class PrepareDataSettings:
     rebuild_tokenizer: bool
     seed: int
     allow_vocab_mismatch: bool
+    chat: bool | None = None  # None: detect JSONL conversations
 
 
 def data_settings(args: argparse.Namespace, out_dir: str | Path, seed: int) -> PrepareDataSettings:
@@ -75,7 +79,7 @@ def data_settings(args: argparse.Namespace, out_dir: str | Path, seed: int) -> P
         val_data=tuple(args.val_data) if args.val_data else None,
         tokenizer=args.tokenizer, vocab_size=args.vocab_size, val_fraction=args.val_fraction,
         doc_split=args.doc_split, encoding_errors=args.encoding_errors, rebuild_tokenizer=args.rebuild_tokenizer,
-        seed=seed, allow_vocab_mismatch=args.allow_vocab_mismatch)
+        seed=seed, allow_vocab_mismatch=args.allow_vocab_mismatch, chat=args.chat)
 
 
 def settings(args: argparse.Namespace) -> PrepareDataSettings:
@@ -91,7 +95,7 @@ def prepare(s: PrepareDataSettings) -> Path:
                         tokenizer_path=s.tokenizer, vocab_size=s.vocab_size, val_fraction=s.val_fraction,
                         doc_split=s.doc_split, encoding_errors=s.encoding_errors,
                         rebuild_tokenizer=s.rebuild_tokenizer, seed=s.seed, config=preset(s.preset),
-                        allow_vocab_mismatch=s.allow_vocab_mismatch)
+                        allow_vocab_mismatch=s.allow_vocab_mismatch, chat=s.chat)
 
 
 def run(s: PrepareDataSettings) -> int:
