@@ -62,10 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text: .txt/.jsonl files, directories or globs (default: the embedded CPython docs)")
     d.add_argument("--val-data", nargs="+", action="extend", default=None, metavar="PATH",
                    help="validation text (default: a held-out fraction of the training documents)")
-    d.add_argument("--val-fraction", type=float, default=0.1, help="documents held out for validation")
-    d.add_argument("--doc-split", default="auto", choices=("auto", "blank-line", "line", "file"),
-                   help="what a document is: auto = a JSONL record; for .txt, blank-line paragraphs, or lines "
-                        "if the file has almost no blank lines")
+    d.add_argument("--val-fraction", type=float, default=0.1,
+                   help="held out for validation: documents, or stretches of a one-document corpus")
+    d.add_argument("--doc-split", default="auto", choices=("auto", "file", "blank-line", "line"),
+                   help="what a document is: auto = a .txt file exactly as written, or a JSONL record; "
+                        "blank-line paragraphs or lines only when asked")
     d.add_argument("--encoding-errors", default="strict", choices=("strict", "replace"),
                    help="what to do with bytes that are not UTF-8")
     d.add_argument("--tokenizer", default=None, help="tokenizer.json to use or create (default DATA_DIR/tokenizer.json)")

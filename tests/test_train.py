@@ -29,7 +29,8 @@ def data_dir(tmp_path_factory):
         pytest.skip("shared corpora not found")
     root = tmp_path_factory.mktemp("data")
     (root / "stories.txt").write_text(read_head(SHARED_DATA / "tinystories" / "tinystories_mini.txt", 100_000))
-    return prepare_data([str(root / "stories.txt")], None, root / "prepared", vocab_size=2048)
+    # paragraphs as documents, so that training windows hold several (--document-masking has work to do)
+    return prepare_data([str(root / "stories.txt")], None, root / "prepared", vocab_size=2048, doc_split="blank-line")
 
 
 def losses(run_dir: Path) -> dict[int, float]:
