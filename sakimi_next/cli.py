@@ -104,13 +104,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop after N evaluations without improvement (0 = never)")
     t.add_argument("--early-stop-min-delta", type=float, default=0.0, help="smallest improvement that counts")
     t.add_argument("--skip-nonfinite", action="store_true", help="skip a step with a non-finite loss instead of stopping")
-    t.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this many minutes")
+    t.add_argument("--max-minutes", type=float, default=None,
+                   help="a time budget: without --steps the run measures its speed and plans steps, warm-up, decay "
+                        "and evaluations to end in M minutes; with --steps it stops (and saves) after M minutes")
     t.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 under torchrun")
     t.add_argument("--document-masking", action="store_true", default=None,
                    help="packed documents do not see each other: attention, conv and DeltaNet state restart "
                         "after each <|endoftext|> in a training window")
     t.add_argument("--mtp-weight", type=float, default=None,
                    help="train a multi-token-prediction block with this weight on its loss (e.g. 0.3)")
+
+    # issue 13: regularisation; --config auto (sizing from the corpus and the budget) is handled in config_auto
+    r = p.add_argument_group("regularisation (train)")
+    r.add_argument("--dropout", type=float, default=None,
+                   help="dropout on the embedding and every residual branch while training, in [0, 1) (0; "
+                        "--config auto picks one); evaluation, generation and exported models never drop")
 
     g = p.add_argument_group("generation and evaluation")
     g.add_argument("--prompt", default=None, help="prompt text (default: standard input, or empty)")

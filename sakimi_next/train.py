@@ -27,6 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from . import budget
 from . import checkpoint as ckpt
 from .config import RECOMMENDED_PRESET, Config, fmt_count, preset
 from .model import GatedDeltaNet, Qwen3NextForCausalLM, RMSNorm
@@ -42,11 +43,11 @@ PRESET_DEFAULTS = {
 }
 COMMON_DEFAULTS = dict(save_every=250, eval_every=200, eval_batches=16, grad_accum=1, weight_decay=0.1,
                        no_decay_norms=False, beta1=0.9, beta2=0.95, grad_clip=1.0, seed=0, mtp_weight=0.0,
-                       document_masking=False)
+                       document_masking=False, dropout=0.0)
 # command-line values a resumed run takes from its checkpoint when they are not given again
 RESUMABLE = ("steps", "learning_rate", "min_lr", "warmup_steps", "batch_size", "seq_len", "grad_accum",
              "weight_decay", "no_decay_norms", "beta1", "beta2", "grad_clip", "save_every", "eval_every",
-             "eval_batches", "seed", "mtp_weight", "document_masking")
+             "eval_batches", "seed", "mtp_weight", "document_masking", "dropout")
 
 
 # ------------------------------------------------------------------------------------ distributed
@@ -307,6 +308,8 @@ def _validate(s: dict, config: Config, train_tokens: int) -> None:
         raise UserError(f"--learning-rate ({s['learning_rate']}) must be positive")
     if s["min_lr"] < 0 or s["min_lr"] > s["learning_rate"]:
         raise UserError(f"--min-lr ({s['min_lr']}) must be between 0 and the learning rate ({s['learning_rate']})")
+    if not (s["dropout"] is not None and 0.0 <= s["dropout"] < 1.0):
+        raise UserError(f"--dropout ({s['dropout']}) must be in [0, 1)")
     if s["warmup_steps"] < 0:
         raise UserError(f"--warmup-steps ({s['warmup_steps']}) must be >= 0")
     for name in ("save_every", "eval_every", "eval_batches"):
@@ -341,6 +344,53 @@ def _prepare_inputs(args, ddp: Distributed):
     return data_dir, load_meta(data_dir), load_tokenizer(data_dir)
 
 
+def _budget_plan(args, s: dict, state, model, train_model, optimizer, train_tokens, val_tokens, meta, tokenizer,
+                 autocast, ddp: Distributed, t_launch: float, log) -> budget.Plan | None:
+    """The time budget's plan (see budget.py), written into `s`; None without a budget. A resumed
+    budgeted run keeps its checkpoint's plan; a fresh one measures a few throw-away steps (the model,
+    optimiser and random generators stay as they were) and one evaluation first."""
+    if state and state.get("budget"):
+        plan = budget.Plan.from_dict(state["budget"])
+    elif args.max_minutes is None or args.steps is not None or state:
+        return None  # --steps given (--max-minutes then only cuts the run short), or no budget
+    else:
+        budget.check_minutes(args.max_minutes)
+        device = ddp.device
+        sampler = WindowSampler(train_tokens, s["seq_len"], s["batch_size"], s["seed"], ddp.rank, ddp.world_size)
+        split = meta["splits"]["val"]
+        bytes_per_token = split["bytes"] / split["tokens"] if split.get("tokens") else None
+        eot = tokenizer.eot_id if s["document_masking"] else None
+
+        def throwaway_step():
+            for micro in range(s["grad_accum"]):
+                x, y = (t.to(device) for t in sampler.batch(0, micro))
+                with autocast:
+                    loss = train_model(x, y, mtp_weight=s["mtp_weight"] or 0.0,
+                                       doc_starts=document_starts(x, eot) if eot is not None else None).loss
+                (loss / s["grad_accum"]).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), s["grad_clip"] or float("inf"))
+            optimizer.zero_grad(set_to_none=True)
+
+        def evaluate_once():
+            return evaluate(train_model, val_tokens, s["seq_len"], s["batch_size"], s["eval_batches"], device,
+                            bytes_per_token, autocast, ddp, eot)
+
+        log(f"budget: measuring the speed ({budget.WARM_STEPS + budget.TIMED_STEPS} throw-away steps, one evaluation)")
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            step_s, eval_s, ev = budget.measure(throwaway_step, evaluate_once)
+        save_s = 12 * model.num_parameters() / 100e6  # weights + AdamW moments, written at ~100 MB/s
+        times = torch.tensor([step_s, eval_s + save_s, budget.clock() - t_launch], dtype=torch.float64)
+        if ddp.enabled:  # every rank must plan the same schedule: the slowest one's
+            times = times.to(device)
+            dist.all_reduce(times, op=dist.ReduceOp.MAX)
+        step_s, eval_s, setup_s = times.tolist()
+        plan = budget.plan(args.max_minutes, setup_s, step_s, eval_s, args.warmup_steps, args.eval_every)
+        log(f"eval      0: val loss {ev['val_loss']:.4f}" + (f"  bpb {ev['val_bpb']:.4f}" if "val_bpb" in ev else ""))
+    s.update(steps=plan.steps, warmup_steps=plan.warmup_steps, eval_every=plan.eval_every)
+    log(plan.describe())
+    return plan
+
+
 def run_train(args) -> int:
     from .data import check_vocab, open_split
 
@@ -360,6 +410,7 @@ def _train(args, ddp: Distributed, check_vocab, open_split) -> int:
     def say(msg: str):  # a line that does not break the progress bar
         if ddp.is_main:
             tqdm.write(msg, file=sys.stderr)
+    t_launch = budget.clock()  # a time budget counts from here
     data_dir, meta, tokenizer = _prepare_inputs(args, ddp)
 
     # --- resume / init: where the weights and the configuration come from
@@ -418,6 +469,7 @@ def _train(args, ddp: Distributed, check_vocab, open_split) -> int:
     if resume_path is not None:
         ckpt.load_weights(model, ckpt.load_tensors(resume_path / ckpt.MODEL_FILE), resume_path)
     model.to(device)
+    model.set_dropout(s["dropout"])  # issue 13: a training setting, never saved with the model
     kernel = "recurrent" if args.disable_fast_kernels else args.kernel
     try:
         kernel = model.set_kernel(kernel, device)
@@ -448,6 +500,9 @@ def _train(args, ddp: Distributed, check_vocab, open_split) -> int:
 
     dtype = args.dtype if args.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
+    # issue 13: with --max-minutes and no --steps, the measured speed fixes steps, warm-up, eval interval
+    plan = _budget_plan(args, s, state, model, train_model, optimizer, train_tokens, val_tokens, meta, tokenizer,
+                        autocast, ddp, t_launch, log)
     # --- plan
     start_step = state["step"] if state else 0
     total = s["steps"]
@@ -484,6 +539,7 @@ def _train(args, ddp: Distributed, check_vocab, open_split) -> int:
                 "sampler": {"kind": "WindowSampler", "seed": s["seed"], "next_step": step},
                 "scheduler": {"kind": "warmup_cosine", "learning_rate": s["learning_rate"], "min_lr": s["min_lr"],
                               "warmup_steps": s["warmup_steps"], "steps": total},
+                "budget": plan.to_dict() if plan else None,
                 "args": args_record, "tokenizer_sha256": tokenizer.sha256, "data_dir": str(data_dir),
                 "world_size": ddp.world_size, "tokens_per_step": tokens_per_step}
 
@@ -580,7 +636,7 @@ def _train(args, ddp: Distributed, check_vocab, open_split) -> int:
                           f"grad {grad_norm:.2f}  {tok_s:,.0f} tok/s")
                 window_t, window_tokens = now, 0
 
-            time_up = bool(args.max_minutes and (now - t_start) / 60 >= args.max_minutes)
+            time_up = bool(args.max_minutes and not plan and (now - t_start) / 60 >= args.max_minutes)
             if ddp.enabled:  # every rank must take the same decision, or the others wait forever
                 flags = torch.tensor([stop.signal or 0, int(time_up)], device=device)
                 dist.all_reduce(flags, op=dist.ReduceOp.MAX)
