@@ -740,7 +740,7 @@ def _tokenizer_for(tok_path: Path, old: dict | None, fingerprint: dict, rebuild:
 def prepare_data(train_data: list[str] | None, val_data: list[str] | None, out_dir=DEFAULT_OUT_DIR,
                  tokenizer_path=None, vocab_size: int | None = None, val_fraction: float = 0.1,
                  doc_split: str = "auto", encoding_errors: str = "strict", rebuild_tokenizer: bool = False,
-                 seed: int = 0, config=None, allow_vocab_mismatch: bool = False) -> Path:
+                 seed: int = 0, config=None, allow_vocab_mismatch: bool = False, auto_vocab: bool = False) -> Path:
     """Tokenize `train_data` (and `val_data`, else a held-out `val_fraction` of the training documents)
     into `out_dir`; returns `out_dir`. Unchanged inputs and settings: nothing is done.
 
@@ -748,8 +748,10 @@ def prepare_data(train_data: list[str] | None, val_data: list[str] | None, out_d
     fraction). `vocab_size` defaults to `config.vocab_size` (config: the tiny_10m preset by default).
     The tokenizer at `tokenizer_path` (default out_dir/tokenizer.json) is trained when missing, when
     `rebuild_tokenizer`, or when this directory's previous run trained it from different training data
-    or settings; a tokenizer from elsewhere is used as it is.
+    or settings; a tokenizer from elsewhere is used as it is. `auto_vocab` (--config auto): without
+    `vocab_size`, the vocabulary follows the size of the training text (see auto.py), and so does `config`.
     """
+    from . import auto
     from .config import RECOMMENDED_PRESET, preset
 
     t0 = time.perf_counter()
@@ -762,6 +764,8 @@ def prepare_data(train_data: list[str] | None, val_data: list[str] | None, out_d
         raise UserError(f"--encoding-errors {encoding_errors!r} must be strict or replace")
     if not val_data and not 0.0 < val_fraction < 1.0:
         raise UserError(f"--val-fraction ({val_fraction}) must be between 0 and 1; or give --val-data")
+    if auto_vocab:
+        config = auto.model_config(vocab_size or config.vocab_size)
     if vocab_explicit and vocab_size > config.vocab_size and not allow_vocab_mismatch:
         raise UserError(f"--vocab-size ({vocab_size:,}) is larger than the model's vocab_size ({config.vocab_size:,}); "
                         "choose a larger --config, or pass --allow-vocab-mismatch to make the model follow it")
@@ -775,6 +779,11 @@ def prepare_data(train_data: list[str] | None, val_data: list[str] | None, out_d
         sources = [builtin_source()]
         say(f"training data: the embedded CPython documentation, {sources[0].name}, {sources[0].size:,} bytes "
             "(pass --train-data to use your own text)")
+    if auto_vocab and not vocab_explicit:
+        train_bytes = sum(s.size for s in sources)
+        vocab_size = auto.vocab_size(train_bytes)
+        config = auto.model_config(vocab_size)
+        say(f"--config auto: a vocabulary of {vocab_size:,} for {train_bytes:,} bytes of training text")
     if val_data:
         sources += resolve_sources(val_data, "val")
     # "text": how documents are made (an older directory, whose .txt documents were paragraphs, is rebuilt)
@@ -872,17 +881,20 @@ def prepare_data(train_data: list[str] | None, val_data: list[str] | None, out_d
 
 def run_prepare_data(args) -> int:
     """`--mode prepare_data`: the CLI entry."""
-    from .config import RECOMMENDED_PRESET, preset
+    from . import auto
+    from .config import preset
 
-    name = args.config or RECOMMENDED_PRESET
-    config = preset(name)
+    name = args.config or auto.NAME
+    config = auto.model_config(args.vocab_size or 4096) if name == auto.NAME else preset(name)
     if args.out_dir and args.data_dir and Path(args.out_dir) != Path(args.data_dir):
         raise UserError(f"--out-dir ({args.out_dir}) and --data-dir ({args.data_dir}) differ; "
                         "prepare_data writes one directory")
     out_dir = args.out_dir or args.data_dir or DEFAULT_OUT_DIR
-    say(f"sakimi-next --mode prepare_data: preset {name} (vocab_size {config.vocab_size:,}) -> {out_dir}")
+    vocab = "the vocabulary from the text's size" if name == auto.NAME and not args.vocab_size else \
+        f"vocab_size {config.vocab_size:,}"
+    say(f"sakimi-next --mode prepare_data: preset {name} ({vocab}) -> {out_dir}")
     prepare_data(args.train_data, args.val_data, out_dir, tokenizer_path=args.tokenizer, vocab_size=args.vocab_size,
                  val_fraction=args.val_fraction, doc_split=args.doc_split, encoding_errors=args.encoding_errors,
                  rebuild_tokenizer=args.rebuild_tokenizer, seed=args.seed, config=config,
-                 allow_vocab_mismatch=args.allow_vocab_mismatch)
+                 allow_vocab_mismatch=args.allow_vocab_mismatch, auto_vocab=name == auto.NAME)
     return 0

@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import budget
+from . import auto, budget
 from . import checkpoint as ckpt
 from .config import RECOMMENDED_PRESET, Config, fmt_count, preset
 from .model import GatedDeltaNet, Qwen3NextForCausalLM, RMSNorm
@@ -281,9 +281,10 @@ class _StopRequest:
         self.signal = signum
 
 
-def _settings(args, resumed_args: dict | None, preset_name: str) -> dict:
-    """Command line first, then the checkpoint's arguments when resuming, then the preset's defaults."""
-    defaults = {**COMMON_DEFAULTS, **PRESET_DEFAULTS.get(preset_name, PRESET_DEFAULTS[RECOMMENDED_PRESET])}
+def _settings(args, resumed_args: dict | None, preset_name: str, auto_defaults: dict | None = None) -> dict:
+    """Command line first, then the checkpoint's arguments when resuming, then the preset's defaults
+    (or, with --config auto, those auto.py picks)."""
+    defaults = {**COMMON_DEFAULTS, **(auto_defaults or PRESET_DEFAULTS.get(preset_name, PRESET_DEFAULTS[RECOMMENDED_PRESET]))}
     out = {}
     for name in RESUMABLE:
         value = getattr(args, name, None)
@@ -334,8 +335,8 @@ def _prepare_inputs(args, ddp: Distributed):
                          vocab_size=args.vocab_size, val_fraction=args.val_fraction, doc_split=args.doc_split,
                          encoding_errors=args.encoding_errors, rebuild_tokenizer=args.rebuild_tokenizer,
                          seed=0 if args.seed is None else args.seed,
-                         config=preset(args.config or RECOMMENDED_PRESET),
-                         allow_vocab_mismatch=args.allow_vocab_mismatch)
+                         config=None if args.config in (None, auto.NAME) else preset(args.config),
+                         allow_vocab_mismatch=args.allow_vocab_mismatch, auto_vocab=args.config in (None, auto.NAME))
         if ddp.enabled:
             dist.barrier()
     elif not (data_dir / "meta.json").is_file():
@@ -415,7 +416,7 @@ def _train(args, ddp: Distributed, check_vocab, open_split) -> int:
 
     # --- resume / init: where the weights and the configuration come from
     preset_name = args.config
-    out_dir = Path(args.out_dir or f"runs/{preset_name or RECOMMENDED_PRESET}")
+    out_dir = Path(args.out_dir or f"runs/{preset_name or auto.NAME}")
     resume_path = None
     if args.resume_from:
         if args.resume_from == "auto":
@@ -445,8 +446,9 @@ def _train(args, ddp: Distributed, check_vocab, open_split) -> int:
         if init_tok is not None and Tokenizer.load(init_tok).sha256 != tokenizer.sha256:
             raise UserError(f"{data_dir} was tokenized with another tokenizer than the model at {args.init_from}; "
                             f"prepare the data with --tokenizer {init_tok}")
+    elif preset_name in (None, auto.NAME):  # issue 13: --config auto, the default of a fresh run
+        preset_name, config = auto.NAME, auto.model_config(tokenizer.vocab_size)
     else:
-        preset_name = preset_name or RECOMMENDED_PRESET
         config = preset(preset_name)
         config = check_vocab(config, tokenizer, args.allow_vocab_mismatch)
     if config.vocab_size < tokenizer.vocab_size:
@@ -455,7 +457,13 @@ def _train(args, ddp: Distributed, check_vocab, open_split) -> int:
     if getattr(args, "mtp_weight", None) and not config.mtp_num_hidden_layers:
         config = config.replace(mtp_num_hidden_layers=1)
 
-    s = _settings(args, resumed_args, preset_name)
+    auto_defaults = None
+    if preset_name == auto.NAME:
+        auto_defaults = auto.training_defaults(meta["splits"]["train"]["tokens"], args.max_minutes, ddp.device.type)
+    s = _settings(args, resumed_args, preset_name, auto_defaults)
+    if auto_defaults:
+        log(f"--config auto: {auto.TRUNK}'s trunk with vocab {config.vocab_size:,}; batch {s['batch_size']} x "
+            f"{s['seq_len']}, lr {s['learning_rate']:g}, dropout {s['dropout']:g} (see the README's rule)")
     train_tokens = open_split(data_dir, "train")
     val_tokens = open_split(data_dir, "val")
     _validate(s, config, len(train_tokens))
