@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # pyproject.toml allows a range, so GPU users keep the torch they have.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench quality clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -37,6 +37,11 @@ test: setup
 
 bench: setup
 	$(BIN)/sakimi-next --mode bench --config tiny_10m --compare transformers --compile
+
+# Tiny Shakespeare and 红楼梦 from ../shared/data: 90/10 split, default preparation, 20-minute budget each;
+# prints the held-out bits/byte of the best checkpoint and a sample (README, "Quality in a fixed time").
+quality: setup
+	$(BIN)/python scripts/quality.py
 
 clean:
 	rm -rf $(VENV) *.egg-info
