@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--mode", choices=list(MODES), default="test", help="what to do")
     p.add_argument("--config", default=None,
-                   help=f"model preset: {', '.join(PRESETS)} (default {RECOMMENDED_PRESET}, or the checkpoint's)")
+                   help=f"model preset: {', '.join(PRESETS)}; or auto (prepare_data, train: sized from the text and "
+                        f"the budget, their default; other modes: {RECOMMENDED_PRESET}), or the checkpoint's")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     p.add_argument("--kernel", default="auto", choices=("auto", "chunk", "recurrent", "fla"),
                    help="gated delta rule kernel: auto = fla on CUDA when installed, else chunk")
@@ -114,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--mtp-weight", type=float, default=None,
                    help="train a multi-token-prediction block with this weight on its loss (e.g. 0.3)")
 
-    # issue 13: regularisation; --config auto (sizing from the corpus and the budget) is handled in config_auto
+    # issue 13: --dropout, read in train._settings (--config auto, the sizing rule, lives in sakimi_next/auto.py)
     r = p.add_argument_group("regularisation (train)")
     r.add_argument("--dropout", type=float, default=None,
                    help="dropout on the embedding and every residual branch while training, in [0, 1) (0; "
