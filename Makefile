@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # pyproject.toml allows a range, so GPU users keep the torch they have.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo chat-demo test bench bench-serve clean
+.PHONY: setup demo chat-demo test bench bench-serve quality clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -65,6 +65,11 @@ bench: setup
 # --mode serve: aggregate tokens/s with 1, 4, 8 and 16 streaming clients, time to first token
 bench-serve: setup
 	$(BIN)/python scripts/bench_serve.py --threads 1 --temperature 0
+
+# Tiny Shakespeare and 红楼梦 from ../shared/data: 90/10 split, default preparation, 20-minute budget each;
+# prints the held-out bits/byte of the best checkpoint and a sample (README, "Quality in a fixed time").
+quality: setup
+	$(BIN)/python scripts/quality.py
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -1,8 +1,10 @@
 """From text to training data: `--mode prepare_data`.
 
     sources (.txt / .jsonl files, directories, globs; or the embedded CPython docs)
-      -> documents (blank-line paragraphs, lines, JSONL records or whole files)
-      -> train / val split by whole documents (seeded, exact fraction)
+      -> documents: a .txt file exactly as written, or a JSONL record (blank-line paragraphs or lines
+         only with --doc-split)
+      -> train / val split: whole documents (seeded, exact fraction); a corpus that is one document
+         gives contiguous stretches cut at line boundaries (seeded, about the fraction of its characters)
       -> byte-level BPE tokenizer trained on (a bounded sample of) the train documents
       -> token files, each document followed by one end-of-text token
 
@@ -56,13 +58,17 @@ say = functools.partial(print, flush=True)  # progress lines should show up at o
 
 FORMAT = 1
 DEFAULT_OUT_DIR = "data"
-DOC_SPLITS = ("auto", "blank-line", "line", "file")
+DOC_SPLITS = ("auto", "file", "blank-line", "line")
 TEXT_SUFFIXES = (".txt", ".jsonl")  # what a directory or glob contributes (a file named explicitly is always read)
 
 BLOCK_BYTES = 4 << 20  # read size; also how much of a .txt file `auto` looks at
 MAX_PIECE_CHARS = 1 << 20  # a longer document is tokenized in pieces (same tokens, bounded memory)
 ENCODE_BATCH_BYTES = 4 << 20  # text handed to one parallel encode_batch call
-AUTO_PARAGRAPH_CHARS = 64 << 10  # auto: blank-line paragraphs if there is a blank line per 64K characters
+# A corpus that is one document holds out up to VAL_STRETCHES contiguous stretches for validation, each
+# at least MIN_STRETCH_CHARS long when the text allows: several places of the text are measured, and
+# few enough cuts that the windows the model is scored on rarely straddle one.
+VAL_STRETCHES = 10
+MIN_STRETCH_CHARS = 4096
 
 # The BPE trainer keeps every distinct pre-token in memory. English words repeat, so it costs ~6 bytes of
 # RAM per byte of text; a run of CJK characters between punctuation is a "word" and mostly unique, so
@@ -252,13 +258,17 @@ _TRAILING_BLANK_LINES = re.compile(r"(?:\r?\n[^\S\n]*)+\Z")
 def split_documents(blocks: Iterable[str], mode: str) -> Iterator[tuple[str, bool]]:
     """Documents of a text given in blocks, as (piece, last) pairs.
 
-    `mode`: "blank-line" (paragraphs separated by whitespace-only lines), "line" or "file" (everything
-    is one document). A document is the concatenation of consecutive pieces up to one with
-    `last=True`; most documents are a single piece, and none is held in memory whole once it exceeds
-    MAX_PIECE_CHARS. Separators and blank lines at either end of a document are dropped, and so are
-    documents that are only whitespace. Where the blocks are cut does not matter.
+    `mode`: "file" (the whole text is one document, exactly as written), "blank-line" (paragraphs
+    separated by whitespace-only lines) or "line". A document is the concatenation of consecutive
+    pieces up to one with `last=True`; most documents are a single piece, and none is held in memory
+    whole once it exceeds MAX_PIECE_CHARS. In "blank-line" and "line" mode the separators and blank
+    lines at either end of a document are dropped; in every mode a text that is only whitespace is no
+    document. Where the blocks are cut does not matter.
     """
     sep = _SEPARATORS.get(mode)
+    verbatim = sep is None
+    trim_end = (lambda d: d) if verbatim else (lambda d: _TRAILING_BLANK_LINES.sub("", d))
+    trim_start = (lambda d: d) if verbatim else (lambda d: _LEADING_BLANK_LINES.sub("", d))
     pending, started = "", False  # started: the current document already gave out a piece
     for block in blocks:
         pending += block
@@ -266,19 +276,19 @@ def split_documents(blocks: Iterable[str], mode: str) -> Iterator[tuple[str, boo
             *docs, pending = sep.split(pending)
             for d in docs:
                 if started:
-                    yield _TRAILING_BLANK_LINES.sub("", d), True
+                    yield trim_end(d), True
                     started = False
                 elif d.strip():
-                    yield _TRAILING_BLANK_LINES.sub("", _LEADING_BLANK_LINES.sub("", d)), True
+                    yield trim_end(trim_start(d)), True
         while len(pending) > MAX_PIECE_CHARS:
             cut = _cut_point(pending, MAX_PIECE_CHARS)
             head, pending = pending[:cut], pending[cut:]
-            yield (head if started else _LEADING_BLANK_LINES.sub("", head)), False
+            yield (head if started else trim_start(head)), False
             started = True
     if started:
-        yield _TRAILING_BLANK_LINES.sub("", pending), True
+        yield trim_end(pending), True
     elif pending.strip():
-        yield _TRAILING_BLANK_LINES.sub("", _LEADING_BLANK_LINES.sub("", pending)), True
+        yield trim_end(trim_start(pending)), True
 
 
 def _joined(records: Iterable[str], sep: str) -> Iterator[str]:
@@ -291,20 +301,13 @@ def _joined(records: Iterable[str], sep: str) -> Iterator[str]:
 def iter_documents(src: Source, doc_split: str, errors: str) -> Iterator[tuple[str, bool]]:
     """(piece, last) pairs of `src`'s documents (see `split_documents`); sets `src.doc_split`.
 
-    `auto`: a JSONL record (or an embedded topic) is a document; a .txt file is split into blank-line
-    paragraphs when its first block has a blank line per AUTO_PARAGRAPH_CHARS on average, otherwise
-    into lines (e.g. novels with one paragraph a line and no blank lines).
+    `auto`: a .txt file is one document, exactly as written; a JSONL record (or an embedded topic) is
+    a document, as written. `file` also joins the records of a JSONL file, with a blank line between.
     """
     if src.kind == "txt":
-        blocks = _read_blocks(src.path, errors)
-        mode = doc_split
-        if mode == "auto":
-            first = next(blocks, "")
-            n_blank = len(_SEPARATORS["blank-line"].findall(first))
-            mode = "blank-line" if n_blank and len(first) / n_blank <= AUTO_PARAGRAPH_CHARS else "line"
-            blocks = itertools.chain([first], blocks)
+        mode = "file" if doc_split == "auto" else doc_split
         src.doc_split = mode
-        yield from split_documents(blocks, mode)
+        yield from split_documents(_read_blocks(src.path, errors), mode)
         return
     records = _builtin_topics() if src.kind == "builtin" else _jsonl_records(src.path, errors)
     unit = "topic" if src.kind == "builtin" else "record"
@@ -326,6 +329,7 @@ class Scan:
 
     docs: list[int]  # per source
     bytes: list[int]  # per source, UTF-8 bytes of its documents
+    chars: list[int]  # per source, characters of its documents
     ascii_bytes: int = 0  # over the training sources
     other_bytes: int = 0
 
@@ -338,13 +342,14 @@ def progress(total: int, desc: str, leave: bool = True):
 
 
 def scan_sources(sources: list[Source], doc_split: str, errors: str) -> Scan:
-    scan = Scan([], [])
+    scan = Scan([], [], [])
     with progress(sum(s.size for s in sources), "reading", leave=False) as bar:
         for src in sources:
-            n_docs = n_bytes = unshown = 0
+            n_docs = n_bytes = n_chars = unshown = 0
             for piece, last in iter_documents(src, doc_split, errors):
                 b = piece.encode("utf-8")
                 n_bytes += len(b)
+                n_chars += len(piece)
                 n_docs += last
                 if src.role == "train":
                     ascii_ = len(b.translate(None, _NON_ASCII))
@@ -357,7 +362,20 @@ def scan_sources(sources: list[Source], doc_split: str, errors: str) -> Scan:
             bar.update(unshown)
             scan.docs.append(n_docs)
             scan.bytes.append(n_bytes)
+            scan.chars.append(n_chars)
     return scan
+
+
+def _single_document_cuts(sources, scan: Scan, doc_split, errors, fraction: float, seed: int) -> list[int]:
+    """The validation cuts (see `plan_val_stretches`) of a training corpus that is one document."""
+    n_chars = sum(c for src, c in zip(sources, scan.chars) if src.role == "train")
+    text = (piece for src in sources if src.role == "train" for piece, _ in iter_documents(src, doc_split, errors))
+    cuts = snap_to_lines(text, plan_val_stretches(n_chars, fraction, seed))
+    held = sum(b - a for a, b in zip(cuts[::2], cuts[1::2]))
+    if held == 0 or held == n_chars:
+        raise UserError("the training text is one document with too few lines to hold out a validation split "
+                        "at line boundaries; give --val-data, or more text")
+    return cuts
 
 
 def choose_val_docs(n_docs: int, fraction: float, seed: int) -> np.ndarray:
@@ -372,29 +390,99 @@ def choose_val_docs(n_docs: int, fraction: float, seed: int) -> np.ndarray:
     return mask
 
 
+def plan_val_stretches(n_chars: int, fraction: float, seed: int) -> list[int]:
+    """Where to cut one document of `n_chars` characters to hold out about `fraction` of it: the sorted
+    character offsets [start0, end0, start1, end1, ...] of k contiguous stretches (k <= VAL_STRETCHES,
+    each of about fraction * n_chars / k characters), one at a random place (seeded) in each of k
+    equal parts of the text. `snap_to_lines` then moves each offset to a line boundary."""
+    val = max(1, round(fraction * n_chars))
+    k = max(1, min(VAL_STRETCHES, val // MIN_STRETCH_CHARS))
+    length, part = val // k, n_chars / k
+    rng = np.random.default_rng(seed)
+    cuts = []
+    for i in range(k):
+        start = int(i * part) + int(rng.integers(0, max(1, int(part) - length) + 1))
+        cuts += [start, min(start + length, n_chars)]
+    return cuts
+
+
+def snap_to_lines(pieces: Iterable[str], cuts: list[int]) -> list[int]:
+    """Each offset in `cuts` (sorted character offsets into the text the pieces make up) moved forward
+    to the next line start (the offset itself if a line starts there, else right after the next
+    newline; the end of the text if none follows). Stretches that become empty are dropped."""
+    snapped, i, offset = [], 0, 0
+    for piece in pieces:
+        while i < len(cuts):
+            target = max(cuts[i], snapped[-1] if snapped else 0)
+            if target == 0:
+                j = -1  # the text starts a line
+            else:
+                j = piece.find("\n", max(target - 1 - offset, 0))
+                if j < 0 or target - 1 - offset >= len(piece):
+                    break  # the next line start is in a later piece
+            snapped.append(offset + j + 1)
+            i += 1
+        offset += len(piece)
+    snapped += [offset] * (len(cuts) - len(snapped))
+    pairs = [(a, b) for a, b in zip(snapped[::2], snapped[1::2]) if b > a]
+    return [x for pair in pairs for x in pair]
+
+
+def _cut_at(pieces: Iterable[tuple[str, bool]], cuts: list[int]) -> Iterator[tuple[str, str, bool]]:
+    """(split, piece, last) of one document cut at `cuts` (character offsets from `snap_to_lines`):
+    the stretches between cuts alternate train, val, train, ...; each non-empty stretch is a document."""
+    cut_iter = iter(cuts)
+    next_cut = next(cut_iter, None)
+    split, offset, filled = "train", 0, False  # filled: the current stretch has text
+    for piece, last in pieces:
+        while next_cut is not None and next_cut <= offset + len(piece):
+            head, piece = piece[:next_cut - offset], piece[next_cut - offset:]
+            offset = next_cut
+            if head or filled:
+                yield split, head, True
+            split, filled = ("val" if split == "train" else "train"), False
+            next_cut = next(cut_iter, None)
+        offset += len(piece)
+        if piece or (last and filled):
+            yield split, piece, last
+            filled = not last
+
+
 def tokenizer_sample_rate(scan: Scan) -> float:
     """Fraction of training pieces the tokenizer is trained on (1.0 for all but large corpora)."""
     cost = scan.ascii_bytes / SAMPLE_ASCII_BYTES + scan.other_bytes / SAMPLE_OTHER_BYTES
     return min(1.0, 1.0 / cost) if cost > 0 else 1.0
 
 
-def _tagged_pieces(sources, doc_split, errors, val_mask, scan: Scan) -> Iterator[tuple[str, str, bool]]:
-    """(split, piece, last) over all sources; training documents in `val_mask` go to "val".
-    A source that no longer has the documents the scan counted (edited meanwhile) is a UserError."""
+def _as_counted(src: Source, pieces: Iterator[tuple[str, bool]], docs: int, chars: int) -> Iterator[tuple[str, bool]]:
+    """`pieces` of `src`, checked to hold the documents and characters the scan counted (a source
+    edited meanwhile is a UserError)."""
+    n = n_chars = 0
+    for piece, last in pieces:
+        n += last
+        n_chars += len(piece)
+        if n > docs or n_chars > chars:
+            break
+        yield piece, last
+    if (n, n_chars) != (docs, chars):
+        raise UserError(f"{src.name} changed while it was being read; run again")
+
+
+def _tagged_pieces(sources, doc_split, errors, val_mask, scan: Scan,
+                   val_cuts: list[int] | None = None) -> Iterator[tuple[str, str, bool]]:
+    """(split, piece, last) over all sources: training documents in `val_mask` go to "val"; or, for a
+    corpus that is one document, the stretches between `val_cuts` alternate between train and val."""
     doc = 0  # index over the training sources' documents
-    for src, expected in zip(sources, scan.docs):
-        n = 0
-        for piece, last in iter_documents(src, doc_split, errors):
-            n += last
-            if n > expected:
-                break
-            if src.role == "val":
-                yield "val", piece, last
-                continue
-            yield ("val" if val_mask is not None and val_mask[doc] else "train"), piece, last
-            doc += last
-        if n != expected:
-            raise UserError(f"{src.name} changed while it was being read; run again")
+    for src, n_docs, n_chars in zip(sources, scan.docs, scan.chars):
+        pieces = _as_counted(src, iter_documents(src, doc_split, errors), n_docs, n_chars)
+        if src.role == "val":
+            yield from (("val", piece, last) for piece, last in pieces)
+        elif val_cuts is not None:
+            yield from _cut_at(pieces, val_cuts)
+        else:
+            for piece, last in pieces:
+                yield ("val" if val_mask is not None and val_mask[doc] else "train"), piece, last
+                doc += last
 
 
 def tokenizer_sample(pieces: Iterable[tuple[str, str, bool]], rate: float, seed: int,
@@ -676,7 +764,8 @@ def _tokenizer_for(tok_path: Path, old: dict | None, fingerprint: dict, rebuild:
 def prepare_data(train_data: list[str] | None, val_data: list[str] | None, out_dir=DEFAULT_OUT_DIR,
                  tokenizer_path=None, vocab_size: int | None = None, val_fraction: float = 0.1,
                  doc_split: str = "auto", encoding_errors: str = "strict", rebuild_tokenizer: bool = False,
-                 seed: int = 0, config=None, allow_vocab_mismatch: bool = False, chat: bool | None = None) -> Path:
+                 seed: int = 0, config=None, allow_vocab_mismatch: bool = False, chat: bool | None = None,
+                 auto_vocab: bool = False) -> Path:
     """Tokenize `train_data` (and `val_data`, else a held-out `val_fraction` of the training documents)
     into `out_dir`; returns `out_dir`. Unchanged inputs and settings: nothing is done.
 
@@ -685,8 +774,10 @@ def prepare_data(train_data: list[str] | None, val_data: list[str] | None, out_d
     The tokenizer at `tokenizer_path` (default out_dir/tokenizer.json) is trained when missing, when
     `rebuild_tokenizer`, or when this directory's previous run trained it from different training data
     or settings; a tokenizer from elsewhere is used as it is. `chat`: the data are conversations (see
-    prepare_chat_data); None: when a source is a JSONL file of {"messages": [...]} records.
+    prepare_chat_data); None: when a source is a JSONL file of {"messages": [...]} records. `auto_vocab` (--config auto): without
+    `vocab_size`, the vocabulary follows the size of the training text (see auto.py), and so does `config`.
     """
+    from . import auto
     from .config import RECOMMENDED_PRESET, preset
 
     t0 = time.perf_counter()
@@ -699,6 +790,8 @@ def prepare_data(train_data: list[str] | None, val_data: list[str] | None, out_d
         raise UserError(f"--encoding-errors {encoding_errors!r} must be strict or replace")
     if not val_data and not 0.0 < val_fraction < 1.0:
         raise UserError(f"--val-fraction ({val_fraction}) must be between 0 and 1; or give --val-data")
+    if auto_vocab:
+        config = auto.model_config(vocab_size or config.vocab_size)
     if vocab_explicit and vocab_size > config.vocab_size and not allow_vocab_mismatch:
         raise UserError(f"--vocab-size ({vocab_size:,}) is larger than the model's vocab_size ({config.vocab_size:,}); "
                         "choose a larger --config, or pass --allow-vocab-mismatch to make the model follow it")
@@ -714,13 +807,19 @@ def prepare_data(train_data: list[str] | None, val_data: list[str] | None, out_d
         sources = [builtin_source()]
         say(f"training data: the embedded CPython documentation, {sources[0].name}, {sources[0].size:,} bytes "
             "(pass --train-data to use your own text)")
+    if auto_vocab and not vocab_explicit:
+        train_bytes = sum(s.size for s in sources)
+        vocab_size = auto.vocab_size(train_bytes)
+        config = auto.model_config(vocab_size)
+        say(f"--config auto: a vocabulary of {vocab_size:,} for {train_bytes:,} bytes of training text")
     if val_data:
         sources += resolve_sources(val_data, "val")
     if chat or (chat is None and any(s.path is not None and is_chat_jsonl(s.path) for s in sources)):
         return prepare_chat_data(sources, out_dir, tok_path, vocab_size, val_fraction, seed, config,
                                  allow_vocab_mismatch, rebuild_tokenizer)
-    settings = {"doc_split": doc_split, "val_fraction": None if val_data else val_fraction, "seed": seed,
-                "encoding_errors": encoding_errors, "vocab_size": vocab_size}
+    # "text": how documents are made (an older directory, whose .txt documents were paragraphs, is rebuilt)
+    settings = {"doc_split": doc_split, "text": "as written", "val_fraction": None if val_data else val_fraction,
+                "seed": seed, "encoding_errors": encoding_errors, "vocab_size": vocab_size}
     meta = {"format": FORMAT, "tokenizer": _rel_or_abs(tok_path, out_dir),
             "sources": [s.describe() for s in sources], "settings": settings}
 
@@ -740,7 +839,12 @@ def prepare_data(train_data: list[str] | None, val_data: list[str] | None, out_d
         raise UserError("the training data has no text (only whitespace)")
     if val_data and sum(n for s, n in zip(sources, scan.docs) if s.role == "val") == 0:
         raise UserError("the validation data has no text (only whitespace)")
-    val_mask = None if val_data else choose_val_docs(n_train_docs, val_fraction, seed)
+    val_mask, val_cuts = None, None
+    if not val_data and n_train_docs == 1:
+        val_cuts = _single_document_cuts(sources, scan, doc_split, encoding_errors, val_fraction, seed)
+        meta["val_stretches"] = [val_cuts[i:i + 2] for i in range(0, len(val_cuts), 2)]
+    elif not val_data:
+        val_mask = choose_val_docs(n_train_docs, val_fraction, seed)
     rows = [(s.name, f"{s.size:,}", s.role, s.doc_split, f"{n:,}") for s, n in zip(sources, scan.docs)]
     if len(rows) > 12:
         rows = rows[:10] + [(f"... and {len(rows) - 10} more", "", "", "", f"{sum(scan.docs[10:]):,}")]
@@ -748,9 +852,13 @@ def prepare_data(train_data: list[str] | None, val_data: list[str] | None, out_d
     if val_mask is not None:
         say(f"validation: {int(val_mask.sum()):,} of {n_train_docs:,} documents held out "
             f"(--val-fraction {val_fraction}, --seed {seed})")
+    if val_cuts is not None:
+        held = sum(b - a for a, b in meta["val_stretches"])
+        say(f"validation: {len(val_cuts) // 2} stretches of the text, {held:,} of {sum(scan.chars):,} characters, "
+            f"held out at line boundaries (--val-fraction {val_fraction}, --seed {seed})")
 
     def pieces():
-        return _tagged_pieces(sources, doc_split, encoding_errors, val_mask, scan)
+        return _tagged_pieces(sources, doc_split, encoding_errors, val_mask, scan, val_cuts)
 
     def train_texts():
         rate = tokenizer_sample_rate(scan)
@@ -795,9 +903,9 @@ def prepare_data(train_data: list[str] | None, val_data: list[str] | None, out_d
                          "pad_id": tok.pad_id, "tokenizer_sha256": tok.sha256, "tokenizer_training": fingerprint,
                          "splits": {name: w.describe() for name, w in writers.items()}})
             order = ("format", "vocab_size", "dtype", "eot_id", "pad_id", "tokenizer", "tokenizer_sha256", "splits",
-                     "sources", "settings", "tokenizer_training")
-            (tmp / "meta.json").write_text(json.dumps({k: meta[k] for k in order}, indent=2, ensure_ascii=False)
-                                           + "\n", encoding="utf-8")
+                     "val_stretches", "sources", "settings", "tokenizer_training")
+            (tmp / "meta.json").write_text(json.dumps({k: meta[k] for k in order if k in meta}, indent=2,
+                                                      ensure_ascii=False) + "\n", encoding="utf-8")
             if tok_is_new:  # a tokenizer outside the directory is written last, just before the swap
                 tok.save(tmp / tok_path.resolve().relative_to(out_dir.resolve()) if tok_inside else tok_path)
                 tok.path = tok_path

@@ -316,6 +316,8 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    dropout = 0.0  # on each residual branch while training; set with Qwen3NextForCausalLM.set_dropout
+
     def __init__(self, config: Config, layer_idx: int, layer_type: str | None = None, moe: bool | None = None):
         super().__init__()
         self.layer_type = layer_type or config.layer_types[layer_idx]
@@ -334,12 +336,15 @@ class DecoderLayer(nn.Module):
             h = self.self_attn(h, ctx.rope, ctx.attn_mask, cache, ctx.cache_start)
         else:
             h = self.linear_attn(h, ctx.pad_mask, cache, ctx.doc_starts)
-        x = x + h
+        x = x + self._drop(h)
         h = self.mlp(self.post_attention_layernorm(x))
         if isinstance(h, tuple):  # MoE returns (output, router_logits)
             h, router_logits = h
             ctx.router_logits.append(router_logits)
-        return x + h
+        return x + self._drop(h)
+
+    def _drop(self, h: torch.Tensor) -> torch.Tensor:
+        return F.dropout(h, self.dropout, training=True) if self.dropout and self.training else h
 
     def step(self, x: torch.Tensor, rope, attn_mask, cache, position: int) -> torch.Tensor:
         """A few decoding positions x [B, T, H] (inference only)."""
@@ -409,6 +414,8 @@ class Qwen3NextModel(nn.Module):
 
 
 class Qwen3NextForCausalLM(nn.Module):
+    dropout = 0.0  # on the embedding output while training (see set_dropout)
+
     def __init__(self, config: Config):
         super().__init__()
         self.config = config
@@ -454,6 +461,17 @@ class Qwen3NextForCausalLM(nn.Module):
             if isinstance(m, GatedDeltaNet):
                 m.kernel = self.kernel
         return self.kernel
+
+    def set_dropout(self, p: float) -> None:
+        """Dropout with probability `p` on the embedding output and on every residual branch, in
+        training mode only. A training setting, not part of the model: not in the Config, config.json
+        or the weights, so evaluation, generation and exported models never drop."""
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout {p} must be in [0, 1)")
+        self.dropout = p
+        for m in self.modules():
+            if isinstance(m, DecoderLayer):
+                m.dropout = p
 
     @property
     def device(self) -> torch.device:
@@ -506,6 +524,8 @@ class Qwen3NextForCausalLM(nn.Module):
             targets = F.pad(labels[:, 1:], (0, 1), value=-100)
         self._check_ids(input_ids)
         x = self.model.embed_tokens(input_ids)
+        if self.dropout and self.training:
+            x = F.dropout(x, self.dropout, training=True)
         ctx = self._context(x, attention_mask, position_ids, cache, doc_starts)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, ctx, cache.layers[i] if cache is not None else None)

@@ -34,6 +34,7 @@ class Hyperparameters:
     seed: int | None = None
     mtp_weight: float | None = None
     document_masking: bool | None = None
+    dropout: float | None = None  # a training setting only: never saved with the model
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from . import auto, budget
 from . import checkpoint as ckpt
 from . import pretrained
 from .config import RECOMMENDED_PRESET, TRAINING_DEFAULTS, Config, fmt_count, preset
@@ -277,9 +278,16 @@ class _StopRequest:
 RESUMABLE = tuple(f.name for f in fields(Hyperparameters))
 
 
-def resolve_hyperparameters(given: Hyperparameters, resumed: dict | None, preset_name: str) -> Hyperparameters:
-    """Command line first, then the checkpoint's settings when resuming, then the preset's defaults."""
-    defaults = asdict(TRAINING_DEFAULTS.get(preset_name, TRAINING_DEFAULTS[RECOMMENDED_PRESET]))
+def resolve_hyperparameters(given: Hyperparameters, resumed: dict | None, preset_name: str,
+                            train_tokens: int = 0, max_minutes: float | None = None,
+                            device_type: str = "cpu") -> Hyperparameters:
+    """Command line first, then the checkpoint's settings when resuming, then the preset's defaults
+    (--config auto: those auto.py picks from the training tokens and the budget)."""
+    if preset_name == auto.NAME:
+        defaults = asdict(replace(TRAINING_DEFAULTS[auto.TRUNK],
+                                  **auto.training_defaults(train_tokens, max_minutes, device_type)))
+    else:
+        defaults = asdict(TRAINING_DEFAULTS.get(preset_name, TRAINING_DEFAULTS[RECOMMENDED_PRESET]))
     out = {}
     for name in RESUMABLE:
         value = getattr(given, name)
@@ -301,6 +309,8 @@ def _validate(h: Hyperparameters, config: Config, train_tokens: int) -> None:
             raise UserError(f"--{name.replace('_', '-')} ({getattr(h, name)}) must be positive")
     if not h.learning_rate > 0:
         raise UserError(f"--learning-rate ({h.learning_rate}) must be positive")
+    if not 0.0 <= h.dropout < 1.0:
+        raise UserError(f"--dropout ({h.dropout}) must be in [0, 1)")
     if h.min_lr < 0 or h.min_lr > h.learning_rate:
         raise UserError(f"--min-lr ({h.min_lr}) must be between 0 and the learning rate ({h.learning_rate})")
     if h.warmup_steps < 0:
@@ -369,7 +379,7 @@ def _starting_point(s: TrainSettings, tokenizer: Tokenizer, console: Console) ->
     from .data import check_vocab
 
     preset_name = s.preset
-    out_dir = s.out_dir or Path(f"runs/{preset_name or RECOMMENDED_PRESET}")
+    out_dir = s.out_dir or Path(f"runs/{preset_name or auto.NAME}")
     resume_path = None
     if s.resume_from == "auto":
         resume_path = ckpt.find_latest(out_dir, verify=True)
@@ -388,8 +398,9 @@ def _starting_point(s: TrainSettings, tokenizer: Tokenizer, console: Console) ->
     elif s.init_from:
         start = Start(preset_name or "custom", pretrained.load_pretrained_config(s.init_from), out_dir)
         _init_tokenizer_check(s.init_from, tokenizer, s.data_dir)
+    elif preset_name in (None, auto.NAME):  # --config auto, the default of a fresh run
+        start = Start(auto.NAME, auto.model_config(tokenizer.vocab_size), out_dir)
     else:
-        preset_name = preset_name or RECOMMENDED_PRESET
         start = Start(preset_name, check_vocab(preset(preset_name), tokenizer, s.allow_vocab_mismatch), out_dir)
     if start.config.vocab_size < tokenizer.vocab_size:
         raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {start.config.vocab_size}")
@@ -400,7 +411,7 @@ def _starting_point(s: TrainSettings, tokenizer: Tokenizer, console: Console) ->
 
 
 # ---------------------------------------------------------------------------------- model, devices
-def _build_model(s: TrainSettings, start: Start, seed: int, device: torch.device):
+def _build_model(s: TrainSettings, start: Start, seed: int, device: torch.device, dropout: float = 0.0):
     """The model on its device with its kernel, from the checkpoint or --init-from when given.
     Returns (model, kernel, number of parameters)."""
     torch.manual_seed(seed)
@@ -410,6 +421,7 @@ def _build_model(s: TrainSettings, start: Start, seed: int, device: torch.device
     if start.resume_path is not None:
         ckpt.load_weights(model, ckpt.load_tensors(start.resume_path / ckpt.MODEL_FILE), start.resume_path)
     model.to(device)
+    model.set_dropout(dropout)  # a training setting, never saved with the model
     kernel = model.set_kernel(s.kernel, device)
     model.train()
     return model, kernel, model.num_parameters()  # counted before FSDP turns parameters into shards
@@ -466,6 +478,7 @@ class TrainingRun:
         self.tokens_seen = state.get("tokens_seen", 0)
         self.elapsed_before = state.get("elapsed_s", 0.0)
         self.record = s.record(h)
+        self.plan: budget.Plan | None = None  # the time budget's schedule, kept in every checkpoint
         self.t_start = time.perf_counter()
 
     def attach(self, model, train_model, optimizer, sampler: WindowSampler, val_tokens, autocast,
@@ -484,6 +497,7 @@ class TrainingRun:
                 "sampler": {"kind": "WindowSampler", "seed": h.seed, "next_step": step},
                 "scheduler": {"kind": "warmup_cosine", "learning_rate": h.learning_rate, "min_lr": h.min_lr,
                               "warmup_steps": h.warmup_steps, "steps": h.steps},
+                "budget": self.plan.to_dict() if self.plan else None,
                 "args": self.record, "tokenizer_sha256": self.tokenizer.sha256, "data_dir": str(self.data_dir),
                 "world_size": self.ddp.world_size, "tokens_per_step": self.tokens_per_step}
 
@@ -686,9 +700,58 @@ def _plan(run: TrainingRun, n_params: int, kernel: str, dtype: str, meta: dict) 
         f"lr {h.learning_rate:g} (warm-up {h.warmup_steps}, cosine to {h.min_lr:g}); out: {run.out_dir}")
 
 
+def _budget_plan(s: TrainSettings, h: Hyperparameters, state: dict | None, modules: tuple, data: tuple, meta: dict,
+                 tokenizer: Tokenizer, autocast, ddp: Distributed, t_launch: float, log) -> budget.Plan | None:
+    """The time budget's plan (see budget.py); None without a budget. A resumed budgeted run keeps its
+    checkpoint's plan; a fresh one measures a few throw-away steps (the model, optimiser and random
+    generators stay as they were) and one evaluation first."""
+    if state and state.get("budget"):
+        plan = budget.Plan.from_dict(state["budget"])
+        log(plan.describe())
+        return plan
+    if s.max_minutes is None or s.hyper.steps is not None or state:
+        return None  # --steps given (--max-minutes then only cuts the run short), or no budget
+    model, train_model, optimizer = modules
+    train_tokens, val_tokens, train_mask = data
+    device = ddp.device
+    sampler = WindowSampler(train_tokens, h.seq_len, h.batch_size, h.seed, ddp.rank, ddp.world_size, train_mask)
+    split = meta["splits"]["val"]
+    bytes_per_token = split["bytes"] / split["tokens"] if split.get("tokens") and "mask" not in split else None
+    eot = tokenizer.eot_id if h.document_masking else None
+
+    def throwaway_step():
+        for micro in range(h.grad_accum):
+            x, y = (t.to(device) for t in sampler.batch(0, micro))
+            with autocast:
+                loss = train_model(x, y, mtp_weight=h.mtp_weight or 0.0,
+                                   doc_starts=document_starts(x, eot) if eot is not None else None).loss
+            (loss / h.grad_accum).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), h.grad_clip or float("inf"))
+        optimizer.zero_grad(set_to_none=True)
+
+    def evaluate_once():
+        return evaluate(train_model, val_tokens, h.seq_len, h.batch_size, h.eval_batches, device, bytes_per_token,
+                        autocast, ddp, eot)
+
+    log(f"budget: measuring the speed ({budget.WARM_STEPS + budget.TIMED_STEPS} throw-away steps, one evaluation)")
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        step_s, eval_s, ev = budget.measure(throwaway_step, evaluate_once)
+    save_s = 12 * model.num_parameters() / 100e6  # weights + AdamW moments, written at ~100 MB/s
+    times = torch.tensor([step_s, eval_s + save_s, budget.clock() - t_launch], dtype=torch.float64)
+    if ddp.enabled:  # every rank must plan the same schedule: the slowest one's
+        times = times.to(device)
+        dist.all_reduce(times, op=dist.ReduceOp.MAX)
+    step_s, eval_s, setup_s = times.tolist()
+    plan = budget.plan(s.max_minutes, setup_s, step_s, eval_s, s.hyper.warmup_steps, s.hyper.eval_every)
+    log(f"eval      0: val loss {ev['val_loss']:.4f}" + (f"  bpb {ev['val_bpb']:.4f}" if "val_bpb" in ev else ""))
+    log(plan.describe())
+    return plan
+
+
 def _train(s: TrainSettings, ddp: Distributed, prepare: Callable[[], object] | None) -> int:
     from .data import open_loss_mask, open_split
 
+    t_launch = budget.clock()  # a time budget counts from here
     console = Console(ddp.is_main)
     meta, tokenizer = _load_data(s, ddp, prepare)
     start = _starting_point(s, tokenizer, console)
@@ -698,11 +761,15 @@ def _train(s: TrainSettings, ddp: Distributed, prepare: Callable[[], object] | N
     hyper = s.hyper
     if train_mask is not None and hyper.document_masking is None:
         hyper = replace(hyper, document_masking=True)
-    h = resolve_hyperparameters(hyper, (start.state or {}).get("args", {}) if start.state else None, start.preset)
     train_tokens, val_tokens = open_split(s.data_dir, "train"), open_split(s.data_dir, "val")
+    h = resolve_hyperparameters(hyper, (start.state or {}).get("args", {}) if start.state else None, start.preset,
+                                len(train_tokens), s.max_minutes, ddp.device.type)
+    if start.preset == auto.NAME and start.state is None:
+        console.log(f"--config auto: {auto.TRUNK}'s trunk with vocab {start.config.vocab_size:,}; batch {h.batch_size} "
+                    f"x {h.seq_len}, lr {h.learning_rate:g}, dropout {h.dropout:g} (see the README's rule)")
     _validate(h, start.config, len(train_tokens))
 
-    model, kernel, n_params = _build_model(s, start, h.seed, ddp.device)
+    model, kernel, n_params = _build_model(s, start, h.seed, ddp.device, h.dropout)
     train_model = _distribute(model, s, ddp)
     optimizer = build_optimizer(model, h.learning_rate, h.weight_decay, (h.beta1, h.beta2),
                                 decay_norms=not h.no_decay_norms)
@@ -710,7 +777,13 @@ def _train(s: TrainSettings, ddp: Distributed, prepare: Callable[[], object] | N
         ckpt.load_optimizer(model, optimizer, start.resume_path)
         ckpt.restore_rng(start.resume_path, start.state)
     dtype, autocast = _autocast(s.dtype, ddp.device)
+    # with --max-minutes and no --steps, the measured speed fixes steps, warm-up and evaluation interval
+    plan = _budget_plan(s, h, start.state, (model, train_model, optimizer), (train_tokens, val_tokens, train_mask),
+                        meta, tokenizer, autocast, ddp, t_launch, console.log)
+    if plan is not None:
+        h = replace(h, steps=plan.steps, warmup_steps=plan.warmup_steps, eval_every=plan.eval_every)
     run = TrainingRun(s, h, ddp, console, start, s.data_dir, meta, tokenizer)
+    run.plan = plan
     _plan(run, n_params, kernel, dtype, meta)
     if ddp.is_main:
         run.out_dir.mkdir(parents=True, exist_ok=True)

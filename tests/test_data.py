@@ -24,6 +24,7 @@ ENGLISH = "\n\n".join(
 CHINESE = "".join(f"第{i}回 贾宝玉和林黛玉在大观园里读书，薛宝钗笑道：“你们又在这里说什么？”王熙凤说了{i}句话。\n"
                   for i in range(30))  # one paragraph a line, no blank lines
 SMALL = ["--config", "tiny_5m", "--vocab-size", "400"]
+PARAS = ["--doc-split", "blank-line"]  # paragraphs as documents (the default keeps each file whole)
 
 
 def english_docs(text=ENGLISH):
@@ -32,6 +33,11 @@ def english_docs(text=ENGLISH):
 
 def chinese_docs(text=CHINESE):
     return [line for line in text.split("\n") if line.strip()]
+
+
+def paragraph_docs():
+    """The corpus fixture's documents with --doc-split blank-line (zh.txt has no blank lines)."""
+    return english_docs() + [CHINESE.rstrip("\n")]
 
 
 @pytest.fixture
@@ -73,14 +79,14 @@ def snapshot(out_dir):
 
 def test_end_to_end_files_and_meta(run, corpus, tmp_path):
     out = tmp_path / "out"
-    rc, stdout, err = run("--train-data", corpus / "en.txt", corpus / "zh.txt", "--out-dir", out, *SMALL)
+    rc, stdout, err = run("--train-data", corpus / "en.txt", corpus / "zh.txt", "--out-dir", out, *SMALL, *PARAS)
     assert rc == 0, err
     meta = load_meta(out)
     assert (meta["format"], meta["vocab_size"], meta["dtype"]) == (1, 400, "uint16")
     assert (meta["eot_id"], meta["pad_id"]) == (0, 1)
     assert meta["tokenizer"] == "tokenizer.json"
-    assert [s["doc_split"] for s in meta["sources"]] == ["blank-line", "line"]  # auto, decided per file
-    expected = english_docs() + chinese_docs()
+    assert [s["doc_split"] for s in meta["sources"]] == ["blank-line", "blank-line"]
+    expected = paragraph_docs()
     for name, split in meta["splits"].items():
         assert (out / split["file"]).stat().st_size == 2 * split["tokens"]
         assert len(open_split(out, name)) == split["tokens"]
@@ -98,7 +104,7 @@ def test_end_to_end_files_and_meta(run, corpus, tmp_path):
 
 def test_reuse_and_rebuild(run, corpus, tmp_path):
     out = tmp_path / "out"
-    args = ("--train-data", corpus, "--out-dir", out, *SMALL)
+    args = ("--train-data", corpus, "--out-dir", out, *SMALL, *PARAS)
     assert run(*args)[0] == 0
     before = snapshot(out)
     rc, stdout, _ = run(*args)
@@ -108,14 +114,14 @@ def test_reuse_and_rebuild(run, corpus, tmp_path):
     # changed settings: the tokens are rebuilt, and this directory's own tokenizer is retrained
     rc, stdout, _ = run(*args, "--val-fraction", "0.2")
     assert rc == 0 and "up to date" not in stdout and "settings changed" in stdout
-    assert load_meta(out)["splits"]["val"]["documents"] == round(0.2 * (len(english_docs()) + len(chinese_docs())))
+    assert load_meta(out)["splits"]["val"]["documents"] == round(0.2 * len(paragraph_docs()))
 
     # changed input content
-    (corpus / "zh.txt").write_text(CHINESE + "新的一行。\n")
+    (corpus / "zh.txt").write_text(CHINESE + "\n新的一段。\n")
     rc, stdout, _ = run(*args, "--val-fraction", "0.2")
     assert rc == 0 and "training data or settings changed" in stdout
     assert load_meta(out)["splits"]["train"]["documents"] + load_meta(out)["splits"]["val"]["documents"] == \
-        len(english_docs()) + len(chinese_docs()) + 1
+        len(paragraph_docs()) + 1
     rc, stdout, _ = run(*args, "--val-fraction", "0.2")
     assert "up to date" in stdout
 
@@ -125,11 +131,11 @@ def test_reuse_and_rebuild(run, corpus, tmp_path):
 
 def test_deterministic_outputs(run, corpus, tmp_path):
     for name in ("a", "b"):
-        assert run("--train-data", corpus, "--out-dir", tmp_path / name, *SMALL)[0] == 0
+        assert run("--train-data", corpus, "--out-dir", tmp_path / name, *SMALL, *PARAS)[0] == 0
     for f in ("train.bin", "val.bin", "tokenizer.json", "meta.json"):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
     # another seed holds out other documents
-    assert run("--train-data", corpus, "--out-dir", tmp_path / "c", "--seed", "1", *SMALL)[0] == 0
+    assert run("--train-data", corpus, "--out-dir", tmp_path / "c", "--seed", "1", *SMALL, *PARAS)[0] == 0
     assert documents_of(tmp_path / "a", "val") != documents_of(tmp_path / "c", "val")
 
 
@@ -143,7 +149,7 @@ def test_val_data_jsonl_and_glob(run, tmp_path):
                      "--config", "tiny_5m", "--vocab-size", "300")
     assert rc == 0, err
     assert documents_of(out, "train") == english_docs() + ["另一个\n\n记录"]  # a record is a document
-    assert documents_of(out, "val") == chinese_docs()
+    assert documents_of(out, "val") == [CHINESE]  # a .txt file is one document, as written
     meta = load_meta(out)
     assert [s["role"] for s in meta["sources"]] == ["train", "train", "val"]
     assert meta["settings"]["val_fraction"] is None
@@ -153,7 +159,7 @@ def test_doc_split_modes(run, tmp_path):
     f = tmp_path / "t.txt"
     f.write_text("a b c\nd e f\n\n\ng h\r\n  \r\ni j\n")
     expected = {"blank-line": ["a b c\nd e f", "g h", "i j"], "line": ["a b c", "d e f", "g h", "i j"],
-                "file": ["a b c\nd e f\n\n\ng h\r\n  \r\ni j"]}
+                "file": ["a b c\nd e f\n\n\ng h\r\n  \r\ni j\n"]}
     for mode, docs in expected.items():
         assert [p for p, last in split_documents([f.read_bytes().decode()], mode)] == docs
     # through the CLI, with a tokenizer from elsewhere (the text is too small to train one)
@@ -180,7 +186,76 @@ def test_split_documents_blocks_and_pieces(monkeypatch):
     pieces = list(split_documents([text], "file"))
     assert len(pieces) > 10 and [last for _, last in pieces] == [False] * (len(pieces) - 1) + [True]
     assert all(len(p) <= 50 for p, _ in pieces)
-    assert "".join(p for p, _ in pieces) == text.strip("\r\n")
+    assert "".join(p for p, _ in pieces) == text  # kept as written
+
+
+# ---------------------------------------------------------------------------------------------------
+# a one-file corpus: kept as written, validation held out as stretches at line boundaries
+
+
+def docs_text(n_chars: int, crlf: bool = False) -> str:
+    """The embedded CPython docs, ~n_chars of them, blank lines and all, with no final newline."""
+    text = "\n\n\n".join(data._builtin_topics())[:n_chars].rstrip("\n")
+    return text.replace("\n", "\r\n") if crlf else text
+
+
+def stream_text(out_dir, split) -> tuple[str, int]:
+    """The decoded tokens of a split with the end-of-text tokens left out, and how many there were."""
+    ids = np.asarray(open_split(out_dir, split))
+    tok = load_tokenizer(out_dir)
+    return tok.decode(ids[ids != tok.eot_id]), int((ids == tok.eot_id).sum())
+
+
+@pytest.mark.parametrize("crlf", [False, True], ids=["lf", "crlf"])
+def test_one_file_round_trip_byte_for_byte(run, tmp_path, crlf):
+    text = docs_text(60_000, crlf)
+    assert "\n\n\n" in text.replace("\r", "") and not text.endswith("\n")
+    f = tmp_path / "book.txt"
+    f.write_bytes(text.encode())
+    out = tmp_path / "out"
+    rc, stdout, err = run("--train-data", f, "--out-dir", out, "--config", "tiny_5m", "--vocab-size", "300")
+    assert rc == 0, err
+    meta = load_meta(out)
+    stretches = meta["val_stretches"]
+    assert meta["sources"][0]["doc_split"] == "file" and "stretches of the text" in stdout
+    train = "".join(text[a:b] for a, b in zip([0] + [e for _, e in stretches], [s for s, _ in stretches] + [len(text)]))
+    val = "".join(text[a:b] for a, b in stretches)
+    train_decoded, train_eots = stream_text(out, "train")
+    val_decoded, val_eots = stream_text(out, "val")
+    assert train_decoded.encode() == train.encode()  # byte for byte, \r and blank lines included
+    assert val_decoded.encode() == val.encode()
+    assert val_eots == len(stretches) and train_eots == meta["splits"]["train"]["documents"]
+    assert meta["splits"]["val"]["bytes"] == len(val.encode()) and meta["splits"]["train"]["bytes"] == len(train.encode())
+
+    # with --val-data, the whole file is one training document, exactly as written
+    rc, _, err = run("--train-data", f, "--val-data", f, "--out-dir", tmp_path / "whole", "--config", "tiny_5m",
+                     "--vocab-size", "300")
+    assert rc == 0, err
+    assert documents_of(tmp_path / "whole", "train") == [text]
+
+
+def test_val_stretches_at_line_boundaries_from_the_seed(run, tmp_path):
+    text = docs_text(200_000) + "\n"
+    f = tmp_path / "book.txt"
+    f.write_text(text)
+    stretches = {}
+    for seed in (0, 0, 1):
+        out = tmp_path / f"out{seed}"
+        rc, _, err = run("--train-data", f, "--out-dir", out, "--seed", seed, "--config", "tiny_5m",
+                         "--vocab-size", "300")
+        assert rc == 0, err
+        stretches.setdefault(seed, []).append(load_meta(out)["val_stretches"])
+    assert stretches[0][0] == stretches[0][1] != stretches[1][0]  # the seed decides, and only the seed
+    for got in (stretches[0][0], stretches[1][0]):
+        assert 2 <= len(got) <= data.VAL_STRETCHES
+        flat = [x for pair in got for x in pair]
+        assert flat == sorted(flat) and len(set(flat)) == len(flat)  # apart and in order
+        assert all(text[x - 1] == "\n" for x in flat if 0 < x < len(text))  # at line starts
+        held = sum(b - a for a, b in got)
+        assert 0.09 < held / len(text) < 0.11  # about --val-fraction of the text
+    # the cuts follow line boundaries whatever the pieces the text is read in
+    cuts = data.plan_val_stretches(len(text), 0.1, 3)
+    assert data.snap_to_lines([text], cuts) == data.snap_to_lines([text[i:i + 97] for i in range(0, len(text), 97)], cuts)
 
 
 def test_small_blocks_and_pieces_give_the_same_tokens(run, corpus, tmp_path, monkeypatch):
@@ -233,7 +308,7 @@ def test_vocab_versus_config(run, tmp_path):
 
 def test_interrupted_run_leaves_the_previous_outputs(run, corpus, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    args = ("--train-data", corpus, "--out-dir", out, *SMALL)
+    args = ("--train-data", corpus, "--out-dir", out, *SMALL, *PARAS)
     assert run(*args)[0] == 0
     before = snapshot(out)
     calls = []
@@ -253,7 +328,7 @@ def test_interrupted_run_leaves_the_previous_outputs(run, corpus, tmp_path, monk
 
     fresh = tmp_path / "fresh"
     calls.clear()
-    assert run("--train-data", corpus, "--out-dir", fresh, *SMALL)[0] == 130
+    assert run("--train-data", corpus, "--out-dir", fresh, *SMALL, *PARAS)[0] == 130
     assert not fresh.exists()  # nothing that looks complete, nothing half-written
     fresh.mkdir()
     with pytest.raises(UserError, match="has no meta.json"):
@@ -294,7 +369,7 @@ def bad_inputs(tmp_path):
         "not json": (["--train-data", d / "notjson.jsonl"], f"{d / 'notjson.jsonl'}:2: not valid JSON"),
         "no text field": (["--train-data", d / "notext.jsonl"], f'{d / "notext.jsonl"}:3: no "text" string'),
         "too small for vocab": ([*en, "--vocab-size", "2000"], "too small for a vocabulary of 2,000"),
-        "too small for val": (["--train-data", d / "one.txt"], "only 1 document(s), too few to hold out"),
+        "too small for val": (["--train-data", d / "one.txt"], "too few lines to hold out a validation split"),
         "val fraction": ([*en, "--val-fraction", "1.0"], "--val-fraction (1.0) must be in [0, 1)"),
         "vocab below bytes": ([*en, "--vocab-size", "100"], "must be at least 260"),
         "unwritable out dir": ([*en, "--out-dir", d / "afile" / "out"], "cannot write to"),
@@ -332,7 +407,7 @@ def test_file_edited_while_preparing(run, corpus, tmp_path, monkeypatch):
         return result
 
     monkeypatch.setattr(data, "scan_sources", scan_then_edit)
-    rc, _, err = run("--train-data", corpus, "--out-dir", tmp_path / "out", *SMALL)
+    rc, _, err = run("--train-data", corpus, "--out-dir", tmp_path / "out", *SMALL, *PARAS)
     assert rc == 2 and err == f"error: {corpus / 'zh.txt'} changed while it was being read; run again\n"
     assert not (tmp_path / "out").exists()
 
@@ -344,14 +419,14 @@ def test_encoding_errors_replace(run, tmp_path):
                      tmp_path / "out", "--config", "tiny_5m", "--vocab-size", "300")
     assert rc == 0, err
     docs = documents_of(tmp_path / "out", "train") + documents_of(tmp_path / "out", "val")
-    assert "caf\ufffd au lait" in docs
+    assert "caf\ufffd au lait\n" in "".join(docs)
 
 
 def test_reading_prepared_data_errors(run, corpus, tmp_path):
     with pytest.raises(UserError, match="data directory not found"):
         load_meta(tmp_path / "nothing")
     out = tmp_path / "out"
-    assert run("--train-data", corpus, "--out-dir", out, *SMALL)[0] == 0
+    assert run("--train-data", corpus, "--out-dir", out, *SMALL, *PARAS)[0] == 0
     with pytest.raises(UserError, match="no 'test' split"):
         open_split(out, "test")
     ids = open_split(out, "val")
@@ -376,16 +451,16 @@ def test_larger_corpus_end_to_end(run, tmp_path):
     (tmp_path / "zh.txt").write_text(zh)
     out = tmp_path / "out"
     rc, stdout, err = run("--train-data", tmp_path / "en.txt", tmp_path / "zh.txt", "--out-dir", out,
-                          "--config", "tiny_5m")
+                          "--config", "tiny_5m", "--doc-split", "line")
     assert rc == 0, err
     meta = load_meta(out)
     assert meta["vocab_size"] == 2048
-    assert [s["doc_split"] for s in meta["sources"]] == ["blank-line", "line"]
+    assert [s["doc_split"] for s in meta["sources"]] == ["line", "line"]
     docs = documents_of(out, "train") + documents_of(out, "val")
-    assert sorted(docs) == sorted(english_docs(en) + chinese_docs(zh))
+    assert sorted(docs) == sorted(chinese_docs(en) + chinese_docs(zh))  # one document a line
     tok = load_tokenizer(out)
     en_bpt = len(en.encode()) / len(tok.encode(en))
     zh_bpt = len(zh.encode()) / len(tok.encode(zh))
     assert en_bpt > 3.0 and zh_bpt > 2.0, (en_bpt, zh_bpt)  # real compression on both languages
     assert run("--train-data", tmp_path / "en.txt", tmp_path / "zh.txt", "--out-dir", out,
-               "--config", "tiny_5m")[1].count("up to date") == 1
+               "--config", "tiny_5m", "--doc-split", "line")[1].count("up to date") == 1

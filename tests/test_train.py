@@ -27,7 +27,8 @@ def data_dir(tmp_path_factory):
     """~100 KB of the CPython docs, prepared with the tiny_5m vocabulary (2048)."""
     root = tmp_path_factory.mktemp("data")
     (root / "stories.txt").write_text(english_text(100_000))
-    return prepare_data([str(root / "stories.txt")], None, root / "prepared", vocab_size=2048)
+    # paragraphs as documents, so that training windows hold several (--document-masking has work to do)
+    return prepare_data([str(root / "stories.txt")], None, root / "prepared", vocab_size=2048, doc_split="blank-line")
 
 
 def losses(run_dir: Path) -> dict[int, float]:

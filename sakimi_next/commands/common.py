@@ -62,9 +62,13 @@ def nonempty_strings(flag: str, values: list[str] | None) -> tuple[str, ...]:
     return tuple(values or ())
 
 
-def preset_name(name: str | None, default: str | None = RECOMMENDED_PRESET) -> str | None:
-    if name is not None and name not in PRESETS:
-        raise UserError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+AUTO = "auto"  # auto.NAME: --config auto sizes the model from the text (prepare_data, train)
+
+
+def preset_name(name: str | None, default: str | None = RECOMMENDED_PRESET, allow_auto: bool = False) -> str | None:
+    if name is not None and name not in PRESETS and not (allow_auto and name == AUTO):
+        choices = ", ".join(PRESETS) + (f", {AUTO}" if allow_auto else "")
+        raise UserError(f"unknown preset {name!r}; choose one of: {choices}")
     return name if name is not None else default
 
 

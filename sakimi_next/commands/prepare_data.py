@@ -40,7 +40,8 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    common.add_preset(p, "model preset whose vocabulary the tokenizer gets")
+    common.add_preset(p, "model preset whose vocabulary the tokenizer gets, or auto (the default): a vocabulary "
+                         "from the size of the text")
     common.add_seed(p, "seed of the validation split and the tokenizer sample")
     add_data_arguments(p)
     p.add_argument("--out-dir", default=None, help=f"where to write (default: --data-dir, else {DEFAULT_OUT_DIR}/)")
@@ -74,7 +75,8 @@ def data_settings(args: argparse.Namespace, out_dir: str | Path, seed: int) -> P
     if args.tokenizer is not None:
         common.writable_dir("--tokenizer", Path(args.tokenizer).parent)
     return PrepareDataSettings(
-        preset=common.preset_name(args.config), out_dir=common.writable_dir("--out-dir", out_dir),
+        preset=common.preset_name(args.config, common.AUTO, allow_auto=True),
+        out_dir=common.writable_dir("--out-dir", out_dir),
         train_data=tuple(args.train_data) if args.train_data else None,
         val_data=tuple(args.val_data) if args.val_data else None,
         tokenizer=args.tokenizer, vocab_size=args.vocab_size, val_fraction=args.val_fraction,
@@ -91,15 +93,26 @@ def settings(args: argparse.Namespace) -> PrepareDataSettings:
 
 
 def prepare(s: PrepareDataSettings) -> Path:
+    auto = s.preset == common.AUTO
     return prepare_data(list(s.train_data or ()) or None, list(s.val_data or ()) or None, s.out_dir,
                         tokenizer_path=s.tokenizer, vocab_size=s.vocab_size, val_fraction=s.val_fraction,
                         doc_split=s.doc_split, encoding_errors=s.encoding_errors,
-                        rebuild_tokenizer=s.rebuild_tokenizer, seed=s.seed, config=preset(s.preset),
-                        allow_vocab_mismatch=s.allow_vocab_mismatch, chat=s.chat)
+                        rebuild_tokenizer=s.rebuild_tokenizer, seed=s.seed,
+                        config=_auto_config(s.vocab_size) if auto else preset(s.preset),
+                        allow_vocab_mismatch=s.allow_vocab_mismatch, chat=s.chat, auto_vocab=auto)
+
+
+def _auto_config(vocab_size: int | None):
+    from ..auto import model_config
+
+    return model_config(vocab_size or 4096)
 
 
 def run(s: PrepareDataSettings) -> int:
-    say(f"sakimi-next --mode prepare_data: preset {s.preset} (vocab_size {preset(s.preset).vocab_size:,}) "
-        f"-> {s.out_dir}")
+    if s.preset == common.AUTO:
+        vocab = f"vocab_size {s.vocab_size:,}" if s.vocab_size else "the vocabulary from the text's size"
+    else:
+        vocab = f"vocab_size {preset(s.preset).vocab_size:,}"
+    say(f"sakimi-next --mode prepare_data: preset {s.preset} ({vocab}) -> {s.out_dir}")
     prepare(s)
     return 0

@@ -17,7 +17,8 @@ HELP = "train a model on a prepared data directory (one device, or DDP/FSDP2 und
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    common.add_preset(p, "model preset (default tiny_10m, or the resumed checkpoint's)")
+    common.add_preset(p, "model preset, or auto: sized from the text and the time budget (the default of a fresh "
+                         "run; see the README's rule), or the resumed checkpoint's")
     common.add_device(p)
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"),
                    help="compute dtype: auto = bf16 autocast on CUDA, fp32 elsewhere")
@@ -55,7 +56,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="stop after N evaluations without improvement (0 = never)")
     t.add_argument("--early-stop-min-delta", type=float, default=0.0, help="smallest improvement that counts")
     t.add_argument("--skip-nonfinite", action="store_true", help="skip a step with a non-finite loss instead of stopping")
-    t.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this many minutes")
+    t.add_argument("--max-minutes", type=float, default=None,
+                   help="a time budget: without --steps the run measures its speed and plans steps, warm-up, decay "
+                        "and evaluations to end in M minutes; with --steps it stops (and saves) after M minutes")
+    t.add_argument("--dropout", type=float, default=None,
+                   help="dropout on the embedding and every residual branch while training, in [0, 1) (0; "
+                        "--config auto picks one); evaluation, generation and exported models never drop")
     t.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 under torchrun")
     t.add_argument("--document-masking", action="store_true", default=None,
                    help="packed documents do not see each other: attention, conv and DeltaNet state restart "
@@ -88,7 +94,8 @@ def hyperparameters(args: argparse.Namespace) -> Hyperparameters:
         grad_clip=f("--grad-clip", args.grad_clip, lo=0), save_every=c("--save-every", args.save_every),
         eval_every=c("--eval-every", args.eval_every), eval_batches=c("--eval-batches", args.eval_batches),
         seed=common.seed(args.seed), mtp_weight=f("--mtp-weight", args.mtp_weight, lo=0),
-        document_masking=args.document_masking)
+        document_masking=args.document_masking,
+        dropout=f("--dropout", args.dropout, lo=0, hi=1, hi_open=True))
 
 
 def settings(args: argparse.Namespace) -> TrainCommandSettings:
@@ -103,9 +110,10 @@ def settings(args: argparse.Namespace) -> TrainCommandSettings:
     data_dir = Path(args.data_dir or DEFAULT_OUT_DIR)
     out_dir = common.writable_dir("--out-dir", args.out_dir) if args.out_dir else None
     if out_dir is None and args.resume_from in (None, "auto"):
-        common.writable_dir("--out-dir", f"runs/{common.preset_name(args.config)}")
+        common.writable_dir("--out-dir", f"runs/{common.preset_name(args.config, common.AUTO, allow_auto=True)}")
     training = TrainSettings(
-        data_dir=data_dir, hyper=hyper, preset=common.preset_name(args.config, default=None), out_dir=out_dir,
+        data_dir=data_dir, hyper=hyper, preset=common.preset_name(args.config, default=None, allow_auto=True),
+        out_dir=out_dir,
         resume_from=args.resume_from, init_from=args.init_from, allow_vocab_mismatch=args.allow_vocab_mismatch,
         device=args.device, kernel=common.kernel_name(args), dtype=args.dtype, compile=args.compile,
         fsdp=args.fsdp, keep_last=args.keep_last, print_every=args.print_every,

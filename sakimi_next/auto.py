@@ -1,0 +1,55 @@
+"""`--config auto` (the default of prepare_data and of a fresh training run): sizes the run from the
+corpus and the time budget, by a rule measured on this project's runs (README, "Choosing the size").
+
+    vocabulary   from the size of the training text: about one token type per 1,000 bytes of text,
+                 as a power of two in [512, 8192] (1 MB -> 1,024)
+    model        tiny_10m's trunk (8 layers, hidden 256), its vocabulary the tokenizer's
+    batch        8 x 256 tokens (more, smaller steps beat fewer, larger ones when steps are scarce)
+    learning     2e-3 peak, cosine to 2e-4
+    dropout      from the passes over the text the budget allows: 0 for one pass or less, 0.1 up to
+                 four, 0.2 beyond (the 9.4M-parameter model memorises a 1 MB text after ~3 passes)
+
+The budget enters through the number of passes: minutes x the speed this rule assumes for the device
+(TOKENS_PER_S) / training tokens. Everything it picks can still be set on the command line.
+"""
+
+from __future__ import annotations
+
+from .config import Config, preset
+
+NAME = "auto"
+TRUNK = "tiny_10m"
+BYTES_PER_VOCAB_ENTRY = 1000
+VOCAB_RANGE = (512, 8192)
+# tokens/s of the tiny_10m trunk at 8 x 256 (README "Measured": 1,480 on the 2-core CPU; a GPU is far faster)
+TOKENS_PER_S = {"cpu": 1500, "mps": 5000, "cuda": 100_000}
+DEFAULTS = dict(batch_size=8, seq_len=256, learning_rate=2e-3, warmup_steps=100, steps=5000)
+DROPOUT_BY_PASSES = ((1.0, 0.0), (4.0, 0.1), (float("inf"), 0.2))  # (passes up to, dropout)
+
+
+def vocab_size(train_bytes: int) -> int:
+    """The vocabulary for `train_bytes` of training text: the power of two nearest to
+    train_bytes / BYTES_PER_VOCAB_ENTRY, within VOCAB_RANGE."""
+    lo, hi = VOCAB_RANGE
+    target = max(1, train_bytes) / BYTES_PER_VOCAB_ENTRY
+    v = lo
+    while v < hi and v * 1.5 < target:  # the geometric midpoint between v and 2v is ~1.41 v
+        v *= 2
+    return v
+
+
+def model_config(vocab: int) -> Config:
+    return preset(TRUNK, vocab_size=vocab)
+
+
+def dropout(train_tokens: int, minutes: float | None, device_type: str) -> float:
+    """Dropout from the passes over the training tokens that `minutes` allow (no budget: the default
+    step count's)."""
+    tokens = (minutes * 60 * TOKENS_PER_S.get(device_type, TOKENS_PER_S["cpu"]) if minutes
+              else DEFAULTS["steps"] * DEFAULTS["batch_size"] * DEFAULTS["seq_len"])
+    passes = tokens / max(1, train_tokens)
+    return next(p for limit, p in DROPOUT_BY_PASSES if passes <= limit)
+
+
+def training_defaults(train_tokens: int, minutes: float | None, device_type: str) -> dict:
+    return {**DEFAULTS, "dropout": dropout(train_tokens, minutes, device_type)}

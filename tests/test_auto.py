@@ -1,0 +1,43 @@
+"""--config auto: the rule, and a fresh run that uses it by default."""
+
+import json
+
+from sakimi_next import auto
+from sakimi_next import checkpoint as ckpt
+from sakimi_next.cli import main
+from sakimi_next.data import load_meta
+
+
+def test_vocab_follows_the_text_size():
+    assert [auto.vocab_size(n) for n in (0, 420_000, 903_453, 2_300_000, 5_000_000, 10**9)] == \
+        [512, 512, 1024, 2048, 4096, 8192]
+
+
+def test_dropout_follows_the_passes_the_budget_allows():
+    cpu = auto.TOKENS_PER_S["cpu"]
+    assert auto.dropout(10 * 60 * cpu, 10, "cpu") == 0.0  # one pass
+    assert auto.dropout(10 * 60 * cpu // 3, 10, "cpu") == 0.1  # three
+    assert auto.dropout(10 * 60 * cpu // 6, 10, "cpu") == 0.2  # six
+    assert auto.dropout(100_000_000, None, "cpu") == 0.0  # no budget: the default steps, under one pass
+    assert auto.training_defaults(1000, 1, "cpu")["learning_rate"] == 2e-3
+
+
+def test_default_run_is_auto(tmp_path, capsys):
+    data = tmp_path / "data"
+    assert main(["--mode", "prepare_data", "--out-dir", str(data)]) == 0
+    assert "a vocabulary of 512" in capsys.readouterr().out
+    assert load_meta(data)["vocab_size"] == 512
+    run = tmp_path / "run"
+    args = ["--mode", "train", "--data-dir", str(data), "--out-dir", str(run), "--steps", "1", "--batch-size", "2",
+            "--seq-len", "32", "--eval-batches", "1", "--device", "cpu"]
+    assert main(args) == 0
+    assert "--config auto: tiny_10m's trunk with vocab 512" in capsys.readouterr().out
+    latest = ckpt.find_latest(run)
+    config = json.loads((latest / "config.json").read_text())
+    state = json.loads((latest / ckpt.STATE_FILE).read_text())
+    assert (config["vocab_size"], config["hidden_size"], config["num_hidden_layers"]) == (512, 256, 8)
+    assert state["preset"] == "auto" and state["args"]["dropout"] == 0.2 and state["args"]["learning_rate"] == 2e-3
+    # the command line still wins
+    assert main([*args, "--out-dir", str(tmp_path / "run2"), "--dropout", "0"]) == 0
+    state = json.loads((ckpt.find_latest(tmp_path / "run2") / ckpt.STATE_FILE).read_text())
+    assert state["args"]["dropout"] == 0.0
