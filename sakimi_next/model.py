@@ -541,7 +541,10 @@ class Qwen3NextForCausalLM(nn.Module):
 
             out.aux_loss = load_balancing_loss(ctx.router_logits, self.config, ctx.pad_mask)
         if targets is not None:
-            out.loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+            # the mean over counted targets; a window with none (chat data: all prompt) adds 0, not NaN
+            counted = (targets != -100).sum().clamp(min=1)
+            out.loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
+                                       reduction="sum") / counted
             if out.aux_loss is not None:
                 out.loss = out.loss + self.config.router_aux_loss_coef * out.aux_loss
             if out.mtp_loss is not None:
