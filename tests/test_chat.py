@@ -358,3 +358,18 @@ def test_generate_chat_bad_flags(checkpoint, capsys, flags, reason):
     ckpt, _ = checkpoint
     assert main(["--mode", "generate", "--resume-from", str(ckpt), *flags]) == 2
     assert reason in capsys.readouterr().err
+
+
+def test_a_window_with_no_counted_target_adds_zero_not_nan():
+    """Chat data: a training window can hold only prompt tokens; its loss is 0 (no gradient), never NaN."""
+    torch.manual_seed(0)
+    model = Qwen3NextForCausalLM(small_config())
+    x = torch.randint(0, 160, (2, 16))
+    out = model(x, torch.full_like(x, -100))
+    assert out.loss.item() == 0.0
+    out.loss.backward()
+    assert all(p.grad is None or torch.count_nonzero(p.grad) == 0 for p in model.parameters())
+    y = x.roll(-1, 1)
+    y[0] = -100  # half counted: the mean over the counted targets alone
+    ref = torch.nn.functional.cross_entropy(model(x).logits[1].float(), y[1])
+    assert torch.allclose(model(x, y).loss, ref, atol=1e-6)
