@@ -25,10 +25,11 @@ from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..generate import SamplingSettings
-from ..tokenizer import IM_END, IM_START
+from ..chat import check_messages, render
+from ..tokenizer import IM_END
+from ..util import UserError
 from .engine import Engine, EngineStopped, Event, QueueFull, Request
 
-ROLES = ("system", "user", "assistant")
 
 
 @dataclass(frozen=True)
@@ -84,13 +85,6 @@ class CompletionBody(_Common):
     prompt: str | list[str] | list[int]
     echo: bool = False
     logprobs: int | None = None
-
-
-def render_chatml(messages: list[Message]) -> str:
-    """ChatML, with the generation prompt of the assistant's turn."""
-    # TODO(lead): use D's chat.render
-    turns = "".join(f"{IM_START}{m.role}\n{text_of(m)}{IM_END}\n" for m in messages)
-    return turns + f"{IM_START}assistant\n"
 
 
 def text_of(m: Message) -> str:
@@ -172,12 +166,12 @@ class Completions:
         self.text_stop_ids = frozenset({self.tokenizer.eot_id})
 
     def chat_prompt(self, body: ChatBody) -> list[int]:
-        if not body.messages:
-            raise ApiError(400, "messages must not be empty", param="messages")
-        for m in body.messages:
-            if m.role not in ROLES:
-                raise ApiError(400, f"unknown role {m.role!r}: use one of {', '.join(ROLES)}", param="messages")
-        return self.tokenizer.encode(render_chatml(body.messages))
+        try:  # the library's ChatML: roles checked, reserved markers refused (they would forge turns)
+            messages = check_messages([{"role": m.role, "content": text_of(m)} for m in body.messages or []],
+                                      "the request")
+        except UserError as e:
+            raise ApiError(400, str(e), param="messages") from None
+        return self.tokenizer.encode(render(messages, add_generation_prompt=True))
 
     def completion_prompt(self, body: CompletionBody) -> list[int]:
         if body.echo or body.logprobs:
