@@ -31,7 +31,6 @@ from ..util import UserError
 from .engine import Engine, EngineStopped, Event, QueueFull, Request
 
 
-
 @dataclass(frozen=True)
 class ServerSettings:
     model_name: str
