@@ -1,4 +1,4 @@
-"""The chat format (ChatML), chat data for fine-tuning, and a multi-turn chat that keeps its cache.
+"""The chat format (ChatML), reading conversations for fine-tuning, and a multi-turn chat that keeps its cache.
 
     <|im_start|>system\\n{content}<|im_end|>\\n          (optional, first)
     <|im_start|>user\\n{content}<|im_end|>\\n
@@ -21,15 +21,13 @@ the assistant replies and their `<|im_end|>`.
 from __future__ import annotations
 
 import json
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-from .tokenizer import CHAT_TEMPLATE, EOT, IM_END, IM_START, Tokenizer  # noqa: F401 (CHAT_TEMPLATE: the Jinja twin of render)
-from .util import UserError, atomic_write_bytes, atomic_write_text
+from .tokenizer import EOT, IM_END, IM_START, Tokenizer
+from .util import UserError
 
 ROLES = ("system", "user", "assistant")
 RESERVED = (IM_START, IM_END, EOT)
@@ -62,7 +60,7 @@ def check_messages(messages, where: str = "the conversation", need_assistant: bo
 
 
 def render(messages: list[dict], add_generation_prompt: bool = False) -> str:
-    """The conversation as ChatML text (what `CHAT_TEMPLATE` renders)."""
+    """The conversation as ChatML text (what `tokenizer.CHAT_TEMPLATE` renders)."""
     text = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
     return text + (GENERATION_PROMPT if add_generation_prompt else "")
 

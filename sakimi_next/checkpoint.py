@@ -40,7 +40,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from .config import Config, ConfigError
-from .tokenizer import write_tokenizer_config
+from .tokenizer import Tokenizer, write_tokenizer_config
 from .util import (UserError, fsync_dir, inside, is_int, is_sha256, json_field, json_object, publish_dir,
                    read_json_file, recover_dir, sha256_file)
 
@@ -368,3 +368,14 @@ def restore_rng(ckpt: Path, state: dict) -> None:
             random.setstate((p[0], tuple(p[1]), p[2]))
     except (TypeError, ValueError, IndexError, KeyError) as e:
         raise UserError(f"{ckpt / STATE_FILE}: field 'rng' is not a valid random-number state ({e})") from None
+
+
+def load_model_files(c: Path) -> tuple[Config, dict, dict[str, torch.Tensor], Tokenizer]:
+    """(config, trainer state, weights, tokenizer) of checkpoint `c`, the tokenizer checked with the model."""
+    if not (c / TOKENIZER_FILE).is_file():
+        raise UserError(f"checkpoint {c} has no {TOKENIZER_FILE}; it cannot encode or decode text")
+    config, state = load_config(c), read_state(c)
+    tensors = load_tensors(c / MODEL_FILE)
+    tokenizer = Tokenizer.load(c / TOKENIZER_FILE)
+    check_tokenizer(config, tokenizer, state.get("tokenizer_sha256"), c)
+    return config, state, tensors, tokenizer

@@ -359,16 +359,16 @@ def load_source(path: str | Path) -> Source:
     p = Path(path)
     if interop.is_hf_dir(p) and not ckpt.is_checkpoint(p):
         config, tensors, tok_file = interop.load_hf_config(p), interop.load_hf_tensors(p), p / "tokenizer.json"
-        name, trained_sha256 = p.name, interop.export_record(p).get("tokenizer_sha256")
+        name, trained_sha256, tokenizer = p.name, interop.export_record(p).get("tokenizer_sha256"), None
     else:
         src = ckpt.resolve_checkpoint(p)
-        config, tensors, tok_file = ckpt.load_config(src), ckpt.load_tensors(src / ckpt.MODEL_FILE), src / ckpt.TOKENIZER_FILE
-        state = ckpt.read_state(src)
-        name, trained_sha256 = state.get("preset") or src.parent.name, state.get("tokenizer_sha256")
-    if not tok_file.is_file():
-        raise UserError(f"{p} has no {tok_file.name} to export")
-    tokenizer = Tokenizer.load(tok_file)
-    ckpt.check_tokenizer(config, tokenizer, trained_sha256, p)
+        config, state, tensors, tokenizer = ckpt.load_model_files(src)
+        name = state.get("preset") or src.parent.name
+    if tokenizer is None:
+        if not tok_file.is_file():
+            raise UserError(f"{p} has no {tok_file.name} to export")
+        tokenizer = Tokenizer.load(tok_file)
+        ckpt.check_tokenizer(config, tokenizer, trained_sha256, p)
     return Source(config, tensors, json.loads(tokenizer._json), tokenizer.eot_id, tokenizer.pad_id, name)
 
 

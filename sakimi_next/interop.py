@@ -290,18 +290,10 @@ def _metrics_until(metrics_file: Path, step: int) -> list[dict]:
 def export(ckpt_path: str | Path, out_dir: str | Path, shard_bytes: int = 2 * 1024**3) -> Path:
     """Write a transformers model directory from a training checkpoint. Built in a temporary directory
     beside `out_dir` and swapped into place; `out_dir` may only hold an earlier export."""
-    from .tokenizer import Tokenizer
-
     src = ckpt.resolve_checkpoint(ckpt_path)
     out = Path(out_dir)
     _check_out_dir(out, src)
-    if not (src / ckpt.TOKENIZER_FILE).is_file():
-        raise UserError(f"checkpoint {src} has no {ckpt.TOKENIZER_FILE} to export")
-    config = ckpt.load_config(src)
-    state = ckpt.read_state(src)
-    tensors = ckpt.load_tensors(src / ckpt.MODEL_FILE)
-    tokenizer = Tokenizer.load(src / ckpt.TOKENIZER_FILE)
-    ckpt.check_tokenizer(config, tokenizer, state.get("tokenizer_sha256"), src)
+    config, state, tensors, tokenizer = ckpt.load_model_files(src)
     metrics = _metrics_until(src.parent / "metrics.jsonl", state["step"])
     try:
         with publish_dir(out) as tmp:

@@ -46,7 +46,6 @@ def load_for_inference(path: str | Path, device: str = "auto", kernel: str = "au
     """A model ready to generate or evaluate, from a training checkpoint or a Hugging Face directory.
     Returns (model in eval mode on the device, tokenizer, info dict)."""
     from .model import Qwen3NextForCausalLM
-    from .tokenizer import Tokenizer
     from .util import resolve_device
 
     p = Path(path)
@@ -54,14 +53,7 @@ def load_for_inference(path: str | Path, device: str = "auto", kernel: str = "au
         raise UserError(f"checkpoint not found: {p}")
     info: dict = {"source": str(p)}
     if is_ours(p):
-        c = ckpt.resolve_checkpoint(p)
-        if not (c / ckpt.TOKENIZER_FILE).is_file():
-            raise UserError(f"checkpoint {c} has no {ckpt.TOKENIZER_FILE}; it cannot encode or decode text")
-        config = ckpt.load_config(c)
-        state = ckpt.read_state(c)
-        tensors = ckpt.load_tensors(c / ckpt.MODEL_FILE)
-        tokenizer = Tokenizer.load(c / ckpt.TOKENIZER_FILE)
-        ckpt.check_tokenizer(config, tokenizer, state.get("tokenizer_sha256"), c)
+        config, state, tensors, tokenizer = ckpt.load_model_files(ckpt.resolve_checkpoint(p))
         info.update(kind="checkpoint", step=state.get("step"), preset=state.get("preset"),
                     seq_len=(state.get("args") or {}).get("seq_len"))
     else:
