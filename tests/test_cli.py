@@ -42,3 +42,11 @@ def test_bad_sizes_exit_2():
         r = run_cli("--config", "tiny_5m", "--mode", "test", *args)
         assert r.returncode == 2, (args, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error: ")
+
+
+def test_kernel_choices_are_the_kernels():
+    """The parser lists the kernels without importing torch; the list must be kernels.KERNELS."""
+    from sakimi_next.commands.common import KERNELS
+    from sakimi_next.kernels import KERNELS as LIBRARY_KERNELS
+
+    assert KERNELS == LIBRARY_KERNELS

@@ -16,8 +16,6 @@ from ..util import UserError
 KERNELS = ("auto", "chunk", "recurrent", "fla")  # kernels.KERNELS, without importing torch to parse
 
 
-
-
 # ------------------------------------------------------------------------------------------ checks
 def _range_text(lo, hi, lo_open: bool, hi_open: bool) -> str:
     if lo is not None and hi is not None:
@@ -90,14 +88,6 @@ def writable_dir(flag: str, path: str | Path) -> Path:
     return path
 
 
-def existing_path(flag: str, path: str | None) -> Path | None:
-    if path is None:
-        return None
-    if not Path(path).exists():
-        raise UserError(f"{flag} {path} does not exist")
-    return Path(path)
-
-
 # ------------------------------------------------------------------------------------- flag groups
 def add_preset(p, help_text: str | None = None) -> None:
     p.add_argument("--config", default=None,
@@ -122,7 +112,8 @@ def add_checkpoint(p, help_text: str) -> None:
 
 
 def kernel_name(args) -> str:
-    """--kernel, or `recurrent` with --disable-fast-kernels (bench has no --kernel: chunk)."""
+    """--kernel, or `recurrent` with --disable-fast-kernels (bench has no --kernel: chunk). What the
+    choice means on a device is decided in one place, kernels.resolve_kernel."""
     return "recurrent" if args.disable_fast_kernels else getattr(args, "kernel", "chunk")
 
 
