@@ -607,7 +607,10 @@ class TrainingRun:
     def time_up(self, stop: "_StopRequest") -> bool:
         """--max-minutes reached; under torchrun every rank takes the same decision (and signal), or the
         others would wait forever."""
-        time_up = bool(self.s.max_minutes and (time.perf_counter() - self.t_start) / 60 >= self.s.max_minutes)
+        # a budgeted run follows its plan (so that a resumed run is the uninterrupted one); without a plan,
+        # --max-minutes cuts the run short
+        time_up = bool(self.s.max_minutes and self.plan is None
+                       and (time.perf_counter() - self.t_start) / 60 >= self.s.max_minutes)
         if self.ddp.enabled:
             flags = torch.tensor([stop.signal or 0, int(time_up)], device=self.ddp.device)
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
