@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 from .config import Config
+from .tokenizer import CHAT_TEMPLATE, IM_END
 from .util import UserError, fsync_dir, umask
 
 WEIGHT_TYPES = ("f32", "f16", "q8_0")
@@ -337,6 +338,10 @@ def write_tokenizer(writer, tokenizer_json: dict, vocab_size: int, eot_id: int, 
     writer.add_pad_token_id(pad_id)
     writer.add_add_bos_token(False)
     writer.add_add_eos_token(False)
+    writer.add_chat_template(CHAT_TEMPLATE)  # ChatML, as in tokenizer_config.json
+    im_end = next((i for i, t in enumerate(tokens) if t == IM_END), None)
+    if im_end is not None:
+        writer.add_eot_token_id(im_end)  # a chat turn ends there
 
 
 # ------------------------------------------------------------------------------------------ export

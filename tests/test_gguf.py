@@ -63,7 +63,9 @@ def tokenizer(tmp_path_factory):
 
 
 def trained_on_text(config, tokenizer, steps: int = 30, seed: int = 0) -> Qwen3NextForCausalLM:
-    """A model trained for `steps` AdamW steps on windows of the docs and the Chinese text."""
+    """A model trained for `steps` AdamW steps on windows of the docs and the Chinese text. (So little
+    training leaves its greedy continuations repetitive; `test_next_token_choices_on_text` compares
+    the choices at every position of a real text as well.)"""
     torch.manual_seed(seed)
     model = Qwen3NextForCausalLM(config)
     ids = torch.tensor(tokenizer.encode("\n\n".join(_builtin_topics()[:12]) + chinese_text(300, seed=1)))
@@ -125,6 +127,19 @@ def test_tokenization_matches(exported, tokenizer, name):
     assert llm.detokenize(ours, special=True) == text.encode("utf-8")
 
 
+def test_chat_template_and_turn_end_reach_llama_cpp(exported, tokenizer):
+    """The ChatML template of tokenizer_config.json, and <|im_end|> as the end of a turn."""
+    from sakimi_next.chat import render
+    from sakimi_next.tokenizer import CHAT_TEMPLATE, IM_END
+
+    llm = llama(exported["dense"][1]["f32"])
+    assert llm.metadata["tokenizer.chat_template"] == CHAT_TEMPLATE
+    assert int(llm.metadata["tokenizer.ggml.eot_token_id"]) == tokenizer.token_to_id(IM_END)
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "你好, what is a list?"}]
+    text = render(msgs, add_generation_prompt=True)
+    assert llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) == tokenizer.encode(text)
+
+
 # ---------------------------------------------------------------------------------------- numerics
 @pytest.mark.parametrize("kind", ["dense", "moe"])
 def test_logits_match_f32(exported, tokenizer, kind):
@@ -159,6 +174,19 @@ def test_greedy_agrees_q8_0(exported, tokenizer, kind):
         total += len(ours)
     print(f"{kind} q8_0: {same}/{total} greedy tokens agree")
     assert same / total >= 0.9, f"{same}/{total}"
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_next_token_choices_on_text(exported, tokenizer, kind):
+    """The argmax at every position of a real text (English and Chinese): all equal in f32, >= 90% in q8_0."""
+    model, files = exported[kind]
+    ids = tokenizer.encode(TEXTS["english"] + TEXTS["chinese"])[:256]
+    with torch.no_grad():
+        ours = model(torch.tensor([ids])).logits[0].numpy().argmax(-1)
+    assert (llama_logits(llama(files["f32"]), ids).argmax(-1) == ours).all()
+    agree = (llama_logits(llama(files["q8_0"]), ids).argmax(-1) == ours).mean()
+    print(f"{kind} q8_0: {agree:.1%} of next-token choices agree, {len(set(ours.tolist()))} distinct")
+    assert agree >= 0.9
 
 
 @pytest.mark.parametrize("kind", ["dense", "moe"])
