@@ -238,6 +238,8 @@ class MetricsLog:
                     r = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # a line cut short by a crash
+                if not isinstance(r, dict) or not isinstance(r.get("step", 0), int):
+                    continue  # not a record of ours: left out, never a traceback
                 if r.get("step", 0) <= resume_step:
                     self.records.append(r)
         self._rewrite()
