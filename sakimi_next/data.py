@@ -761,6 +761,78 @@ def _tokenizer_for(tok_path: Path, old: dict | None, fingerprint: dict, rebuild:
     return tok, fingerprint
 
 
+def _check_settings(doc_split: str, encoding_errors: str, val_data, val_fraction: float) -> None:
+    if doc_split not in DOC_SPLITS:
+        raise UserError(f"--doc-split {doc_split!r} is not one of: {', '.join(DOC_SPLITS)}")
+    if encoding_errors not in ("strict", "replace"):
+        raise UserError(f"--encoding-errors {encoding_errors!r} must be strict or replace")
+    if not val_data and not 0.0 < val_fraction < 1.0:
+        raise UserError(f"--val-fraction ({val_fraction}) must be between 0 and 1; or give --val-data")
+
+
+def _training_sources(train_data: list[str] | None) -> list[Source]:
+    if train_data:
+        return resolve_sources(train_data, "train")
+    source = builtin_source()
+    say(f"training data: the embedded CPython documentation, {source.name}, {source.size:,} bytes "
+        "(pass --train-data to use your own text)")
+    return [source]
+
+
+def _hold_out(sources, scan: Scan, n_train_docs: int, doc_split: str, errors: str, val_fraction: float,
+              seed: int, meta: dict) -> tuple[np.ndarray | None, list[int] | None]:
+    """What validation holds out when no --val-data is given: whole documents (a mask over them), or, for a
+    corpus that is one document, contiguous stretches (cuts, also listed in meta.json)."""
+    if n_train_docs == 1:
+        val_cuts = _single_document_cuts(sources, scan, doc_split, errors, val_fraction, seed)
+        meta["val_stretches"] = [val_cuts[i:i + 2] for i in range(0, len(val_cuts), 2)]
+        held = sum(b - a for a, b in meta["val_stretches"])
+        say(f"validation: {len(val_cuts) // 2} stretches of the text, {held:,} of {sum(scan.chars):,} characters, "
+            f"held out at line boundaries (--val-fraction {val_fraction}, --seed {seed})")
+        return None, val_cuts
+    val_mask = choose_val_docs(n_train_docs, val_fraction, seed)
+    say(f"validation: {int(val_mask.sum()):,} of {n_train_docs:,} documents held out "
+        f"(--val-fraction {val_fraction}, --seed {seed})")
+    return val_mask, None
+
+
+def _write_prepared(out_dir: Path, tok_path: Path, tok: Tokenizer, meta: dict, pieces, n_bytes: int):
+    """Encode `pieces` into train.bin/val.bin and write meta.json (and a new tokenizer) into a directory
+    built beside `out_dir` and swapped in at the end. Returns (the split writers, MB/s of encoding)."""
+    dtype = token_dtype(tok.vocab_size)
+    tok_is_new = tok.path is None or tok.path.resolve() != tok_path.resolve()
+    tok_inside = tok_path.resolve().is_relative_to(out_dir.resolve())
+    with publish_dir(out_dir) as tmp:
+        written = {"train.bin", "val.bin", "meta.json"}
+        if tok_is_new and tok_inside:
+            written.add(tok_path.resolve().relative_to(out_dir.resolve()).parts[0])
+        carry_over(out_dir, tmp, skip=written)
+        writers = {}
+        try:
+            for split in ("train", "val"):
+                writers[split] = _SplitWriter(tmp, split, dtype)
+            t1 = time.perf_counter()
+            encode_to_files(pieces, tok, writers, n_bytes)
+            mb_s = n_bytes / 1e6 / max(time.perf_counter() - t1, 1e-9)
+            for w in writers.values():
+                w.commit()
+        finally:
+            for w in writers.values():
+                if not w.f.closed:
+                    w.discard()
+        meta.update({"vocab_size": tok.vocab_size, "dtype": dtype.name, "eot_id": tok.eot_id,
+                     "pad_id": tok.pad_id, "tokenizer_sha256": tok.sha256,
+                     "splits": {name: w.describe() for name, w in writers.items()}})
+        order = ("format", "vocab_size", "dtype", "eot_id", "pad_id", "tokenizer", "tokenizer_sha256", "splits",
+                 "val_stretches", "sources", "settings", "tokenizer_training")
+        (tmp / "meta.json").write_text(json.dumps({k: meta[k] for k in order if k in meta}, indent=2,
+                                                  ensure_ascii=False) + "\n", encoding="utf-8")
+        if tok_is_new:  # a tokenizer outside the directory is written last, just before the swap
+            tok.save(tmp / tok_path.resolve().relative_to(out_dir.resolve()) if tok_inside else tok_path)
+            tok.path = tok_path
+    return writers, mb_s
+
+
 def prepare_data(train_data: list[str] | None, val_data: list[str] | None, out_dir=DEFAULT_OUT_DIR,
                  tokenizer_path=None, vocab_size: int | None = None, val_fraction: float = 0.1,
                  doc_split: str = "auto", encoding_errors: str = "strict", rebuild_tokenizer: bool = False,
@@ -774,8 +846,9 @@ def prepare_data(train_data: list[str] | None, val_data: list[str] | None, out_d
     The tokenizer at `tokenizer_path` (default out_dir/tokenizer.json) is trained when missing, when
     `rebuild_tokenizer`, or when this directory's previous run trained it from different training data
     or settings; a tokenizer from elsewhere is used as it is. `chat`: the data are conversations (see
-    prepare_chat_data); None: when a source is a JSONL file of {"messages": [...]} records. `auto_vocab` (--config auto): without
-    `vocab_size`, the vocabulary follows the size of the training text (see auto.py), and so does `config`.
+    prepare_chat_data); None: when a source is a JSONL file of {"messages": [...]} records. `auto_vocab`
+    (--config auto): without `vocab_size`, the vocabulary follows the size of the training text (see
+    auto.py), and so does `config`.
     """
     from . import auto
     from .config import RECOMMENDED_PRESET, preset
@@ -784,12 +857,7 @@ def prepare_data(train_data: list[str] | None, val_data: list[str] | None, out_d
     config = config if config is not None else preset(RECOMMENDED_PRESET)
     vocab_explicit = vocab_size is not None
     vocab_size = vocab_size if vocab_explicit else config.vocab_size
-    if doc_split not in DOC_SPLITS:
-        raise UserError(f"--doc-split {doc_split!r} is not one of: {', '.join(DOC_SPLITS)}")
-    if encoding_errors not in ("strict", "replace"):
-        raise UserError(f"--encoding-errors {encoding_errors!r} must be strict or replace")
-    if not val_data and not 0.0 < val_fraction < 1.0:
-        raise UserError(f"--val-fraction ({val_fraction}) must be between 0 and 1; or give --val-data")
+    _check_settings(doc_split, encoding_errors, val_data, val_fraction)
     if auto_vocab:
         config = auto.model_config(vocab_size or config.vocab_size)
     if vocab_explicit and vocab_size > config.vocab_size and not allow_vocab_mismatch:
@@ -801,12 +869,7 @@ def prepare_data(train_data: list[str] | None, val_data: list[str] | None, out_d
         raise UserError(f"{tok_path} is not a tokenizer.json but a directory")
 
     # 1. the sources, hashed
-    if train_data:
-        sources = resolve_sources(train_data, "train")
-    else:
-        sources = [builtin_source()]
-        say(f"training data: the embedded CPython documentation, {sources[0].name}, {sources[0].size:,} bytes "
-            "(pass --train-data to use your own text)")
+    sources = _training_sources(train_data)
     if auto_vocab and not vocab_explicit:
         train_bytes = sum(s.size for s in sources)
         vocab_size = auto.vocab_size(train_bytes)
@@ -839,23 +902,12 @@ def prepare_data(train_data: list[str] | None, val_data: list[str] | None, out_d
         raise UserError("the training data has no text (only whitespace)")
     if val_data and sum(n for s, n in zip(sources, scan.docs) if s.role == "val") == 0:
         raise UserError("the validation data has no text (only whitespace)")
-    val_mask, val_cuts = None, None
-    if not val_data and n_train_docs == 1:
-        val_cuts = _single_document_cuts(sources, scan, doc_split, encoding_errors, val_fraction, seed)
-        meta["val_stretches"] = [val_cuts[i:i + 2] for i in range(0, len(val_cuts), 2)]
-    elif not val_data:
-        val_mask = choose_val_docs(n_train_docs, val_fraction, seed)
     rows = [(s.name, f"{s.size:,}", s.role, s.doc_split, f"{n:,}") for s, n in zip(sources, scan.docs)]
     if len(rows) > 12:
         rows = rows[:10] + [(f"... and {len(rows) - 10} more", "", "", "", f"{sum(scan.docs[10:]):,}")]
     say(format_table(rows, ("source", "bytes", "role", "document =", "documents")))
-    if val_mask is not None:
-        say(f"validation: {int(val_mask.sum()):,} of {n_train_docs:,} documents held out "
-            f"(--val-fraction {val_fraction}, --seed {seed})")
-    if val_cuts is not None:
-        held = sum(b - a for a, b in meta["val_stretches"])
-        say(f"validation: {len(val_cuts) // 2} stretches of the text, {held:,} of {sum(scan.chars):,} characters, "
-            f"held out at line boundaries (--val-fraction {val_fraction}, --seed {seed})")
+    val_mask, val_cuts = (None, None) if val_data else _hold_out(sources, scan, n_train_docs, doc_split,
+                                                                 encoding_errors, val_fraction, seed, meta)
 
     def pieces():
         return _tagged_pieces(sources, doc_split, encoding_errors, val_mask, scan, val_cuts)
@@ -878,38 +930,10 @@ def prepare_data(train_data: list[str] | None, val_data: list[str] | None, out_d
         check_vocab(config, tok, allow_vocab_mismatch)
 
         # 5. the new directory built beside the old one, which stays complete until the swap
-        dtype = token_dtype(tok.vocab_size)
-        tok_is_new = tok.path is None or tok.path.resolve() != tok_path.resolve()
-        tok_inside = tok_path.resolve().is_relative_to(out_dir.resolve())
-        with publish_dir(out_dir) as tmp:
-            written = {"train.bin", "val.bin", "meta.json"}
-            if tok_is_new and tok_inside:
-                written.add(tok_path.resolve().relative_to(out_dir.resolve()).parts[0])
-            carry_over(out_dir, tmp, skip=written)
-            writers = {}
-            try:
-                for split in ("train", "val"):
-                    writers[split] = _SplitWriter(tmp, split, dtype)
-                t1 = time.perf_counter()
-                encode_to_files(pieces(), tok, writers, sum(scan.bytes))
-                mb_s = sum(scan.bytes) / 1e6 / max(time.perf_counter() - t1, 1e-9)
-                for w in writers.values():
-                    w.commit()
-            finally:
-                for w in writers.values():
-                    if not w.f.closed:
-                        w.discard()
-            meta.update({"vocab_size": tok.vocab_size, "dtype": dtype.name, "eot_id": tok.eot_id,
-                         "pad_id": tok.pad_id, "tokenizer_sha256": tok.sha256, "tokenizer_training": fingerprint,
-                         "splits": {name: w.describe() for name, w in writers.items()}})
-            order = ("format", "vocab_size", "dtype", "eot_id", "pad_id", "tokenizer", "tokenizer_sha256", "splits",
-                     "val_stretches", "sources", "settings", "tokenizer_training")
-            (tmp / "meta.json").write_text(json.dumps({k: meta[k] for k in order if k in meta}, indent=2,
-                                                      ensure_ascii=False) + "\n", encoding="utf-8")
-            if tok_is_new:  # a tokenizer outside the directory is written last, just before the swap
-                tok.save(tmp / tok_path.resolve().relative_to(out_dir.resolve()) if tok_inside else tok_path)
-                tok.path = tok_path
+        meta["tokenizer_training"] = fingerprint
+        writers, mb_s = _write_prepared(out_dir, tok_path, tok, meta, pieces(), sum(scan.bytes))
 
+    dtype = token_dtype(tok.vocab_size)
     rows = [(name, f"{w.documents:,}", f"{w.tokens:,}", f"{w.bytes:,}", f"{w.bytes / max(w.tokens, 1):.2f}",
              str(out_dir / w.file)) for name, w in writers.items()]
     say(format_table(rows, ("split", "documents", "tokens", "bytes", "bytes/token", "file")))
