@@ -146,38 +146,6 @@ def conversations_of(tokens: np.ndarray, eot_id: int) -> list[tuple[int, int]]:
     return list(zip(starts.tolist(), ends.tolist()))
 
 
-def assistant_loss(model, tokens: np.ndarray, mask: np.ndarray, eot_id: int, row_tokens: int = 2048) -> float:
-    """Mean cross-entropy per assistant target over every conversation of a split, each seen whole and
-    alone: whole conversations are packed into rows of up to `row_tokens` with document masking."""
-    import torch
-    import torch.nn.functional as F
-
-    from .train import document_starts, masked_targets
-
-    rows, row = [], []
-    for a, b in conversations_of(tokens, eot_id):
-        if row and row[-1][1] - row[0][0] + (b - a) > row_tokens:
-            rows.append((row[0][0], row[-1][1]))
-            row = []
-        row.append((a, b + 1))
-    if row:
-        rows.append((row[0][0], row[-1][1]))
-    total, count = 0.0, 0
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        for a, b in rows:
-            x = torch.from_numpy(np.asarray(tokens[a:b], dtype=np.int64))[None].to(model.device)
-            y = masked_targets(x[:, 1:], np.asarray(mask[a + 1:b])[None])
-            logits = model(x[:, :-1], doc_starts=document_starts(x[:, :-1], eot_id)).logits
-            total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum",
-                                     ignore_index=-100).item()
-            count += int((y != -100).sum())
-    model.train(was_training)
-    return total / max(count, 1)
-
-
-# ----------------------------------------------------------------------------------- chat session
 class ChatSession:
     """A multi-turn conversation held in one decoding cache: each turn runs only its new tokens (the end
     of the previous reply and the new user message) through the model, never the history again.

@@ -676,7 +676,7 @@ def check_vocab(config, tokenizer: Tokenizer, allow_mismatch: bool):
                             f"{config.vocab_size:,}; use a preset with a larger vocabulary, a smaller --vocab-size, "
                             "or --allow-vocab-mismatch to make the model follow the tokenizer")
         say(f"note: the model's vocab_size follows the tokenizer: {config.vocab_size:,} -> "
-            f"{tokenizer.vocab_size:,} (--allow-vocab-mismatch)")
+            f"{tokenizer.vocab_size:,}")
         config = config.replace(vocab_size=tokenizer.vocab_size)
     return config.replace(eos_token_id=tokenizer.eot_id, pad_token_id=tokenizer.pad_id)
 
@@ -858,8 +858,9 @@ def prepare_data(train_data: list[str] | None, val_data: list[str] | None, out_d
     vocab_explicit = vocab_size is not None
     vocab_size = vocab_size if vocab_explicit else config.vocab_size
     _check_settings(doc_split, encoding_errors, val_data, val_fraction)
-    if auto_vocab:
+    if auto_vocab:  # the model is sized to the tokenizer, whichever it turns out to be (a reused one too)
         config = auto.model_config(vocab_size or config.vocab_size)
+        allow_vocab_mismatch = True
     if vocab_explicit and vocab_size > config.vocab_size and not allow_vocab_mismatch:
         raise UserError(f"--vocab-size ({vocab_size:,}) is larger than the model's vocab_size ({config.vocab_size:,}); "
                         "choose a larger --config, or pass --allow-vocab-mismatch to make the model follow it")

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import torch
 import torch.nn.functional as F
 
@@ -63,3 +65,35 @@ def summarize(nats: float, tokens: int, n_bytes: int | None) -> dict:
     if n_bytes:
         out.update(bytes=n_bytes, bpb=nats / math.log(2) / n_bytes)
     return out
+
+
+def assistant_loss(model, tokens: np.ndarray, mask: np.ndarray, eot_id: int, row_tokens: int = 2048) -> float:
+    """Mean cross-entropy per assistant target over every conversation of a split, each seen whole and
+    alone: whole conversations are packed into rows of up to `row_tokens` with document masking."""
+    from .chat import conversations_of
+    from .train import document_starts, masked_targets
+
+    rows, row = [], []
+    for a, b in conversations_of(tokens, eot_id):
+        if row and row[-1][1] - row[0][0] + (b - a) > row_tokens:
+            rows.append((row[0][0], row[-1][1]))
+            row = []
+        row.append((a, b + 1))
+    if row:
+        rows.append((row[0][0], row[-1][1]))
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for a, b in rows:
+            x = torch.from_numpy(np.asarray(tokens[a:b], dtype=np.int64))[None].to(model.device)
+            y = masked_targets(x[:, 1:], np.asarray(mask[a + 1:b])[None])
+            logits = model(x[:, :-1], doc_starts=document_starts(x[:, :-1], eot_id)).logits
+            total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum",
+                                     ignore_index=-100).item()
+            count += int((y != -100).sum())
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+# ----------------------------------------------------------------------------------- chat session

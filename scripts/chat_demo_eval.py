@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from sakimi_next import chat
+from sakimi_next.evaluate import assistant_loss
 from sakimi_next.pretrained import load_for_inference
 from sakimi_next.data import load_meta, open_loss_mask, open_split
 from sakimi_next.generate import generate
@@ -67,7 +68,7 @@ def main(argv=None) -> int:
     for path in args.model:
         t0 = time.perf_counter()
         model, tokenizer, _ = load_for_inference(path, "cpu")
-        loss = chat.assistant_loss(model, val, mask, tokenizer.eot_id)
+        loss = assistant_loss(model, val, mask, tokenizer.eot_id)
         texts = replies(model, tokenizer, requests, args.max_new_tokens)
         right = {"zh": [0, 0], "en": [0, 0]}
         for r, text in zip(records, texts):

@@ -98,7 +98,7 @@ def test_budgeted_run_resumes_bit_identically(data_dir, tmp_path, monkeypatch, c
 
 @pytest.mark.parametrize("args, needle", [
     (["--max-minutes", "0.001"], "--max-minutes 0.001 is too short"),
-    (["--max-minutes", "0"], "--max-minutes (0.0) must be a positive number of minutes"),
+    (["--max-minutes", "0"], "--max-minutes (0.0) must be positive"),
     (["--max-minutes", "1", "--dropout", "1.0"], "--dropout (1.0) must be in [0, 1)"),
     (["--max-minutes", "1", "--dropout", "-0.1"], "--dropout (-0.1) must be in [0, 1)"),
 ])

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from sakimi_next import chat
+from sakimi_next.evaluate import assistant_loss
 from sakimi_next.cli import main
 from sakimi_next.data import _builtin_topics, open_loss_mask
 from sakimi_next.model import Qwen3NextForCausalLM
@@ -268,7 +269,7 @@ def test_sft_lowers_heldout_assistant_loss(tok, checkpoint, tmp_path, capsys):
     assert prepare(capsys, "--train-data", src, "--out-dir", data, "--tokenizer", ckpt / "tokenizer.json")[0] == 0
     meta = load_meta(data)
     val, val_mask = open_split(data, "val"), open_loss_mask(data, meta, "val")
-    before = chat.assistant_loss(model, val, val_mask, tok.eot_id)
+    before = assistant_loss(model, val, val_mask, tok.eot_id)
     rc = main(["--mode", "train", "--data-dir", str(data), "--init-from", str(ckpt), "--out-dir", str(tmp_path / "sft"),
                "--steps", "40", "--batch-size", "8", "--seq-len", "64", "--learning-rate", "3e-3",
                "--warmup-steps", "4", "--eval-every", "20", "--eval-batches", "2", "--print-every", "20"])
@@ -277,7 +278,7 @@ def test_sft_lowers_heldout_assistant_loss(tok, checkpoint, tmp_path, capsys):
     state = json.loads((tmp_path / "sft" / "latest" / "trainer_state.json").read_text())
     assert state["args"]["document_masking"] is True
     tuned = load_for_inference(tmp_path / "sft" / "latest", "cpu")[0]
-    after = chat.assistant_loss(tuned, val, val_mask, tok.eot_id)
+    after = assistant_loss(tuned, val, val_mask, tok.eot_id)
     assert after < before - 1.0, (before, after)
     metrics = [json.loads(x) for x in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
     evals = [m for m in metrics if "val_loss" in m]
