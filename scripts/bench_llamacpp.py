@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sakimi_next.checkpoint import load_for_inference, save_checkpoint
+from sakimi_next.checkpoint import save_checkpoint
+from sakimi_next.pretrained import load_for_inference
 from sakimi_next.config import preset
 from sakimi_next.data import _builtin_topics
 from sakimi_next.generate import compiled_decoder, decode_one_token, generate
