@@ -244,14 +244,20 @@ def run(s: GenerateSettings) -> int:
         return 0
     print(f"interactive: {info['source']} ({info['parameters']:,} parameters, {info['device']}). "
           "Type a prompt and press Enter; Ctrl-D to quit.", file=sys.stderr)
-    while True:
-        try:
-            line = input("> ")
-        except EOFError:
-            print(file=sys.stderr)
-            return 0
+    for line in _typed_lines():
         if line.strip():
             session.answer([line], echo=False)
+    return 0
+
+
+def _typed_lines():
+    """Lines typed at a `> ` prompt, until EOF (Ctrl-D)."""
+    while True:
+        try:
+            yield input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return
 
 
 def run_chat(s: GenerateSettings) -> int:
@@ -271,12 +277,7 @@ def run_chat(s: GenerateSettings) -> int:
     print(f"chat: {info['source']} ({info['parameters']:,} parameters, {info['device']}). Type a message and "
           "press Enter; /reset starts over, Ctrl-D quits.", file=sys.stderr, flush=True)
     echo = not sys.stdin.isatty()  # messages piped in are shown, so the transcript reads as a conversation
-    while True:
-        try:
-            line = input("> ")
-        except EOFError:
-            print(file=sys.stderr)
-            return 0
+    for line in _typed_lines():
         if echo:
             print(line, flush=True)
         if line.strip() == "/reset":
@@ -296,3 +297,4 @@ def run_chat(s: GenerateSettings) -> int:
         seconds = time.perf_counter() - t0
         print(f"[{n} tokens in {seconds:.2f} s, {n / max(seconds, 1e-9):.1f} tokens/s; prefilled "
               f"{session.prefilled[-1]} new tokens, {len(session.ids)} in the conversation]", file=sys.stderr, flush=True)
+    return 0
