@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,17 +56,12 @@ def settings(args: argparse.Namespace) -> ServeSettings:
     common.required("--resume-from CHECKPOINT_DIR (e.g. runs/tiny_10m/latest)", args.resume_from, "the model to serve")
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port ({args.port}) must be in 0..65535")
-    for name in ("max_concurrent", "max_tokens"):
-        if getattr(args, name) <= 0:
-            raise UserError(f"--{name.replace('_', '-')} ({getattr(args, name)}) must be positive")
-    if args.max_queue < 0:
-        raise UserError(f"--max-queue ({args.max_queue}) must be >= 0")
-    if args.max_prompt_tokens is not None and args.max_prompt_tokens <= 0:
-        raise UserError(f"--max-prompt-tokens ({args.max_prompt_tokens}) must be positive")
-    if not (math.isfinite(args.request_timeout) and args.request_timeout > 0):
-        raise UserError(f"--request-timeout ({args.request_timeout}) must be a positive number of seconds")
-    if args.threads is not None and args.threads <= 0:
-        raise UserError(f"--threads ({args.threads}) must be positive")
+    common.count("--max-concurrent", args.max_concurrent)
+    common.count("--max-tokens", args.max_tokens)
+    common.count("--max-queue", args.max_queue, minimum=0)
+    common.count("--max-prompt-tokens", args.max_prompt_tokens)
+    common.positive_float("--request-timeout", args.request_timeout)
+    common.count("--threads", args.threads)
     if args.api_key is not None and not args.api_key.strip():
         raise UserError("--api-key must not be empty")
     path = Path(args.resume_from)
