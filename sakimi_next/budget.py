@@ -79,11 +79,15 @@ def clock() -> float:
     return time.perf_counter()
 
 
-def measure(train_step: Callable[[], None], evaluate: Callable[[], object]) -> tuple[float, float, object]:
+def measure(train_step: Callable[[], None], evaluate: Callable[[], object],
+            compiled: bool = False) -> tuple[float, float, object]:
     """(seconds per step: the median of TIMED_STEPS after WARM_STEPS untimed, seconds for one
-    evaluation, what the evaluation returned). The callables must leave the model as they found it."""
+    evaluation, what the evaluation returned). The callables must leave the model as they found it.
+    `compiled`: the first evaluation compiles its own graph, so a second one is timed."""
     for _ in range(WARM_STEPS):
         train_step()
+    if compiled:
+        evaluate()
     times = []
     for _ in range(TIMED_STEPS):
         t0 = clock()

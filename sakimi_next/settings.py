@@ -50,8 +50,8 @@ class TrainSettings:
     allow_vocab_mismatch: bool = False
     device: str = "auto"
     kernel: str = "auto"
-    dtype: str = "auto"  # auto = bf16 autocast on CUDA, fp32 elsewhere
-    compile: bool = False
+    dtype: str = "auto"  # auto = bf16 autocast where the hardware has bf16 (train.native_bf16), else fp32
+    compile: bool | None = None  # None = auto: for a long enough time budget (train.use_compile)
     fsdp: bool = False
     keep_last: int = 3
     print_every: int = 10

@@ -5,6 +5,7 @@ import itertools
 import json
 
 import pytest
+import torch
 
 from sakimi_next import budget
 from sakimi_next import checkpoint as ckpt
@@ -48,6 +49,30 @@ def test_measure_on_a_fake_clock(monkeypatch):
     step_s, eval_s, result = budget.measure(lambda: calls.append("step"), lambda: "evaluated")
     assert (step_s, eval_s, result) == (1.75, 7, "evaluated")
     assert calls == ["step"] * (budget.WARM_STEPS + budget.TIMED_STEPS)
+
+
+def test_a_compiled_run_times_its_second_evaluation(monkeypatch):
+    """The first evaluation of a compiled model compiles its own graph: it is run untimed."""
+    ticks = iter([0, 1, 10, 12, 20, 21.5, 30, 33, 40, 47])
+    monkeypatch.setattr(budget, "clock", lambda: next(ticks))
+    calls = []
+    step_s, eval_s, _ = budget.measure(lambda: calls.append("step"), lambda: calls.append("eval"), compiled=True)
+    assert (step_s, eval_s) == (1.75, 7)
+    assert calls == ["step"] * budget.WARM_STEPS + ["eval"] + ["step"] * budget.TIMED_STEPS + ["eval"]
+
+
+def test_compile_is_chosen_for_long_budgets_only(monkeypatch):
+    from sakimi_next.train import COMPILE_MIN_MINUTES, use_compile
+
+    cpu, long = torch.device("cpu"), COMPILE_MIN_MINUTES
+    monkeypatch.setattr("shutil.which", lambda name: "/usr/bin/" + name)  # a compiler is at hand
+    assert use_compile(None, long, None, cpu)
+    assert not use_compile(None, long - 1, None, cpu)  # too short to pay for compiling
+    assert not use_compile(None, long, 500, cpu)  # --steps: --max-minutes only cuts the run short
+    assert not use_compile(None, None, None, cpu)
+    assert use_compile(True, None, 10, cpu) and not use_compile(False, long, None, cpu)  # the user's word wins
+    monkeypatch.setattr("shutil.which", lambda name: None)  # no C++ compiler: inductor cannot build
+    assert not use_compile(None, long, None, cpu)
 
 
 @pytest.fixture(scope="module")

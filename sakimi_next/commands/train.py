@@ -21,8 +21,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                          "run; see the README's rule), or the resumed checkpoint's")
     common.add_device(p)
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"),
-                   help="compute dtype: auto = bf16 autocast on CUDA, fp32 elsewhere")
-    p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
+                   help="compute dtype: auto = bf16 autocast where the hardware has bf16 (CUDA, CPUs with "
+                        "AVX512-BF16 or AMX), fp32 elsewhere")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile each decoder layer (default: on for a --max-minutes budget of 10 or more "
+                        "where a compiler is at hand; ~30 s once, then ~15%% faster steps on a CPU)")
     p.add_argument("--out-dir", default=None, help="run directory: checkpoints, metrics.jsonl, loss_curve.png "
                                                    "(default runs/PRESET, or the resumed checkpoint's)")
     common.add_checkpoint(p, "auto (latest valid checkpoint in --out-dir) or a checkpoint directory")
