@@ -93,12 +93,13 @@ def throughput(url: str, clients: int, requests: int, max_tokens: int, pid: int)
     for t in threads:
         t.start()
     start.wait()
-    t0, c0 = time.perf_counter(), cpu_seconds(pid)
+    t0, c0, own0 = time.perf_counter(), cpu_seconds(pid), time.process_time()
     for t in threads:
         t.join()
     seconds, cpu = time.perf_counter() - t0, cpu_seconds(pid) - c0
     return {"clients": clients, "tokens": sum(totals), "seconds": seconds, "tokens_per_s": sum(totals) / seconds,
-            "server_cpu_s": cpu, "tokens_per_cpu_s": sum(totals) / max(cpu, 1e-9)}
+            "server_cpu_s": cpu, "tokens_per_cpu_s": sum(totals) / max(cpu, 1e-9),
+            "client_cpu_s": time.process_time() - own0}
 
 
 def time_to_first_token(url: str, n: int) -> list[float]:
@@ -161,12 +162,13 @@ def main() -> int:
           f"per client, temperature {a.temperature}, top-p {a.top_p}, server threads {a.threads or 'default'}; "
           f"best of {a.repeats} interleaved runs\n")
     print("| concurrent clients | aggregate tokens/s | vs 1 client | all runs (tokens/s) "
-          "| tokens per server CPU-second | vs 1 client |")
-    print("|---:|---:|---:|---|---:|---:|")
+          "| tokens per server CPU-second | vs 1 client | server cores busy | client cores busy |")
+    print("|---:|---:|---:|---|---:|---:|---:|---:|")
     for i, r in enumerate(best):
         spread = ", ".join(f"{run[i]['tokens_per_s']:.0f}" for run in runs)
         print(f"| {r['clients']} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / base:.2f}x | {spread} "
-              f"| {cpu_best[i]:.1f} | {cpu_best[i] / cpu_base:.2f}x |")
+              f"| {cpu_best[i]:.1f} | {cpu_best[i] / cpu_base:.2f}x | {r['server_cpu_s'] / r['seconds']:.2f} "
+              f"| {r['client_cpu_s'] / r['seconds']:.2f} |")
     q = statistics.quantiles(ttft, n=20)
     print(f"\ntime to first token, idle server, {len(ttft)} short chat prompts: "
           f"p50 {statistics.median(ttft) * 1000:.0f} ms, p95 {q[18] * 1000:.0f} ms")

@@ -141,6 +141,37 @@ def test_engine_replies_equal_generate(model):
         assert ev[-1].prompt_tokens == len(p) and sum(e.last for e in ev) == 1
 
 
+def test_engine_prefills_prompts_of_one_length_together(model):
+    """Requests waiting together are prefilled in groups of one prompt length; a row finished by its
+    first token leaves the group before it joins; every reply equals `generate` alone."""
+    g = torch.Generator().manual_seed(7)
+    ps = [torch.randint(4, VOCAB, (n,), generator=g).tolist() for n in (9, 5, 9, 9, 5, 9)]
+    budgets = [6, 4, 1, 8, 7, 3]  # the third finishes with its prefill
+    greedy = SamplingSettings(temperature=0)
+    engine = Engine(model, TokenIds(), max_concurrent=8)
+    groups, prefill_group = [], engine._prefill
+    engine._prefill = lambda group: (groups.append([len(r.prompt) for r in group]), prefill_group(group))[1]
+    events: list[list[Event]] = [[] for _ in ps]
+    done = threading.Semaphore(0)
+
+    def collect(i):
+        return lambda e: (events[i].append(e), e.last and done.release())
+
+    engine._running = True  # queue everything first, so that the first loop admits it all at once
+    for i, (p, n) in enumerate(zip(ps, budgets)):
+        engine.submit(Request(p, n, greedy, collect(i)))
+    engine.start()
+    try:
+        for _ in ps:
+            assert done.acquire(timeout=120)
+    finally:
+        engine.stop()
+    assert groups == [[9, 9, 9, 9], [5, 5]]
+    for p, n, ev in zip(ps, budgets, events):
+        assert "".join(e.text for e in ev) == TokenIds().decode(generate(model, [p], n)[0])
+        assert ev[-1].completion_tokens == n and ev[-1].finish_reason == "length"
+
+
 def test_engine_seeded_sampling_is_the_same_alone_or_batched(model):
     ps = prompts(6, seed=2)
     s = SamplingSettings(temperature=1.0, top_k=0, top_p=0.9)

@@ -6,9 +6,10 @@ every row's newest token sits in the last cached column, and a row with a shorte
 padding on its left (the key mask hides it; RoPE uses each row's own position). That is the layout
 `Qwen3NextForCausalLM.decode_step` already decodes, so a step over the batch is one model call.
 
-- `BatchCache.add(cache)`: a sequence prefilled alone (a one-row cache) joins as a new row. Its
-  DeltaNet conv window and state are copied as they are; its keys and values are placed at the right
-  end, and when its history is longer than the batch's, the other rows shift right.
+- `BatchCache.add(cache)`: sequences prefilled together (an unpadded cache: prompts of one length)
+  join as new rows. Their DeltaNet conv windows and states are copied as they are; their keys and
+  values are placed at the right end, and when their history is longer than the batch's, the other
+  rows shift right.
 - `BatchCache.remove(rows)`: finished sequences leave; the left columns that only held padding are
   dropped, so the cached length follows the longest active sequence, not the server's uptime.
 
@@ -37,30 +38,31 @@ class BatchCache:
     def size(self) -> int:
         return 0 if self.cache is None else self.cache.batch_size
 
-    def add(self, single: Cache) -> None:
-        """Append the sequence held in `single` (one row, no padding, as `prefill` leaves it)."""
-        if single.batch_size != 1 or single.has_padding:
-            raise ValueError("a joining sequence must be one unpadded row")
+    def add(self, joining: Cache) -> None:
+        """Append the sequences held in `joining` (rows of one length, no padding, as a prefill of
+        equal-length prompts leaves them), in their order."""
+        if joining.has_padding:
+            raise ValueError("joining sequences must be unpadded rows")
         if self.cache is None:
-            self.cache = single
+            self.cache = joining
             return
-        old, n = self.cache, self.cache.batch_size
-        L, p = max(old.length, single.length), single.length
-        new = self.model.new_cache(n + 1, capacity=L + HEADROOM)
+        old, n, m = self.cache, self.cache.batch_size, joining.batch_size
+        L, p = max(old.length, joining.length), joining.length
+        new = self.model.new_cache(n + m, capacity=L + HEADROOM)
         new.length = L
-        shift = L - old.length  # the old rows move right when the newcomer's history is longer
+        shift = L - old.length  # the old rows move right when the newcomers' history is longer
         new.key_mask[:n, :shift] = False
         new.key_mask[:n, shift:L] = old.key_mask[:, :old.length]
-        new.key_mask[n, :L - p] = False
-        for dst, a, b in zip(new.layers, old.layers, single.layers):
+        new.key_mask[n:, :L - p] = False
+        for dst, a, b in zip(new.layers, old.layers, joining.layers):
             if isinstance(dst, AttentionCache):
                 dst.keys[:n, :, shift:L] = a.keys[:, :, :old.length]
                 dst.values[:n, :, shift:L] = a.values[:, :, :old.length]
-                dst.keys[n, :, L - p:L] = b.keys[0, :, :p]
-                dst.values[n, :, L - p:L] = b.values[0, :, :p]
+                dst.keys[n:, :, L - p:L] = b.keys[:, :, :p]
+                dst.values[n:, :, L - p:L] = b.values[:, :, :p]
             else:
                 _copy_rows(dst, a, b)
-        new.next_position = torch.cat([old.next_position, single.next_position])
+        new.next_position = torch.cat([old.next_position, joining.next_position])
         new.has_padding = not bool(new.key_mask[:, :L].all())
         self.cache = new
 

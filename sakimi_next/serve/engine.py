@@ -1,8 +1,8 @@
 """The scheduler: one background thread that owns the model and decodes every active request together.
 
 Each loop: drop the requests that were cancelled (a client went away) or ran out of time; admit
-waiting requests into free slots (each prompt is prefilled alone, its first token sampled, and its
-cache joins the batch); then one decoding step for the whole batch, a token sampled for each row with
+waiting requests into free slots (prompts of one length are prefilled together, each row's first
+token sampled, and their caches join the batch); then one decoding step for the whole batch, a token sampled for each row with
 that request's own settings and random generator, and the finished rows leave. Requests beyond
 `max_concurrent` wait in a queue of at most `max_queue`; beyond that `submit` refuses them.
 
@@ -191,8 +191,7 @@ class Engine:
                     admitted = [self._waiting.popleft()
                                 for _ in range(min(len(self._waiting), self.max_concurrent - len(self.active)))]
                 self._drop(cancelled)
-                for request in admitted:
-                    self._admit(request)
+                self._admit(admitted)
                 if self.active:
                     self._step()
         self._fail_all("the server is shutting down", "server_shutdown")
@@ -218,37 +217,62 @@ class Engine:
                                     completion_tokens=seq.generated))
         self._leave(rows)
 
-    def _admit(self, request: Request) -> None:
-        """Prefill one prompt alone, sample its first token, and let it join the batch."""
-        if request.deadline is not None and time.monotonic() > request.deadline:
-            self._emit(request, Event(error="the request timed out waiting for a free slot", code="timeout",
-                                      prompt_tokens=len(request.prompt)))
-            return
-        try:
-            seq = _Sequence(request, self.tokenizer, self.model.device)
-            cache = self.model.new_cache(1, capacity=len(request.prompt) + min(request.max_tokens, 256))
-            ids = torch.tensor([request.prompt], device=self.model.device)
-            if len(request.prompt) <= STEP_PREFILL_MAX:
-                logits = F.linear(self.model.decode_hidden(ids, cache)[:, -1], self.model.lm_head_weight)
+    def _admit(self, requests: list[Request]) -> None:
+        """Prefill the prompts that are still in time, those of one length together (requests often
+        arrive together: one batched prefill costs little more than one alone), and let them join."""
+        now, groups = time.monotonic(), {}
+        for r in requests:
+            if r.deadline is not None and now > r.deadline:
+                self._emit(r, Event(error="the request timed out waiting for a free slot", code="timeout",
+                                    prompt_tokens=len(r.prompt)))
             else:
-                logits = prefill(self.model, ids, None, cache)
-            token = int(sample(logits, request.sampling, seq.generator)[0])
-        except Exception as e:  # one bad request must not take the others down
-            log.exception("prefill failed")
-            self._emit(request, Event(error=f"internal error: {e}", code="internal_error",
-                                      prompt_tokens=len(request.prompt)))
-            return
-        if not self._accept(seq, token):
-            self.batch.add(cache)
-            self.active.append(seq)
-            self._next.append(token)
+                groups.setdefault(len(r.prompt), []).append(r)
+        for group in groups.values():
+            try:
+                seqs, cache, tokens = self._prefill(group)
+            except Exception as e:  # one bad request must not take the others down: retry them alone
+                if len(group) > 1:
+                    for r in group:
+                        self._admit([r])
+                    continue
+                log.exception("prefill failed")
+                self._emit(group[0], Event(error=f"internal error: {e}", code="internal_error",
+                                           prompt_tokens=len(group[0].prompt)))
+                continue
+            self._join(seqs, cache, tokens)
+
+    def _prefill(self, group: list[Request]) -> tuple[list[_Sequence], object, list[int]]:
+        """Prefill equal-length prompts as one batch; each row's first token, sampled with its own
+        settings. Returns (sequences, their cache, first tokens)."""
+        seqs = [_Sequence(r, self.tokenizer, self.model.device) for r in group]
+        T = len(group[0].prompt)
+        cache = self.model.new_cache(len(group), capacity=T + min(max(r.max_tokens for r in group), 256))
+        ids = torch.tensor([r.prompt for r in group], device=self.model.device)
+        if T <= STEP_PREFILL_MAX:
+            logits = F.linear(self.model.decode_hidden(ids, cache)[:, -1], self.model.lm_head_weight)
+        else:
+            logits = prefill(self.model, ids, None, cache)
+        return seqs, cache, self._sample(logits, seqs)
+
+    def _join(self, seqs: list[_Sequence], cache, tokens: list[int]) -> None:
+        """Send each prefilled sequence's first token; those not finished by it join the batch."""
+        done = [self._accept(seq, token) for seq, token in zip(seqs, tokens)]
+        joining = BatchCache(self.model)
+        joining.cache = cache
+        joining.remove([i for i, finished in enumerate(done) if finished])
+        if joining.cache is not None:
+            self.batch.add(joining.cache)
+        for seq, token, finished in zip(seqs, tokens, done):
+            if not finished:
+                self.active.append(seq)
+                self._next.append(token)
 
     def _step(self) -> None:
         """One decoding step for every active row."""
         try:
             tokens = torch.tensor(self._next, device=self.model.device)
             logits = self.decode(self.model, tokens, self.batch.cache)
-            chosen = self._sample(logits)
+            chosen = self._sample(logits, self.active)
         except Exception as e:
             log.exception("decoding step failed")
             self._fail_all(f"internal error: {e}", "internal_error")
@@ -261,19 +285,21 @@ class Engine:
                 done.append(i)
         self._leave(done)
 
-    def _sample(self, logits: torch.Tensor) -> list[int]:
-        """A token for each row: greedy rows by one argmax; the rows that share sampling settings get
-        their distributions in one call, and each draws from its own with its own generator."""
+    @staticmethod
+    def _sample(logits: torch.Tensor, seqs: list[_Sequence]) -> list[int]:
+        """A token for each row (row i is seqs[i]): greedy rows by one argmax; the rows that share
+        sampling settings get their distributions in one call, and each draws from its own with its
+        own generator."""
         chosen = logits.argmax(dim=-1).tolist()
         groups: dict[tuple, list[int]] = {}
-        for i, seq in enumerate(self.active):
+        for i, seq in enumerate(seqs):
             s = seq.request.sampling
             if not s.greedy:
                 groups.setdefault((s.temperature, s.top_k, s.top_p), []).append(i)
         for rows in groups.values():
-            probs = sampling_probs(logits[rows], self.active[rows[0]].request.sampling)
+            probs = sampling_probs(logits[rows], seqs[rows[0]].request.sampling)
             for j, i in enumerate(rows):
-                chosen[i] = int(torch.multinomial(probs[j:j + 1], 1, generator=self.active[i].generator))
+                chosen[i] = int(torch.multinomial(probs[j:j + 1], 1, generator=seqs[i].generator))
         return chosen
 
     def _accept(self, seq: _Sequence, token: int) -> bool:
