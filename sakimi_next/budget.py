@@ -54,10 +54,11 @@ def check_minutes(minutes: float) -> None:
 
 
 def plan(minutes: float, setup_s: float, step_s: float, eval_s: float, warmup_steps: int | None = None,
-         eval_every: int | None = None) -> Plan:
+         eval_every: int | None = None, max_steps: int | None = None) -> Plan:
     """The schedule that fits `minutes`: as many steps as the time left after setup and evaluations
     allows, at most MAX_EVALS evaluations taking at most EVAL_FRACTION of the budget (at least one, at
-    the end). `warmup_steps`/`eval_every`: the user's, else derived from the step count."""
+    the end). `warmup_steps`/`eval_every`: the user's, else derived from the step count. `max_steps`:
+    never more steps than this (the run then ends before its budget)."""
     check_minutes(minutes)
     left = minutes * 60 - setup_s
     if left < eval_s + step_s:
@@ -66,6 +67,8 @@ def plan(minutes: float, setup_s: float, step_s: float, eval_s: float, warmup_st
                         "give more minutes, or fewer --eval-batches")
     n_evals = max(1, min(MAX_EVALS, int(EVAL_FRACTION * left / eval_s) if eval_s > 0 else MAX_EVALS))
     steps = max(1, int((left - n_evals * eval_s) / step_s))
+    if max_steps is not None:
+        steps = min(steps, max_steps)
     if eval_every is None:
         eval_every = math.ceil(steps / n_evals)
     if warmup_steps is None:

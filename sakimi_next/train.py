@@ -738,10 +738,11 @@ def _plan(run: TrainingRun, n_params: int, kernel: str, dtype: str, meta: dict) 
 
 
 def _budget_plan(s: TrainSettings, h: Hyperparameters, state: dict | None, modules: tuple, data: tuple, meta: dict,
-                 tokenizer: Tokenizer, autocast, ddp: Distributed, t_launch: float, log) -> budget.Plan | None:
+                 tokenizer: Tokenizer, autocast, ddp: Distributed, t_launch: float, log,
+                 max_steps: int | None = None) -> budget.Plan | None:
     """The time budget's plan (see budget.py); None without a budget. A resumed budgeted run keeps its
     checkpoint's plan; a fresh one measures a few throw-away steps (the model, optimiser and random
-    generators stay as they were) and one evaluation first."""
+    generators stay as they were) and one evaluation first. `max_steps`: --config auto's cap."""
     if state and state.get("budget"):
         plan = budget.Plan.from_dict(state["budget"])
         log(plan.describe())
@@ -779,9 +780,12 @@ def _budget_plan(s: TrainSettings, h: Hyperparameters, state: dict | None, modul
         times = times.to(device)
         dist.all_reduce(times, op=dist.ReduceOp.MAX)
     step_s, eval_s, setup_s = times.tolist()
-    plan = budget.plan(s.max_minutes, setup_s, step_s, eval_s, s.hyper.warmup_steps, s.hyper.eval_every)
+    plan = budget.plan(s.max_minutes, setup_s, step_s, eval_s, s.hyper.warmup_steps, s.hyper.eval_every, max_steps)
     log(f"eval      0: val loss {ev['val_loss']:.4f}" + (f"  bpb {ev['val_bpb']:.4f}" if "val_bpb" in ev else ""))
     log(plan.describe())
+    if max_steps is not None and plan.steps == max_steps:
+        log(f"--config auto: the budget allows more than {auto.MAX_PASSES:g} passes over the training text, "
+            f"and more overfit: the run stops at {max_steps:,} steps, before its budget")
     return plan
 
 
@@ -817,8 +821,10 @@ def _train(s: TrainSettings, ddp: Distributed, prepare: Callable[[], object] | N
         ckpt.restore_rng(start.resume_path, start.state)
     dtype, autocast = _autocast(s.dtype, ddp.device)
     # with --max-minutes and no --steps, the measured speed fixes steps, warm-up and evaluation interval
+    cap = (auto.max_steps(len(train_tokens), h.batch_size * h.seq_len * h.grad_accum * ddp.world_size)
+           if start.preset == auto.NAME else None)
     plan = _budget_plan(s, h, start.state, (model, train_model, optimizer), (train_tokens, val_tokens, train_mask),
-                        meta, tokenizer, autocast, ddp, t_launch, console.log)
+                        meta, tokenizer, autocast, ddp, t_launch, console.log, cap)
     if plan is not None:
         h = replace(h, steps=plan.steps, warmup_steps=plan.warmup_steps, eval_every=plan.eval_every)
     run = TrainingRun(s, h, ddp, console, start, s.data_dir, meta, tokenizer)

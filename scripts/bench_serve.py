@@ -136,6 +136,7 @@ def main() -> int:
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--repeats", type=int, default=3, help="runs of each level, interleaved; the best is reported")
     p.add_argument("--threads", type=int, default=None, help="the server's --threads")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="the server's --dtype")
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--json", default=None, help="also write the results here")
     a = p.parse_args()
@@ -145,7 +146,8 @@ def main() -> int:
         ckpt = a.checkpoint or str(seeded_checkpoint(Path(tmp), a.preset))
         url = f"http://127.0.0.1:{a.port}"
         cmd = [sys.executable, "-m", "sakimi_next", "--mode", "serve", "--resume-from", ckpt, "--port", str(a.port),
-               "--max-concurrent", str(max(levels)), "--device", "cpu"] + (["--threads", str(a.threads)] if a.threads else [])
+               "--max-concurrent", str(max(levels)), "--device", "cpu",
+               "--dtype", a.dtype] + (["--threads", str(a.threads)] if a.threads else [])
         proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
         try:
             wait_ready(url, proc)
@@ -159,7 +161,8 @@ def main() -> int:
     cpu_best = [max(run[i]["tokens_per_cpu_s"] for run in runs) for i in range(len(levels))]
     base, cpu_base = best[0]["tokens_per_s"], cpu_best[0]
     print(f"\n{a.checkpoint or a.preset + ' (seeded)'}: {a.requests} streamed requests of {a.max_tokens} tokens "
-          f"per client, temperature {a.temperature}, top-p {a.top_p}, server threads {a.threads or 'default'}; "
+          f"per client, temperature {a.temperature}, top-p {a.top_p}, server threads {a.threads or 'default'}, "
+          f"{a.dtype}; "
           f"best of {a.repeats} interleaved runs\n")
     print("| concurrent clients | aggregate tokens/s | vs 1 client | all runs (tokens/s) "
           "| tokens per server CPU-second | vs 1 client | server cores busy | client cores busy |")

@@ -42,6 +42,13 @@ def test_plan_refuses_a_budget_too_short():
             budget.plan(bad, 0, 1.0, 1.0)
 
 
+def test_plan_stops_at_max_steps():
+    """--config auto's cap: a budget that would pass over the text too often ends early."""
+    p = budget.plan(10, setup_s=30, step_s=1.0, eval_s=5.0, max_steps=100)
+    assert (p.steps, p.eval_every, p.warmup_steps) == (100, 12, 5)
+    assert budget.plan(10, setup_s=30, step_s=1.0, eval_s=5.0, max_steps=10**6).steps == 525  # no cap reached
+
+
 def test_measure_on_a_fake_clock(monkeypatch):
     ticks = iter([0, 1, 10, 12, 20, 21.5, 30, 33, 40, 47])  # steps of 1, 2, 1.5, 3 s; an evaluation of 7 s
     monkeypatch.setattr(budget, "clock", lambda: next(ticks))

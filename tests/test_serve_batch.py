@@ -172,6 +172,26 @@ def test_engine_prefills_prompts_of_one_length_together(model):
         assert ev[-1].completion_tokens == n and ev[-1].finish_reason == "length"
 
 
+def test_engine_with_bf16_weights(model):
+    """`--mode serve --dtype bf16`: the bf16 model's decoding logits stay within bf16 rounding of the
+    float32 model's along the same tokens, and the engine serves it (the DeltaNet state stays float32)."""
+    import copy
+
+    m16 = copy.deepcopy(model).to(torch.bfloat16)
+    p = prompts(1, seed=5)[0]
+    tokens, logits32 = alone(model, p, 8)
+    with torch.inference_mode():
+        cache = m16.new_cache(1)
+        rows = [prefill(m16, torch.tensor([p]), None, cache)[0]]
+        for t in tokens[:-1]:
+            rows.append(decode_one_token(m16, torch.tensor([t]), cache)[0])
+    assert cache.layers[0].recurrent_state.dtype == torch.float32
+    logits16 = torch.stack(rows).float()
+    assert (logits16 - logits32).abs().max() < 0.05 * logits32.abs().max()
+    (ev,) = run_engine(m16, [dict(prompt=p, max_tokens=8, sampling=SamplingSettings(temperature=0))])
+    assert ev[-1].finish_reason == "length" and ev[-1].completion_tokens == 8
+
+
 def test_engine_seeded_sampling_is_the_same_alone_or_batched(model):
     ps = prompts(6, seed=2)
     s = SamplingSettings(temperature=1.0, top_k=0, top_p=0.9)
