@@ -137,6 +137,7 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3, help="runs of each level, interleaved; the best is reported")
     p.add_argument("--threads", type=int, default=None, help="the server's --threads")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="the server's --dtype")
+    p.add_argument("--compile", action="store_true", help="the server's --compile")
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--json", default=None, help="also write the results here")
     a = p.parse_args()
@@ -147,11 +148,11 @@ def main() -> int:
         url = f"http://127.0.0.1:{a.port}"
         cmd = [sys.executable, "-m", "sakimi_next", "--mode", "serve", "--resume-from", ckpt, "--port", str(a.port),
                "--max-concurrent", str(max(levels)), "--device", "cpu",
-               "--dtype", a.dtype] + (["--threads", str(a.threads)] if a.threads else [])
+               "--dtype", a.dtype] + (["--threads", str(a.threads)] if a.threads else []) + (["--compile"] if a.compile else [])
         proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
         try:
             wait_ready(url, proc)
-            throughput(url, 2, 1, 8, proc.pid)  # warm-up
+            throughput(url, max(levels), 1, 8, proc.pid)  # warm-up (and, with --compile, the compiling)
             ttft = time_to_first_token(url, a.ttft_samples)
             runs = [[throughput(url, c, a.requests, a.max_tokens, proc.pid) for c in levels] for _ in range(a.repeats)]
         finally:
@@ -162,7 +163,7 @@ def main() -> int:
     base, cpu_base = best[0]["tokens_per_s"], cpu_best[0]
     print(f"\n{a.checkpoint or a.preset + ' (seeded)'}: {a.requests} streamed requests of {a.max_tokens} tokens "
           f"per client, temperature {a.temperature}, top-p {a.top_p}, server threads {a.threads or 'default'}, "
-          f"{a.dtype}; "
+          f"{a.dtype}{', compiled' if a.compile else ''}; "
           f"best of {a.repeats} interleaved runs\n")
     print("| concurrent clients | aggregate tokens/s | vs 1 client | all runs (tokens/s) "
           "| tokens per server CPU-second | vs 1 client | server cores busy | client cores busy |")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import threading
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -154,11 +155,43 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
     return app
 
 
+class Mailbox:
+    """Events from the engine thread to the event loop's queues, with one wake-up of the loop for all
+    the events posted before it runs (a decoding step posts one per row): each wake-up costs both
+    threads, and the engine's Python waits for the loop's."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._items: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue, Event]] = []
+
+    def post(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, event: Event) -> None:
+        with self._lock:
+            self._items.append((loop, queue, event))
+            if len(self._items) > 1:  # a wake-up is already on its way
+                return
+        try:
+            loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:  # the loop is closed (the server is going away): nobody will read these
+            with self._lock:
+                self._items.clear()
+            raise
+
+    def _deliver(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+        for loop, queue, event in items:
+            if loop is asyncio.get_running_loop():
+                queue.put_nowait(event)
+            else:  # another loop's (tests may run servers in several threads)
+                loop.call_soon_threadsafe(queue.put_nowait, event)
+
+
 class Completions:
     """From a validated request body to the engine and back: the reply whole, or streamed as events."""
 
     def __init__(self, engine: Engine, settings: ServerSettings):
         self.engine, self.settings, self.tokenizer = engine, settings, engine.tokenizer
+        self.mailbox = Mailbox()
         self.context = engine.model.config.max_position_embeddings
         ends = (self.tokenizer.eot_id, self.tokenizer.token_to_id(IM_END))
         self.chat_stop_ids = frozenset(i for i in ends if i is not None)
@@ -247,7 +280,7 @@ class Completions:
         request = Request(
             prompt=prompt, max_tokens=min(max_tokens or limits.max_tokens, self.context - len(prompt)),
             sampling=SamplingSettings(temperature=temperature, top_k=body.top_k or 0, top_p=top_p),
-            on_event=lambda e: loop.call_soon_threadsafe(events.put_nowait, e),
+            on_event=lambda e: self.mailbox.post(loop, events, e),
             seed=body.seed, stop=stop, stop_ids=stop_ids, deadline=time.monotonic() + limits.request_timeout)
         return request, events
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..generate import DecodeFn, SamplingSettings, decode_one_token, prefill, sample, sampling_probs
+from ..generate import DecodeFn, SamplingSettings, decode_one_token, prefill, sampling_probs
 from ..text import StreamDecoder, first_stop
 from .batch import BatchCache
 
