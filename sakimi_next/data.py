@@ -793,6 +793,9 @@ def _hold_out(sources, scan: Scan, n_train_docs: int, doc_split: str, errors: st
     val_mask = choose_val_docs(n_train_docs, val_fraction, seed)
     say(f"validation: {int(val_mask.sum()):,} of {n_train_docs:,} documents held out "
         f"(--val-fraction {val_fraction}, --seed {seed})")
+    if val_mask.mean() > 2 * val_fraction:  # whole documents: with few of them, far more than asked
+        say(f"note: that is {val_mask.mean():.0%} of the documents, not {val_fraction:.0%}: with so few documents, "
+            "give --val-data, or a --doc-split that makes more of them (e.g. --doc-split line)")
     return val_mask, None
 
 

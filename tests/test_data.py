@@ -464,3 +464,15 @@ def test_larger_corpus_end_to_end(run, tmp_path):
     assert en_bpt > 3.0 and zh_bpt > 2.0, (en_bpt, zh_bpt)  # real compression on both languages
     assert run("--train-data", tmp_path / "en.txt", tmp_path / "zh.txt", "--out-dir", out,
                "--config", "tiny_5m", "--doc-split", "line")[1].count("up to date") == 1
+
+
+def test_few_whole_documents_held_out_say_how_many(run, corpus, tmp_path):
+    """Two files are two documents: one of them is held out, and the run says that this is far more
+    than --val-fraction asks, and what to do instead."""
+    half = ["--config", "tiny_5m", "--vocab-size", "300"]  # what is left to train on is small
+    rc, out, _ = run("--train-data", corpus / "en.txt", corpus / "zh.txt", "--out-dir", tmp_path / "p", *half)
+    assert rc == 0
+    assert "1 of 2 documents held out" in out
+    assert "note: that is 50% of the documents, not 10%" in out and "--doc-split line" in out
+    rc, out, _ = run("--train-data", corpus / "en.txt", "--out-dir", tmp_path / "q", *half, *PARAS)
+    assert rc == 0 and "note:" not in out  # 24 paragraphs: 2 held out, close to 10%
