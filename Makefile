@@ -41,7 +41,7 @@ chat-demo: setup
 	mkdir -p $(CHAT_DEMO)
 	head -n 1200 $(SHARED_DATA)/zh_novels/hongloumeng.txt > $(CHAT_DEMO)/hongloumeng_part.txt
 	$(BIN)/python scripts/make_translation_chats.py $(SHARED_DATA)/cmn_eng/cmn.txt --out-dir $(CHAT_DEMO)/chats
-	$(BIN)/sakimi-next --config tiny_10m --mode prepare_data --out-dir $(CHAT_DEMO)/pretrain --doc-split line \
+	$(BIN)/sakimi-next --config tiny_10m --mode prepare_data --out-dir $(CHAT_DEMO)/pretrain \
 		--train-data $(SHARED_DATA)/tinystories/tinystories_mini.txt $(CHAT_DEMO)/hongloumeng_part.txt
 	$(BIN)/sakimi-next --config tiny_10m --mode train --data-dir $(CHAT_DEMO)/pretrain --out-dir runs/chat-demo/pretrain \
 		--steps 250 --batch-size 8 --seq-len 256 --learning-rate 2e-3 --warmup-steps 25 \

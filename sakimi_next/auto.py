@@ -59,7 +59,7 @@ def dropout(train_tokens: int, minutes: float | None, device_type: str) -> float
     step count's)."""
     tokens = (minutes * 60 * TOKENS_PER_S.get(device_type, TOKENS_PER_S["cpu"]) if minutes
               else DEFAULTS["steps"] * DEFAULTS["batch_size"] * DEFAULTS["seq_len"])
-    passes = min(tokens / max(1, train_tokens), MAX_PASSES)
+    passes = tokens / max(1, train_tokens)
     return next(p for limit, p in DROPOUT_BY_PASSES if passes <= limit)
 
 

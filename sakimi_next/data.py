@@ -366,15 +366,15 @@ def scan_sources(sources: list[Source], doc_split: str, errors: str) -> Scan:
     return scan
 
 
-def _single_document_cuts(sources, scan: Scan, doc_split, errors, fraction: float, seed: int) -> list[int]:
-    """The validation cuts (see `plan_val_stretches`) of a training corpus that is one document."""
+def _stretch_cuts(sources, scan: Scan, doc_split, errors, fraction: float, seed: int) -> list[int]:
+    """The validation cuts (see `plan_val_stretches`) of the training text, its documents one after another."""
     n_chars = sum(c for src, c in zip(sources, scan.chars) if src.role == "train")
     text = (piece for src in sources if src.role == "train" for piece, _ in iter_documents(src, doc_split, errors))
     cuts = snap_to_lines(text, plan_val_stretches(n_chars, fraction, seed))
     held = sum(b - a for a, b in zip(cuts[::2], cuts[1::2]))
     if held == 0 or held == n_chars:
-        raise UserError("the training text is one document with too few lines to hold out a validation split "
-                        "at line boundaries; give --val-data, or more text")
+        raise UserError("the training text has too few lines to hold out a validation split at line boundaries; "
+                        "give --val-data, or more text")
     return cuts
 
 
@@ -429,8 +429,9 @@ def snap_to_lines(pieces: Iterable[str], cuts: list[int]) -> list[int]:
 
 
 def _cut_at(pieces: Iterable[tuple[str, bool]], cuts: list[int]) -> Iterator[tuple[str, str, bool]]:
-    """(split, piece, last) of one document cut at `cuts` (character offsets from `snap_to_lines`):
-    the stretches between cuts alternate train, val, train, ...; each non-empty stretch is a document."""
+    """(split, piece, last) of the documents `pieces` make, one after another, cut at `cuts` (character
+    offsets from `snap_to_lines`): the stretches between cuts alternate train, val, train, ...; each
+    non-empty stretch of a document is a document."""
     cut_iter = iter(cuts)
     next_cut = next(cut_iter, None)
     split, offset, filled = "train", 0, False  # filled: the current stretch has text
@@ -470,15 +471,17 @@ def _as_counted(src: Source, pieces: Iterator[tuple[str, bool]], docs: int, char
 
 def _tagged_pieces(sources, doc_split, errors, val_mask, scan: Scan,
                    val_cuts: list[int] | None = None) -> Iterator[tuple[str, str, bool]]:
-    """(split, piece, last) over all sources: training documents in `val_mask` go to "val"; or, for a
-    corpus that is one document, the stretches between `val_cuts` alternate between train and val."""
+    """(split, piece, last) over all sources: training documents in `val_mask` go to "val"; or, with
+    `val_cuts` (no --val-data), the stretches between them alternate between train and val."""
+    counted = [_as_counted(src, iter_documents(src, doc_split, errors), n_docs, n_chars)
+               for src, n_docs, n_chars in zip(sources, scan.docs, scan.chars)]
+    if val_cuts is not None:  # every source is training text: the cuts count across all of it
+        yield from _cut_at(itertools.chain.from_iterable(counted), val_cuts)
+        return
     doc = 0  # index over the training sources' documents
-    for src, n_docs, n_chars in zip(sources, scan.docs, scan.chars):
-        pieces = _as_counted(src, iter_documents(src, doc_split, errors), n_docs, n_chars)
+    for src, pieces in zip(sources, counted):
         if src.role == "val":
             yield from (("val", piece, last) for piece, last in pieces)
-        elif val_cuts is not None:
-            yield from _cut_at(pieces, val_cuts)
         else:
             for piece, last in pieces:
                 yield ("val" if val_mask is not None and val_mask[doc] else "train"), piece, last
@@ -781,10 +784,11 @@ def _training_sources(train_data: list[str] | None) -> list[Source]:
 
 def _hold_out(sources, scan: Scan, n_train_docs: int, doc_split: str, errors: str, val_fraction: float,
               seed: int, meta: dict) -> tuple[np.ndarray | None, list[int] | None]:
-    """What validation holds out when no --val-data is given: whole documents (a mask over them), or, for a
-    corpus that is one document, contiguous stretches (cuts, also listed in meta.json)."""
-    if n_train_docs == 1:
-        val_cuts = _single_document_cuts(sources, scan, doc_split, errors, val_fraction, seed)
+    """What validation holds out when no --val-data is given: whole documents (a mask over them), or,
+    when there are too few documents for whole ones to come near `val_fraction` (one, or a handful),
+    contiguous stretches of the text (cuts, also listed in meta.json)."""
+    if max(1, round(val_fraction * n_train_docs)) > 2 * val_fraction * n_train_docs:
+        val_cuts = _stretch_cuts(sources, scan, doc_split, errors, val_fraction, seed)
         meta["val_stretches"] = [val_cuts[i:i + 2] for i in range(0, len(val_cuts), 2)]
         held = sum(b - a for a, b in meta["val_stretches"])
         say(f"validation: {len(val_cuts) // 2} stretches of the text, {held:,} of {sum(scan.chars):,} characters, "
@@ -793,9 +797,6 @@ def _hold_out(sources, scan: Scan, n_train_docs: int, doc_split: str, errors: st
     val_mask = choose_val_docs(n_train_docs, val_fraction, seed)
     say(f"validation: {int(val_mask.sum()):,} of {n_train_docs:,} documents held out "
         f"(--val-fraction {val_fraction}, --seed {seed})")
-    if val_mask.mean() > 2 * val_fraction:  # whole documents: with few of them, far more than asked
-        say(f"note: that is {val_mask.mean():.0%} of the documents, not {val_fraction:.0%}: with so few documents, "
-            "give --val-data, or a --doc-split that makes more of them (e.g. --doc-split line)")
     return val_mask, None
 
 
@@ -937,12 +938,11 @@ def prepare_data(train_data: list[str] | None, val_data: list[str] | None, out_d
         meta["tokenizer_training"] = fingerprint
         writers, mb_s = _write_prepared(out_dir, tok_path, tok, meta, pieces(), sum(scan.bytes))
 
-    dtype = token_dtype(tok.vocab_size)
     rows = [(name, f"{w.documents:,}", f"{w.tokens:,}", f"{w.bytes:,}", f"{w.bytes / max(w.tokens, 1):.2f}",
              str(out_dir / w.file)) for name, w in writers.items()]
     say(format_table(rows, ("split", "documents", "tokens", "bytes", "bytes/token", "file")))
     rss = _peak_rss_mb()
-    say(f"wrote {out_dir / 'meta.json'} ({dtype.name} tokens, tokenizer {tok_path}) in "
+    say(f"wrote {out_dir / 'meta.json'} ({meta['dtype']} tokens, tokenizer {tok_path}) in "
         f"{time.perf_counter() - t0:.1f} s; encoding {mb_s:.2f} MB/s" + (f"; peak memory {rss:,.0f} MB" if rss else ""))
     return out_dir
 

@@ -94,6 +94,3 @@ def assistant_loss(model, tokens: np.ndarray, mask: np.ndarray, eot_id: int, row
             count += int((y != -100).sum())
     model.train(was_training)
     return total / max(count, 1)
-
-
-# ----------------------------------------------------------------------------------- chat session

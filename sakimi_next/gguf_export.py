@@ -359,21 +359,15 @@ class Source:
 def load_source(path: str | Path) -> Source:
     from . import checkpoint as ckpt
     from . import interop
-    from .tokenizer import Tokenizer
 
     p = Path(path)
     if interop.is_hf_dir(p) and not ckpt.is_checkpoint(p):
-        config, tensors, tok_file = interop.load_hf_config(p), interop.load_hf_tensors(p), p / "tokenizer.json"
-        name, trained_sha256, tokenizer = p.name, interop.export_record(p).get("tokenizer_sha256"), None
+        config, tensors = interop.load_hf_config(p), interop.load_hf_tensors(p)
+        tokenizer, name = interop.load_hf_tokenizer(p, config), p.name
     else:
         src = ckpt.resolve_checkpoint(p)
         config, state, tensors, tokenizer = ckpt.load_model_files(src)
         name = state.get("preset") or src.parent.name
-    if tokenizer is None:
-        if not tok_file.is_file():
-            raise UserError(f"{p} has no {tok_file.name} to export")
-        tokenizer = Tokenizer.load(tok_file)
-        ckpt.check_tokenizer(config, tokenizer, trained_sha256, p)
     return Source(config, tensors, json.loads(tokenizer._json), tokenizer.eot_id, tokenizer.pad_id, name)
 
 

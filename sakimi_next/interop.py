@@ -144,13 +144,17 @@ def load_hf_tensors(path: str | Path, config: Config | None = None) -> dict[str,
     return tensors
 
 
-def load_hf_tokenizer(path: str | Path):
+def load_hf_tokenizer(path: str | Path, config: Config):
+    """The tokenizer of a Hugging Face directory, checked against its model's `config` (and against
+    the sha256 our export recorded, when it is one)."""
     from .tokenizer import Tokenizer
 
     p = Path(path) / "tokenizer.json"
     if not p.is_file():
         raise UserError(f"{Path(path)} has no tokenizer.json; it cannot encode or decode text")
-    return Tokenizer.load(p)
+    tokenizer = Tokenizer.load(p)
+    ckpt.check_tokenizer(config, tokenizer, export_record(path).get("tokenizer_sha256"), Path(path))
+    return tokenizer
 
 
 def to_transformers(model, attn_implementation: str = "sdpa"):

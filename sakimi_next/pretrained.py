@@ -70,8 +70,7 @@ def load_for_inference(path: str | Path, device: str = "auto", kernel: str = "au
     model = Qwen3NextForCausalLM(config)
     ckpt.load_weights(model, tensors, p)
     if tokenizer is None:
-        tokenizer = interop.load_hf_tokenizer(p)
-        ckpt.check_tokenizer(config, tokenizer, interop.export_record(p).get("tokenizer_sha256"), p)
+        tokenizer = interop.load_hf_tokenizer(p, config)
     model.to(dev, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32).eval()
     model.set_kernel(kernel, dev)
     info.update(device=str(dev), kernel=model.kernel, parameters=model.num_parameters(), dtype=dtype)

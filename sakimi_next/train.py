@@ -101,6 +101,11 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, beta
         return torch.optim.AdamW(groups, lr=lr, betas=betas, foreach=True)
 
 
+def tokens_per_step(h: Hyperparameters, world_size: int) -> int:
+    """Tokens in one optimiser step: every micro-batch of every process."""
+    return h.batch_size * h.seq_len * h.grad_accum * world_size
+
+
 def lr_at(step: int, lr: float, min_lr: float, warmup: int, total: int) -> float:
     """Linear warm-up over `warmup` steps, then cosine decay to `min_lr` at `total` (step counts from 0)."""
     if step < warmup:
@@ -503,7 +508,7 @@ class TrainingRun:
         self.data_dir, self.tokenizer, self.out_dir = data_dir, tokenizer, start.out_dir
         state = start.state or {}
         self.start_step = state.get("step", 0) if start.state else 0
-        self.tokens_per_step = h.batch_size * h.seq_len * h.grad_accum * ddp.world_size
+        self.tokens_per_step = tokens_per_step(h, ddp.world_size)
         val = meta["splits"]["val"]
         # a masked (chat) loss counts only some tokens: it has no bits per byte
         self.bytes_per_token = (val["bytes"] / val["tokens"]) if val.get("tokens") and "mask" not in val else None
@@ -821,8 +826,7 @@ def _train(s: TrainSettings, ddp: Distributed, prepare: Callable[[], object] | N
         ckpt.restore_rng(start.resume_path, start.state)
     dtype, autocast = _autocast(s.dtype, ddp.device)
     # with --max-minutes and no --steps, the measured speed fixes steps, warm-up and evaluation interval
-    cap = (auto.max_steps(len(train_tokens), h.batch_size * h.seq_len * h.grad_accum * ddp.world_size)
-           if start.preset == auto.NAME else None)
+    cap = auto.max_steps(len(train_tokens), tokens_per_step(h, ddp.world_size)) if start.preset == auto.NAME else None
     plan = _budget_plan(s, h, start.state, (model, train_model, optimizer), (train_tokens, val_tokens, train_mask),
                         meta, tokenizer, autocast, ddp, t_launch, console.log, cap)
     if plan is not None:

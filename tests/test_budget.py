@@ -100,6 +100,25 @@ def metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def test_config_auto_stops_a_long_budget_at_its_passes(data_dir, tmp_path, monkeypatch, capsys):
+    """A budget that allows more passes than --config auto's cap plans only the capped steps, says so,
+    and the run ends there."""
+    from sakimi_next import auto
+    from sakimi_next.data import open_split
+
+    train_tokens = len(open_split(data_dir, "train"))
+    monkeypatch.setattr(auto, "MAX_PASSES", 6.5 * 2 * 32 / train_tokens)  # 6 steps of 2 x 32 tokens
+    fake_clock(monkeypatch, 0.2)
+    args = ["--mode", "train", "--config", "auto", *TRAIN[4:], "--data-dir", str(data_dir), "--no-compile",
+            "--out-dir", str(tmp_path / "run"), "--max-minutes", "30"]  # 30 minutes would be thousands of steps
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    state = json.loads((ckpt.find_latest(tmp_path / "run") / ckpt.STATE_FILE).read_text())
+    assert state["budget"]["steps"] == state["step"] == state["scheduler"]["steps"] == 6
+    assert "the run stops at 6 steps, before its budget" in out
+    assert not state["args"]["compile"]
+
+
 def test_budgeted_run_resumes_bit_identically(data_dir, tmp_path, monkeypatch, capsys):
     fake_clock(monkeypatch, 0.2)  # 0.2 s a step and an evaluation (+ ~0.5 s for its checkpoint), 2.2 s of setup
     common = [*TRAIN, "--data-dir", str(data_dir), "--dropout", "0.1", "--save-every", "4", "--keep-last", "10"]

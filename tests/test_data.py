@@ -466,13 +466,26 @@ def test_larger_corpus_end_to_end(run, tmp_path):
                "--config", "tiny_5m", "--doc-split", "line")[1].count("up to date") == 1
 
 
-def test_few_whole_documents_held_out_say_how_many(run, corpus, tmp_path):
-    """Two files are two documents: one of them is held out, and the run says that this is far more
-    than --val-fraction asks, and what to do instead."""
-    half = ["--config", "tiny_5m", "--vocab-size", "300"]  # what is left to train on is small
-    rc, out, _ = run("--train-data", corpus / "en.txt", corpus / "zh.txt", "--out-dir", tmp_path / "p", *half)
-    assert rc == 0
-    assert "1 of 2 documents held out" in out
-    assert "note: that is 50% of the documents, not 10%" in out and "--doc-split line" in out
-    rc, out, _ = run("--train-data", corpus / "en.txt", "--out-dir", tmp_path / "q", *half, *PARAS)
-    assert rc == 0 and "note:" not in out  # 24 paragraphs: 2 held out, close to 10%
+def test_a_few_files_hold_out_stretches_across_them(run, tmp_path):
+    """Two files are two documents: holding out a whole one would take half the text, so stretches of
+    about --val-fraction are held out across both, and every byte lands in one split, in order."""
+    texts = [docs_text(30_000), docs_text(20_000).replace("e", "a")]
+    files = []
+    for i, t in enumerate(texts):
+        files.append(tmp_path / f"part{i}.txt")
+        files[-1].write_text(t)
+    out = tmp_path / "out"
+    rc, stdout, err = run("--train-data", *files, "--out-dir", out, "--config", "tiny_5m", "--vocab-size", "300")
+    assert rc == 0, err
+    assert "stretches of the text" in stdout and "documents held out" not in stdout
+    whole = "".join(texts)  # the cuts count across the files, one after the other
+    stretches = load_meta(out)["val_stretches"]
+    held = sum(b - a for a, b in stretches)
+    assert 0.08 < held / len(whole) < 0.12
+    val = "".join(whole[a:b] for a, b in stretches)
+    train = "".join(whole[a:b] for a, b in zip([0] + [e for _, e in stretches], [s for s, _ in stretches] + [len(whole)]))
+    assert stream_text(out, "val")[0] == val and stream_text(out, "train")[0] == train
+    # paragraphs as documents: there are enough of them for whole ones to come near 10%
+    rc, stdout, _ = run("--train-data", files[0], "--out-dir", tmp_path / "paras", "--config", "tiny_5m",
+                        "--vocab-size", "300", *PARAS)
+    assert rc == 0 and "documents held out" in stdout

@@ -30,9 +30,9 @@ class BatchCache:
     """The decoding cache of the active sequences, one row each, in the order they joined
     (a leaving row closes its gap)."""
 
-    def __init__(self, model):
+    def __init__(self, model, cache: Cache | None = None):
         self.model = model
-        self.cache: Cache | None = None
+        self.cache = cache
 
     @property
     def size(self) -> int:

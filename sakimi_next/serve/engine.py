@@ -2,8 +2,9 @@
 
 Each loop: drop the requests that were cancelled (a client went away) or ran out of time; admit
 waiting requests into free slots (prompts of one length are prefilled together, each row's first
-token sampled, and their caches join the batch); then one decoding step for the whole batch, a token sampled for each row with
-that request's own settings and random generator, and the finished rows leave. Requests beyond
+token sampled, and their caches join the batch); then one decoding step for the whole batch, a token
+sampled for each row with that request's own settings and random generator, and the finished rows
+leave. Requests beyond
 `max_concurrent` wait in a queue of at most `max_queue`; beyond that `submit` refuses them.
 
 The web side never touches the model: it submits a `Request` and receives `Event`s through the
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ..cache import Cache
 from ..generate import DecodeFn, SamplingSettings, decode_one_token, prefill, sampling_probs
 from ..text import StreamDecoder, first_stop
 from .batch import BatchCache
@@ -241,7 +243,7 @@ class Engine:
                 continue
             self._join(seqs, cache, tokens)
 
-    def _prefill(self, group: list[Request]) -> tuple[list[_Sequence], object, list[int]]:
+    def _prefill(self, group: list[Request]) -> tuple[list[_Sequence], Cache, list[int]]:
         """Prefill equal-length prompts as one batch; each row's first token, sampled with its own
         settings. Returns (sequences, their cache, first tokens)."""
         seqs = [_Sequence(r, self.tokenizer, self.model.device) for r in group]
@@ -254,11 +256,10 @@ class Engine:
             logits = prefill(self.model, ids, None, cache)
         return seqs, cache, self._sample(logits, seqs)
 
-    def _join(self, seqs: list[_Sequence], cache, tokens: list[int]) -> None:
+    def _join(self, seqs: list[_Sequence], cache: Cache, tokens: list[int]) -> None:
         """Send each prefilled sequence's first token; those not finished by it join the batch."""
         done = [self._accept(seq, token) for seq, token in zip(seqs, tokens)]
-        joining = BatchCache(self.model)
-        joining.cache = cache
+        joining = BatchCache(self.model, cache)
         joining.remove([i for i, finished in enumerate(done) if finished])
         if joining.cache is not None:
             self.batch.add(joining.cache)
