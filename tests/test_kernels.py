@@ -112,6 +112,35 @@ def test_conv_paths_agree():
     update_window(window, x[:, 3:])
     torch.testing.assert_close(torch.cat([a, b], 1), ref)
     torch.testing.assert_close(window, x[:, -W:].transpose(1, 2))
+    # a window that is a view of a larger cache (not contiguous) slides the same way
+    big = torch.zeros(B, C, 2 * W, dtype=torch.float64)
+    view = big[..., ::2]
+    steps = torch.stack([causal_conv1d_step(x[:, t], weight, view) for t in range(T)], 1)
+    torch.testing.assert_close(steps, ref)
+    torch.testing.assert_close(view, x[:, -W:].transpose(1, 2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T", [1, 3])
+def test_decode_attention_equals_sdpa(dtype, T):
+    """The decoding step's attention (two batched products, GQA by blocks of query rows) against
+    SDPA with repeated key heads, with padded keys and, for several new tokens, a causal corner."""
+    from sakimi_next.model import _padded_causal_mask, decode_attention
+
+    gen = torch.Generator().manual_seed(0)
+    B, nH, nKV, L, D = 3, 4, 2, 9, 8
+    q, k, v = (torch.randn(*s, generator=gen).to(dtype) for s in ((B, nH, T, D), (B, nKV, L, D), (B, nKV, L, D)))
+    key_mask = torch.ones(B, L, dtype=torch.bool)
+    key_mask[1, :2] = key_mask[2, :5] = False  # left padding of two rows
+    for mask in (None, _padded_causal_mask(key_mask, T)):
+        if mask is None and T > 1:
+            mask = torch.ones(T, L, dtype=torch.bool).tril(L - T)
+        ours = decode_attention(q, k, v, mask, D**-0.5)
+        ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask, scale=D**-0.5,
+                                             enable_gqa=True)
+        assert ours.dtype == dtype
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(ours.double(), ref, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("with_window", [False, True])

@@ -336,3 +336,26 @@ def test_serve_command(checkpoint, capsys):
         proc.terminate()
         _, err = proc.communicate(timeout=60)
     assert f"as '{MODEL}'" in err and f"http://127.0.0.1:{port}/" in err
+
+
+def test_a_stuck_engine_still_answers_with_a_timeout(checkpoint):
+    """The server's safety net: when the engine stops sending events (here a decoding step that hangs),
+    a request still ends a few seconds after its deadline, with OpenAI's error, streamed or not."""
+    release = threading.Event()
+    with live_server(checkpoint, request_timeout=0.2) as (srv, engine):
+        decode = engine.decode
+        engine.decode = lambda *a: (release.wait(timeout=60), decode(*a))[1]
+        try:
+            r = httpx.post(srv.url + "/v1/completions", json={"prompt": "x", "max_tokens": 50}, timeout=30)
+            assert error_of(r, 503)["code"] == "timeout"
+        finally:
+            release.set()
+        release.clear()
+        body = {"prompt": "x", "max_tokens": 50, "stream": True}
+        try:
+            with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=30) as r:
+                events = [json.loads(line[6:]) for line in r.iter_lines()
+                          if line.startswith("data: ") and line != "data: [DONE]"]
+            assert events[-1]["error"]["code"] == "timeout"
+        finally:
+            release.set()

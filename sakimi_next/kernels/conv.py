@@ -35,31 +35,32 @@ class CausalConv1dSiLU(torch.autograd.Function):
     def _forward(ctx, x, weight, window, doc_starts):
         B, T, C = x.shape
         W = weight.shape[-1]
-        w = weight.reshape(C, W).to(x.dtype)
+        # one contiguous row of C weights per tap: a strided column makes each multiply-add 5-8x slower
+        w = weight.reshape(C, W).t().contiguous().to(x.dtype)
         if window is None:
             xp = F.pad(x, (0, 0, W - 1, 0))
         else:
             xp = torch.cat([window[..., 1:].transpose(1, 2).to(x.dtype), x], dim=1)
         masks = _tap_masks(doc_starts, W, x.dtype) if doc_starts is not None else None
-        y = xp[:, W - 1:] * w[:, W - 1]
+        y = xp[:, W - 1:] * w[W - 1]
         for i in range(W - 1):
             tap = xp[:, i:i + T] if masks is None else xp[:, i:i + T] * masks[i]
-            y.addcmul_(tap, w[:, i])
+            y.addcmul_(tap, w[i])
         ctx.save_for_backward(xp, w, y, *(masks or ()))
         ctx.weight_shape = weight.shape
         return F.silu(y)
 
     @staticmethod
     def _backward(ctx, dout):
-        xp, w, y, *masks = ctx.saved_tensors
-        T, W = y.shape[1], w.shape[1]
+        xp, w, y, *masks = ctx.saved_tensors  # w [W, C]: tap i's weights in row i
+        T, W = y.shape[1], w.shape[0]
         dy = torch.ops.aten.silu_backward(dout.to(y.dtype), y)
         # the gradient reaching tap i: dy, zeroed where that tap was masked
         dys = [dy * masks[i] if masks else dy for i in range(W - 1)] + [dy]
-        dx = dy * w[:, W - 1]  # dx[s] = sum_i w_i dy_i[s + W-1-i]; dy_i is 0 past the end
+        dx = dy * w[W - 1]  # dx[s] = sum_i w_i dy_i[s + W-1-i]; dy_i is 0 past the end
         for i in range(W - 1):
             shift = W - 1 - i
-            dx[:, :T - shift].addcmul_(dys[i][:, shift:], w[:, i])
+            dx[:, :T - shift].addcmul_(dys[i][:, shift:], w[i])
         dw = torch.stack([(xp[:, i:i + T] * dys[i]).sum((0, 1)) for i in range(W)], dim=1)
         return dx, dw.reshape(ctx.weight_shape).to(w.dtype), None, None
 
@@ -99,6 +100,15 @@ def update_window(window: torch.Tensor, x: torch.Tensor) -> None:
 
 def causal_conv1d_step(x: torch.Tensor, weight: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
     """One decoding step: x [B, C] enters the window [B, C, W] (updated in place); returns silu(conv) [B, C]."""
-    window[..., :-1] = window[..., 1:].clone()
+    W = window.shape[-1]
+    taps = weight[:, 0].t().contiguous().to(window.dtype)  # contiguous rows: see CausalConv1dSiLU
+    y = x * taps[W - 1]
+    for i in range(W - 1):  # x enters as the newest of the W inputs
+        y.addcmul_(window[..., i + 1], taps[i])
+    if window.is_contiguous():  # shift each batch row as one flat run: a channel's oldest input lands
+        flat = window.view(window.shape[0], -1)  # in the previous channel's newest slot, overwritten next
+        flat[:, :-1] = flat[:, 1:].clone()
+    else:
+        window[..., :-1] = window[..., 1:].clone()
     window[..., -1] = x
-    return F.silu(torch.linalg.vecdot(window, weight[:, 0].to(window.dtype)))
+    return F.silu(y)

@@ -230,18 +230,24 @@ class Completions:
             raise ApiError(503, str(e), "server_error", None, "unavailable") from None
         reply = Reply(kind, self.settings.model_name, body, len(prompt))
         watcher = asyncio.create_task(self._watch_disconnect(http, request, events))
+        # a safety net a little after the engine's own deadline: one timer per request (a timeout around
+        # each of its events would cost the event loop a task or a timer per token)
+        safety = asyncio.get_running_loop().call_later(
+            max(request.deadline - time.monotonic() + 5.0, 0.1), events.put_nowait,
+            Event(error="the request timed out", code="timeout"))
         streaming = False
         try:
-            first = await self._next_event(events, request)
+            first = await events.get()
             if first.error:
                 raise self._failure(first)
             if body.stream:
                 streaming = True  # from here on the stream frees the slot when it ends
-                return StreamingResponse(self._stream(reply, first, events, request), media_type="text/event-stream",
+                return StreamingResponse(self._stream(reply, first, events, request, safety),
+                                         media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
             event, text = first, [first.text]
             while not event.last:
-                event = await self._next_event(events, request)
+                event = await events.get()
                 if event.error:
                     raise self._failure(event)
                 text.append(event.text)
@@ -249,6 +255,7 @@ class Completions:
         finally:
             watcher.cancel()
             if not streaming:
+                safety.cancel()
                 self.engine.cancel(request.id)
 
     def _request(self, body: _Common, prompt: list[int], max_tokens: int | None, stop_ids) -> tuple[Request, asyncio.Queue]:
@@ -291,14 +298,6 @@ class Completions:
         self.engine.cancel(request.id)
         events.put_nowait(Event(error="the client disconnected", code="disconnected"))
 
-    @staticmethod
-    async def _next_event(events: asyncio.Queue, request: Request) -> Event:
-        """The next event; a safety timeout a little after the engine's own deadline."""
-        left = request.deadline - time.monotonic() + 5.0
-        try:
-            return await asyncio.wait_for(events.get(), timeout=max(left, 0.1))
-        except asyncio.TimeoutError:
-            return Event(error="the request timed out", code="timeout")
 
     def _failure(self, event: Event) -> ApiError:
         if event.code == "timeout":
@@ -306,7 +305,8 @@ class Completions:
                             "server_error", None, "timeout")
         return ApiError(503 if event.code == "server_shutdown" else 500, event.error, "server_error", None, event.code)
 
-    async def _stream(self, reply: "Reply", first: Event, events: asyncio.Queue, request: Request):
+    async def _stream(self, reply: "Reply", first: Event, events: asyncio.Queue, request: Request,
+                      safety: asyncio.TimerHandle):
         try:
             event = first
             yield reply.sse(reply.opening())
@@ -326,9 +326,10 @@ class Completions:
                     if (reply.body.stream_options or {}).get("include_usage"):
                         yield reply.sse(reply.usage_chunk(event))
                     break
-                event = await self._next_event(events, request)
+                event = await events.get()
             yield "data: [DONE]\n\n"
         finally:  # the client went away (or the stream ended): free the slot now
+            safety.cancel()
             self.engine.cancel(request.id)
 
 
