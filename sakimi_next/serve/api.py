@@ -298,7 +298,6 @@ class Completions:
         self.engine.cancel(request.id)
         events.put_nowait(Event(error="the client disconnected", code="disconnected"))
 
-
     def _failure(self, event: Event) -> ApiError:
         if event.code == "timeout":
             return ApiError(503, f"{event.error} (--request-timeout {self.settings.request_timeout:g} s)",
