@@ -115,7 +115,7 @@ def run_engine(model, requests: list[dict], max_concurrent: int = 8, max_queue: 
         for i, r in enumerate(requests):
             engine.submit(Request(on_event=collect(i), **r))
         for _ in requests:
-            assert done.acquire(timeout=120)
+            assert done.acquire(timeout=300)  # generous: a compile on a loaded machine can take minutes
     finally:
         engine.stop()
     return events
