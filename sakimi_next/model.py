@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from .cache import AttentionCache, Cache, LinearAttentionCache
 from .config import FULL, LINEAR, Config
 from .kernels import gated_delta_rule, recurrent_step, resolve_kernel
-from .kernels.conv import causal_conv1d, causal_conv1d_step, update_window
+from .kernels.conv import causal_conv1d, causal_conv1d_step, conv_taps, update_window
 from .moe import SparseMoeBlock
 
 
@@ -126,7 +126,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, attn_mask: torch.Tensor | None,
                      scale: float) -> torch.Tensor:
     """Softmax attention of a few new queries q [B, nH, T, D] over the cache keys, values [B, nKV, L, D]
-    (attn_mask [B, 1, T, L] bool or None) as two batched products in float32: at T = 1, SDPA's CPU
+    (attn_mask bool, broadcastable to [B, 1, T, L], or None) as two batched products in float32: at T = 1, SDPA's CPU
     kernels cost ~60 µs per row in bf16 (a seventh of a batched decoding step). Each key head's nH/nKV
     query heads form one block of rows, so keys are never repeated."""
     B, nH, T, D = q.shape
@@ -255,7 +255,7 @@ class GatedDeltaNet(nn.Module):
         qkv, z, b, a = F.linear(x, self.projection_weight()).split(self.proj_split, dim=-1)
 
         if cache is not None and T == 1:
-            qkv = causal_conv1d_step(qkv[:, 0], self.conv1d.weight, cache.conv_window)[:, None]
+            qkv = causal_conv1d_step(qkv[:, 0], conv_taps(self.conv1d.weight), cache.conv_window)[:, None]
         else:
             window = cache.conv_window if cache is not None else None
             new_qkv = qkv
@@ -291,7 +291,8 @@ class GatedDeltaNet(nn.Module):
         if cache.history is not None:
             cache.inputs = qkv
         if T == 1:
-            qkv = causal_conv1d_step(qkv[:, 0], self.conv1d.weight, cache.conv_window)[:, None]
+            taps = inference_weight(self, "_conv_taps", (self.conv1d.weight,), lambda: conv_taps(self.conv1d.weight))
+            qkv = causal_conv1d_step(qkv[:, 0], taps, cache.conv_window)[:, None]
         else:
             qkv, new = causal_conv1d(qkv, self.conv1d.weight, cache.conv_window), qkv
             update_window(cache.conv_window, new)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from sakimi_next.kernels import chunk_gated_delta_rule, recurrent_gated_delta_rule, recurrent_step
-from sakimi_next.kernels.conv import causal_conv1d, causal_conv1d_step, update_window
+from sakimi_next.kernels.conv import causal_conv1d, causal_conv1d_step, conv_taps, update_window
 
 
 def make_inputs(B, T, Hk, H, K, V, gate, seed=0, dtype=torch.float64):
@@ -102,7 +102,7 @@ def test_conv_paths_agree():
     torch.testing.assert_close(causal_conv1d(x, weight), ref)
     # one step at a time
     window = torch.zeros(B, C, W, dtype=torch.float64)
-    steps = torch.stack([causal_conv1d_step(x[:, t], weight, window) for t in range(T)], 1)
+    steps = torch.stack([causal_conv1d_step(x[:, t], conv_taps(weight), window) for t in range(T)], 1)
     torch.testing.assert_close(steps, ref)
     # a prefix, then the rest continuing from the window
     window = torch.zeros(B, C, W, dtype=torch.float64)
@@ -115,7 +115,7 @@ def test_conv_paths_agree():
     # a window that is a view of a larger cache (not contiguous) slides the same way
     big = torch.zeros(B, C, 2 * W, dtype=torch.float64)
     view = big[..., ::2]
-    steps = torch.stack([causal_conv1d_step(x[:, t], weight, view) for t in range(T)], 1)
+    steps = torch.stack([causal_conv1d_step(x[:, t], conv_taps(weight), view) for t in range(T)], 1)
     torch.testing.assert_close(steps, ref)
     torch.testing.assert_close(view, x[:, -W:].transpose(1, 2))
 

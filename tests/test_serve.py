@@ -359,3 +359,31 @@ def test_a_stuck_engine_still_answers_with_a_timeout(checkpoint):
             assert events[-1]["error"]["code"] == "timeout"
         finally:
             release.set()
+
+
+def test_mailbox_wakes_the_event_loop_once_for_a_step():
+    """A decoding step posts one event per row from the engine thread: the loop is woken once for all
+    of them, and each queue gets its events in order."""
+    import asyncio
+
+    from sakimi_next.serve.api import Mailbox
+    from sakimi_next.serve.engine import Event
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        wakeups, real = [], loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda *a: (wakeups.append(a), real(*a))[1]
+        box, queues = Mailbox(), [asyncio.Queue() for _ in range(4)]
+
+        def step(k):  # one event for each of 4 rows, from another thread
+            for i, q in enumerate(queues):
+                box.post(loop, q, Event(text=f"{k}.{i}"))
+
+        for k in range(2):
+            t = threading.Thread(target=step, args=(k,))
+            t.start()
+            t.join()
+            assert len(wakeups) == k + 1
+            assert [(await asyncio.wait_for(q.get(), 10)).text for q in queues] == [f"{k}.{i}" for i in range(4)]
+
+    asyncio.run(scenario())

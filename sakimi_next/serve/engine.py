@@ -4,8 +4,8 @@ Each loop: drop the requests that were cancelled (a client went away) or ran out
 waiting requests into free slots (prompts of one length are prefilled together, each row's first
 token sampled, and their caches join the batch); then one decoding step for the whole batch, a token
 sampled for each row with that request's own settings and random generator, and the finished rows
-leave. Requests beyond
-`max_concurrent` wait in a queue of at most `max_queue`; beyond that `submit` refuses them.
+leave. Requests beyond `max_concurrent` wait in a queue of at most `max_queue`; beyond that `submit`
+refuses them.
 
 The web side never touches the model: it submits a `Request` and receives `Event`s through the
 request's callback, called from the engine thread.
