@@ -11,6 +11,7 @@ from sakimi_next.pretrained import load_for_inference
 from sakimi_next.model import Qwen3NextForCausalLM
 from sakimi_next.serve.api import BackgroundServer, ServerSettings, create_app
 from sakimi_next.serve.engine import Engine
+from sakimi_next.serve.process import EngineProcess, ModelSource
 from sakimi_next.tokenizer import train_tokenizer
 from sakimi_next.train import build_optimizer
 
@@ -50,13 +51,18 @@ def make_served_checkpoint(root: Path, steps: int = 30) -> Path:
 
 @contextmanager
 def live_server(checkpoint: Path, max_concurrent: int = 8, max_queue: int = 16, max_prompt_tokens: int = 2000,
-                max_tokens: int = 4000, request_timeout: float = 120.0, api_key: str | None = None):
-    """(server, engine): the model loaded from `checkpoint` and served until the block ends."""
-    model, tokenizer, _ = load_for_inference(checkpoint, "cpu")
-    engine = Engine(model, tokenizer, max_concurrent, max_queue)
-    app = create_app(engine, ServerSettings(MODEL, max_prompt_tokens, max_tokens, request_timeout, api_key))
-    engine.start()
+                max_tokens: int = 4000, request_timeout: float = 120.0, api_key: str | None = None,
+                in_process: bool = True):
+    """(server, engine): the model loaded from `checkpoint` and served until the block ends; with
+    in_process=False the engine runs in a child process, as `--mode serve` runs it."""
+    if in_process:
+        model, tokenizer, _ = load_for_inference(checkpoint, "cpu")
+        engine = Engine(model, tokenizer, max_concurrent, max_queue)
+    else:
+        engine = EngineProcess(ModelSource(str(checkpoint), "cpu", threads=1), max_concurrent, max_queue)
+    engine.start()  # before the app: a child process's engine knows its tokenizer once started
     try:
+        app = create_app(engine, ServerSettings(MODEL, max_prompt_tokens, max_tokens, request_timeout, api_key))
         with BackgroundServer(app) as server:
             yield server, engine
     finally:

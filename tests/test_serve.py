@@ -36,6 +36,13 @@ def server(checkpoint):
         yield srv, engine
 
 
+@pytest.fixture(scope="module")
+def process_server(checkpoint):
+    """The same, with the model in a child process (how `--mode serve` runs it)."""
+    with live_server(checkpoint, in_process=False) as (srv, engine):
+        yield srv, engine
+
+
 def client(srv, key="unused") -> openai.OpenAI:
     return openai.OpenAI(base_url=srv.url + "/v1", api_key=key, max_retries=0, timeout=120)
 
@@ -101,8 +108,9 @@ def test_streams_equal_whole_replies(server):
     assert all(e.startswith("data: {") for e in events[:-1])
 
 
-def test_eight_concurrent_greedy_requests_equal_each_alone(server):
-    srv, engine = server
+@pytest.mark.parametrize("where", ["server", "process_server"])
+def test_eight_concurrent_greedy_requests_equal_each_alone(where, request):
+    srv, engine = request.getfixturevalue(where)
     c = client(srv)
     prompts = [f"{word} is used" for word in ("try", "with", "import", "lambda", "yield", "class", "def", "while")]
     alone = [c.completions.create(model=MODEL, prompt=p, max_tokens=24 + 4 * i, temperature=0).choices[0].text
@@ -168,8 +176,9 @@ def wait_idle(srv, seconds: float = 30) -> dict:
     raise AssertionError(f"still busy: {health}")
 
 
-def test_a_client_that_disconnects_frees_its_slot(server):
-    srv, engine = server
+@pytest.mark.parametrize("where", ["server", "process_server"])
+def test_a_client_that_disconnects_frees_its_slot(where, request):
+    srv, engine = request.getfixturevalue(where)
     body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 3000, "temperature": 0, "stream": True}
     with httpx.Client(timeout=60) as http:
         with http.stream("POST", srv.url + "/v1/chat/completions", json=body) as r:

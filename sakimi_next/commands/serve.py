@@ -35,6 +35,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for the model (default: torch's; 1 is best on a busy machine)")
     parser.add_argument("--model-name", default=None, help="the model id clients use (default: the checkpoint's name)")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run the model in the web server's process (by default it runs in a process of its "
+                             "own, so that streaming many replies does not hold up the decoding)")
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,7 @@ class ServeSettings:
     compile: bool = False
     threads: int | None = None
     dtype: str = "fp32"
+    in_process: bool = False
 
 
 def settings(args: argparse.Namespace) -> ServeSettings:
@@ -73,36 +77,42 @@ def settings(args: argparse.Namespace) -> ServeSettings:
     return ServeSettings(args.resume_from, args.host, args.port, args.max_concurrent, args.max_queue,
                          args.max_prompt_tokens, args.max_tokens, args.request_timeout, args.api_key, name,
                          args.device, common.kernel_name(args), bool(args.compile),
-                         args.threads, args.dtype)
+                         args.threads, args.dtype, bool(args.in_process))
 
 
 def run(s: ServeSettings) -> int:
     import uvicorn
 
-    from ..pretrained import load_for_inference
-    from ..generate import compiled_decoder, decode_one_token
     from ..serve.api import ServerSettings, create_app
-    from ..serve.engine import Engine
+    from ..serve.process import EngineProcess, ModelSource
 
-    import torch
-
-    if s.threads:
-        torch.set_num_threads(s.threads)
-    model, tokenizer, info = load_for_inference(s.checkpoint, s.device, s.kernel, s.dtype)
-    context = model.config.max_position_embeddings
-    max_prompt = min(s.max_prompt_tokens or context - 1, context - 1)
-    decode = decode_one_token
+    source = ModelSource(s.checkpoint, s.device, s.kernel, s.dtype, s.compile, s.threads)
     if s.compile:
         print("compiling the decoding step (about a minute, once)...", file=sys.stderr, flush=True)
-        decode = compiled_decoder(model)
-    engine = Engine(model, tokenizer, s.max_concurrent, s.max_queue, decode, s.threads)
+    if s.in_process:
+        engine, info = _engine_in_process(source, s.max_concurrent, s.max_queue)
+    else:
+        engine = EngineProcess(source, s.max_concurrent, s.max_queue)
+        engine.start()  # loads the model in the child: a bad checkpoint is a UserError here
+        info = engine.info
+    context = engine.config.max_position_embeddings
+    max_prompt = min(s.max_prompt_tokens or context - 1, context - 1)
     app = create_app(engine, ServerSettings(s.model_name, max_prompt, s.max_tokens, s.request_timeout, s.api_key))
     print(f"serving {info['source']} as {s.model_name!r} ({info['parameters']:,} parameters, {info['device']}, "
           f"{info['dtype']}) on http://{s.host}:{s.port}/  (chat page at /, API at /v1)", file=sys.stderr, flush=True)
-    engine.start()
     try:
         uvicorn.run(app, host=s.host, port=s.port, log_level="warning")
     finally:
         engine.stop()
     return 0
 
+
+def _engine_in_process(source, max_concurrent: int, max_queue: int):
+    """An Engine in this process, started: (engine, model info)."""
+    from ..serve.engine import Engine
+    from ..serve.process import load_model
+
+    model, tokenizer, info, decode = load_model(source)
+    engine = Engine(model, tokenizer, max_concurrent, max_queue, decode, source.threads)
+    engine.start()
+    return engine, info

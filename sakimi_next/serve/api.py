@@ -192,7 +192,7 @@ class Completions:
     def __init__(self, engine: Engine, settings: ServerSettings):
         self.engine, self.settings, self.tokenizer = engine, settings, engine.tokenizer
         self.mailbox = Mailbox()
-        self.context = engine.model.config.max_position_embeddings
+        self.context = engine.config.max_position_embeddings
         ends = (self.tokenizer.eot_id, self.tokenizer.token_to_id(IM_END))
         self.chat_stop_ids = frozenset(i for i in ends if i is not None)
         self.text_stop_ids = frozenset({self.tokenizer.eot_id})
@@ -215,7 +215,7 @@ class Completions:
             p = p[0]
         if isinstance(p, str):
             return self.tokenizer.encode(p) or [self.tokenizer.eot_id]
-        if not p or min(p) < 0 or max(p) >= self.engine.model.config.vocab_size:
+        if not p or min(p) < 0 or max(p) >= self.engine.config.vocab_size:
             raise ApiError(400, "prompt token ids must be a non-empty list of ids in the vocabulary", param="prompt")
         return list(p)
 

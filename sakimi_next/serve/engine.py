@@ -47,7 +47,7 @@ class Request:
     stop: list[str] = field(default_factory=list)  # the reply ends before the first of these strings
     stop_ids: frozenset[int] = frozenset()  # tokens that end the reply (not part of its text)
     deadline: float | None = None  # time.monotonic() after which the request fails with a timeout
-    id: int = 0  # set by submit
+    id: int = 0  # set by submit, unless given
 
 
 @dataclass
@@ -118,8 +118,11 @@ class Engine:
     and fails whatever is left."""
 
     def __init__(self, model, tokenizer, max_concurrent: int = 8, max_queue: int = 64,
-                 decode: DecodeFn = decode_one_token, threads: int | None = None):
+                 decode: DecodeFn = decode_one_token, threads: int | None = None,
+                 on_pass_end: Callable[[], None] | None = None):
         self.model, self.tokenizer, self.decode = model, tokenizer, decode
+        self.config = model.config
+        self.on_pass_end = on_pass_end  # called by the engine thread after each pass: events can go out together
         self.max_concurrent, self.max_queue = max_concurrent, max_queue
         self.threads = threads or torch.get_num_threads()
         self._cond = threading.Condition()
@@ -141,7 +144,8 @@ class Engine:
             free = max(self.max_concurrent - len(self.active), 0)  # slots the next loop will fill
             if len(self._waiting) >= self.max_queue + free:
                 raise QueueFull(f"{len(self.active)} requests running and {len(self._waiting)} waiting; try again later")
-            request.id = next(self._ids)
+            if not request.id:  # ids given by the caller (the engine process's parent) are kept
+                request.id = next(self._ids)
             self._waiting.append(request)
             self._cond.notify()
             return request.id
@@ -196,7 +200,11 @@ class Engine:
                 self._admit(admitted)
                 if self.active:
                     self._step()
+                if self.on_pass_end is not None:
+                    self.on_pass_end()
         self._fail_all("the server is shutting down", "server_shutdown")
+        if self.on_pass_end is not None:
+            self.on_pass_end()
 
     def _drop(self, cancelled: set[int]) -> None:
         """Remove cancelled rows, and fail the rows and waiting requests that are past their deadline."""

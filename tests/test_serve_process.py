@@ -1,0 +1,132 @@
+"""The engine in a child process (`serve/process.py`, what `--mode serve` runs): the same replies as
+the engine in this process, its limits, cancellation, and what happens when the child fails."""
+
+import threading
+
+import pytest
+
+from sakimi_next.generate import SamplingSettings
+from sakimi_next.serve.engine import Engine, EngineStopped, Event, QueueFull, Request
+from sakimi_next.serve.process import EngineProcess, ModelSource, load_model
+from sakimi_next.util import UserError
+
+from .serve_support import make_served_checkpoint
+
+GREEDY = SamplingSettings(temperature=0)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_served_checkpoint(tmp_path_factory.mktemp("serve-process"))
+
+
+class Collector:
+    """Events of several requests; `wait` until each has its last one (bounded)."""
+
+    def __init__(self, n: int):
+        self.events: list[list[Event]] = [[] for _ in range(n)]
+        self.done = [threading.Event() for _ in range(n)]
+
+    def on_event(self, i: int):
+        def put(e: Event):
+            self.events[i].append(e)
+            if e.last:
+                self.done[i].set()
+        return put
+
+    def wait(self, seconds: float = 120) -> list[tuple[str, str | None, str | None, int]]:
+        for d in self.done:
+            assert d.wait(timeout=seconds)
+        return [("".join(e.text for e in ev), ev[-1].finish_reason, ev[-1].error, ev[-1].completion_tokens)
+                for ev in self.events]
+
+
+def run(engine, prompts: list[list[int]], max_tokens: int = 20, sampling=GREEDY, seed=None):
+    got = Collector(len(prompts))
+    engine.start()
+    try:
+        for i, p in enumerate(prompts):
+            engine.submit(Request(prompt=p, max_tokens=max_tokens + 3 * i, sampling=sampling, seed=seed,
+                                  on_event=got.on_event(i)))
+        return got.wait()
+    finally:
+        engine.stop()
+
+
+def test_replies_equal_the_engine_in_this_process(checkpoint):
+    source = ModelSource(str(checkpoint), "cpu", threads=1)
+    model, tokenizer, _, decode = load_model(source)
+    prompts = [tokenizer.encode(w + " statement") for w in ("The for", "A while", "try", "The import", "with")]
+    here = run(Engine(model, tokenizer, max_concurrent=3, decode=decode), prompts)
+    there = run(EngineProcess(source, max_concurrent=3), prompts)
+    assert there == here
+    assert all(reason == "length" and error is None for _, reason, error, _ in there)
+    sampled = SamplingSettings(temperature=1.0, top_p=0.9)
+    assert run(EngineProcess(source), prompts[:2], sampling=sampled, seed=7) == \
+        run(Engine(model, tokenizer, decode=decode), prompts[:2], sampling=sampled, seed=7)
+
+
+def test_limits_cancel_and_counters(checkpoint):
+    engine = EngineProcess(ModelSource(str(checkpoint), "cpu", threads=1), max_concurrent=1, max_queue=1)
+    assert engine.tokenizer is None
+    engine.start()
+    try:
+        assert engine.config.vocab_size == engine.tokenizer.vocab_size and engine.info["parameters"] > 0
+        got = Collector(2)
+        long = [engine.submit(Request(prompt=[5, 6], max_tokens=3000, sampling=GREEDY, on_event=got.on_event(i)))
+                for i in range(2)]
+        with pytest.raises(QueueFull):
+            engine.submit(Request(prompt=[5], max_tokens=5, sampling=GREEDY, on_event=lambda e: None))
+        for _ in range(600):  # bounded: until the first one has streamed a little
+            if len(got.events[0]) >= 3:
+                break
+            got.done[0].wait(timeout=0.1)
+        engine.cancel(long[0])  # the queued one takes its slot
+        for _ in range(600):
+            if len(got.events[1]) >= 3:
+                break
+            got.done[1].wait(timeout=0.1)
+        seen = len(got.events[0])
+        engine.cancel(long[1])
+        for _ in range(600):
+            stats = engine.stats()
+            if stats["active"] == 0 and stats["queued"] == 0:
+                break
+            got.done[1].wait(timeout=0.05)
+        assert stats["active"] == 0 and stats["requests_served"] == 0 and stats["decode_steps"] > 0
+        assert len(got.events[0]) == seen and not any(e.last for ev in got.events for e in ev)  # no event after a cancel
+        short = Collector(1)
+        engine.submit(Request(prompt=[5], max_tokens=4, sampling=GREEDY, on_event=short.on_event(0)))
+        assert short.wait()[0][1:] == ("length", None, 4)
+    finally:
+        engine.stop()
+    with pytest.raises(EngineStopped):
+        engine.submit(Request(prompt=[5], max_tokens=4, sampling=GREEDY, on_event=lambda e: None))
+
+
+def test_a_child_that_dies_ends_every_request(checkpoint):
+    engine = EngineProcess(ModelSource(str(checkpoint), "cpu", threads=1), max_concurrent=1, max_queue=4)
+    engine.start()
+    try:
+        got = Collector(2)
+        for i in range(2):  # one running, one waiting
+            engine.submit(Request(prompt=[5, 6], max_tokens=3000, sampling=GREEDY, on_event=got.on_event(i)))
+        for _ in range(600):
+            if got.events[0]:
+                break
+            got.done[0].wait(timeout=0.1)
+        engine._process.kill()
+        assert [error for _, _, error, _ in got.wait()] == ["internal error: the engine process stopped"] * 2
+        assert got.events[1][-1].code == "internal_error"
+        with pytest.raises(EngineStopped):
+            engine.submit(Request(prompt=[5], max_tokens=4, sampling=GREEDY, on_event=lambda e: None))
+    finally:
+        engine.stop()
+
+
+def test_a_bad_checkpoint_is_one_error_at_start(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a model")
+    for path, message in ((tmp_path / "missing", "checkpoint not found"),
+                          (tmp_path, "not a checkpoint or a Hugging Face model directory")):
+        with pytest.raises(UserError, match=message):
+            EngineProcess(ModelSource(str(path), "cpu")).start()
