@@ -64,7 +64,8 @@ bench: setup
 
 # --mode serve: aggregate tokens/s with 1, 4, 8 and 16 streaming clients, time to first token
 bench-serve: setup
-	$(BIN)/python scripts/bench_serve.py --threads 1 --temperature 0
+	$(BIN)/python scripts/bench_serve.py --threads 1 --temperature 0 --dtype fp32
+	$(BIN)/python scripts/bench_serve.py --threads 1 --temperature 0 --dtype bf16
 
 # Tiny Shakespeare and 红楼梦 from ../shared/data: 90/10 split, default preparation, 20-minute budget each;
 # prints the held-out bits/byte of the best checkpoint and a sample (README, "Quality in a fixed time").

@@ -108,14 +108,17 @@ class EngineProcess:
                 raise QueueFull(f"{running} requests running and {len(self._callbacks) - running} waiting; "
                                 "try again later")
             request.id = next(self._ids)
-            self._callbacks[request.id] = request.on_event
             self._send(("submit", dataclasses.replace(request, on_event=None)))
+            self._callbacks[request.id] = request.on_event
             return request.id
 
     def cancel(self, request_id: int) -> None:
         with self._lock:
             if self._callbacks.pop(request_id, None) is not None and self._running:
-                self._send(("cancel", request_id))
+                try:
+                    self._send(("cancel", request_id))
+                except EngineStopped:  # nothing left to cancel
+                    pass
 
     def stats(self) -> dict:
         with self._lock:
