@@ -812,7 +812,8 @@ def _train(s: TrainSettings, ddp: Distributed, prepare: Callable[[], object] | N
                                 len(train_tokens), s.max_minutes, ddp.device.type)
     if start.preset == auto.NAME and start.state is None:
         console.log(f"--config auto: {auto.TRUNK}'s trunk with vocab {start.config.vocab_size:,}; batch {h.batch_size} "
-                    f"x {h.seq_len}, lr {h.learning_rate:g}, dropout {h.dropout:g} (see the README's rule)")
+                    f"x {h.seq_len}, lr {h.learning_rate:g}, dropout {h.dropout:g}, weight decay {h.weight_decay:g} "
+                    "(see the README's rule)")
     _validate(h, start.config, len(train_tokens))
     asked = s.compile if s.compile is not None else ((start.state or {}).get("args") or {}).get("compile")
     s = replace(s, compile=use_compile(asked, s.max_minutes, s.hyper.steps, ddp.device))  # a resume keeps its choice

@@ -22,6 +22,14 @@ def test_dropout_follows_the_passes_the_budget_allows():
     assert auto.training_defaults(1000, 1, "cpu")["learning_rate"] == 2e-3
 
 
+def test_weight_decay_follows_the_passes_the_budget_allows():
+    cpu = auto.TOKENS_PER_S["cpu"]
+    assert auto.weight_decay(10 * 60 * cpu, 10, "cpu") == 0.1  # one pass: the usual
+    assert auto.weight_decay(10 * 60 * cpu // 3, 10, "cpu") == auto.WD_MANY > 0.1  # three
+    assert auto.training_defaults(10 * 60 * cpu // 6, 10, "cpu")["weight_decay"] == auto.WD_MANY
+    assert auto.weight_decay(100_000_000, None, "cpu") == 0.1
+
+
 def test_default_run_is_auto(tmp_path, capsys):
     data = tmp_path / "data"
     assert main(["--mode", "prepare_data", "--out-dir", str(data)]) == 0
@@ -37,10 +45,11 @@ def test_default_run_is_auto(tmp_path, capsys):
     state = json.loads((latest / ckpt.STATE_FILE).read_text())
     assert (config["vocab_size"], config["hidden_size"], config["num_hidden_layers"]) == (512, 256, 8)
     assert state["preset"] == "auto" and state["args"]["dropout"] == 0.2 and state["args"]["learning_rate"] == 2e-3
+    assert state["args"]["weight_decay"] == auto.WD_MANY
     # the command line still wins
-    assert main([*args, "--out-dir", str(tmp_path / "run2"), "--dropout", "0"]) == 0
+    assert main([*args, "--out-dir", str(tmp_path / "run2"), "--dropout", "0", "--weight-decay", "0.1"]) == 0
     state = json.loads((ckpt.find_latest(tmp_path / "run2") / ckpt.STATE_FILE).read_text())
-    assert state["args"]["dropout"] == 0.0
+    assert state["args"]["dropout"] == 0.0 and state["args"]["weight_decay"] == 0.1
 
 
 def test_the_pass_cap_in_steps():
