@@ -2,6 +2,7 @@
 a small model trained on them for a few steps, saved as a checkpoint and loaded back the way
 `--mode serve` loads it, and uvicorn on a free port of 127.0.0.1."""
 
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import torch
 from sakimi_next.pretrained import load_for_inference
 from sakimi_next.model import Qwen3NextForCausalLM
 from sakimi_next.serve.api import BackgroundServer, ServerSettings, create_app
-from sakimi_next.serve.engine import Engine
+from sakimi_next.serve.engine import Engine, Event, Request
 from sakimi_next.serve.process import EngineProcess, ModelSource
 from sakimi_next.tokenizer import train_tokenizer
 from sakimi_next.train import build_optimizer
@@ -65,5 +66,39 @@ def live_server(checkpoint: Path, max_concurrent: int = 8, max_queue: int = 16, 
         app = create_app(engine, ServerSettings(MODEL, max_prompt_tokens, max_tokens, request_timeout, api_key))
         with BackgroundServer(app) as server:
             yield server, engine
+    finally:
+        engine.stop()
+
+
+class Collector:
+    """The events of several requests, by index; `wait` until each has its last one (bounded)."""
+
+    def __init__(self, n: int):
+        self.events: list[list[Event]] = [[] for _ in range(n)]
+        self.done = [threading.Event() for _ in range(n)]
+
+    def on_event(self, i: int):
+        def put(e: Event):
+            self.events[i].append(e)
+            if e.last:
+                self.done[i].set()
+        return put
+
+    def wait(self, seconds: float = 300) -> list[list[Event]]:
+        """Generous by default: a compile on a loaded machine can take minutes."""
+        for d in self.done:
+            assert d.wait(timeout=seconds)
+        return self.events
+
+
+def run_requests(engine, requests: list[dict]) -> list[list[Event]]:
+    """Start the engine (in this process or its own), submit all requests (`Request` fields) at once,
+    wait until each has its last event, stop it."""
+    got = Collector(len(requests))
+    engine.start()
+    try:
+        for i, r in enumerate(requests):
+            engine.submit(Request(on_event=got.on_event(i), **r))
+        return got.wait()
     finally:
         engine.stop()

@@ -3,6 +3,7 @@
 import json
 import threading
 import time
+from pathlib import Path
 
 import httpx2 as httpx  # the HTTP client the openai package is built on
 import openai
@@ -307,8 +308,9 @@ def test_queue_full_and_timeouts(checkpoint):
         assert error_of(r, 503)["code"] == "timeout"
 
 
-def test_serve_command(checkpoint, capsys):
-    """`--mode serve` itself: bad flags are one line and exit code 2; the server starts, answers, stops."""
+def test_serve_command(checkpoint, capsys, tmp_path):
+    """`--mode serve` itself: bad flags and a bad checkpoint are one line and exit code 2; the server
+    starts, answers and stops, with the model in its own process (the default) and with --in-process."""
     import socket
     import subprocess
     import sys
@@ -317,34 +319,64 @@ def test_serve_command(checkpoint, capsys):
 
     from .helpers import ROOT
 
+    (tmp_path / "notes.txt").write_text("not a model")
     for flags, message in (([], "--resume-from"), (["--resume-from", str(checkpoint), "--max-concurrent", "0"],
                                                    "--max-concurrent"),
                            (["--resume-from", str(checkpoint), "--request-timeout", "nan"], "--request-timeout"),
-                           (["--resume-from", str(checkpoint), "--port", "70000"], "--port")):
+                           (["--resume-from", str(checkpoint), "--port", "70000"], "--port"),
+                           (["--resume-from", str(tmp_path), "--port", "0"], "not a checkpoint")):
         assert main(["--mode", "serve", *flags]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "sakimi_next", "--mode", "serve", "--resume-from", str(checkpoint),
-                             "--port", str(port), "--model-name", MODEL, "--threads", "1"], cwd=ROOT,
-                            stderr=subprocess.PIPE, text=True)
+    for extra in ([], ["--in-process"]):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        proc = subprocess.Popen([sys.executable, "-m", "sakimi_next", "--mode", "serve", "--resume-from", str(checkpoint),
+                                 "--port", str(port), "--model-name", MODEL, "--threads", "1", *extra], cwd=ROOT,
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            for _ in range(600):  # bounded: up to a minute to load and bind
+                try:
+                    if httpx.get(url + "/health", timeout=5).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    time.sleep(0.1)
+            r = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0).completions.create(
+                model=MODEL, prompt="The for statement", max_tokens=5, temperature=0)
+            assert r.usage.completion_tokens == 5
+            children = child_pids(proc.pid)
+            assert len(children) >= (0 if extra else 1)  # the model's own process
+        finally:
+            proc.terminate()
+            _, err = proc.communicate(timeout=60)
+        assert f"as '{MODEL}'" in err and f"http://127.0.0.1:{port}/" in err
+        for _ in range(300):  # bounded: the model's process ends with the server
+            if not any(map(running, children)):
+                break
+            time.sleep(0.1)
+        assert not any(map(running, children))
+
+
+def running(pid: int) -> bool:
+    """The process exists and has not ended (a zombie has ended; in a container nobody may reap it)."""
     try:
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(600):  # bounded: up to a minute to load and bind
-            try:
-                if httpx.get(url + "/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
-        r = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0).completions.create(
-            model=MODEL, prompt="The for statement", max_tokens=5, temperature=0)
-        assert r.usage.completion_tokens == 5
-    finally:
-        proc.terminate()
-        _, err = proc.communicate(timeout=60)
-    assert f"as '{MODEL}'" in err and f"http://127.0.0.1:{port}/" in err
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if stat.read_text().rsplit(")", 1)[1].split()[1] == str(pid):
+                found.append(int(stat.parent.name))
+        except OSError:
+            continue
+    return found
 
 
 def test_a_stuck_engine_still_answers_with_a_timeout(checkpoint):

@@ -1,8 +1,6 @@
 """Continuous batching: a sequence decoded in a batch that others join and leave gets the tokens and
 logits it gets alone; the engine's replies equal plain `generate`."""
 
-import threading
-
 import pytest
 import torch
 
@@ -12,6 +10,7 @@ from sakimi_next.serve.batch import BatchCache
 from sakimi_next.serve.engine import Engine, Event, QueueFull, Request
 
 from .helpers import small_config, train_briefly
+from .serve_support import Collector, run_requests
 
 VOCAB = 160
 
@@ -99,26 +98,7 @@ def test_batch_trims_padding_columns_when_the_long_sequence_leaves(model):
 def run_engine(model, requests: list[dict], max_concurrent: int = 8, max_queue: int = 64,
                decode=decode_one_token) -> list[list[Event]]:
     """Submit all requests at once; wait (bounded) until each has its last event."""
-    engine = Engine(model, TokenIds(), max_concurrent, max_queue, decode)
-    events: list[list[Event]] = [[] for _ in requests]
-    done = threading.Semaphore(0)
-
-    def collect(i):
-        def on_event(e):
-            events[i].append(e)
-            if e.last:
-                done.release()
-        return on_event
-
-    engine.start()
-    try:
-        for i, r in enumerate(requests):
-            engine.submit(Request(on_event=collect(i), **r))
-        for _ in requests:
-            assert done.acquire(timeout=300)  # generous: a compile on a loaded machine can take minutes
-    finally:
-        engine.stop()
-    return events
+    return run_requests(Engine(model, TokenIds(), max_concurrent, max_queue, decode), requests)
 
 
 class TokenIds:
@@ -151,19 +131,13 @@ def test_engine_prefills_prompts_of_one_length_together(model):
     engine = Engine(model, TokenIds(), max_concurrent=8)
     groups, prefill_group = [], engine._prefill
     engine._prefill = lambda group: (groups.append([len(r.prompt) for r in group]), prefill_group(group))[1]
-    events: list[list[Event]] = [[] for _ in ps]
-    done = threading.Semaphore(0)
-
-    def collect(i):
-        return lambda e: (events[i].append(e), e.last and done.release())
-
+    got = Collector(len(ps))
     engine._running = True  # queue everything first, so that the first loop admits it all at once
     for i, (p, n) in enumerate(zip(ps, budgets)):
-        engine.submit(Request(p, n, greedy, collect(i)))
+        engine.submit(Request(p, n, greedy, got.on_event(i)))
     engine.start()
     try:
-        for _ in ps:
-            assert done.acquire(timeout=120)
+        events = got.wait()
     finally:
         engine.stop()
     assert groups == [[9, 9, 9, 9], [5, 5]]

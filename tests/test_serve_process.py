@@ -1,16 +1,14 @@
 """The engine in a child process (`serve/process.py`, what `--mode serve` runs): the same replies as
 the engine in this process, its limits, cancellation, and what happens when the child fails."""
 
-import threading
-
 import pytest
 
 from sakimi_next.generate import SamplingSettings
-from sakimi_next.serve.engine import Engine, EngineStopped, Event, QueueFull, Request
+from sakimi_next.serve.engine import Engine, EngineStopped, QueueFull, Request
 from sakimi_next.serve.process import EngineProcess, ModelSource, load_model
 from sakimi_next.util import UserError
 
-from .serve_support import make_served_checkpoint
+from .serve_support import Collector, make_served_checkpoint, run_requests
 
 GREEDY = SamplingSettings(temperature=0)
 
@@ -20,37 +18,12 @@ def checkpoint(tmp_path_factory):
     return make_served_checkpoint(tmp_path_factory.mktemp("serve-process"))
 
 
-class Collector:
-    """Events of several requests; `wait` until each has its last one (bounded)."""
-
-    def __init__(self, n: int):
-        self.events: list[list[Event]] = [[] for _ in range(n)]
-        self.done = [threading.Event() for _ in range(n)]
-
-    def on_event(self, i: int):
-        def put(e: Event):
-            self.events[i].append(e)
-            if e.last:
-                self.done[i].set()
-        return put
-
-    def wait(self, seconds: float = 120) -> list[tuple[str, str | None, str | None, int]]:
-        for d in self.done:
-            assert d.wait(timeout=seconds)
-        return [("".join(e.text for e in ev), ev[-1].finish_reason, ev[-1].error, ev[-1].completion_tokens)
-                for ev in self.events]
-
-
 def run(engine, prompts: list[list[int]], max_tokens: int = 20, sampling=GREEDY, seed=None):
-    got = Collector(len(prompts))
-    engine.start()
-    try:
-        for i, p in enumerate(prompts):
-            engine.submit(Request(prompt=p, max_tokens=max_tokens + 3 * i, sampling=sampling, seed=seed,
-                                  on_event=got.on_event(i)))
-        return got.wait()
-    finally:
-        engine.stop()
+    """Each reply as (text, finish reason, error, completion tokens)."""
+    events = run_requests(engine, [dict(prompt=p, max_tokens=max_tokens + 3 * i, sampling=sampling, seed=seed)
+                                   for i, p in enumerate(prompts)])
+    return [("".join(e.text for e in ev), ev[-1].finish_reason, ev[-1].error, ev[-1].completion_tokens)
+            for ev in events]
 
 
 def test_replies_equal_the_engine_in_this_process(checkpoint):
@@ -97,7 +70,8 @@ def test_limits_cancel_and_counters(checkpoint):
         assert len(got.events[0]) == seen and not any(e.last for ev in got.events for e in ev)  # no event after a cancel
         short = Collector(1)
         engine.submit(Request(prompt=[5], max_tokens=4, sampling=GREEDY, on_event=short.on_event(0)))
-        assert short.wait()[0][1:] == ("length", None, 4)
+        (ev,) = short.wait()
+        assert (ev[-1].finish_reason, ev[-1].error, ev[-1].completion_tokens) == ("length", None, 4)
     finally:
         engine.stop()
     with pytest.raises(EngineStopped):
@@ -116,7 +90,7 @@ def test_a_child_that_dies_ends_every_request(checkpoint):
                 break
             got.done[0].wait(timeout=0.1)
         engine._process.kill()
-        assert [error for _, _, error, _ in got.wait()] == ["internal error: the engine process stopped"] * 2
+        assert [ev[-1].error for ev in got.wait(120)] == ["internal error: the engine process stopped"] * 2
         assert got.events[1][-1].code == "internal_error"
         with pytest.raises(EngineStopped):
             engine.submit(Request(prompt=[5], max_tokens=4, sampling=GREEDY, on_event=lambda e: None))

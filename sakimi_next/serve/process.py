@@ -65,21 +65,28 @@ class EngineProcess:
         self._process.start()
         command_reader.close()
         event_writer.close()
-        if not events.poll(self.start_seconds):
+        message = self._first_message(events)
+        if message[0] != "ready":
             self._process.kill()
-            raise UserError(f"the engine process did not load the model within {self.start_seconds:.0f} s")
-        try:
-            message = events.recv()
-        except EOFError:
             self._process.join()
-            raise UserError(f"the engine process exited while loading the model (exit code {self._process.exitcode})") from None
-        if message[0] == "failed":
-            self._process.join()
+            self._process = None
+            events.close()
+            self._commands.close()
             raise UserError(message[1])
         _, self.tokenizer, self.config, self.info, self._stats = message
         self._running = True
         self._receiver = threading.Thread(target=self._receive, args=(events,), name="sakimi-engine-events", daemon=True)
         self._receiver.start()
+
+    def _first_message(self, events) -> tuple:
+        """("ready", ...) once the child has loaded the model, else ("failed", one line)."""
+        if not events.poll(self.start_seconds):
+            return "failed", f"the engine process did not load the model within {self.start_seconds:.0f} s"
+        try:
+            return events.recv()
+        except EOFError:
+            self._process.join()
+            return "failed", f"the engine process exited while loading the model (exit code {self._process.exitcode})"
 
     def stop(self) -> None:
         """Stop the child (requests still in flight end with the shutdown error) and wait for it."""
