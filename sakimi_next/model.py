@@ -21,6 +21,7 @@ from .cache import AttentionCache, Cache, LinearAttentionCache
 from .config import FULL, LINEAR, Config
 from .kernels import gated_delta_rule, recurrent_step, resolve_kernel
 from .kernels.conv import causal_conv1d, causal_conv1d_step, conv_taps, update_window
+from .kernels.linear import StepLinear
 from .moe import SparseMoeBlock
 
 
@@ -94,6 +95,12 @@ def inference_weight(module: nn.Module, name: str, params: tuple[torch.Tensor, .
             cached = (key, build())
         module.__dict__[name] = cached
     return cached[1]
+
+
+def inference_linear(module: nn.Module, name: str, params: tuple[torch.Tensor, ...], build=None) -> StepLinear:
+    """`inference_weight` for a matrix product of decoding: `build()` (default: the one weight in
+    `params`) as a `StepLinear`, which picks the faster matmul for the rows at hand."""
+    return inference_weight(module, name, params, lambda: StepLinear(build() if build else params[0]))
 
 
 # ----------------------------------------------------------------------------------------- attention
@@ -187,9 +194,9 @@ class GatedAttention(nn.Module):
         over the cache. rope (cos, sin) [B, T, rot]; attn_mask [B, 1, T, L], or None for causal."""
         B, T = x.shape[:2]
         D, nH, nKV = self.head_dim, self.num_heads, self.num_kv_heads
-        w = inference_weight(self, "_qkv", (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight),
-                             lambda: torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]))
-        qg, k, v = F.linear(x, w).split([2 * nH * D, nKV * D, nKV * D], dim=-1)
+        qkv = inference_linear(self, "_qkv", (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight),
+                               lambda: torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]))
+        qg, k, v = qkv(x).split([2 * nH * D, nKV * D, nKV * D], dim=-1)
         q, gate = qg.view(B, T, nH, 2 * D).split(D, dim=-1)
         q = apply_rotary(self.q_norm.step(q), *rope)
         k = apply_rotary(self.k_norm.step(k.view(B, T, nKV, D)), *rope)
@@ -198,7 +205,8 @@ class GatedAttention(nn.Module):
             L = keys.shape[2]
             attn_mask = torch.ones(T, L, dtype=torch.bool, device=x.device).tril(L - T)
         y = decode_attention(q.transpose(1, 2), keys, values, attn_mask, D**-0.5)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, nH * D) * torch.sigmoid(gate.reshape(B, T, nH * D)))
+        o_proj = inference_linear(self, "_o", (self.o_proj.weight,))
+        return o_proj(y.transpose(1, 2).reshape(B, T, nH * D) * torch.sigmoid(gate.reshape(B, T, nH * D)))
 
 
 # ------------------------------------------------------------------------------------- gated deltanet
@@ -286,8 +294,8 @@ class GatedDeltaNet(nn.Module):
         a fixed amount of work per token whatever the context."""
         B, T = x.shape[:2]
         Hk, Hv, dk, dv = self.num_k_heads, self.num_v_heads, self.head_k_dim, self.head_v_dim
-        w = inference_weight(self, "_proj", (self.in_proj_qkvz.weight, self.in_proj_ba.weight), self.projection_weight)
-        qkv, z, b, a = F.linear(x, w).split(self.proj_split, dim=-1)
+        proj = inference_linear(self, "_proj", (self.in_proj_qkvz.weight, self.in_proj_ba.weight), self.projection_weight)
+        qkv, z, b, a = proj(x).split(self.proj_split, dim=-1)
         if cache.history is not None:
             cache.inputs = qkv
         if T == 1:
@@ -309,7 +317,8 @@ class GatedDeltaNet(nn.Module):
             if cache.history is not None:  # verifying drafts: keep each position's state for a rollback
                 cache.history.append(cache.recurrent_state.clone())
         o = torch.stack(outs, dim=1)
-        return self.out_proj(self.norm.step(o, z.view(B, T, Hv, dv)).view(B, T, self.value_dim))
+        out_proj = inference_linear(self, "_out", (self.out_proj.weight,))
+        return out_proj(self.norm.step(o, z.view(B, T, Hv, dv)).view(B, T, self.value_dim))
 
 
 class MLP(nn.Module):
@@ -326,10 +335,10 @@ class MLP(nn.Module):
 
     def step(self, x: torch.Tensor) -> torch.Tensor:
         """The same for decoding (inference only), gate and up as one matmul."""
-        w = inference_weight(self, "_gate_up", (self.gate_proj.weight, self.up_proj.weight),
-                             lambda: torch.cat([self.gate_proj.weight, self.up_proj.weight]))
-        gate, up = F.linear(x, w).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        gate_up = inference_linear(self, "_gate_up", (self.gate_proj.weight, self.up_proj.weight),
+                                   lambda: torch.cat([self.gate_proj.weight, self.up_proj.weight]))
+        gate, up = gate_up(x).chunk(2, dim=-1)
+        return inference_linear(self, "_down", (self.down_proj.weight,))(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -571,7 +580,7 @@ class Qwen3NextForCausalLM(nn.Module):
     def decode_step(self, token: torch.Tensor, cache: Cache) -> torch.Tensor:
         """token [B] -> logits [B, V] of the next position: `forward(token[:, None], cache=cache)` with
         as little work around the layers as possible (inference only: call under torch.inference_mode)."""
-        return F.linear(self.decode_hidden(token[:, None], cache)[:, 0], self.lm_head_weight)
+        return inference_linear(self, "_lm_head", (self.lm_head_weight,))(self.decode_hidden(token[:, None], cache)[:, 0])
 
     def decode_hidden(self, tokens: torch.Tensor, cache: Cache) -> torch.Tensor:
         """A few new tokens [B, T] (T small: a decoding step, or drafts to verify) -> final hidden states

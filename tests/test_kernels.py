@@ -1,4 +1,4 @@
-"""The chunked gated delta rule and the conv paths against their plain references, in float64."""
+"""The chunked gated delta rule, the conv paths and the decoding matmul against their plain references."""
 
 import pytest
 import torch
@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from sakimi_next.kernels import chunk_gated_delta_rule, recurrent_gated_delta_rule, recurrent_step
 from sakimi_next.kernels.conv import causal_conv1d, causal_conv1d_step, conv_taps, update_window
+from sakimi_next.kernels.linear import StepLinear
 
 
 def make_inputs(B, T, Hk, H, K, V, gate, seed=0, dtype=torch.float64):
@@ -223,3 +224,51 @@ def test_conv_with_document_starts():
     g_alone = torch.autograd.grad((alone * dy).sum(), (x, weight))
     for a, b in zip(g_packed, g_alone):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 2, 8, 16])
+def test_step_linear_matches_f_linear(dtype, rows):
+    """The decoding matmul (oneDNN's packed weight where it is faster, else F.linear) computes F.linear:
+    float32 to rounding (one row: exactly, it is F.linear), bfloat16 to bfloat16 rounding; on x86 with
+    AVX-512 the packed path is the one taken for several float32 rows."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(768, 256, generator=gen).to(dtype)
+    x = torch.randn(rows, 1, 256, generator=gen).to(dtype)
+    step = StepLinear(w)
+    y, ref = step(x), F.linear(x, w)
+    assert y.shape == ref.shape == (rows, 1, 768) and y.dtype == dtype
+    if dtype == torch.float32 and rows == 1:
+        assert torch.equal(y, ref)
+    else:
+        torch.testing.assert_close(y.float(), ref.float(), rtol=0, atol=1e-4 if dtype == torch.float32 else 0.25)
+    if torch.backends.cpu.get_cpu_capability().startswith("AVX512") and torch.backends.mkldnn.is_available():
+        assert step.packed is not None
+
+
+def test_step_linear_keeps_autograd_and_copies():
+    """A tensor that needs a gradient takes F.linear (the packed op has no backward); a deep copy packs
+    its own weight (oneDNN's opaque tensors cannot be copied), and so does a deep-copied model."""
+    import copy
+
+    from sakimi_next.config import preset
+    from sakimi_next.model import Qwen3NextForCausalLM
+
+    w = torch.randn(64, 32)
+    x = torch.randn(4, 32, requires_grad=True)
+    step = StepLinear(w)
+    step(x).sum().backward()
+    torch.testing.assert_close(x.grad, w.sum(0).expand(4, 32))
+    twin = copy.deepcopy(step)
+    assert torch.equal(twin.weight, w) and twin.weight.data_ptr() != w.data_ptr()
+    torch.testing.assert_close(twin(x.detach()), step(x.detach()), rtol=0, atol=0)
+
+    torch.manual_seed(0)
+    model = Qwen3NextForCausalLM(preset("tiny_5m")).eval()
+    tokens = torch.tensor([5, 7, 9])
+    with torch.inference_mode():
+        cache = model.new_cache(3)
+        logits = model.decode_step(tokens, cache)  # builds and packs the fused decoding weights
+    twin_model = copy.deepcopy(model)
+    with torch.inference_mode():
+        torch.testing.assert_close(twin_model.decode_step(tokens, twin_model.new_cache(3)), logits, rtol=0, atol=0)
