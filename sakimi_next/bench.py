@@ -17,6 +17,7 @@ from contextlib import contextmanager
 
 import torch
 
+from .kernels.linear import StepLinear
 from .model import Qwen3NextForCausalLM, active_parameters
 
 
@@ -204,26 +205,22 @@ def decode_tokens_per_s(model, prompt_len: int, new_tokens: int, hf=None, decode
         with torch.inference_mode():
             generate(model, prompt.tolist(), new_tokens, decode=decode or decode_one_token)
 
-    theirs = None
-    if hf is not None:
-        def theirs():
-            with torch.inference_mode():
-                hf.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                            eos_token_id=None, pad_token_id=0)
-    a, b = interleaved(ours, theirs, repeats=5, warmup=1)
+    def theirs():
+        with torch.inference_mode():
+            hf.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                        eos_token_id=None, pad_token_id=0)
+    a, b = interleaved(ours, theirs if hf is not None else None, repeats=5, warmup=1)
     return new_tokens / a, (new_tokens / b if b else None)
 
 
 @torch.inference_mode()
 def decode_weights(model) -> list[torch.Tensor]:
-    """The matrices one decoding step of a dense model multiplies by, as the step holds them: the fused
-    inference weights (q/k/v, DeltaNet in-projections, gate/up), the output projections, the LM head."""
+    """The matrices one decoding step of a dense model multiplies by, as the step holds them (its
+    `StepLinear`s): the fused inference weights (q/k/v, DeltaNet in-projections, gate/up), the output
+    projections, the LM head."""
     model.decode_step(torch.zeros(1, dtype=torch.long), model.new_cache(1, capacity=1))  # builds them
-    weights = [v[1] for m in model.model.layers.modules() for k, v in m.__dict__.items()
-               if k in ("_proj", "_qkv", "_gate_up")]
-    weights += [m.weight for name, m in model.model.layers.named_modules()
-                if name.endswith(("out_proj", "o_proj", "down_proj"))]
-    return weights + [model.lm_head_weight]
+    return [cached[1].weight for m in model.modules() for cached in m.__dict__.values()
+            if isinstance(cached, tuple) and len(cached) == 2 and isinstance(cached[1], StepLinear)]
 
 
 @torch.inference_mode()
