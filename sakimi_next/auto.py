@@ -10,6 +10,9 @@ corpus and the time budget, by a rule measured on this project's runs (README, "
                  four, 0.2 beyond (the 9.4M-parameter model memorises a 1 MB text after ~3 passes)
     weight decay 0.1 for one pass or less, 1.0 beyond: a text seen several times wants far more
                  than the usual 0.1 (on Tiny Shakespeare, 0.5, 1 and 2 each scored better held out)
+    optimizer    muon (Muon for the decoder layers' matrices, AdamW for the rest; adamw with torch < 2.9
+                 or --fsdp): the same passes fit the text better (validation stretches 3.369 -> 3.308 nats)
+                 and the held-out text a little (2.118 -> 2.107 bits/byte), for ~3% more time a step
 
     length       a time budget (--max-minutes without --steps) stops at 5.5 passes over the text: more
                  passes, a wider model or more dropout all scored worse on held-out text
@@ -75,6 +78,13 @@ def weight_decay(train_tokens: int, minutes: float | None, device_type: str) -> 
     return WD_ONE_PASS if passes(train_tokens, minutes, device_type) <= 1 else WD_MANY
 
 
-def training_defaults(train_tokens: int, minutes: float | None, device_type: str) -> dict:
+def optimizer(fsdp: bool = False) -> str:
+    """Muon where torch has it, except under FSDP (sharded matrices)."""
+    import torch
+
+    return "muon" if hasattr(torch.optim, "Muon") and not fsdp else "adamw"
+
+
+def training_defaults(train_tokens: int, minutes: float | None, device_type: str, fsdp: bool = False) -> dict:
     return {**DEFAULTS, "dropout": dropout(train_tokens, minutes, device_type),
-            "weight_decay": weight_decay(train_tokens, minutes, device_type)}
+            "weight_decay": weight_decay(train_tokens, minutes, device_type), "optimizer": optimizer(fsdp)}

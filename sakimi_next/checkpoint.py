@@ -3,7 +3,7 @@
     runs/tiny/
       step_000250/
         model.safetensors       weights, transformers parameter names
-        optimizer.safetensors   AdamW moments and step counts, plus RNG states (tensors only)
+        optimizer.safetensors   AdamW moments and step counts (Muon: its momentum too), plus RNG states
         optimizer.json          param groups (hyper-parameters and parameter names)
         trainer_state.json      step, tokens, sampler state, RNG states, scheduler, best validation, arguments
         config.json             the model Config
@@ -82,9 +82,9 @@ def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def optimizer_payload(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """AdamW state as (tensors for safetensors, JSON description), keyed by parameter name
+    """The optimiser state as (tensors for safetensors, JSON description), keyed by parameter name
     (collective under FSDP: call on every rank)."""
-    sd = get_optimizer_state_dict(plain_module(model), optimizer, options=FULL_STATE)
+    sd = get_optimizer_state_dict(plain_module(model), _parts(optimizer), options=FULL_STATE)
     tensors: dict[str, torch.Tensor] = {}
     for name, state in sd.get("state", {}).items():
         for key, value in state.items():
@@ -92,6 +92,11 @@ def optimizer_payload(model: torch.nn.Module, optimizer: torch.optim.Optimizer) 
             tensors[f"state.{name}.{key}"] = t.detach().to("cpu").contiguous()
     meta = {"class": type(optimizer).__name__, "param_groups": sd.get("param_groups", [])}
     return tensors, meta
+
+
+def _parts(optimizer) -> list[torch.optim.Optimizer]:
+    """The torch optimisers behind the training loop's one (two for train.MuonWithAdamW)."""
+    return list(getattr(optimizer, "parts", [optimizer]))
 
 
 def gather_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
@@ -334,7 +339,8 @@ def load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], sourc
 
 
 def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ckpt: Path) -> None:
-    """Restore AdamW's moments and step counts (each rank reads the full state and keeps its shard)."""
+    """Restore the optimiser state: moments, momentum, step counts (each rank reads the full state and
+    keeps its shard)."""
     meta = read_optimizer_meta(ckpt)
     tensors = load_tensors(ckpt / OPTIM_FILE)
     state: dict[str, dict] = {}
@@ -345,7 +351,7 @@ def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ckp
     saved = sorted(n for g in meta["param_groups"] for n in g["params"])
     if saved != sorted(n for n, _ in plain_module(model).named_parameters()):
         raise UserError(f"optimizer state in {ckpt} does not match this model's parameters")
-    set_optimizer_state_dict(plain_module(model), optimizer, {"state": state, "param_groups": meta["param_groups"]},
+    set_optimizer_state_dict(plain_module(model), _parts(optimizer), {"state": state, "param_groups": meta["param_groups"]},
                              options=StateDictOptions(full_state_dict=True))
 
 

@@ -294,7 +294,8 @@ class GatedDeltaNet(nn.Module):
         a fixed amount of work per token whatever the context."""
         B, T = x.shape[:2]
         Hk, Hv, dk, dv = self.num_k_heads, self.num_v_heads, self.head_k_dim, self.head_v_dim
-        proj = inference_linear(self, "_proj", (self.in_proj_qkvz.weight, self.in_proj_ba.weight), self.projection_weight)
+        proj = inference_linear(self, "_proj", (self.in_proj_qkvz.weight, self.in_proj_ba.weight),
+                                self.projection_weight)
         qkv, z, b, a = proj(x).split(self.proj_split, dim=-1)
         if cache.history is not None:
             cache.inputs = qkv
@@ -580,7 +581,8 @@ class Qwen3NextForCausalLM(nn.Module):
     def decode_step(self, token: torch.Tensor, cache: Cache) -> torch.Tensor:
         """token [B] -> logits [B, V] of the next position: `forward(token[:, None], cache=cache)` with
         as little work around the layers as possible (inference only: call under torch.inference_mode)."""
-        return inference_linear(self, "_lm_head", (self.lm_head_weight,))(self.decode_hidden(token[:, None], cache)[:, 0])
+        lm_head = inference_linear(self, "_lm_head", (self.lm_head_weight,))
+        return lm_head(self.decode_hidden(token[:, None], cache)[:, 0])
 
     def decode_hidden(self, tokens: torch.Tensor, cache: Cache) -> torch.Tensor:
         """A few new tokens [B, T] (T small: a decoding step, or drafts to verify) -> final hidden states

@@ -10,6 +10,9 @@ from pathlib import Path
 from .util import UserError
 
 
+OPTIMIZERS = ("adamw", "muon")
+
+
 @dataclass(frozen=True)
 class Hyperparameters:
     """The training settings a resumed run takes from its checkpoint when the command line does not give
@@ -35,6 +38,7 @@ class Hyperparameters:
     mtp_weight: float | None = None
     document_masking: bool | None = None
     dropout: float | None = None  # a training setting only: never saved with the model
+    optimizer: str | None = None  # "adamw", or "muon" (Muon for the layers' matrices, AdamW for the rest)
 
 
 @dataclass(frozen=True)

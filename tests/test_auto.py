@@ -45,11 +45,13 @@ def test_default_run_is_auto(tmp_path, capsys):
     state = json.loads((latest / ckpt.STATE_FILE).read_text())
     assert (config["vocab_size"], config["hidden_size"], config["num_hidden_layers"]) == (512, 256, 8)
     assert state["preset"] == "auto" and state["args"]["dropout"] == 0.2 and state["args"]["learning_rate"] == 2e-3
-    assert state["args"]["weight_decay"] == auto.WD_MANY
+    assert state["args"]["weight_decay"] == auto.WD_MANY and state["args"]["optimizer"] == "muon"
+    assert json.loads((latest / "optimizer.json").read_text())["class"] == "MuonWithAdamW"
     # the command line still wins
-    assert main([*args, "--out-dir", str(tmp_path / "run2"), "--dropout", "0", "--weight-decay", "0.1"]) == 0
+    assert main([*args, "--out-dir", str(tmp_path / "run2"), "--dropout", "0", "--weight-decay", "0.1",
+                 "--optimizer", "adamw"]) == 0
     state = json.loads((ckpt.find_latest(tmp_path / "run2") / ckpt.STATE_FILE).read_text())
-    assert state["args"]["dropout"] == 0.0 and state["args"]["weight_decay"] == 0.1
+    assert (state["args"]["dropout"], state["args"]["weight_decay"], state["args"]["optimizer"]) == (0.0, 0.1, "adamw")
 
 
 def test_the_pass_cap_in_steps():

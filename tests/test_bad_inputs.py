@@ -71,6 +71,8 @@ CASES = {
     "train missing checkpoint": ([*TRAIN, "--resume-from", "nothing/here"], "checkpoint not found"),
     "train no prepared data": ([*TRAIN, "--data-dir", "empty"], "no prepared data in empty"),
     "train fla on cpu": ([*TRAIN, "--kernel", "fla"], "kernel 'fla' needs a CUDA device"),
+    "train optimizer sgd": ([*TRAIN, "--optimizer", "sgd"], "invalid choice: 'sgd'"),
+    "train muon with fsdp": ([*TRAIN, "--optimizer", "muon", "--fsdp"], "--optimizer muon does not work with --fsdp"),
     # generate
     "generate temperature nan": ([*GENERATE, "--temperature", "nan"], "--temperature (nan) must be a finite number"),
     "generate temperature inf": ([*GENERATE, "--temperature", "inf"], "--temperature (inf) must be a finite number"),

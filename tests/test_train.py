@@ -301,3 +301,45 @@ def test_compiled_training_matches_eager(data_dir, tmp_path):
         with safe_open(str(ckpt.find_latest(tmp_path / run) / "model.safetensors"), "pt") as f:
             names.append(sorted(f.keys()))
     assert names[0] == names[1]
+
+
+def test_muon_trains_resumes_exactly_and_keeps_its_optimizer(data_dir, tmp_path, capsys):
+    """--optimizer muon: the loss falls; resumed from a checkpoint half-way (Muon's momentum and AdamW's
+    moments restored), the run gives the uninterrupted run's losses and weights bit for bit; a resumed run
+    keeps the optimizer it was trained with, and asking for the other one is one line, exit code 2."""
+    common = ["--steps", "14", "--eval-every", "7", "--save-every", "7", "--optimizer", "muon"]
+    assert train(data_dir, tmp_path / "whole", *common) == 0
+    whole = losses(tmp_path / "whole")
+    assert sum(whole[s] for s in range(12, 15)) / 3 < sum(whole[s] for s in range(1, 4)) / 3 - 0.5
+    assert json.loads((tmp_path / "whole" / "latest" / "optimizer.json").read_text())["class"] == "MuonWithAdamW"
+    (tmp_path / "cut").mkdir()
+    os.symlink(tmp_path / "whole" / "step_000007", tmp_path / "cut" / "half")  # a checkpoint is read, never changed
+    assert train(data_dir, tmp_path / "cut", *common[:6], "--resume-from", str(tmp_path / "cut" / "half")) == 0
+    cut = losses(tmp_path / "cut")
+    assert {s: cut[s] for s in range(8, 15)} == {s: whole[s] for s in range(8, 15)}
+    a = ckpt.load_tensors(tmp_path / "whole" / "latest" / "model.safetensors")
+    b = ckpt.load_tensors(tmp_path / "cut" / "latest" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    capsys.readouterr()
+    rc = train(data_dir, tmp_path / "cut", "--steps", "16", "--resume-from", "auto", "--optimizer", "adamw")
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "trained with --optimizer muon" in err, err
+
+
+def test_muon_takes_the_layers_matrices():
+    """Muon gets exactly the 2-D weights of the decoder layers and the MTP block; AdamW the embedding
+    (the tied output layer), norms, the conv, A_log and dt_bias; every parameter once."""
+    from sakimi_next.config import preset
+    from sakimi_next.model import Qwen3NextForCausalLM
+    from sakimi_next.train import build_optimizer
+
+    model = Qwen3NextForCausalLM(preset("tiny_5m", mtp_num_hidden_layers=1))
+    opt = build_optimizer(model, 1e-3, 0.5, (0.9, 0.95), kind="muon")
+    muon, adamw = opt.parts
+    names = {id(p): n for n, p in model.named_parameters()}
+    in_muon = {names[id(p)] for g in muon.param_groups for p in g["params"]}
+    in_adamw = {names[id(p)] for g in adamw.param_groups for p in g["params"]}
+    assert in_muon.isdisjoint(in_adamw) and in_muon | in_adamw == set(names.values())
+    assert in_muon == {n for n, p in model.named_parameters() if p.ndim == 2 and n.startswith(("model.layers.", "mtp."))}
+    assert "model.embed_tokens.weight" in in_adamw and all(g["weight_decay"] == 0.5 for g in muon.param_groups)
+    assert len(opt.param_groups) == len(muon.param_groups) + len(adamw.param_groups)

@@ -8,7 +8,7 @@ from functools import partial
 from pathlib import Path
 
 from ..data import DEFAULT_OUT_DIR
-from ..settings import Hyperparameters, TrainSettings
+from ..settings import OPTIMIZERS, Hyperparameters, TrainSettings
 from ..util import UserError
 from . import common
 from .prepare_data import PrepareDataSettings, add_data_arguments, data_settings, prepare
@@ -65,6 +65,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--dropout", type=float, default=None,
                    help="dropout on the embedding and every residual branch while training, in [0, 1) (0; "
                         "--config auto picks one); evaluation, generation and exported models never drop")
+    t.add_argument("--optimizer", default=None, choices=OPTIMIZERS,
+                   help="adamw, or muon: Muon (orthogonalised momentum) for the decoder layers' matrices and AdamW "
+                        "for the rest, with the same --learning-rate and --weight-decay (adamw; --config auto picks "
+                        "muon)")
     t.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 under torchrun")
     t.add_argument("--document-masking", action="store_true", default=None,
                    help="packed documents do not see each other: attention, conv and DeltaNet state restart "
@@ -98,7 +102,7 @@ def hyperparameters(args: argparse.Namespace) -> Hyperparameters:
         eval_every=c("--eval-every", args.eval_every), eval_batches=c("--eval-batches", args.eval_batches),
         seed=common.seed(args.seed), mtp_weight=f("--mtp-weight", args.mtp_weight, lo=0),
         document_masking=args.document_masking,
-        dropout=f("--dropout", args.dropout, lo=0, hi=1, hi_open=True))
+        dropout=f("--dropout", args.dropout, lo=0, hi=1, hi_open=True), optimizer=args.optimizer)
 
 
 def settings(args: argparse.Namespace) -> TrainCommandSettings:
@@ -108,6 +112,9 @@ def settings(args: argparse.Namespace) -> TrainCommandSettings:
     common.count("--early-stop-patience", args.early_stop_patience, minimum=0, note=" (0 = never)")
     common.finite_float("--early-stop-min-delta", args.early_stop_min_delta, lo=0)
     common.positive_float("--max-minutes", args.max_minutes)
+    if args.optimizer == "muon" and args.fsdp:
+        raise UserError("--optimizer muon does not work with --fsdp (Muon needs each matrix whole); use DDP "
+                        "(torchrun without --fsdp) or --optimizer adamw")
     if args.resume_from and args.init_from:
         raise UserError("give --resume-from (continue a run) or --init-from (start from weights), not both")
     data_dir = Path(args.data_dir or DEFAULT_OUT_DIR)
