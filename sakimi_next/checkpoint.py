@@ -351,7 +351,8 @@ def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ckp
     saved = sorted(n for g in meta["param_groups"] for n in g["params"])
     if saved != sorted(n for n, _ in plain_module(model).named_parameters()):
         raise UserError(f"optimizer state in {ckpt} does not match this model's parameters")
-    set_optimizer_state_dict(plain_module(model), _parts(optimizer), {"state": state, "param_groups": meta["param_groups"]},
+    set_optimizer_state_dict(plain_module(model), _parts(optimizer),
+                             {"state": state, "param_groups": meta["param_groups"]},
                              options=StateDictOptions(full_state_dict=True))
 
 

@@ -18,6 +18,8 @@ the same bits).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -42,7 +44,11 @@ class StepLinear:
 
     def __init__(self, weight: torch.Tensor):
         self.weight = weight
-        self.packed = onednn_packed(weight)
+
+    @functools.cached_property
+    def packed(self) -> torch.Tensor | None:
+        """oneDNN's copy of the weight, made when first wanted (one float32 row never wants it)."""
+        return onednn_packed(self.weight)
 
     # oneDNN's opaque tensors cannot be copied or pickled: a copied model (copy.deepcopy) packs again
     def __getstate__(self) -> dict:
@@ -52,8 +58,8 @@ class StepLinear:
         self.__init__(state["weight"])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.packed is not None and x.dtype == self.weight.dtype and not x.requires_grad
-                and (x.dtype == torch.bfloat16 or x.numel() > x.shape[-1])
-                and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")):
+        if (x.dtype == self.weight.dtype and (x.dtype == torch.bfloat16 or x.numel() > x.shape[-1])
+                and not x.requires_grad and not torch.compiler.is_compiling()
+                and not torch.is_autocast_enabled("cpu") and self.packed is not None):
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
         return F.linear(x, self.weight)
