@@ -16,7 +16,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .cache import Cache
 from .model import Qwen3NextForCausalLM
@@ -212,20 +211,19 @@ def speculative_generate(
     h_last, token = out.hidden_states[:, -1:], out.logits[0, -1].argmax().view(1)
     if emit(int(token)):
         return out_tokens, stats
-    head = model.lm_head_weight
     while True:
         k = min(draft_len, max_new_tokens - len(out_tokens) - 1)
         drafts, h, t, after_first = [], h_last, token, None
         for i in range(k):
             h = model.mtp_step(h, t.view(1, 1), mtp_cache)
-            t = F.linear(h[:, -1], head).argmax(-1)
+            t = model.step_logits(h[:, -1]).argmax(-1)
             drafts.append(t)
             if i == 0:
                 after_first = mtp_cache.snapshot()  # this pair used the main model's hidden state: keep it
         seq = torch.cat([token] + drafts).view(1, k + 1)
         cache.begin_verify()
         hidden = model.decode_hidden(seq, cache)  # all k+1 positions in one pass
-        best = F.linear(hidden[0], head).argmax(-1)  # the main model's choice after each of the k+1 tokens
+        best = model.step_logits(hidden[0]).argmax(-1)  # the main model's choice after each of the k+1 tokens
         a = 0
         while a < k and int(drafts[a]) == int(best[a]):
             a += 1

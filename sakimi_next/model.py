@@ -581,8 +581,12 @@ class Qwen3NextForCausalLM(nn.Module):
     def decode_step(self, token: torch.Tensor, cache: Cache) -> torch.Tensor:
         """token [B] -> logits [B, V] of the next position: `forward(token[:, None], cache=cache)` with
         as little work around the layers as possible (inference only: call under torch.inference_mode)."""
-        lm_head = inference_linear(self, "_lm_head", (self.lm_head_weight,))
-        return lm_head(self.decode_hidden(token[:, None], cache)[:, 0])
+        return self.step_logits(self.decode_hidden(token[:, None], cache)[:, 0])
+
+    def step_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits of final hidden states from the lean decoding path (`decode_hidden`, `mtp_step`),
+        through the decoding step's matmul (`StepLinear`). Inference only."""
+        return inference_linear(self, "_lm_head", (self.lm_head_weight,))(hidden)
 
     def decode_hidden(self, tokens: torch.Tensor, cache: Cache) -> torch.Tensor:
         """A few new tokens [B, T] (T small: a decoding step, or drafts to verify) -> final hidden states

@@ -54,12 +54,14 @@ def test_limits_cancel_and_counters(checkpoint):
             if len(got.events[0]) >= 3:
                 break
             got.done[0].wait(timeout=0.1)
+        assert len(got.events[0]) >= 3 and not got.events[1]  # one slot: the second waits
         engine.cancel(long[0])  # the queued one takes its slot
+        seen = len(got.events[0])
         for _ in range(600):
             if len(got.events[1]) >= 3:
                 break
             got.done[1].wait(timeout=0.1)
-        seen = len(got.events[0])
+        assert len(got.events[1]) >= 3
         engine.cancel(long[1])
         for _ in range(600):
             stats = engine.stats()

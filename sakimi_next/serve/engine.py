@@ -22,7 +22,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from ..cache import Cache
 from ..generate import DecodeFn, SamplingSettings, decode_one_token, prefill, sampling_probs
@@ -259,7 +258,7 @@ class Engine:
         cache = self.model.new_cache(len(group), capacity=T + min(max(r.max_tokens for r in group), 256))
         ids = torch.tensor([r.prompt for r in group], device=self.model.device)
         if T <= STEP_PREFILL_MAX:
-            logits = F.linear(self.model.decode_hidden(ids, cache)[:, -1], self.model.lm_head_weight)
+            logits = self.model.step_logits(self.model.decode_hidden(ids, cache)[:, -1])
         else:
             logits = prefill(self.model, ids, None, cache)
         return seqs, cache, self._sample(logits, seqs)

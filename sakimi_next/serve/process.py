@@ -247,5 +247,8 @@ def _serve_commands(engine, commands, outbox: _Outbox) -> None:
         request.on_event = functools.partial(outbox.put, request.id)
         try:
             engine.submit(request)
-        except (QueueFull, EngineStopped) as e:  # the parent counts the same limit: not expected
+        except EngineStopped as e:
             outbox.put(request.id, Event(error=str(e), code="server_shutdown", prompt_tokens=len(request.prompt)))
+        except QueueFull as e:  # the parent applies the same limit first, so this would be a bug
+            outbox.put(request.id, Event(error=f"internal error: {e}", code="internal_error",
+                                         prompt_tokens=len(request.prompt)))
