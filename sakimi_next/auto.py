@@ -15,6 +15,9 @@ corpus and the time budget, by a rule measured on this project's runs (README, "
                  or --fsdp): with weight decay 2, Tiny Shakespeare held out 2.118 -> 2.087 and 2.101
                  bits/byte (two runs), for ~3% more time a step
 
+    lead-in      512 tokens read before each window without gradient (LEAD_IN): the model learns from
+                 windows that continue a longer text, as it is used (0 for a text too short to spare them)
+
     length       a time budget (--max-minutes without --steps) stops at 5.5 passes over the text: more
                  passes, a wider model or more dropout all scored worse on held-out text
 
@@ -41,6 +44,10 @@ WD_ONE_PASS, WD_MANY = 0.1, 2.0
 # better held-out loss than 9 or 10 (with dropout 0.2 or 0.3) or a wider model (README, "Quality in a
 # fixed time")
 MAX_PASSES = 5.5
+# Tokens read (no gradient) before each training window. A model trained on cold 256-token windows does
+# worse on a long text read in one pass (eval's carried state) than on short windows: its attention
+# never saw more than 256 keys (README, "Quality in a fixed time")
+LEAD_IN = 512
 
 
 def max_steps(train_tokens: int, tokens_per_step: int) -> int:
@@ -86,6 +93,12 @@ def optimizer(fsdp: bool = False) -> str:
     return "muon" if hasattr(torch.optim, "Muon") and not fsdp else "adamw"
 
 
+def lead_in(train_tokens: int) -> int:
+    """LEAD_IN, where the text is long enough that windows with that much text before them are most of it."""
+    return LEAD_IN if train_tokens >= 10 * (LEAD_IN + DEFAULTS["seq_len"] + 1) else 0
+
+
 def training_defaults(train_tokens: int, minutes: float | None, device_type: str, fsdp: bool = False) -> dict:
     return {**DEFAULTS, "dropout": dropout(train_tokens, minutes, device_type),
-            "weight_decay": weight_decay(train_tokens, minutes, device_type), "optimizer": optimizer(fsdp)}
+            "weight_decay": weight_decay(train_tokens, minutes, device_type), "optimizer": optimizer(fsdp),
+            "lead_in": lead_in(train_tokens)}

@@ -39,6 +39,7 @@ class Hyperparameters:
     document_masking: bool | None = None
     dropout: float | None = None  # a training setting only: never saved with the model
     optimizer: str | None = None  # "adamw", or "muon" (Muon for the layers' matrices, AdamW for the rest)
+    lead_in: int | None = None  # tokens read (no gradient) before each training window: its context
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from tqdm import tqdm
 from . import auto, budget
 from . import checkpoint as ckpt
 from . import pretrained
+from .cache import Cache
 from .config import RECOMMENDED_PRESET, TRAINING_DEFAULTS, Config, fmt_count, preset
 from .model import GatedDeltaNet, Qwen3NextForCausalLM, RMSNorm
 from .settings import Hyperparameters, TrainSettings
@@ -168,13 +169,15 @@ def lr_at(step: int, lr: float, min_lr: float, warmup: int, total: int) -> float
 COMPILE_MIN_MINUTES = 10.0  # compiling costs ~30 s on a CPU and saves ~15% of every step after it
 
 
-def use_compile(asked: bool | None, max_minutes: float | None, steps: int | None, device: torch.device) -> bool:
+def use_compile(asked: bool | None, max_minutes: float | None, steps: int | None, device: torch.device,
+                lead_in: int = 0) -> bool:
     """--compile, --no-compile, or by default: compile for a time budget (no --steps) of
     COMPILE_MIN_MINUTES or more, where torch.compile has what it needs (a C++ compiler on a CPU,
-    triton on CUDA)."""
+    triton on CUDA), and not with a lead-in: its cache-carrying layers took ~2.5 minutes of compiling on
+    a 2-core CPU for ~5% faster steps."""
     if asked is not None:
         return asked
-    if max_minutes is None or steps is not None or max_minutes < COMPILE_MIN_MINUTES:
+    if max_minutes is None or steps is not None or max_minutes < COMPILE_MIN_MINUTES or lead_in:
         return False
     if device.type == "cpu":
         return shutil.which(os.environ.get("CXX", "g++")) is not None
@@ -198,24 +201,62 @@ class WindowSampler:
     """Random windows of seq_len+1 tokens. The global batch of step s, micro-step m is drawn from
     numpy's generator seeded with (seed, s, m); rank r takes rows [r*B, (r+1)*B). So the sampler has no
     state besides the step, a resumed run sees the same windows, and N processes with batch B see the
-    windows one process with batch N*B would."""
+    windows one process with batch N*B would. With `lead_in` L, every window has at least L tokens of
+    text before it (`lead` returns them), so the text's first L tokens are only ever read as lead-in."""
 
     def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, rank: int, world: int,
-                 loss_mask: np.ndarray | None = None):
+                 loss_mask: np.ndarray | None = None, lead_in: int = 0):
         self.tokens, self.seq_len, self.batch_size = tokens, seq_len, batch_size
         self.seed, self.rank, self.world = seed, rank, world
         self.max_start = len(tokens) - seq_len - 1
         self.loss_mask = loss_mask  # chat data: targets where it is 0 become -100 (not in the loss)
+        self.lead_in = lead_in
+
+    def starts(self, step: int, micro: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, step, micro])
+        starts = rng.integers(self.lead_in, self.max_start + 1, size=self.batch_size * self.world)
+        return starts[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
 
     def batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
-        rng = np.random.default_rng([self.seed, step, micro])
-        starts = rng.integers(0, self.max_start + 1, size=self.batch_size * self.world)
-        starts = starts[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        starts = self.starts(step, micro)
         rows = np.stack([self.tokens[s:s + self.seq_len + 1] for s in starts]).astype(np.int64)
         t = torch.from_numpy(rows)
         if self.loss_mask is not None:
             return t[:, :-1], masked_targets(t[:, 1:], [self.loss_mask[s + 1:s + self.seq_len + 1] for s in starts])
         return t[:, :-1], t[:, 1:]
+
+    def lead(self, step: int, micro: int) -> torch.Tensor | None:
+        """[B, lead_in]: the text right before each window of `batch(step, micro)` (None without lead-in)."""
+        if not self.lead_in:
+            return None
+        rows = [self.tokens[s - self.lead_in:s] for s in self.starts(step, micro)]
+        return torch.from_numpy(np.stack(rows).astype(np.int64))
+
+
+def read_lead_in(train_model, model: Qwen3NextForCausalLM, lead: torch.Tensor, autocast, room: int) -> Cache:
+    """The decoding state after reading `lead` [B, L] in evaluation mode without gradient: the DeltaNet
+    states and attention keys and values a training window then continues from (the window's gradient
+    stops there, as in Transformer-XL), with `room` for the window's positions."""
+    B, L = lead.shape
+    # under autocast the keys and values are bf16; a float32 cache would hand attention mixed dtypes
+    dtype = autocast.fast_dtype if isinstance(autocast, torch.autocast) else model.model.embed_tokens.weight.dtype
+    cache = Cache(model.config, B, lead.device, dtype, capacity=L + room)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), autocast:
+        train_model(lead, cache=cache)
+    model.train(was_training)
+    reshard_fsdp(model)
+    return cache
+
+
+def window_loss(train_model, model, x, y, lead, h: Hyperparameters, autocast, eot_id: int | None):
+    """One training micro-batch's forward pass (the backward is the caller's): with its lead-in read
+    first when there is one, else with packed documents masked when `eot_id` is given."""
+    cache = read_lead_in(train_model, model, lead, autocast, x.shape[1]) if lead is not None else None
+    starts = document_starts(x, eot_id) if eot_id is not None else None
+    with autocast:
+        return train_model(x, y, mtp_weight=h.mtp_weight or 0.0, doc_starts=starts, cache=cache)
 
 
 def masked_targets(targets: torch.Tensor, mask_rows) -> torch.Tensor:
@@ -235,6 +276,13 @@ def document_starts(x: torch.Tensor, eot_id: int) -> torch.Tensor:
     starts = torch.zeros_like(x, dtype=torch.bool)
     starts[:, 1:] = x[:, :-1] == eot_id
     return starts
+
+
+def reshard_fsdp(model) -> None:
+    """FSDP2 keeps the root's parameters gathered after a forward without backward; shard them again,
+    or the optimiser and the checkpoint would see other parameter objects."""
+    if hasattr(ckpt.plain_module(model), "reshard"):
+        ckpt.plain_module(model).reshard()
 
 
 @torch.no_grad()
@@ -262,10 +310,7 @@ def evaluate(model, tokens: np.ndarray, seq_len: int, batch_size: int, n_batches
         total += torch.stack([loss.double(), (targets != -100).sum().to(torch.float64)])
     if ddp.enabled:
         dist.all_reduce(total)
-    if hasattr(ckpt.plain_module(model), "reshard"):
-        # FSDP2 keeps the root's parameters gathered after a forward without backward; shard them
-        # again, or the optimiser and the checkpoint would see other parameter objects
-        ckpt.plain_module(model).reshard()
+    reshard_fsdp(model)
     model.train(was_training)
     loss = (total[0] / total[1]).item()
     out = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": int(total[1].item())}
@@ -377,6 +422,10 @@ def resolve_hyperparameters(given: Hyperparameters, resumed: dict | None, preset
             raise UserError(f"the checkpoint was trained with --optimizer {trained_with}; a resumed run keeps its "
                             f"optimizer (its state is that optimizer's), so --optimizer {given.optimizer} cannot apply")
         out["optimizer"] = trained_with
+        if given.lead_in is None and resumed.get("lead_in") is None:
+            out["lead_in"] = 0  # checkpoints from before --lead-in: cold windows
+    if out["document_masking"] and given.lead_in is None:
+        out["lead_in"] = 0  # packed documents (chat data) keep apart: no text before a window to read
     if out["min_lr"] is None:
         out["min_lr"] = out["learning_rate"] / 10
     warmup_given = given.warmup_steps is not None or (resumed or {}).get("warmup_steps") is not None
@@ -404,6 +453,12 @@ def _validate(h: Hyperparameters, config: Config, train_tokens: int) -> None:
     if train_tokens < h.seq_len + 1:
         raise UserError(f"the training split has {train_tokens} tokens, fewer than --seq-len + 1 "
                         f"({h.seq_len + 1}); use a shorter --seq-len or more text")
+    if h.lead_in and train_tokens < h.lead_in + h.seq_len + 1:
+        raise UserError(f"the training split has {train_tokens} tokens, fewer than --lead-in + --seq-len + 1 "
+                        f"({h.lead_in + h.seq_len + 1}); use a shorter --lead-in (0 = none) or more text")
+    if h.lead_in and h.document_masking:
+        raise UserError("--lead-in reads the text before each window, --document-masking keeps packed documents "
+                        "apart (chat data turns it on): use one of them")
 
 
 # ------------------------------------------------------------------------------------ the inputs
@@ -626,10 +681,10 @@ class TrainingRun:
             sync = nullcontext()
             if ddp.enabled and not self.s.fsdp and micro < h.grad_accum - 1:
                 sync = self.train_model.no_sync()
+            lead = self.sampler.lead(step, micro)
             with sync:
-                starts = document_starts(x, self.tokenizer.eot_id) if h.document_masking else None
-                with self.autocast:
-                    out = self.train_model(x, y, mtp_weight=h.mtp_weight or 0.0, doc_starts=starts)
+                out = window_loss(self.train_model, self.model, x, y, lead.to(device) if lead is not None else None,
+                                  h, self.autocast, self.tokenizer.eot_id if h.document_masking else None)
                 (out.loss / h.grad_accum).backward()  # outside autocast, as torch recommends
             value = out.loss.item()
             out_losses.finite = out_losses.finite and math.isfinite(value)
@@ -813,7 +868,8 @@ def _budget_plan(s: TrainSettings, h: Hyperparameters, state: dict | None, modul
     model, train_model, optimizer = modules
     train_tokens, val_tokens, train_mask = data
     device = ddp.device
-    sampler = WindowSampler(train_tokens, h.seq_len, h.batch_size, h.seed, ddp.rank, ddp.world_size, train_mask)
+    sampler = WindowSampler(train_tokens, h.seq_len, h.batch_size, h.seed, ddp.rank, ddp.world_size, train_mask,
+                            h.lead_in)
     split = meta["splits"]["val"]
     bytes_per_token = split["bytes"] / split["tokens"] if split.get("tokens") and "mask" not in split else None
     eot = tokenizer.eot_id if h.document_masking else None
@@ -821,9 +877,9 @@ def _budget_plan(s: TrainSettings, h: Hyperparameters, state: dict | None, modul
     def throwaway_step():
         for micro in range(h.grad_accum):
             x, y = (t.to(device) for t in sampler.batch(0, micro))
-            with autocast:
-                loss = train_model(x, y, mtp_weight=h.mtp_weight or 0.0,
-                                   doc_starts=document_starts(x, eot) if eot is not None else None).loss
+            lead = sampler.lead(0, micro)
+            loss = window_loss(train_model, model, x, y, lead.to(device) if lead is not None else None, h,
+                               autocast, eot).loss
             (loss / h.grad_accum).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), h.grad_clip or float("inf"))
         optimizer.zero_grad(set_to_none=True)
@@ -869,10 +925,10 @@ def _train(s: TrainSettings, ddp: Distributed, prepare: Callable[[], object] | N
     if start.preset == auto.NAME and start.state is None:
         console.log(f"--config auto: {auto.TRUNK}'s trunk with vocab {start.config.vocab_size:,}; batch {h.batch_size} "
                     f"x {h.seq_len}, lr {h.learning_rate:g}, dropout {h.dropout:g}, weight decay {h.weight_decay:g}, "
-                    f"optimizer {h.optimizer} (see the README's rule)")
+                    f"optimizer {h.optimizer}, lead-in {h.lead_in} (see the README's rule)")
     _validate(h, start.config, len(train_tokens))
     asked = s.compile if s.compile is not None else ((start.state or {}).get("args") or {}).get("compile")
-    s = replace(s, compile=use_compile(asked, s.max_minutes, s.hyper.steps, ddp.device))  # a resume keeps its choice
+    s = replace(s, compile=use_compile(asked, s.max_minutes, s.hyper.steps, ddp.device, h.lead_in))  # a resume keeps its choice
 
     model, kernel, n_params = _build_model(s, start, h.seed, ddp.device, h.dropout)
     train_model = _distribute(model, s, ddp)
@@ -898,7 +954,8 @@ def _train(s: TrainSettings, ddp: Distributed, prepare: Callable[[], object] | N
         run.out_dir.mkdir(parents=True, exist_ok=True)
         if not os.access(run.out_dir, os.W_OK):
             raise UserError(f"output directory {run.out_dir} is not writable")
-    sampler = WindowSampler(train_tokens, h.seq_len, h.batch_size, h.seed, ddp.rank, ddp.world_size, train_mask)
+    sampler = WindowSampler(train_tokens, h.seq_len, h.batch_size, h.seed, ddp.rank, ddp.world_size, train_mask,
+                            h.lead_in)
     run.attach(model, train_model, optimizer, sampler, val_tokens, autocast, val_mask)
 
     step, exit_code = run.loop()

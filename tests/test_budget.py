@@ -77,6 +77,7 @@ def test_compile_is_chosen_for_long_budgets_only(monkeypatch):
     assert not use_compile(None, long - 1, None, cpu)  # too short to pay for compiling
     assert not use_compile(None, long, 500, cpu)  # --steps: --max-minutes only cuts the run short
     assert not use_compile(None, None, None, cpu)
+    assert not use_compile(None, long, None, cpu, lead_in=512)  # its cache-carrying layers compile slowly
     assert use_compile(True, None, 10, cpu) and not use_compile(False, long, None, cpu)  # the user's word wins
     monkeypatch.setattr("shutil.which", lambda name: None)  # no C++ compiler: inductor cannot build
     assert not use_compile(None, long, None, cpu)

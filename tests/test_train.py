@@ -238,6 +238,9 @@ def test_resume_refuses_other_preset(data_dir, tmp_path, capsys):
     (["--learning-rate", "0"], "--learning-rate (0.0) must be positive"),
     (["--seq-len", "100000"], "exceeds the model's max_position_embeddings"),
     (["--resume-from", "/nonexistent/ckpt"], "checkpoint not found"),
+    (["--lead-in", "-1"], "--lead-in (-1) must be >= 0"),
+    (["--lead-in", "10000000"], "fewer than --lead-in + --seq-len + 1"),
+    (["--lead-in", "64", "--document-masking"], "use one of them"),
 ])
 def test_bad_training_input(data_dir, tmp_path, capsys, extra, message):
     rc = train(data_dir, tmp_path / "run", "--steps", "3", *extra)
@@ -343,3 +346,70 @@ def test_muon_takes_the_layers_matrices():
     assert in_muon == {n for n, p in model.named_parameters() if p.ndim == 2 and n.startswith(("model.layers.", "mtp."))}
     assert "model.embed_tokens.weight" in in_adamw and all(g["weight_decay"] == 0.5 for g in muon.param_groups)
     assert len(opt.param_groups) == len(muon.param_groups) + len(adamw.param_groups)
+
+
+def test_lead_in_is_the_text_before_the_window_read_as_one_pass():
+    """--lead-in: each window's lead-in is the text right before it, and the window's loss after reading
+    it equals the loss of those positions in one forward pass over lead-in and window together."""
+    from contextlib import nullcontext
+
+    import numpy as np
+
+    from sakimi_next.config import preset
+    from sakimi_next.model import Qwen3NextForCausalLM
+    from sakimi_next.settings import Hyperparameters
+    from sakimi_next.train import WindowSampler, window_loss
+
+    tokens = np.arange(5000, dtype=np.uint16) % 500
+    sampler = WindowSampler(tokens, 24, 3, seed=1, rank=0, world=1, lead_in=40)
+    lead, (x, y) = sampler.lead(5, 0), sampler.batch(5, 0)
+    for row in range(3):
+        start = int(sampler.starts(5, 0)[row])
+        assert start >= 40 and lead[row].tolist() == tokens[start - 40:start].tolist()
+        assert x[row].tolist() == tokens[start:start + 24].tolist()
+    torch.manual_seed(0)
+    model = Qwen3NextForCausalLM(preset("tiny_5m", vocab_size=500)).train()
+    out = window_loss(model, model, x, y, lead, Hyperparameters(mtp_weight=0.0), nullcontext(), None)
+    out.loss.backward()
+    whole = model(torch.cat([lead, x], dim=1)).logits[:, 40:]
+    expected = torch.nn.functional.cross_entropy(whole.flatten(0, 1), y.flatten())
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert model.training and all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+    bf16 = window_loss(  # a bf16 run's lead-in state is bf16 too
+        model, model, x, y, lead, Hyperparameters(mtp_weight=0.0), torch.autocast("cpu", dtype=torch.bfloat16), None)
+    assert bf16.loss.item() == pytest.approx(expected.item(), rel=2e-2)
+
+
+def test_lead_in_trains_and_resumes_exactly(data_dir, tmp_path):
+    """A run with --lead-in learns, records it, and resumed half-way gives the uninterrupted run's losses
+    and weights bit for bit (the lead-in is read in evaluation mode: no dropout draws)."""
+    common = ["--steps", "12", "--eval-every", "6", "--save-every", "6", "--lead-in", "48", "--dropout", "0.1"]
+    assert train(data_dir, tmp_path / "whole", *common) == 0
+    whole = losses(tmp_path / "whole")
+    assert sum(whole[s] for s in range(10, 13)) / 3 < sum(whole[s] for s in range(1, 4)) / 3 - 0.5
+    state = json.loads((tmp_path / "whole" / "latest" / ckpt.STATE_FILE).read_text())
+    assert state["args"]["lead_in"] == 48
+    (tmp_path / "cut").mkdir()
+    os.symlink(tmp_path / "whole" / "step_000006", tmp_path / "cut" / "half")
+    assert train(data_dir, tmp_path / "cut", "--steps", "12", "--eval-every", "6", "--save-every", "6",
+                 "--resume-from", str(tmp_path / "cut" / "half")) == 0
+    cut = losses(tmp_path / "cut")
+    assert {s: cut[s] for s in range(7, 13)} == {s: whole[s] for s in range(7, 13)}
+    a = ckpt.load_tensors(tmp_path / "whole" / "latest" / "model.safetensors")
+    b = ckpt.load_tensors(tmp_path / "cut" / "latest" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_old_checkpoints_resume_without_lead_in():
+    """A checkpoint from before --lead-in (no lead_in in its settings) keeps cold windows, even under
+    --config auto, whose fresh runs read one; chat data (document masking) reads none either."""
+    from sakimi_next import auto
+    from sakimi_next.settings import Hyperparameters
+    from sakimi_next.train import resolve_hyperparameters
+
+    fresh = resolve_hyperparameters(Hyperparameters(), None, auto.NAME, 400_000, 20, "cpu")
+    assert fresh.lead_in == auto.LEAD_IN
+    old = {k: v for k, v in vars(fresh).items() if k != "lead_in"}
+    assert resolve_hyperparameters(Hyperparameters(), old, auto.NAME, 400_000, 20, "cpu").lead_in == 0
+    chat = resolve_hyperparameters(Hyperparameters(document_masking=True), None, auto.NAME, 400_000, 20, "cpu")
+    assert chat.lead_in == 0

@@ -24,8 +24,8 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
                    help="validation text (default: a held-out fraction of the training documents)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="documents held out for validation")
     p.add_argument("--doc-split", default="auto", choices=DOC_SPLITS,
-                   help="what a document is: auto = a JSONL record; for .txt, blank-line paragraphs, or lines "
-                        "if the file has almost no blank lines")
+                   help="what a document is: auto = a .txt file exactly as written, a JSONL record; file also "
+                        "joins a JSONL file's records; blank-line paragraphs or lines on request")
     p.add_argument("--encoding-errors", default="strict", choices=("strict", "replace"),
                    help="what to do with bytes that are not UTF-8")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json to use or create (default DATA_DIR/tokenizer.json)")

@@ -69,6 +69,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="adamw, or muon: Muon (orthogonalised momentum) for the decoder layers' matrices and AdamW "
                         "for the rest, with the same --learning-rate and --weight-decay (adamw; --config auto picks "
                         "muon)")
+    t.add_argument("--lead-in", type=int, default=None,
+                   help="tokens of the text right before each training window that the model reads first, "
+                        "without gradient, so that every window continues a longer text, as in generation and "
+                        "in eval's carried state (0 = windows start cold; --config auto picks one)")
     t.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 under torchrun")
     t.add_argument("--document-masking", action="store_true", default=None,
                    help="packed documents do not see each other: attention, conv and DeltaNet state restart "
@@ -102,7 +106,8 @@ def hyperparameters(args: argparse.Namespace) -> Hyperparameters:
         eval_every=c("--eval-every", args.eval_every), eval_batches=c("--eval-batches", args.eval_batches),
         seed=common.seed(args.seed), mtp_weight=f("--mtp-weight", args.mtp_weight, lo=0),
         document_masking=args.document_masking,
-        dropout=f("--dropout", args.dropout, lo=0, hi=1, hi_open=True), optimizer=args.optimizer)
+        dropout=f("--dropout", args.dropout, lo=0, hi=1, hi_open=True), optimizer=args.optimizer,
+        lead_in=c("--lead-in", args.lead_in, minimum=0))
 
 
 def settings(args: argparse.Namespace) -> TrainCommandSettings:
