@@ -1,6 +1,8 @@
 """`--config auto` (the default of prepare_data and of a fresh training run): sizes the run from the
 corpus and the time budget, by a rule measured on this project's runs (README, "Choosing the size").
 
+    validation   prepare_data holds out 10% of a text up to 600 KB, 5% up to 6 MB, 2% beyond (a small
+                 text has few bytes to spare: Tiny Shakespeare at 5% trained on 5.5% more text)
     vocabulary   from the size of the training text: about one token type per 1,000 bytes of text,
                  as a power of two in [512, 8192] (1 MB -> 1,024)
     model        tiny_10m's trunk (8 layers, hidden 256), its vocabulary the tokenizer's
@@ -48,6 +50,14 @@ MAX_PASSES = 5.5
 # worse on a long text read in one pass (eval's carried state) than on short windows: its attention
 # never saw more than 256 keys (README, "Quality in a fixed time")
 LEAD_IN = 512
+
+
+# (training text up to this many bytes, fraction held out for validation)
+VAL_FRACTION_BY_BYTES = ((600_000, 0.1), (6_000_000, 0.05), (float("inf"), 0.02))
+
+
+def val_fraction(train_bytes: int) -> float:
+    return next(f for limit, f in VAL_FRACTION_BY_BYTES if train_bytes <= limit)
 
 
 def max_steps(train_tokens: int, tokens_per_step: int) -> int:

@@ -764,12 +764,12 @@ def _tokenizer_for(tok_path: Path, old: dict | None, fingerprint: dict, rebuild:
     return tok, fingerprint
 
 
-def _check_settings(doc_split: str, encoding_errors: str, val_data, val_fraction: float) -> None:
+def _check_settings(doc_split: str, encoding_errors: str, val_data, val_fraction: float | None) -> None:
     if doc_split not in DOC_SPLITS:
         raise UserError(f"--doc-split {doc_split!r} is not one of: {', '.join(DOC_SPLITS)}")
     if encoding_errors not in ("strict", "replace"):
         raise UserError(f"--encoding-errors {encoding_errors!r} must be strict or replace")
-    if not val_data and not 0.0 < val_fraction < 1.0:
+    if not val_data and val_fraction is not None and not 0.0 < val_fraction < 1.0:
         raise UserError(f"--val-fraction ({val_fraction}) must be between 0 and 1; or give --val-data")
 
 
@@ -838,7 +838,7 @@ def _write_prepared(out_dir: Path, tok_path: Path, tok: Tokenizer, meta: dict, p
 
 
 def prepare_data(train_data: list[str] | None, val_data: list[str] | None, out_dir=DEFAULT_OUT_DIR,
-                 tokenizer_path=None, vocab_size: int | None = None, val_fraction: float = 0.1,
+                 tokenizer_path=None, vocab_size: int | None = None, val_fraction: float | None = None,
                  doc_split: str = "auto", encoding_errors: str = "strict", rebuild_tokenizer: bool = False,
                  seed: int = 0, config=None, allow_vocab_mismatch: bool = False, chat: bool | None = None,
                  auto_vocab: bool = False) -> Path:
@@ -852,7 +852,7 @@ def prepare_data(train_data: list[str] | None, val_data: list[str] | None, out_d
     or settings; a tokenizer from elsewhere is used as it is. `chat`: the data are conversations (see
     prepare_chat_data); None: when a source is a JSONL file of {"messages": [...]} records. `auto_vocab`
     (--config auto): without `vocab_size`, the vocabulary follows the size of the training text (see
-    auto.py), and so does `config`.
+    auto.py), and so does `config`; so does a text corpus's `val_fraction` when it is None (else 0.1).
     """
     from . import auto
     from .config import RECOMMENDED_PRESET, preset
@@ -880,9 +880,12 @@ def prepare_data(train_data: list[str] | None, val_data: list[str] | None, out_d
         vocab_size = auto.vocab_size(train_bytes)
         config = auto.model_config(vocab_size)
         say(f"--config auto: a vocabulary of {vocab_size:,} for {train_bytes:,} bytes of training text")
+    is_chat = chat or (chat is None and any(s.path is not None and is_chat_jsonl(s.path) for s in sources))
+    if val_fraction is None:
+        val_fraction = auto.val_fraction(sum(s.size for s in sources)) if auto_vocab and not is_chat else 0.1
     if val_data:
         sources += resolve_sources(val_data, "val")
-    if chat or (chat is None and any(s.path is not None and is_chat_jsonl(s.path) for s in sources)):
+    if is_chat:
         return prepare_chat_data(sources, out_dir, tok_path, vocab_size, val_fraction, seed, config,
                                  allow_vocab_mismatch, rebuild_tokenizer)
     # "text": how documents are made (an older directory, whose .txt documents were paragraphs, is rebuilt)

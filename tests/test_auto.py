@@ -46,6 +46,8 @@ def test_default_run_is_auto(tmp_path, capsys):
     assert (config["vocab_size"], config["hidden_size"], config["num_hidden_layers"]) == (512, 256, 8)
     assert state["preset"] == "auto" and state["args"]["dropout"] == 0.2 and state["args"]["learning_rate"] == 2e-3
     assert state["args"]["weight_decay"] == auto.WD_MANY and state["args"]["optimizer"] == "muon"
+    train_tokens = load_meta(data)["splits"]["train"]["tokens"]
+    assert state["args"]["lead_in"] == auto.lead_in(train_tokens) == auto.LEAD_IN
     assert json.loads((latest / "optimizer.json").read_text())["class"] == "MuonWithAdamW"
     # the command line still wins
     assert main([*args, "--out-dir", str(tmp_path / "run2"), "--dropout", "0", "--weight-decay", "0.1",
@@ -59,3 +61,22 @@ def test_the_pass_cap_in_steps():
 
     assert auto.max_steps(345_299, 8 * 256) == 927  # Tiny Shakespeare at 8 x 256 (the README's run)
     assert auto.max_steps(10, 2048) == 1  # at least one step
+
+
+def test_lead_in_needs_text_to_spare():
+    assert auto.lead_in(345_299) == auto.LEAD_IN == 512  # Tiny Shakespeare
+    assert auto.lead_in(5_000) == 0
+
+
+def test_validation_share_follows_the_text_size(tmp_path, capsys):
+    from .helpers import english_text
+
+    assert [auto.val_fraction(n) for n in (1000, 600_000, 1_003_854, 6_000_000, 10**9)] == [0.1, 0.1, 0.05, 0.05, 0.02]
+    text = tmp_path / "big.txt"
+    text.write_text((english_text(400_000) + "\n") * 2)  # over 600 KB
+    for extra, share in (([], 0.05), (["--config", "tiny_10m"], 0.1), (["--val-fraction", "0.2"], 0.2)):
+        out = tmp_path / f"data{share}"
+        assert main(["--mode", "prepare_data", "--train-data", str(text), "--out-dir", str(out), *extra]) == 0
+        meta = load_meta(out)
+        held = meta["splits"]["val"]["bytes"] / (meta["splits"]["val"]["bytes"] + meta["splits"]["train"]["bytes"])
+        assert meta["settings"]["val_fraction"] == share and abs(held - share) < 0.01, (extra, held)

@@ -22,7 +22,9 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
                    help="text: .txt/.jsonl files, directories or globs (default: the embedded CPython docs)")
     p.add_argument("--val-data", nargs="+", action="extend", default=None, metavar="PATH",
                    help="validation text (default: a held-out fraction of the training documents)")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="documents held out for validation")
+    p.add_argument("--val-fraction", type=float, default=None,
+                   help="the part of the training text held out for validation (0.1; --config auto: 0.1 of a "
+                        "text up to 600 KB, 0.05 up to 6 MB, 0.02 beyond)")
     p.add_argument("--doc-split", default="auto", choices=DOC_SPLITS,
                    help="what a document is: auto = a .txt file exactly as written, a JSONL record; file also "
                         "joins a JSONL file's records; blank-line paragraphs or lines on request")
@@ -55,7 +57,7 @@ class PrepareDataSettings:
     val_data: tuple[str, ...] | None
     tokenizer: str | None
     vocab_size: int | None
-    val_fraction: float
+    val_fraction: float | None  # None: --config auto's, else 0.1
     doc_split: str
     encoding_errors: str
     rebuild_tokenizer: bool
