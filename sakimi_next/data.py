@@ -875,16 +875,16 @@ def prepare_data(train_data: list[str] | None, val_data: list[str] | None, out_d
 
     # 1. the sources, hashed
     sources = _training_sources(train_data)
+    train_bytes = sum(s.size for s in sources)
     if auto_vocab and not vocab_explicit:
-        train_bytes = sum(s.size for s in sources)
         vocab_size = auto.vocab_size(train_bytes)
         config = auto.model_config(vocab_size)
         say(f"--config auto: a vocabulary of {vocab_size:,} for {train_bytes:,} bytes of training text")
-    is_chat = chat or (chat is None and any(s.path is not None and is_chat_jsonl(s.path) for s in sources))
-    if val_fraction is None:
-        val_fraction = auto.val_fraction(sum(s.size for s in sources)) if auto_vocab and not is_chat else 0.1
     if val_data:
         sources += resolve_sources(val_data, "val")
+    is_chat = chat or (chat is None and any(s.path is not None and is_chat_jsonl(s.path) for s in sources))
+    if val_fraction is None:
+        val_fraction = auto.val_fraction(train_bytes) if auto_vocab and not is_chat else 0.1
     if is_chat:
         return prepare_chat_data(sources, out_dir, tok_path, vocab_size, val_fraction, seed, config,
                                  allow_vocab_mismatch, rebuild_tokenizer)

@@ -200,7 +200,8 @@ def test_nonfinite_loss_stops_or_skips(data_dir, tmp_path, monkeypatch, capsys):
 def test_two_processes_equal_one(data_dir, tmp_path, strategy):
     """gloo on CPU: 2 processes with batch 2 each follow 1 process with batch 4 (same windows), and the
     checkpoint they write (full, unsharded) resumes in a single process."""
-    common = [*TRAIN, "--data-dir", str(data_dir), "--steps", "4", "--eval-every", "4", "--save-every", "2"]
+    common = [*TRAIN, "--data-dir", str(data_dir), "--steps", "4", "--eval-every", "4", "--save-every", "2",
+              "--lead-in", "16"]  # each rank reads its rows' lead-in (FSDP: reshards after that forward)
     assert main([*common, "--out-dir", str(tmp_path / "one"), "--batch-size", "4"]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     port = "29533" if strategy == "ddp" else "29534"
