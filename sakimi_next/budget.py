@@ -1,8 +1,8 @@
 """A training run with a time budget: `--mode train --max-minutes M` without `--steps`.
 
-The run first measures itself: a few training steps whose updates are thrown away (the weights, the
-optimiser and the random generators are left as they were; with --compile they also compile) and one
-evaluation. From those speeds `plan` fixes how many steps fit in the budget, the warm-up and how often
+The run first measures itself: a few whole training steps, the optimiser's included, whose updates are
+thrown away (the weights, the optimiser and the random generators are put back as they were; with
+--compile they also compile) and one evaluation. From those speeds `plan` fixes how many steps fit in the budget, the warm-up and how often
 to evaluate, so that the whole schedule (warm-up, cosine decay to --min-lr, a last evaluation at the
 end) fits in M minutes. The plan is written into every checkpoint: a resumed run keeps it and
 reproduces the uninterrupted run bit for bit.

@@ -853,6 +853,16 @@ def _plan(run: TrainingRun, n_params: int, kernel: str, dtype: str, meta: dict) 
         f"lr {h.learning_rate:g} (warm-up {h.warmup_steps}, cosine to {h.min_lr:g}); out: {run.out_dir}")
 
 
+def forget_step(model: torch.nn.Module, optimizer, initial: dict[str, torch.Tensor]) -> None:
+    """Put back the weights `initial` (a copy of the state dict) and a fresh optimiser: a throw-away
+    step leaves no trace."""
+    with torch.no_grad():
+        for name, value in model.state_dict().items():
+            value.copy_(initial[name])
+    for part in getattr(optimizer, "parts", [optimizer]):
+        part.state.clear()
+
+
 def _budget_plan(s: TrainSettings, h: Hyperparameters, state: dict | None, modules: tuple, data: tuple, meta: dict,
                  tokenizer: Tokenizer, autocast, ddp: Distributed, t_launch: float, log,
                  max_steps: int | None = None) -> budget.Plan | None:
@@ -873,6 +883,7 @@ def _budget_plan(s: TrainSettings, h: Hyperparameters, state: dict | None, modul
     split = meta["splits"]["val"]
     bytes_per_token = split["bytes"] / split["tokens"] if split.get("tokens") and "mask" not in split else None
     eot = tokenizer.eot_id if h.document_masking else None
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     def throwaway_step():
         for micro in range(h.grad_accum):
@@ -882,7 +893,9 @@ def _budget_plan(s: TrainSettings, h: Hyperparameters, state: dict | None, modul
                                autocast, eot).loss
             (loss / h.grad_accum).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), h.grad_clip or float("inf"))
+        optimizer.step()  # timed too: Muon's orthogonalisation is a fair share of a step on a CPU
         optimizer.zero_grad(set_to_none=True)
+        forget_step(model, optimizer, initial)
 
     def evaluate_once():
         return evaluate(train_model, val_tokens, h.seq_len, h.batch_size, h.eval_batches, device, bytes_per_token,

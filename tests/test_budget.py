@@ -159,3 +159,24 @@ def test_bad_budget_and_dropout(data_dir, tmp_path, monkeypatch, capsys, args, n
     rc = main([*TRAIN, "--data-dir", str(data_dir), "--out-dir", str(tmp_path / "run"), *args])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1 and needle in err, err
+
+
+def test_a_throwaway_step_leaves_no_trace():
+    """The budget times whole steps, the optimiser's included (Muon's orthogonalisation is a fair share of
+    a CPU step), then puts back the weights and a fresh optimiser state."""
+    from sakimi_next.config import preset
+    from sakimi_next.model import Qwen3NextForCausalLM
+    from sakimi_next.train import build_optimizer, forget_step
+
+    torch.manual_seed(0)
+    model = Qwen3NextForCausalLM(preset("tiny_5m", vocab_size=300))
+    optimizer = build_optimizer(model, 1e-2, 0.1, (0.9, 0.95), kind="muon")
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, 300, (2, 16))
+    model(ids, ids).loss.backward()
+    optimizer.step()
+    assert any(not torch.equal(v, initial[k]) for k, v in model.state_dict().items())
+    assert all(part.state for part in optimizer.parts)
+    forget_step(model, optimizer, initial)
+    assert all(torch.equal(v, initial[k]) for k, v in model.state_dict().items())
+    assert not any(part.state for part in optimizer.parts)
