@@ -84,7 +84,7 @@ def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def optimizer_payload(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     """The optimiser state as (tensors for safetensors, JSON description), keyed by parameter name
     (collective under FSDP: call on every rank)."""
-    sd = get_optimizer_state_dict(plain_module(model), _parts(optimizer), options=FULL_STATE)
+    sd = get_optimizer_state_dict(plain_module(model), optimizer_parts(optimizer), options=FULL_STATE)
     tensors: dict[str, torch.Tensor] = {}
     for name, state in sd.get("state", {}).items():
         for key, value in state.items():
@@ -94,7 +94,7 @@ def optimizer_payload(model: torch.nn.Module, optimizer: torch.optim.Optimizer) 
     return tensors, meta
 
 
-def _parts(optimizer) -> list[torch.optim.Optimizer]:
+def optimizer_parts(optimizer) -> list[torch.optim.Optimizer]:
     """The torch optimisers behind the training loop's one (two for train.MuonWithAdamW)."""
     return list(getattr(optimizer, "parts", [optimizer]))
 
@@ -351,7 +351,7 @@ def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ckp
     saved = sorted(n for g in meta["param_groups"] for n in g["params"])
     if saved != sorted(n for n, _ in plain_module(model).named_parameters()):
         raise UserError(f"optimizer state in {ckpt} does not match this model's parameters")
-    set_optimizer_state_dict(plain_module(model), _parts(optimizer),
+    set_optimizer_state_dict(plain_module(model), optimizer_parts(optimizer),
                              {"state": state, "param_groups": meta["param_groups"]},
                              options=StateDictOptions(full_state_dict=True))
 

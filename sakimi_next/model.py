@@ -511,9 +511,9 @@ class Qwen3NextForCausalLM(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def new_cache(self, batch_size: int, capacity: int = 256) -> Cache:
-        dtype = self.model.embed_tokens.weight.dtype
-        return Cache(self.config, batch_size, self.device, dtype, capacity)
+    def new_cache(self, batch_size: int, capacity: int = 256, dtype: torch.dtype | None = None) -> Cache:
+        """`dtype`: of the keys, values and conv windows (default the weights'; bf16 under bf16 autocast)."""
+        return Cache(self.config, batch_size, self.device, dtype or self.model.embed_tokens.weight.dtype, capacity)
 
     def new_mtp_cache(self, batch_size: int, capacity: int = 256) -> Cache:
         """The MTP block's own cache: one full-attention layer."""

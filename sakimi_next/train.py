@@ -32,7 +32,6 @@ from tqdm import tqdm
 from . import auto, budget
 from . import checkpoint as ckpt
 from . import pretrained
-from .cache import Cache
 from .config import RECOMMENDED_PRESET, TRAINING_DEFAULTS, Config, fmt_count, preset
 from .model import GatedDeltaNet, Qwen3NextForCausalLM, RMSNorm
 from .settings import Hyperparameters, TrainSettings
@@ -233,14 +232,14 @@ class WindowSampler:
         return torch.from_numpy(np.stack(rows).astype(np.int64))
 
 
-def read_lead_in(train_model, model: Qwen3NextForCausalLM, lead: torch.Tensor, autocast, room: int) -> Cache:
+def read_lead_in(train_model, model: Qwen3NextForCausalLM, lead: torch.Tensor, autocast, room: int):
     """The decoding state after reading `lead` [B, L] in evaluation mode without gradient: the DeltaNet
     states and attention keys and values a training window then continues from (the window's gradient
     stops there, as in Transformer-XL), with `room` for the window's positions."""
     B, L = lead.shape
     # under autocast the keys and values are bf16; a float32 cache would hand attention mixed dtypes
-    dtype = autocast.fast_dtype if isinstance(autocast, torch.autocast) else model.model.embed_tokens.weight.dtype
-    cache = Cache(model.config, B, lead.device, dtype, capacity=L + room)
+    cache = model.new_cache(B, capacity=L + room,
+                            dtype=autocast.fast_dtype if isinstance(autocast, torch.autocast) else None)
     was_training = model.training
     model.eval()
     with torch.no_grad(), autocast:
@@ -859,7 +858,7 @@ def forget_step(model: torch.nn.Module, optimizer, initial: dict[str, torch.Tens
     with torch.no_grad():
         for name, value in model.state_dict().items():
             value.copy_(initial[name])
-    for part in getattr(optimizer, "parts", [optimizer]):
+    for part in ckpt.optimizer_parts(optimizer):
         part.state.clear()
 
 

@@ -121,6 +121,15 @@ def test_config_auto_stops_a_long_budget_at_its_passes(data_dir, tmp_path, monke
 
 
 def test_budgeted_run_resumes_bit_identically(data_dir, tmp_path, monkeypatch, capsys):
+    from sakimi_next import train
+
+    stepped, forget = [], train.forget_step
+
+    def forget_and_note(model, optimizer, initial):  # a throw-away step took an optimiser step if it left state
+        stepped.append(all(part.state for part in ckpt.optimizer_parts(optimizer)))
+        forget(model, optimizer, initial)
+
+    monkeypatch.setattr(train, "forget_step", forget_and_note)
     fake_clock(monkeypatch, 0.2)  # 0.2 s a step and an evaluation (+ ~0.5 s for its checkpoint), 2.2 s of setup
     common = [*TRAIN, "--data-dir", str(data_dir), "--dropout", "0.1", "--save-every", "4", "--keep-last", "10"]
     assert main([*common, "--out-dir", str(tmp_path / "whole"), "--max-minutes", "0.1"]) == 0
@@ -134,6 +143,7 @@ def test_budgeted_run_resumes_bit_identically(data_dir, tmp_path, monkeypatch, c
     assert lrs[-1] == pytest.approx(3e-4, rel=0.2) and max(lrs) == pytest.approx(3e-3)  # decayed to --min-lr by the end
     assert [r["step"] for r in whole if "val_loss" in r][-1] == plan["steps"]  # evaluated at the end
     assert (tmp_path / "whole" / "best").exists() and "budget 0.1 min" in out
+    assert stepped == [True] * (budget.WARM_STEPS + budget.TIMED_STEPS)  # the optimiser's step is timed too
 
     # resume from step 4 on a clock three times slower: the plan comes from the checkpoint, not from a new measurement
     fake_clock(monkeypatch, 0.6)
