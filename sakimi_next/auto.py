@@ -6,7 +6,12 @@ corpus and the time budget, by a rule measured on this project's runs (README, "
     vocabulary   from the size of the training text: about one token type per 1,000 bytes of text,
                  as a power of two in [512, 8192] (1 MB -> 1,024)
     model        tiny_10m's trunk (8 layers, hidden 256), its vocabulary the tokenizer's
-    batch        8 x 256 tokens (more, smaller steps beat fewer, larger ones when steps are scarce)
+    batch        2,048 tokens a step: 4 windows of 512 tokens, each after a 1,024-token lead-in (read
+                 without gradient), where the text can spare them; 8 x 256 and no lead-in for a text under
+                 ~15,000 tokens. The model is used on long texts read in one pass (eval's carried state,
+                 generation): trained on windows that continue a longer text, with attention over up to
+                 1,536 keys, Tiny Shakespeare read in one pass lost 0.013 bits/byte to attention over more
+                 keys than it saw, against 0.024 with 8 x 256 after a 512-token lead-in
     learning     2e-3 peak, cosine to 2e-4
     dropout      from the passes over the text the budget allows: 0 for one pass or less, 0.1 up to
                  four, 0.2 beyond (the 9.4M-parameter model memorises a 1 MB text after ~3 passes)
@@ -16,9 +21,6 @@ corpus and the time budget, by a rule measured on this project's runs (README, "
     optimizer    muon (Muon for the decoder layers' matrices, AdamW for the rest; adamw with torch < 2.9
                  or --fsdp): with weight decay 2, Tiny Shakespeare held out 2.118 -> 2.087 and 2.101
                  bits/byte (two runs), for ~3% more time a step
-
-    lead-in      512 tokens read before each window without gradient (LEAD_IN): the model learns from
-                 windows that continue a longer text, as it is used (0 for a text too short to spare them)
 
     length       a time budget (--max-minutes without --steps) stops at 5.5 passes over the text: more
                  passes, a wider model or more dropout all scored worse on held-out text
@@ -35,9 +37,17 @@ NAME = "auto"
 TRUNK = "tiny_10m"
 BYTES_PER_VOCAB_ENTRY = 1000
 VOCAB_RANGE = (512, 8192)
-# tokens/s of the tiny_10m trunk at 8 x 256 (README "Measured": 1,480 on the 2-core CPU; a GPU is far faster)
+# trained tokens/s of the tiny_10m trunk at 2,048 a step (README "Measured": 1,480 on the 2-core CPU at
+# 8 x 256 without a lead-in, ~1,700 at 4 x 512 after a 1,024-token lead-in; a GPU is far faster)
 TOKENS_PER_S = {"cpu": 1500, "mps": 5000, "cuda": 100_000}
-DEFAULTS = dict(batch_size=8, seq_len=256, learning_rate=2e-3, warmup_steps=100, steps=5000)
+DEFAULTS = dict(learning_rate=2e-3, warmup_steps=100, steps=5000)
+# (batch, window, lead-in): windows that continue a longer text (LONG_CONTEXT) where the text has tokens to
+# spare (10 x a window with its lead-in), cold 8 x 256 windows otherwise. Both are 2,048 tokens a step.
+# A model trained on cold 256-token windows does worse on a long text read in one pass (eval's carried
+# state) than on short windows: its attention never saw more than 256 keys (README, "Quality in a fixed time")
+LONG_CONTEXT = dict(batch_size=4, seq_len=512, lead_in=1024)
+SHORT_CONTEXT = dict(batch_size=8, seq_len=256, lead_in=0)
+TOKENS_PER_STEP = 2048
 DROPOUT_BY_PASSES = ((1.0, 0.0), (4.0, 0.1), (float("inf"), 0.2))  # (passes up to, dropout)
 # AdamW's decoupled weight decay (each step shrinks the matrices by learning rate x decay): with several
 # passes, far stronger than the usual 0.1 (README, "Quality in a fixed time")
@@ -46,10 +56,6 @@ WD_ONE_PASS, WD_MANY = 0.1, 2.0
 # better held-out loss than 9 or 10 (with dropout 0.2 or 0.3) or a wider model (README, "Quality in a
 # fixed time")
 MAX_PASSES = 5.5
-# Tokens read (no gradient) before each training window. A model trained on cold 256-token windows does
-# worse on a long text read in one pass (eval's carried state) than on short windows: its attention
-# never saw more than 256 keys (README, "Quality in a fixed time")
-LEAD_IN = 512
 
 
 # (training text up to this many bytes, fraction held out for validation)
@@ -83,7 +89,7 @@ def model_config(vocab: int) -> Config:
 def passes(train_tokens: int, minutes: float | None, device_type: str) -> float:
     """The passes over the training tokens that `minutes` allow (no budget: the default step count's)."""
     tokens = (minutes * 60 * TOKENS_PER_S.get(device_type, TOKENS_PER_S["cpu"]) if minutes
-              else DEFAULTS["steps"] * DEFAULTS["batch_size"] * DEFAULTS["seq_len"])
+              else DEFAULTS["steps"] * TOKENS_PER_STEP)
     return tokens / max(1, train_tokens)
 
 
@@ -103,12 +109,14 @@ def optimizer(fsdp: bool = False) -> str:
     return "muon" if hasattr(torch.optim, "Muon") and not fsdp else "adamw"
 
 
-def lead_in(train_tokens: int) -> int:
-    """LEAD_IN, where the text is long enough that windows with that much text before them are most of it."""
-    return LEAD_IN if train_tokens >= 10 * (LEAD_IN + DEFAULTS["seq_len"] + 1) else 0
+def context(train_tokens: int) -> dict:
+    """LONG_CONTEXT's batch, window and lead-in where the text is long enough that windows with that much
+    text before them are most of it, else SHORT_CONTEXT's."""
+    long = LONG_CONTEXT
+    return long if train_tokens >= 10 * (long["lead_in"] + long["seq_len"] + 1) else SHORT_CONTEXT
 
 
 def training_defaults(train_tokens: int, minutes: float | None, device_type: str, fsdp: bool = False) -> dict:
     return {**DEFAULTS, "dropout": dropout(train_tokens, minutes, device_type),
             "weight_decay": weight_decay(train_tokens, minutes, device_type), "optimizer": optimizer(fsdp),
-            "lead_in": lead_in(train_tokens)}
+            **context(train_tokens)}

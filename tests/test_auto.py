@@ -47,7 +47,7 @@ def test_default_run_is_auto(tmp_path, capsys):
     assert state["preset"] == "auto" and state["args"]["dropout"] == 0.2 and state["args"]["learning_rate"] == 2e-3
     assert state["args"]["weight_decay"] == auto.WD_MANY and state["args"]["optimizer"] == "muon"
     train_tokens = load_meta(data)["splits"]["train"]["tokens"]
-    assert state["args"]["lead_in"] == auto.lead_in(train_tokens) == auto.LEAD_IN
+    assert state["args"]["lead_in"] == auto.context(train_tokens)["lead_in"]
     assert json.loads((latest / "optimizer.json").read_text())["class"] == "MuonWithAdamW"
     # the command line still wins
     assert main([*args, "--out-dir", str(tmp_path / "run2"), "--dropout", "0", "--weight-decay", "0.1",
@@ -63,9 +63,13 @@ def test_the_pass_cap_in_steps():
     assert auto.max_steps(10, 2048) == 1  # at least one step
 
 
-def test_lead_in_needs_text_to_spare():
-    assert auto.lead_in(345_299) == auto.LEAD_IN == 512  # Tiny Shakespeare
-    assert auto.lead_in(5_000) == 0
+def test_long_windows_and_lead_in_need_text_to_spare():
+    tiny_shakespeare = auto.context(345_299)
+    assert tiny_shakespeare == auto.LONG_CONTEXT == dict(batch_size=4, seq_len=512, lead_in=1024)
+    assert auto.context(15_370) == auto.LONG_CONTEXT
+    assert auto.context(15_369) == auto.SHORT_CONTEXT == dict(batch_size=8, seq_len=256, lead_in=0)
+    for c in (auto.LONG_CONTEXT, auto.SHORT_CONTEXT):
+        assert c["batch_size"] * c["seq_len"] == auto.TOKENS_PER_STEP  # the passes the rule assumes
 
 
 def test_validation_share_follows_the_text_size(tmp_path, capsys):
