@@ -252,7 +252,7 @@ def read_lead_in(train_model, model: Qwen3NextForCausalLM, lead: torch.Tensor, a
 def window_loss(train_model, model, x, y, lead, h: Hyperparameters, autocast, eot_id: int | None):
     """One training micro-batch's forward pass (the backward is the caller's): with its lead-in read
     first when there is one, else with packed documents masked when `eot_id` is given."""
-    cache = read_lead_in(train_model, model, lead, autocast, x.shape[1]) if lead is not None else None
+    cache = read_lead_in(train_model, model, lead.to(x.device), autocast, x.shape[1]) if lead is not None else None
     starts = document_starts(x, eot_id) if eot_id is not None else None
     with autocast:
         return train_model(x, y, mtp_weight=h.mtp_weight or 0.0, doc_starts=starts, cache=cache)
@@ -680,10 +680,9 @@ class TrainingRun:
             sync = nullcontext()
             if ddp.enabled and not self.s.fsdp and micro < h.grad_accum - 1:
                 sync = self.train_model.no_sync()
-            lead = self.sampler.lead(step, micro)
             with sync:
-                out = window_loss(self.train_model, self.model, x, y, lead.to(device) if lead is not None else None,
-                                  h, self.autocast, self.tokenizer.eot_id if h.document_masking else None)
+                out = window_loss(self.train_model, self.model, x, y, self.sampler.lead(step, micro), h,
+                                  self.autocast, self.tokenizer.eot_id if h.document_masking else None)
                 (out.loss / h.grad_accum).backward()  # outside autocast, as torch recommends
             value = out.loss.item()
             out_losses.finite = out_losses.finite and math.isfinite(value)
@@ -887,9 +886,7 @@ def _budget_plan(s: TrainSettings, h: Hyperparameters, state: dict | None, modul
     def throwaway_step():
         for micro in range(h.grad_accum):
             x, y = (t.to(device) for t in sampler.batch(0, micro))
-            lead = sampler.lead(0, micro)
-            loss = window_loss(train_model, model, x, y, lead.to(device) if lead is not None else None, h,
-                               autocast, eot).loss
+            loss = window_loss(train_model, model, x, y, sampler.lead(0, micro), h, autocast, eot).loss
             (loss / h.grad_accum).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), h.grad_clip or float("inf"))
         optimizer.step()  # timed too: Muon's orthogonalisation is a fair share of a step on a CPU

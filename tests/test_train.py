@@ -409,7 +409,9 @@ def test_old_checkpoints_resume_without_lead_in():
     from sakimi_next.train import resolve_hyperparameters
 
     fresh = resolve_hyperparameters(Hyperparameters(), None, auto.NAME, 400_000, 20, "cpu")
-    assert fresh.lead_in == auto.LONG_CONTEXT["lead_in"]
+    assert (fresh.batch_size, fresh.seq_len, fresh.lead_in) == (4, 512, 1024)  # auto.LONG_CONTEXT
+    short = resolve_hyperparameters(Hyperparameters(), None, auto.NAME, 10_000, 20, "cpu")
+    assert (short.batch_size, short.seq_len, short.lead_in) == (8, 256, 0)  # too short to spare a lead-in
     old = {k: v for k, v in vars(fresh).items() if k != "lead_in"}
     assert resolve_hyperparameters(Hyperparameters(), old, auto.NAME, 400_000, 20, "cpu").lead_in == 0
     chat = resolve_hyperparameters(Hyperparameters(document_masking=True), None, auto.NAME, 400_000, 20, "cpu")
