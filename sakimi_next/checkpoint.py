@@ -2,8 +2,9 @@
 
     runs/tiny/
       step_000250/
-        model.safetensors       weights, transformers parameter names
-        optimizer.safetensors   AdamW moments and step counts (Muon: its momentum too), plus RNG states
+        model.safetensors       weights, transformers parameter names (with --ema: the averaged weights)
+        optimizer.safetensors   AdamW moments and step counts (Muon: its momentum too), RNG states, and with
+                                --ema the training weights themselves (`training_weights.NAME`)
         optimizer.json          param groups (hyper-parameters and parameter names)
         trainer_state.json      step, tokens, sampler state, RNG states, scheduler, best validation, arguments
         config.json             the model Config
@@ -36,6 +37,7 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
+    set_model_state_dict,
     set_optimizer_state_dict,
 )
 
@@ -52,6 +54,8 @@ CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
 REQUIRED = (MODEL_FILE, STATE_FILE, CONFIG_FILE)
 WEIGHT_FILES = (MODEL_FILE, OPTIM_FILE)  # their sha256 is recorded in trainer_state.json
+# optimizer.safetensors keys of the weights training goes on from, where model.safetensors holds an average
+TRAINING_WEIGHTS = "training_weights."
 
 
 def step_dir_name(step: int) -> str:
@@ -76,9 +80,10 @@ FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The weights by parameter name (collective under FSDP: call on every rank)."""
+    """A copy of the weights by parameter name (collective under FSDP: call on every rank). On a CPU the
+    state dict shares the parameters' memory: a copy stays as it was when the weights change (--ema)."""
     sd = get_model_state_dict(plain_module(model), options=FULL_STATE)
-    return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in sd.items()}
 
 
 def optimizer_payload(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -128,8 +133,9 @@ def save_checkpoint(
     gathered: dict | None = None,
 ) -> Path:
     """Write checkpoint `out_dir/step_NNNNNN` atomically, point `latest` at it, and return its path.
-    `gathered` is `gather_state(model, optimizer)` when the caller already collected it (FSDP).
-    trainer_state.json records the sha256 of each weight file, which loading verifies."""
+    `gathered` is `gather_state(model, optimizer)` when the caller already collected it (FSDP); its
+    "training_weights", when given, are the weights training goes on from where "model" is their
+    average (train.py, --ema). trainer_state.json records the sha256 of each weight file, which loading verifies."""
     gathered = gathered if gathered is not None else gather_state(model, optimizer)
     out_dir = Path(out_dir)
     final = out_dir / step_dir_name(step)
@@ -138,7 +144,8 @@ def save_checkpoint(
         _test_pause()
         rng_tensors, rng_meta = rng_payload()
         opt_meta = gathered["optimizer_meta"]
-        save_file({**gathered["optimizer"], **rng_tensors}, str(tmp / OPTIM_FILE), metadata={"format": "pt"})
+        training = {TRAINING_WEIGHTS + k: v for k, v in gathered.get("training_weights", {}).items()}
+        save_file({**gathered["optimizer"], **rng_tensors, **training}, str(tmp / OPTIM_FILE), metadata={"format": "pt"})
         if opt_meta is not None:
             _write_json(tmp / OPTIM_JSON, opt_meta)
         hashes = {f: sha256_file(tmp / f) for f in WEIGHT_FILES}
@@ -354,6 +361,19 @@ def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ckp
     set_optimizer_state_dict(plain_module(model), optimizer_parts(optimizer),
                              {"state": state, "param_groups": meta["param_groups"]},
                              options=StateDictOptions(full_state_dict=True))
+
+
+def load_training_weights(model: torch.nn.Module, ckpt: Path) -> bool:
+    """Put the weights training goes on from into `model` (plain, DDP or FSDP2-sharded) where `ckpt`'s
+    model.safetensors holds their average; False (the model untouched) where it holds them itself."""
+    tensors = load_tensors(ckpt / OPTIM_FILE)
+    weights = {k[len(TRAINING_WEIGHTS):]: v for k, v in tensors.items() if k.startswith(TRAINING_WEIGHTS)}
+    if not weights:
+        return False
+    if sorted(weights) != sorted(plain_module(model).state_dict()):
+        raise UserError(f"the training weights in {ckpt / OPTIM_FILE} do not match this model's parameters")
+    set_model_state_dict(plain_module(model), weights, options=StateDictOptions(full_state_dict=True))
+    return True
 
 
 def restore_rng(ckpt: Path, state: dict) -> None:

@@ -332,7 +332,7 @@ RECOMMENDED_PRESET = "tiny_10m"
 _SHARED_TRAINING = dict(save_every=250, eval_every=200, eval_batches=16, grad_accum=1, weight_decay=0.1,
                         no_decay_norms=False, beta1=0.9, beta2=0.95, grad_clip=1.0, seed=0, mtp_weight=0.0,
                         document_masking=False, min_lr=None, dropout=0.0, optimizer="adamw",
-                        lead_in=0)
+                        lead_in=0, ema=0.0)
 TRAINING_DEFAULTS: dict[str, Hyperparameters] = {
     "tiny_5m": Hyperparameters(
         **_SHARED_TRAINING, batch_size=16, seq_len=256, learning_rate=2e-3, warmup_steps=100, steps=2000),

@@ -32,6 +32,7 @@ from tqdm import tqdm
 from . import auto, budget
 from . import checkpoint as ckpt
 from . import pretrained
+from .average import WeightAverage
 from .config import RECOMMENDED_PRESET, TRAINING_DEFAULTS, Config, fmt_count, preset
 from .model import GatedDeltaNet, Qwen3NextForCausalLM, RMSNorm
 from .settings import Hyperparameters, TrainSettings
@@ -423,6 +424,8 @@ def resolve_hyperparameters(given: Hyperparameters, resumed: dict | None, preset
         out["optimizer"] = trained_with
         if given.lead_in is None and resumed.get("lead_in") is None:
             out["lead_in"] = 0  # checkpoints from before --lead-in: cold windows
+        if given.ema is None and resumed.get("ema") is None:
+            out["ema"] = 0.0  # checkpoints from before --ema: the last step's weights
     if out["document_masking"] and given.lead_in is None:
         out["lead_in"] = 0  # packed documents (chat data) keep apart: no text before a window to read
     if out["min_lr"] is None:
@@ -442,6 +445,8 @@ def _validate(h: Hyperparameters, config: Config, train_tokens: int) -> None:
         raise UserError(f"--learning-rate ({h.learning_rate}) must be positive")
     if not 0.0 <= h.dropout < 1.0:
         raise UserError(f"--dropout ({h.dropout}) must be in [0, 1)")
+    if not 0.0 <= h.ema < 1.0:
+        raise UserError(f"--ema ({h.ema}) must be in [0, 1) (0 = off)")
     if h.min_lr < 0 or h.min_lr > h.learning_rate:
         raise UserError(f"--min-lr ({h.min_lr}) must be between 0 and the learning rate ({h.learning_rate})")
     if h.warmup_steps < 0:
@@ -631,8 +636,8 @@ class TrainingRun:
         self.t_start = time.perf_counter()
 
     def attach(self, model, train_model, optimizer, sampler: WindowSampler, val_tokens, autocast,
-               val_mask: np.ndarray | None = None) -> None:
-        self.model, self.train_model, self.optimizer = model, train_model, optimizer
+               val_mask: np.ndarray | None = None, average: WeightAverage | None = None) -> None:
+        self.model, self.train_model, self.optimizer, self.average = model, train_model, optimizer, average
         self.sampler, self.val_tokens, self.autocast, self.val_mask = sampler, val_tokens, autocast, val_mask
         self.metrics = MetricsLog(self.out_dir / "metrics.jsonl", self.ddp.is_main,
                                   self.start_step if self.start.state else None)
@@ -650,11 +655,20 @@ class TrainingRun:
                 "args": self.record, "tokenizer_sha256": self.tokenizer.sha256, "data_dir": str(self.data_dir),
                 "world_size": self.ddp.world_size, "tokens_per_step": self.tokens_per_step}
 
+    def gather(self) -> dict:
+        """The checkpoint's tensors; with --ema its model is the average, and the training weights go on
+        beside the optimiser's state."""
+        gathered = ckpt.gather_state(self.model, self.optimizer)
+        if self.average is None:
+            return gathered
+        with self.average.applied():
+            return {**gathered, "model": ckpt.model_tensors(self.model), "training_weights": gathered["model"]}
+
     def save(self, step: int, reason: str) -> Path | None:
         """Rank 0 writes; a failure (full disk, ...) keeps the previous checkpoints and training goes on."""
         path = None
         ddp = self.ddp
-        gathered = ckpt.gather_state(self.model, self.optimizer) if self.s.fsdp or ddp.is_main else None  # FSDP: all ranks
+        gathered = self.gather() if self.s.fsdp or ddp.is_main else None  # FSDP: all ranks
         if ddp.is_main:
             try:
                 path = ckpt.save_checkpoint(self.out_dir, step, self.model, self.optimizer, self.trainer_state(step),
@@ -731,9 +745,10 @@ class TrainingRun:
     def evaluate(self, step: int) -> tuple[bool, bool]:
         """Validate, keep the best checkpoint. Returns (saved a checkpoint, stop early)."""
         h = self.h
-        ev = evaluate(self.train_model, self.val_tokens, h.seq_len, h.batch_size, h.eval_batches, self.ddp.device,
-                      self.bytes_per_token, self.autocast, self.ddp,
-                      self.tokenizer.eot_id if h.document_masking else None, self.val_mask)
+        with self.average.applied() if self.average is not None else nullcontext():  # the model a checkpoint holds
+            ev = evaluate(self.train_model, self.val_tokens, h.seq_len, h.batch_size, h.eval_batches,
+                          self.ddp.device, self.bytes_per_token, self.autocast, self.ddp,
+                          self.tokenizer.eot_id if h.document_masking else None, self.val_mask)
         self.metrics.add({"step": step, **ev})
         bpb = f"  bpb {ev['val_bpb']:.4f}" if "val_bpb" in ev else ""
         self.console.say(f"eval {step:>6}: val loss {ev['val_loss']:.4f}  ppl {ev['val_ppl']:.2f}{bpb}")
@@ -797,6 +812,8 @@ class TrainingRun:
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 step += 1
+                if self.average is not None:
+                    self.average.update(step)
                 self.tokens_seen += self.tokens_per_step
                 self.window_tokens += self.tokens_per_step
                 bar.update(1)
@@ -848,7 +865,8 @@ def _plan(run: TrainingRun, n_params: int, kernel: str, dtype: str, meta: dict) 
     log(f"batch: {h.batch_size} x {h.seq_len} tokens x {h.grad_accum} accumulation x {ddp.world_size} "
         f"process(es) = {run.tokens_per_step:,} tokens per step (global batch {h.batch_size * h.grad_accum * ddp.world_size})")
     log(f"plan: steps {run.start_step} -> {h.steps}, {run.tokens_per_step * max(0, h.steps - run.start_step):,} tokens; "
-        f"lr {h.learning_rate:g} (warm-up {h.warmup_steps}, cosine to {h.min_lr:g}); out: {run.out_dir}")
+        f"lr {h.learning_rate:g} (warm-up {h.warmup_steps}, cosine to {h.min_lr:g})"
+        f"{f'; weights averaged (--ema {h.ema:g})' if h.ema else ''}; out: {run.out_dir}")
 
 
 def forget_step(model: torch.nn.Module, optimizer, initial: dict[str, torch.Tensor]) -> None:
@@ -934,13 +952,18 @@ def _train(s: TrainSettings, ddp: Distributed, prepare: Callable[[], object] | N
     if start.preset == auto.NAME and start.state is None:
         console.log(f"--config auto: {auto.TRUNK}'s trunk with vocab {start.config.vocab_size:,}; batch {h.batch_size} "
                     f"x {h.seq_len}, lr {h.learning_rate:g}, dropout {h.dropout:g}, weight decay {h.weight_decay:g}, "
-                    f"optimizer {h.optimizer}, lead-in {h.lead_in} (see the README's rule)")
+                    f"optimizer {h.optimizer}, lead-in {h.lead_in}, ema {h.ema:g} (see the README's rule)")
     _validate(h, start.config, len(train_tokens))
     asked = s.compile if s.compile is not None else ((start.state or {}).get("args") or {}).get("compile")
     s = replace(s, compile=use_compile(asked, s.max_minutes, s.hyper.steps, ddp.device, h.lead_in))  # a resume keeps its choice
 
     model, kernel, n_params = _build_model(s, start, h.seed, ddp.device, h.dropout)
     train_model = _distribute(model, s, ddp)
+    # the average starts from the weights the checkpoint hands out (with --ema, its average); training
+    # goes on from its training weights
+    average = WeightAverage(model, h.ema) if h.ema else None
+    if start.resume_path is not None:
+        ckpt.load_training_weights(model, start.resume_path)
     if h.optimizer == "muon" and s.fsdp:  # a resumed Muon run
         raise UserError("this run was trained with --optimizer muon, which does not work with --fsdp (Muon needs "
                         "each matrix whole); resume it with DDP (torchrun without --fsdp)")
@@ -965,7 +988,7 @@ def _train(s: TrainSettings, ddp: Distributed, prepare: Callable[[], object] | N
             raise UserError(f"output directory {run.out_dir} is not writable")
     sampler = WindowSampler(train_tokens, h.seq_len, h.batch_size, h.seed, ddp.rank, ddp.world_size, train_mask,
                             h.lead_in)
-    run.attach(model, train_model, optimizer, sampler, val_tokens, autocast, val_mask)
+    run.attach(model, train_model, optimizer, sampler, val_tokens, autocast, val_mask, average)
 
     step, exit_code = run.loop()
     if ddp.is_main and exit_code != 1 and run.metrics.records:

@@ -48,6 +48,7 @@ def test_default_run_is_auto(tmp_path, capsys):
     assert state["args"]["weight_decay"] == auto.WD_MANY and state["args"]["optimizer"] == "muon"
     train_tokens = load_meta(data)["splits"]["train"]["tokens"]
     assert state["args"]["lead_in"] == auto.context(train_tokens)["lead_in"] == auto.LONG_CONTEXT["lead_in"]
+    assert state["args"]["ema"] == 0.1  # the model handed out is the weights' average
     assert json.loads((latest / "optimizer.json").read_text())["class"] == "MuonWithAdamW"
     # the command line still wins
     assert main([*args, "--out-dir", str(tmp_path / "run2"), "--dropout", "0", "--weight-decay", "0.1",

@@ -48,6 +48,8 @@ CASES = {
     "train negative seed": ([*TRAIN, "--seed", "-1"], "--seed (-1) must be >= 0"),
     "train beta1 2": ([*TRAIN, "--beta1", "2"], "--beta1 (2.0) must be in [0, 1)"),
     "train beta2 -0.1": ([*TRAIN, "--beta2", "-0.1"], "--beta2 (-0.1) must be in [0, 1)"),
+    "train ema 1": ([*TRAIN, "--ema", "1"], "--ema (1.0) must be in [0, 1)"),
+    "train ema -0.1": ([*TRAIN, "--ema", "-0.1"], "--ema (-0.1) must be in [0, 1)"),
     "train print-every 0": ([*TRAIN, "--print-every", "0"], "--print-every (0) must be positive"),
     "train weight-decay -1": ([*TRAIN, "--weight-decay", "-1"], "--weight-decay (-1.0) must be >= 0"),
     "train lr inf": ([*TRAIN, "--learning-rate", "inf"], "--learning-rate (inf) must be a finite number"),

@@ -199,9 +199,10 @@ def test_nonfinite_loss_stops_or_skips(data_dir, tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_processes_equal_one(data_dir, tmp_path, strategy):
     """gloo on CPU: 2 processes with batch 2 each follow 1 process with batch 4 (same windows), and the
-    checkpoint they write (full, unsharded) resumes in a single process."""
+    checkpoint they write (full, unsharded) resumes in a single process. With --ema each process averages
+    its part (FSDP: its shards), and the validation of the average agrees too."""
     common = [*TRAIN, "--data-dir", str(data_dir), "--steps", "4", "--eval-every", "4", "--save-every", "2",
-              "--lead-in", "16"]  # each rank reads its rows' lead-in (FSDP: reshards after that forward)
+              "--lead-in", "16", "--ema", "0.2"]  # each rank reads its rows' lead-in (FSDP: reshards after it)
     assert main([*common, "--out-dir", str(tmp_path / "one"), "--batch-size", "4"]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     port = "29533" if strategy == "ddp" else "29534"
@@ -218,7 +219,18 @@ def test_two_processes_equal_one(data_dir, tmp_path, strategy):
     val = [json.loads(x)["val_loss"] for d in ("one", "two")
            for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines() if "val_loss" in x]
     assert abs(val[0] - val[1]) <= 1e-4 * val[0]
-    # the distributed run's step-2 checkpoint resumes here, single process, with its optimiser state
+    # its step-2 checkpoint resumes in 2 processes (each takes its part of the training weights and of
+    # the average) as the uninterrupted run went on, and here, single process, with its optimiser state
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                        port, "-m", "sakimi_next", *common, "--out-dir", str(tmp_path / "resumed"), "--batch-size",
+                        "2", "--resume-from", str(tmp_path / "two" / "step_000002"), *extra],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    resumed = losses(tmp_path / "resumed")
+    assert resumed == {s: two[s] for s in (3, 4)}
+    a = ckpt.load_tensors(tmp_path / "two" / "step_000004" / ckpt.MODEL_FILE)
+    b = ckpt.load_tensors(tmp_path / "resumed" / "step_000004" / ckpt.MODEL_FILE)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert main([*common, "--out-dir", str(tmp_path / "two"), "--batch-size", "4", "--resume-from",
                  str(tmp_path / "two" / "step_000002"), "--steps", "4"]) == 0
 
@@ -403,7 +415,8 @@ def test_lead_in_trains_and_resumes_exactly(data_dir, tmp_path):
 
 def test_old_checkpoints_resume_without_lead_in():
     """A checkpoint from before --lead-in (no lead_in in its settings) keeps cold windows, even under
-    --config auto, whose fresh runs read one; chat data (document masking) reads none either."""
+    --config auto, whose fresh runs read one; chat data (document masking) reads none either. One from
+    before --ema goes on handing out its last weights."""
     from sakimi_next import auto
     from sakimi_next.settings import Hyperparameters
     from sakimi_next.train import resolve_hyperparameters
@@ -412,7 +425,8 @@ def test_old_checkpoints_resume_without_lead_in():
     assert (fresh.batch_size, fresh.seq_len, fresh.lead_in) == (4, 512, 1024)  # auto.LONG_CONTEXT
     short = resolve_hyperparameters(Hyperparameters(), None, auto.NAME, 10_000, 20, "cpu")
     assert (short.batch_size, short.seq_len, short.lead_in) == (8, 256, 0)  # too short to spare a lead-in
-    old = {k: v for k, v in vars(fresh).items() if k != "lead_in"}
-    assert resolve_hyperparameters(Hyperparameters(), old, auto.NAME, 400_000, 20, "cpu").lead_in == 0
+    old = {k: v for k, v in vars(fresh).items() if k not in ("lead_in", "ema")}
+    resumed = resolve_hyperparameters(Hyperparameters(), old, auto.NAME, 400_000, 20, "cpu")
+    assert (resumed.lead_in, resumed.ema, fresh.ema) == (0, 0.0, 0.1)
     chat = resolve_hyperparameters(Hyperparameters(document_masking=True), None, auto.NAME, 400_000, 20, "cpu")
     assert chat.lead_in == 0

@@ -73,6 +73,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="tokens of the text right before each training window that the model reads first, "
                         "without gradient, so that every window continues a longer text, as in generation and "
                         "in eval's carried state (0 = windows start cold; --config auto picks one)")
+    t.add_argument("--ema", type=float, default=None, metavar="H",
+                   help="hand out an average of the weights along the run instead of the last step's (evaluated, "
+                        "kept as best and saved as the model): a power-function EMA in which a step weighs half as "
+                        "much as one H of the run later; in [0, 1), 0 = off (0; --config auto picks 0.1)")
     t.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 under torchrun")
     t.add_argument("--document-masking", action="store_true", default=None,
                    help="packed documents do not see each other: attention, conv and DeltaNet state restart "
@@ -107,7 +111,7 @@ def hyperparameters(args: argparse.Namespace) -> Hyperparameters:
         seed=common.seed(args.seed), mtp_weight=f("--mtp-weight", args.mtp_weight, lo=0),
         document_masking=args.document_masking,
         dropout=f("--dropout", args.dropout, lo=0, hi=1, hi_open=True), optimizer=args.optimizer,
-        lead_in=c("--lead-in", args.lead_in, minimum=0))
+        lead_in=c("--lead-in", args.lead_in, minimum=0), ema=f("--ema", args.ema, lo=0, hi=1, hi_open=True))
 
 
 def settings(args: argparse.Namespace) -> TrainCommandSettings:
