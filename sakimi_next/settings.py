@@ -40,7 +40,7 @@ class Hyperparameters:
     dropout: float | None = None  # a training setting only: never saved with the model
     optimizer: str | None = None  # "adamw", or "muon" (Muon for the layers' matrices, AdamW for the rest)
     lead_in: int | None = None  # tokens read (no gradient) before each training window: its context
-    ema: float | None = None  # the weights handed out average the run's: a step's weight halves this share of it back (0 = off)
+    ema: float | None = None  # share of the run over which the averaged weights halve a step (0 = off)
 
 
 @dataclass(frozen=True)
