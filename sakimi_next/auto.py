@@ -24,7 +24,7 @@ corpus and the time budget, by a rule measured on this project's runs (README, "
     averaging    --ema 0.1: the model handed out is the power-function average of the run's weights
                  (average.py), a step weighing half as much as one a tenth of the run later: Tiny
                  Shakespeare held out 2.066 (best single checkpoint) -> 2.055, and 0.1 scored best of
-                 0.05-0.15 on the validation split
+                 0.05-0.15 on the validation split (a 3e-3 run's saved weights, averaged afterwards)
 
     length       a time budget (--max-minutes without --steps) stops at 5.5 passes over the text: more
                  passes, a wider model or more dropout all scored worse on held-out text

@@ -33,7 +33,9 @@ def gamma(half_life: float) -> float:
 
 class WeightAverage:
     """The power-function EMA of `module`'s parameters. The tensors are the parameters' own kind (FSDP2:
-    the same shards), so every process averages its part and `applied` works under DDP and FSDP."""
+    the same shards), so every process averages its part and `applied` works under DDP and FSDP.
+    (torch.optim.swa_utils.AveragedModel keeps a deep copy of the module instead, which cannot be
+    evaluated in place of a sharded or compiled training model, and has no power-function schedule.)"""
 
     def __init__(self, module: torch.nn.Module, half_life: float):
         self.gamma = gamma(half_life)
