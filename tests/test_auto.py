@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from sakimi_next import auto
 from sakimi_next import checkpoint as ckpt
 from sakimi_next.cli import main
@@ -76,10 +78,13 @@ def test_long_windows_and_lead_in_need_text_to_spare():
 def test_validation_share_follows_the_text_size(tmp_path, capsys):
     from .helpers import english_text
 
-    assert [auto.val_fraction(n) for n in (1000, 600_000, 1_003_854, 6_000_000, 10**9)] == [0.1, 0.1, 0.05, 0.05, 0.02]
+    sizes = (1000, 200_000, 400_000, 1_000_000, 1_003_836, 10**9)
+    assert [auto.val_fraction(n) for n in sizes] == pytest.approx([0.1, 0.1, 0.05, 0.02, 0.02, 0.02])
     text = tmp_path / "big.txt"
-    text.write_text((english_text(400_000) + "\n") * 2)  # over 600 KB
-    for extra, share in (([], 0.05), (["--config", "tiny_10m"], 0.1), (["--val-fraction", "0.2"], 0.2)):
+    text.write_text((english_text(200_000) + "\n") * 2)  # ~400 KB: 20 KB of it is 5%
+    auto_share = auto.val_fraction(text.stat().st_size)
+    assert auto_share == pytest.approx(0.05, abs=0.002)
+    for extra, share in (([], auto_share), (["--config", "tiny_10m"], 0.1), (["--val-fraction", "0.2"], 0.2)):
         out = tmp_path / f"data{share}"
         assert main(["--mode", "prepare_data", "--train-data", str(text), "--out-dir", str(out), *extra]) == 0
         meta = load_meta(out)

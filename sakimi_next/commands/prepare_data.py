@@ -23,8 +23,8 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-data", nargs="+", action="extend", default=None, metavar="PATH",
                    help="validation text (default: a held-out fraction of the training documents)")
     p.add_argument("--val-fraction", type=float, default=None,
-                   help="the part of the training text held out for validation (0.1; --config auto: 0.1 of a "
-                        "text up to 600 KB, 0.05 up to 6 MB, 0.02 beyond)")
+                   help="the part of the training text held out for validation (0.1; --config auto: 0.02 of "
+                        "the text, but at least 20 KB and at most 0.1)")
     p.add_argument("--doc-split", default="auto", choices=DOC_SPLITS,
                    help="what a document is: auto = a .txt file exactly as written, a JSONL record; file also "
                         "joins a JSONL file's records; blank-line paragraphs or lines on request")
