@@ -27,7 +27,9 @@ import random
 import shutil
 import sys
 import time
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -220,10 +222,11 @@ def damage(ckpt: Path, hashes: bool = True) -> str | None:
     return None
 
 
-def find_latest(out_dir: str | Path, verify: bool = False) -> Path | None:
+def find_latest(out_dir: str | Path, verify: bool = False,
+                say: Callable[[str], None] | None = None) -> Path | None:
     """The newest complete checkpoint under `out_dir` (via `latest`, else the highest step that loads).
-    `verify`: also check the weight files' hashes, and say on stderr (one line) when a newer checkpoint
-    was passed over because it is damaged."""
+    `verify`: also check the weight files' hashes, and say (one line; `say`, else on stderr) when a newer
+    checkpoint was passed over because it is damaged."""
     out_dir = Path(out_dir)
     candidates = []
     if (out_dir / "latest").exists():
@@ -236,8 +239,9 @@ def find_latest(out_dir: str | Path, verify: bool = False) -> Path | None:
         problem = damage(c, hashes=verify)
         if problem is None:
             if passed_over:
-                print(f"warning: skipping {passed_over[0]} ({passed_over[1]}); using {c.name}, the newest intact "
-                      "checkpoint", file=sys.stderr, flush=True)
+                message = (f"warning: skipping {passed_over[0]} ({passed_over[1]}); using {c.name}, the newest "
+                           "intact checkpoint")
+                (say or partial(print, file=sys.stderr, flush=True))(message)
             return c
         passed_over = passed_over or (c, problem)
     return None
@@ -345,11 +349,16 @@ def load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], sourc
     plain_module(model).load_state_dict(tensors, strict=True)
 
 
-def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ckpt: Path) -> None:
-    """Restore the optimiser state: moments, momentum, step counts (each rank reads the full state and
-    keeps its shard)."""
+def load_training_state(ckpt: Path) -> dict[str, torch.Tensor]:
+    """`ckpt`'s optimizer.safetensors, read once for the three functions below."""
+    return load_tensors(ckpt / OPTIM_FILE)
+
+
+def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ckpt: Path,
+                   tensors: dict[str, torch.Tensor]) -> None:
+    """Restore the optimiser state from `tensors` (`load_training_state(ckpt)`): moments, momentum, step
+    counts (each rank reads the full state and keeps its shard)."""
     meta = read_optimizer_meta(ckpt)
-    tensors = load_tensors(ckpt / OPTIM_FILE)
     state: dict[str, dict] = {}
     for key, t in tensors.items():
         if key.startswith("state."):
@@ -363,10 +372,10 @@ def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ckp
                              options=StateDictOptions(full_state_dict=True))
 
 
-def load_training_weights(model: torch.nn.Module, ckpt: Path) -> bool:
-    """Put the weights training goes on from into `model` (plain, DDP or FSDP2-sharded) where `ckpt`'s
-    model.safetensors holds their average; False (the model untouched) where it holds them itself."""
-    tensors = load_tensors(ckpt / OPTIM_FILE)
+def load_training_weights(model: torch.nn.Module, ckpt: Path, tensors: dict[str, torch.Tensor]) -> bool:
+    """Put the weights training goes on from (in `tensors`, `load_training_state(ckpt)`) into `model`
+    (plain, DDP or FSDP2-sharded) where `ckpt`'s model.safetensors holds their average; False (the model
+    untouched) where it holds them itself."""
     weights = {k[len(TRAINING_WEIGHTS):]: v for k, v in tensors.items() if k.startswith(TRAINING_WEIGHTS)}
     if not weights:
         return False
@@ -376,8 +385,9 @@ def load_training_weights(model: torch.nn.Module, ckpt: Path) -> bool:
     return True
 
 
-def restore_rng(ckpt: Path, state: dict) -> None:
-    tensors = load_tensors(ckpt / OPTIM_FILE)
+def restore_rng(ckpt: Path, state: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """The random generators as `ckpt` saved them: torch's from `tensors` (`load_training_state(ckpt)`),
+    numpy's and Python's from its trainer `state`."""
     if "rng.torch" not in tensors:
         raise UserError(f"{ckpt / OPTIM_FILE} lacks the random-number state (rng.torch)")
     torch.set_rng_state(tensors["rng.torch"])

@@ -524,7 +524,7 @@ def _starting_point(s: TrainSettings, tokenizer: Tokenizer, console: Console) ->
     out_dir = s.out_dir or Path(f"runs/{preset_name or auto.NAME}")
     resume_path = None
     if s.resume_from == "auto":
-        resume_path = ckpt.find_latest(out_dir, verify=True)
+        resume_path = ckpt.find_latest(out_dir, verify=True, say=console.say)  # rank 0 says it, once
         console.log(f"resume: {'from ' + str(resume_path) if resume_path else 'no checkpoint in ' + str(out_dir) + ', starting fresh'}")
     elif s.resume_from:
         resume_path = ckpt.resolve_checkpoint(s.resume_from)
@@ -962,16 +962,18 @@ def _train(s: TrainSettings, ddp: Distributed, prepare: Callable[[], object] | N
     # the average starts from the weights the checkpoint hands out (with --ema, its average); training
     # goes on from its training weights
     average = WeightAverage(model, h.ema) if h.ema else None
-    if start.resume_path is not None:
-        ckpt.load_training_weights(model, start.resume_path)
+    saved = ckpt.load_training_state(start.resume_path) if start.resume_path is not None else None
+    if saved is not None:
+        ckpt.load_training_weights(model, start.resume_path, saved)
     if h.optimizer == "muon" and s.fsdp:  # a resumed Muon run
         raise UserError("this run was trained with --optimizer muon, which does not work with --fsdp (Muon needs "
                         "each matrix whole); resume it with DDP (torchrun without --fsdp)")
     optimizer = build_optimizer(model, h.learning_rate, h.weight_decay, (h.beta1, h.beta2),
                                 decay_norms=not h.no_decay_norms, kind=h.optimizer)
-    if start.resume_path is not None:
-        ckpt.load_optimizer(model, optimizer, start.resume_path)
-        ckpt.restore_rng(start.resume_path, start.state)
+    if saved is not None:
+        ckpt.load_optimizer(model, optimizer, start.resume_path, saved)
+        ckpt.restore_rng(start.resume_path, start.state, saved)
+        del saved
     dtype, autocast = _autocast(s.dtype, ddp.device)
     # with --max-minutes and no --steps, the measured speed fixes steps, warm-up and evaluation interval
     cap = auto.max_steps(len(train_tokens), tokens_per_step(h, ddp.world_size)) if start.preset == auto.NAME else None

@@ -164,6 +164,9 @@ def test_resume_auto_falls_back_to_the_newest_intact_checkpoint(world, tmp_path,
     assert ckpt.find_latest(run, verify=True).name == "step_000001"
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "step_000002" in err and "step_000001" in err and "sha256" in err
+    said = []  # training passes its rank-0 console, so that under torchrun one process says it
+    assert ckpt.find_latest(run, verify=True, say=said.append).name == "step_000001"
+    assert said == [err] and capsys.readouterr().err == ""
     rc = main([*TRAIN, "--data-dir", str(world["data"]), "--out-dir", str(run), "--steps", "3", "--save-every", "100",
                "--resume-from", "auto"])
     out, err = capsys.readouterr()
