@@ -281,8 +281,14 @@ def occupy(srv, body: dict) -> tuple[threading.Thread, list]:
 
 
 def test_queue_full_and_timeouts(checkpoint):
-    with live_server(checkpoint, max_concurrent=1, max_queue=1, request_timeout=1.5) as (srv, engine):
+    # --request-timeout counts from arrival, queue included: the queued request arrives queued_after s
+    # after the busy one, so it still has that long for its 5 tokens once the busy one's deadline frees
+    # the slot; the checks in between have the rest of the timeout; and the busy request's 3,900 tokens
+    # take ~2x the timeout (3.9 s on the 2-core CPU)
+    timeout, queued_after = 2.0, 0.4
+    with live_server(checkpoint, max_concurrent=1, max_queue=1, request_timeout=timeout) as (srv, engine):
         busy, events = occupy(srv, {"prompt": "The", "max_tokens": 3900, "temperature": 0})
+        time.sleep(queued_after)
         waiting = {}
         queued = threading.Thread(target=lambda: waiting.setdefault("r", httpx.post(
             srv.url + "/v1/completions", json={"prompt": "x", "max_tokens": 5}, timeout=60)))
