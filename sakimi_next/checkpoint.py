@@ -349,15 +349,11 @@ def load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], sourc
     plain_module(model).load_state_dict(tensors, strict=True)
 
 
-def load_training_state(ckpt: Path) -> dict[str, torch.Tensor]:
-    """`ckpt`'s optimizer.safetensors, read once for the three functions below."""
-    return load_tensors(ckpt / OPTIM_FILE)
-
-
 def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ckpt: Path,
                    tensors: dict[str, torch.Tensor]) -> None:
-    """Restore the optimiser state from `tensors` (`load_training_state(ckpt)`): moments, momentum, step
-    counts (each rank reads the full state and keeps its shard)."""
+    """Restore the optimiser state from `tensors` (`ckpt`'s optimizer.safetensors, read once by the
+    caller for this, the training weights and the RNG): moments, momentum, step counts (each rank reads
+    the full state and keeps its shard)."""
     meta = read_optimizer_meta(ckpt)
     state: dict[str, dict] = {}
     for key, t in tensors.items():
@@ -372,21 +368,20 @@ def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ckp
                              options=StateDictOptions(full_state_dict=True))
 
 
-def load_training_weights(model: torch.nn.Module, ckpt: Path, tensors: dict[str, torch.Tensor]) -> bool:
-    """Put the weights training goes on from (in `tensors`, `load_training_state(ckpt)`) into `model`
-    (plain, DDP or FSDP2-sharded) where `ckpt`'s model.safetensors holds their average; False (the model
-    untouched) where it holds them itself."""
+def load_training_weights(model: torch.nn.Module, ckpt: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Put the weights training goes on from (in `tensors`, `ckpt`'s optimizer.safetensors) into `model`
+    (plain, DDP or FSDP2-sharded) where `ckpt`'s model.safetensors holds their average (--ema); else the
+    model keeps the weights it was loaded with, which are them."""
     weights = {k[len(TRAINING_WEIGHTS):]: v for k, v in tensors.items() if k.startswith(TRAINING_WEIGHTS)}
     if not weights:
-        return False
+        return
     if sorted(weights) != sorted(plain_module(model).state_dict()):
         raise UserError(f"the training weights in {ckpt / OPTIM_FILE} do not match this model's parameters")
     set_model_state_dict(plain_module(model), weights, options=StateDictOptions(full_state_dict=True))
-    return True
 
 
 def restore_rng(ckpt: Path, state: dict, tensors: dict[str, torch.Tensor]) -> None:
-    """The random generators as `ckpt` saved them: torch's from `tensors` (`load_training_state(ckpt)`),
+    """The random generators as `ckpt` saved them: torch's from `tensors` (its optimizer.safetensors),
     numpy's and Python's from its trainer `state`."""
     if "rng.torch" not in tensors:
         raise UserError(f"{ckpt / OPTIM_FILE} lacks the random-number state (rng.torch)")

@@ -918,7 +918,8 @@ def _budget_plan(s: TrainSettings, h: Hyperparameters, state: dict | None, modul
     log(f"budget: measuring the speed ({budget.WARM_STEPS + budget.TIMED_STEPS} throw-away steps, one evaluation)")
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         step_s, eval_s, ev = budget.measure(throwaway_step, evaluate_once, compiled=bool(s.compile))
-    save_s = 12 * model.num_parameters() / 100e6  # weights + AdamW moments, written at ~100 MB/s
+    # weights + AdamW moments (+ the training weights beside an average), written at ~100 MB/s
+    save_s = (12 + 4 * bool(h.ema)) * model.num_parameters() / 100e6
     times = torch.tensor([step_s, eval_s + save_s, budget.clock() - t_launch], dtype=torch.float64)
     if ddp.enabled:  # every rank must plan the same schedule: the slowest one's
         times = times.to(device)
@@ -962,7 +963,7 @@ def _train(s: TrainSettings, ddp: Distributed, prepare: Callable[[], object] | N
     # the average starts from the weights the checkpoint hands out (with --ema, its average); training
     # goes on from its training weights
     average = WeightAverage(model, h.ema) if h.ema else None
-    saved = ckpt.load_training_state(start.resume_path) if start.resume_path is not None else None
+    saved = ckpt.load_tensors(start.resume_path / ckpt.OPTIM_FILE) if start.resume_path is not None else None
     if saved is not None:
         ckpt.load_training_weights(model, start.resume_path, saved)
     if h.optimizer == "muon" and s.fsdp:  # a resumed Muon run
