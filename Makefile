@@ -49,11 +49,11 @@ demo: install
 
 # Talk to it, in ~6 minutes on an idle 2-core CPU: pretrain tiny_10m on English and Chinese stories,
 # fine-tune it on English <-> Chinese translation requests (held-out sentences measured before and after),
-# then chat with it. Needs a folder of public corpora, SHARED_DATA (docs/chat.md says which files).
+# then chat with it. Needs a folder of public corpora, SHARED_DATA (docs/benchmarks.md, "The corpora").
 SHARED_DATA ?= ../shared/data
 CHAT_DEMO := data/chat-demo
 chat-demo: install
-	@test -d $(SHARED_DATA) || { echo "error: no corpora folder $(SHARED_DATA): pass SHARED_DATA=DIR (see docs/chat.md)" >&2; exit 2; }
+	@test -d $(SHARED_DATA) || { echo "error: no corpora folder $(SHARED_DATA): pass SHARED_DATA=DIR (docs/benchmarks.md, 'The corpora', lists the files)" >&2; exit 2; }
 	mkdir -p $(CHAT_DEMO)
 	head -n 1200 $(SHARED_DATA)/zh_novels/hongloumeng.txt > $(CHAT_DEMO)/hongloumeng_part.txt
 	$(BIN)/python scripts/make_translation_chats.py $(SHARED_DATA)/cmn_eng/cmn.txt --out-dir $(CHAT_DEMO)/chats
