@@ -53,7 +53,8 @@ demo: install
 SHARED_DATA ?= ../shared/data
 CHAT_DEMO := data/chat-demo
 chat-demo: install
-	@test -d $(SHARED_DATA) || { echo "error: no corpora folder $(SHARED_DATA): pass SHARED_DATA=DIR (docs/benchmarks.md, 'The corpora', lists the files)" >&2; exit 2; }
+	@test -d $(SHARED_DATA) || { echo "error: no corpora folder $(SHARED_DATA): pass SHARED_DATA=DIR" \
+		"(docs/benchmarks.md, 'The corpora', lists the files)" >&2; exit 2; }
 	mkdir -p $(CHAT_DEMO)
 	head -n 1200 $(SHARED_DATA)/zh_novels/hongloumeng.txt > $(CHAT_DEMO)/hongloumeng_part.txt
 	$(BIN)/python scripts/make_translation_chats.py $(SHARED_DATA)/cmn_eng/cmn.txt --out-dir $(CHAT_DEMO)/chats

@@ -8,8 +8,8 @@
 # usage: sh scripts/check_test_needs.sh [VENV_PYTHON]
 venv_python=${1:-.venv/bin/python}
 
-echo "The test extras (make setup, make test) need, beyond pip: a C++ compiler (llama-cpp-python builds llama.cpp from source)"
-echo "  and Debian's chromium + chromium-driver (the chat page's browser test, tests/test_web.py)."
+echo "The test extras (make setup, make test) need, beyond pip: a C++ compiler (llama-cpp-python"
+echo "  builds llama.cpp from source) and Debian's chromium + chromium-driver (the chat page's browser test)."
 
 if command -v c++ >/dev/null 2>&1 || command -v g++ >/dev/null 2>&1 || command -v clang++ >/dev/null 2>&1; then
     echo "  C++ compiler: found"

@@ -1,6 +1,6 @@
 """The documentation cannot drift from the code: every `sakimi-next` command line in README.md and docs/
 parses with the current flags of its mode, every script flag a doc uses exists, every path an example
-reads is one an earlier documented command writes, and every relative link, image and file path exists.
+reads is one a documented command (or a make target) writes, and every relative link, image and file path exists.
 
 Command lines are taken from fenced code blocks (continued lines joined, comments, pipes and redirections
 cut off) and from inline code spans; they are parsed with the parser `--mode X` builds, never run."""
@@ -247,14 +247,17 @@ def written_dirs() -> set[str]:
     return out
 
 
+def is_checkpoint_name(part: str) -> bool:
+    return part in LINK_NAMES or re.fullmatch(r"step_\d+", part) is not None
+
+
 def made_by_a_command(path: str, written: set[str]) -> bool:
     """`path` is a written folder, a checkpoint inside one (latest, best, step_N), or a file in either."""
     p = Path(path.rstrip("/"))
     for folder in (p, *p.parents):
         if folder.as_posix() in written:
             *middle, last = p.relative_to(folder).parts or ("",)
-            checkpoint = lambda part: part in LINK_NAMES or re.fullmatch(r"step_\d+", part)  # noqa: E731
-            return all(map(checkpoint, middle)) and (last == "" or checkpoint(last) or "." in last)
+            return all(map(is_checkpoint_name, middle)) and (last == "" or is_checkpoint_name(last) or "." in last)
     return False
 
 
