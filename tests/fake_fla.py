@@ -15,6 +15,7 @@ or states, empty sequences), and records each call's arguments in `calls`.
 
 from __future__ import annotations
 
+import itertools
 import sys
 import types
 
@@ -43,20 +44,19 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, out
             raise ValueError(f"The batch size is expected to be 1 rather than {B} when using `cu_seqlens`.")
         cu = cu_seqlens.tolist()
         assert cu_seqlens.dtype == torch.int64 and cu[0] == 0 and cu[-1] == T, cu
-        assert all(a < b for a, b in zip(cu, cu[1:])), f"empty sequence in {cu}"
+        assert all(a < b for a, b in itertools.pairwise(cu)), f"empty sequence in {cu}"
         assert cu_seqlens_cpu is None or cu_seqlens_cpu.tolist() == cu
-        bounds = [(0, a, b) for a, b in zip(cu, cu[1:])]
+        bounds = [(0, a, b) for a, b in itertools.pairwise(cu)]
     if initial_state is not None and initial_state.shape[0] != len(bounds):
         raise ValueError(f"{len(bounds)} initial states expected, got {initial_state.shape[0]}")
-    calls.append(dict(q=tuple(q.shape), k=tuple(k.shape), v=tuple(v.shape), dtype=q.dtype,
-                      cu_seqlens=None if cu_seqlens is None else cu_seqlens.tolist(),
-                      initial_state=None if initial_state is None else tuple(initial_state.shape)))
+    calls.append({"q": tuple(q.shape), "k": tuple(k.shape), "v": tuple(v.shape), "dtype": q.dtype,
+                  "cu_seqlens": None if cu_seqlens is None else cu_seqlens.tolist(),
+                  "initial_state": None if initial_state is None else tuple(initial_state.shape)})
     outs, states = [], []
     for n, (b, t0, t1) in enumerate(bounds):
-        def seq(x):
-            return x[b:b + 1, t0:t1]
-        qn, kn = (seq(x).repeat_interleave(HV // H, dim=2) for x in (q, k))  # fla's GVA grouping
-        o, S = recurrent_gated_delta_rule(qn, kn, seq(v), seq(g), seq(beta), scale,
+        qn, kn, vn, gn, bn = (x[b:b + 1, t0:t1] for x in (q, k, v, g, beta))
+        qn, kn = (x.repeat_interleave(HV // H, dim=2) for x in (qn, kn))  # fla's GVA grouping
+        o, S = recurrent_gated_delta_rule(qn, kn, vn, gn, bn, scale,
                                           None if initial_state is None else initial_state[n:n + 1], True)
         outs.append(o)
         states.append(S)
@@ -80,7 +80,7 @@ def install(monkeypatch, version: str = "0.5.2", ops: bool = True) -> None:
 
 def uninstall() -> None:
     """Forget what was decided or imported against a fake: the checks run again, the wrapper re-imports."""
-    import sakimi_next.kernels as kernels
+    from sakimi_next import kernels
 
     kernels.fla_problem.cache_clear()
     kernels._say_why_not_fla.cache_clear()

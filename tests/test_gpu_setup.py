@@ -134,8 +134,8 @@ def gpu(monkeypatch):
 
 def test_verify_after_installing(gpu):
     fake_fla.install(gpu, version="0.5.2")
-    assert gpu_env.verify(with_fla=True) == ("torch %s (CUDA 13.0) sees 1 x NVIDIA H200; flash-linear-attention "
-                                             "0.5.2 imports: --kernel auto uses it" % torch.__version__)
+    assert gpu_env.verify(with_fla=True) == (f"torch {torch.__version__} (CUDA 13.0) sees 1 x NVIDIA H200; "
+                                             "flash-linear-attention 0.5.2 imports: --kernel auto uses it")
     assert gpu_env.verify(with_fla=False).endswith("sees 1 x NVIDIA H200; FLA=0: the chunk kernel")
 
 
