@@ -69,7 +69,8 @@ $VENV/bin/python scripts/gpu_env.py verify "${NO_FLA[@]}" || exit 2
 
 case "$MODE" in
   setup) exit 0 ;;
-  check) exec $VENV/bin/python scripts/gpu_check.py --out gpu_check.json ;;
+  check) if [ "$FLA" = 1 ]; then KERNEL=fla; else KERNEL=chunk; fi
+         exec $VENV/bin/python scripts/gpu_check.py --kernel "$KERNEL" --out gpu_check.json ;;
 esac
 
 if [ "$MODE" = smoke ]; then
