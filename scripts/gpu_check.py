@@ -19,10 +19,17 @@ tolerance passes or fails, a table sums them up, and any failure makes the exit 
     PYTHONPATH=. python scripts/gpu_check.py [--out gpu_check.json] [--kernel auto|fla|chunk]
                                              [--steps 10] [--batch-size 16] [--seq-len 512]
 
-Under 8 minutes on one GPU, most of it Triton autotuning the first call of each case (announced before
-it starts). Without CUDA it runs the same code small on the CPU (chunk against the recurrence, a narrowed
-tiny_5m),
-which is how tests/test_bench.py keeps it working. Writes every figure to the JSON file.
+Offline, on a machine with a CUDA torch (>= 2.7) and einops but no package index, carry fla's kernels
+as their pure-Python wheel, fetched once where pip works:
+
+    pip download --no-deps fla-core==0.5.2 -d .whl
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/fla_core-0.5.2-py3-none-any.whl
+    PYTHONPATH=/tmp/site:. python3 scripts/gpu_check.py --kernel fla
+
+Meant to take under 8 minutes on one GPU, most of it Triton autotuning the first call of each new shape
+(each case is announced before it starts). Without CUDA it runs the same code small on the CPU (chunk
+against the recurrence, a narrowed tiny_5m), which is how tests/test_bench.py keeps it working. Writes
+every figure to the JSON file.
 """
 
 from __future__ import annotations
