@@ -239,6 +239,10 @@ def resolve_device(name: str = "auto"):
         raise UserError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("device 'cuda' was requested but CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise UserError(f"device {name!r} does not exist: this machine has {n} CUDA device{'s' * (n != 1)} "
+                        f"(cuda:0 to cuda:{n - 1})")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise UserError("device 'mps' was requested but MPS is not available on this machine")
     return device

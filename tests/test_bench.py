@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -48,22 +49,65 @@ def test_training_flops_count_active_parameters():
     assert training_flops_per_token(moe, 128) == dense + 3 * extra
 
 
+@pytest.mark.slow
 def test_gpu_check_script_runs_small_on_cpu(tmp_path):
     """scripts/gpu_check.py is for a GPU machine; without CUDA it runs the same code small (chunk against
-    the recurrent reference), so it cannot rot unseen."""
+    the recurrent reference), so it cannot rot unseen: every case is really compared and judged."""
     import subprocess
     import sys
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py"
     r = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "gc.json")], capture_output=True,
-                       text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
     report = json.loads((tmp_path / "gc.json").read_text())
-    for errors in report["agreement"].values():
-        assert len(errors) == 8 and max(errors.values()) < 1e-4 and min(errors.values()) > 0  # really compared
-    (training,) = report["training"].values()
+    assert report["passed"] and report["kernel"] == "chunk"
+    by_case = {}
+    for c in report["checks"]:
+        assert c["passed"] and c["tolerance"] > 0
+        by_case.setdefault(c["check"], {})[c["quantity"]] = c["value"]
+    for case in ("grouped_heads", "one_step", "documents", "grouped_heads_bf16"):
+        assert len(by_case[case]) == 8 and 0 < min(by_case[case].values())  # really compared
+    assert set(by_case["no_initial_state"]) == {"o", "final_state", "dq", "dk", "dv", "dg", "dbeta"}
+    assert max(max(by_case[c].values()) for c in ("grouped_heads", "documents")) < 1e-4  # float32
+    assert len(report["end_to_end"]) == 2
+    for run in report["end_to_end"].values():
+        assert len(run["losses"]) == 3 and run["max_relative_difference"] < 1e-4
+    (training,) = (v for k, v in report["training"].items() if k != "matmul_peak_flops")
     assert training["tokens_per_s"] > 0 and 0 < training["mfu"] < 1
+    assert "all 41 checks passed" in r.stdout and "[5/5] chunk against the float64 recurrence" in r.stdout
+
+
+def test_gpu_check_fails_loudly(tmp_path, monkeypatch, capsys):
+    """A figure over its tolerance, or a case that raises, is a FAIL row, the others still run, and the exit
+    code is 1."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("gpu_check", Path(__file__).parents[1] / "scripts" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    monkeypatch.setattr(gpu_check, "CPU_CASES", {k: gpu_check.CPU_CASES[k] for k in ("one_step", "documents")})
+    monkeypatch.setattr(gpu_check, "end_to_end", lambda *args: {})
+    monkeypatch.setattr(gpu_check, "speed", lambda *args: {})
+    out = str(tmp_path / "gc.json")
+    assert gpu_check.main(["--out", out]) == 0
+    assert gpu_check.main(["--out", out, "--tolerance-scale", "0"]) == 1  # nothing is exact
+    assert "FAIL" in capsys.readouterr().out and json.loads(Path(out).read_text())["passed"] is False
+
+    real = gpu_check.gated_delta_rule
+
+    def broken(kernel, *args):
+        if args[0].shape[1] == 1:
+            raise RuntimeError("boom")
+        return real(kernel, *args)
+
+    monkeypatch.setattr(gpu_check, "gated_delta_rule", broken)
+    assert gpu_check.main(["--out", out]) == 1
+    printed = capsys.readouterr().out
+    assert re.search(r"one_step +RuntimeError: boom +- +- +FAIL", printed) and "1 of 9 checks FAILED" in printed
+    assert [c["check"] for c in json.loads(Path(out).read_text())["checks"]].count("documents") == 8
 
 
 def test_decode_floor_streams_every_matrix_once():

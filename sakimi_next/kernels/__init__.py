@@ -2,10 +2,15 @@
 
 - `recurrent`: the plain step-by-step reference (`naive.py`), used for decoding one token.
 - `chunk`: chunks of 64 with a hand-derived backward (`chunk.py`), for training and prefill on any device.
-- `fla`: flash-linear-attention's Triton kernels (`fla.py`), only when CUDA is available and `fla` imports.
+- `fla`: flash-linear-attention's Triton kernels (`fla.py`), only when CUDA is available and a recent
+  enough `fla` imports. `--kernel auto` takes it on CUDA, and says once why when it cannot.
 """
 
 from __future__ import annotations
+
+import functools
+import logging
+import re
 
 import torch
 
@@ -14,18 +19,49 @@ from .chunk import chunk_gated_delta_rule
 from .naive import recurrent_gated_delta_rule, recurrent_step
 
 KERNELS = ("auto", "chunk", "recurrent", "fla")
+# fla 0.5.0 is the first with grouped value heads (more value than key heads, passed without copies)
+# and with the kernels alone as the package fla-core; FLA_PIN is the version scripts/gpu_check.py checks
+FLA_MIN_VERSION = (0, 5, 0)
+FLA_PIN = "fla-core==0.5.2"
+
+log = logging.getLogger(__name__)
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    """'0.5.2' -> (0, 5, 2); '0.6.0.dev1+g1234' -> (0, 6, 0); unreadable parts count as 0."""
+    return tuple(int(m.group()) if (m := re.match(r"\d+", part)) else 0 for part in version.split(".")[:3])
+
+
+@functools.cache
+def fla_problem() -> str | None:
+    """Why the `fla` kernel cannot run here, or None when it can. Checked once per process. fla is
+    imported only when CUDA is present (SPEC pitfall 10: fla without a GPU breaks transformers)."""
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    try:
+        import fla
+    except ImportError as e:
+        return f"flash-linear-attention is not installed ({e}); pip install '{FLA_PIN}'"
+    version = getattr(fla, "__version__", "unknown")
+    if _version_tuple(version) < FLA_MIN_VERSION:
+        minimum = ".".join(map(str, FLA_MIN_VERSION))
+        return f"flash-linear-attention {version} is older than {minimum}; pip install '{FLA_PIN}'"
+    try:
+        from . import fla as _  # noqa: F401  (imports fla.ops.gated_delta_rule, and with it Triton)
+    except Exception as e:  # a broken install (no Triton, a mismatched torch) must not stop a run
+        return f"fla {version} is installed but fla.ops.gated_delta_rule does not import: {type(e).__name__}: {e}"
+    return None
 
 
 def fla_available() -> bool:
-    """True when CUDA is present and flash-linear-attention imports (never imported without CUDA)."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        from . import fla  # noqa: F401
+    """True when CUDA is present and a recent enough flash-linear-attention imports."""
+    return fla_problem() is None
 
-        return fla.available()
-    except Exception:
-        return False
+
+@functools.cache
+def _say_why_not_fla(reason: str) -> None:
+    """One line per process (per reason): `--kernel auto` on CUDA falls back to the chunk kernel."""
+    log.warning("note: --kernel auto uses the chunk kernel, not fla: %s", reason)
 
 
 def resolve_kernel(name: str, device: torch.device | str) -> str:
@@ -34,10 +70,19 @@ def resolve_kernel(name: str, device: torch.device | str) -> str:
     device = torch.device(device)
     if name not in KERNELS:
         raise UserError(f"unknown kernel {name!r}; choose one of: {', '.join(KERNELS)}")
+    if device.type != "cuda":
+        if name == "fla":
+            raise UserError("kernel 'fla' needs a CUDA device and the flash-linear-attention package "
+                            f"(pip install '{FLA_PIN}')")
+        return "chunk" if name == "auto" else name
+    problem = fla_problem() if name in ("auto", "fla") else None
     if name == "auto":
-        return "fla" if device.type == "cuda" and fla_available() else "chunk"
-    if name == "fla" and not (device.type == "cuda" and fla_available()):
-        raise UserError("kernel 'fla' needs a CUDA device and the flash-linear-attention package (pip install flash-linear-attention)")
+        if problem is None:
+            return "fla"
+        _say_why_not_fla(problem)
+        return "chunk"
+    if problem is not None:
+        raise UserError(f"kernel 'fla' cannot run: {problem}")
     return name
 
 
@@ -49,16 +94,13 @@ def gated_delta_rule(kernel: str, q, k, v, g, beta, scale=None, initial_state=No
     if kernel == "recurrent":
         return recurrent_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, doc_starts)
     if kernel == "fla":
-        if doc_starts is not None:  # fla wants packed documents as cu_seqlens of a flattened batch: use chunk
-            return chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state,
-                                          doc_starts=doc_starts)
         from .fla import fla_gated_delta_rule
 
-        return fla_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state)
+        return fla_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, doc_starts)
     raise ValueError(f"unknown kernel {kernel!r}")
 
 
 __all__ = [
-    "KERNELS", "chunk_gated_delta_rule", "recurrent_gated_delta_rule", "recurrent_step",
-    "resolve_kernel", "gated_delta_rule", "fla_available",
+    "KERNELS", "FLA_MIN_VERSION", "FLA_PIN", "chunk_gated_delta_rule", "recurrent_gated_delta_rule",
+    "recurrent_step", "resolve_kernel", "gated_delta_rule", "fla_available", "fla_problem",
 ]
