@@ -10,8 +10,10 @@ corpus and the time budget, by a rule measured on this project's runs (README, "
                  as a power of two in [512, 8192] (1 MB -> 1,024). With whole characters (the tokenizer
                  first gives each frequent character a token, tokenizer.py; WHOLE_CHARACTERS, or
                  --whole-characters): plus the merges those characters take, rounded to a multiple of
-                 256, at most 16,384 (红楼梦's 2.25 MB: 2,048 + 3,081 -> 5,120). English has no
-                 characters of several bytes frequent enough, so its vocabulary does not change
+                 256, at most 16,384 (红楼梦's 2.25 MB: 2,048 + 3,081 -> 5,120; cmn_eng: 1,024 +
+                 1,916 -> 2,816). English needs few or none of those merges (curly quotes: 2 to 4),
+                 which the rounding absorbs: Tiny Shakespeare, the King James Bible and WikiText-2 get
+                 the same vocabulary and the very same tokenizer
     model        tiny_10m's trunk (8 layers, hidden 256), its vocabulary the tokenizer's
     batch        2,048 tokens a step: 4 windows of 512 tokens, each after a 1,024-token lead-in (read
                  without gradient), where the text can spare them; 8 x 256 and no lead-in for a text under

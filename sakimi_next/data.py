@@ -915,7 +915,7 @@ def prepare_data(train_data: list[str] | None, val_data: list[str] | None, out_d
         return out_dir
 
     # 3. read everything once: validates every file and counts documents before anything is written
-    scan = scan_sources(sources, doc_split, encoding_errors, count_characters=chars_decide_vocab)
+    scan = scan_sources(sources, doc_split, encoding_errors, chars_decide_vocab)
     if chars_decide_vocab:  # settings keep the vocabulary of the bytes alone, which the sources decide as well
         vocab_size = auto.vocab_size(train_bytes, scan.characters)
         config = auto.model_config(vocab_size)

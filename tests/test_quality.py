@@ -19,4 +19,6 @@ def test_split_90_10_at_a_newline():
     train, heldout = quality.split_90_10(text)
     assert train + heldout == text and train.endswith("\n")
     assert len(text) * 0.9 - 30 < len(train) <= len(text) * 0.9  # the last newline before 90%
-    assert set(quality.CORPORA) == {"tinyshakespeare", "hongloumeng"}
+    assert quality.DEFAULT_CORPORA == ["tinyshakespeare", "hongloumeng"]
+    assert set(quality.CORPORA) == {"tinyshakespeare", "hongloumeng", "sanguoyanyi", "shuihuzhuan", "cmn_eng", "kjv",
+                                    "wikitext2"}

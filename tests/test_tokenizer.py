@@ -169,6 +169,15 @@ def zh_tok() -> Tokenizer:
     return train_tokenizer(zh_corpus(), 1500, whole_characters=True)
 
 
+def test_byte_symbols_are_bytelevels():
+    from tokenizers import pre_tokenizers
+
+    text = "".join(map(chr, range(1, 0x800))) + "你好🙂\U0010ffff"
+    byte_level_pre = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    assert byte_level_pre.pre_tokenize_str(text)[0][0] == byte_level(text.encode("utf-8"))
+    assert sorted(byte_level(bytes(range(256)))) == sorted(pre_tokenizers.ByteLevel.alphabet())
+
+
 def test_character_tokens_share_prefixes():
     # 你 e4 bd a0 and 住 e4 bd 8f share a prefix; 好 e5 a5 bd; é c3 a9; 😀 f0 9f 98 80
     assert character_tokens(["你", "住", "好", "é", "😀"]) == [
