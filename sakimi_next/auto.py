@@ -7,7 +7,13 @@ corpus and the time budget, by a rule measured on this project's runs (README, "
                  more training text): held out 2.055 -> 2.043, 2.044, 2.044, 2.048 (four runs); 5% instead
                  of 10%: 2.085 -> 2.065
     vocabulary   from the size of the training text: about one token type per 1,000 bytes of text,
-                 as a power of two in [512, 8192] (1 MB -> 1,024)
+                 as a power of two in [512, 8192] (1 MB -> 1,024). With whole characters (the tokenizer
+                 first gives each frequent character a token, tokenizer.py; WHOLE_CHARACTERS, or
+                 --whole-characters): plus the merges those characters take, rounded to a multiple of
+                 256, at most 16,384 (红楼梦's 2.25 MB: 2,048 + 3,081 -> 5,120; cmn_eng: 1,024 +
+                 1,916 -> 2,816). English needs few or none of those merges (curly quotes: 2 to 4),
+                 which the rounding absorbs: Tiny Shakespeare, the King James Bible and WikiText-2 get
+                 the same vocabulary and the very same tokenizer
     model        tiny_10m's trunk (8 layers, hidden 256), its vocabulary the tokenizer's
     batch        2,048 tokens a step: 4 windows of 512 tokens, each after a 1,024-token lead-in (read
                  without gradient), where the text can spare them; 8 x 256 and no lead-in for a text under
@@ -38,12 +44,18 @@ The budget enters through the number of passes: minutes x the speed this rule as
 
 from __future__ import annotations
 
+from typing import Mapping
+
 from .config import Config, preset
+from .tokenizer import character_tokens, frequent_characters
 
 NAME = "auto"
 TRUNK = "tiny_10m"
 BYTES_PER_VOCAB_ENTRY = 1000
 VOCAB_RANGE = (512, 8192)
+# The tokenizer of --config auto: whole characters first (tokenizer.py), or byte-level BPE alone
+WHOLE_CHARACTERS = False
+VOCAB_ROUNDING, MAX_VOCAB_WITH_CHARACTERS = 256, 16384
 # trained tokens/s of the tiny_10m trunk at 2,048 a step (README "Measured": 1,480 on the 2-core CPU at
 # 8 x 256 without a lead-in, ~1,700 at 4 x 512 after a 1,024-token lead-in; a GPU is far faster)
 TOKENS_PER_S = {"cpu": 1500, "mps": 5000, "cuda": 100_000}
@@ -79,14 +91,19 @@ def max_steps(train_tokens: int, tokens_per_step: int) -> int:
     return max(1, int(MAX_PASSES * train_tokens / tokens_per_step))
 
 
-def vocab_size(train_bytes: int) -> int:
+def vocab_size(train_bytes: int, characters: Mapping[str, int] | None = None) -> int:
     """The vocabulary for `train_bytes` of training text: the power of two nearest to
-    train_bytes / BYTES_PER_VOCAB_ENTRY, within VOCAB_RANGE."""
+    train_bytes / BYTES_PER_VOCAB_ENTRY, within VOCAB_RANGE. With the text's `characters` (how often each
+    occurs; for a tokenizer over whole characters): plus the merges that give its frequent characters a
+    token each, rounded to a multiple of VOCAB_ROUNDING, at most MAX_VOCAB_WITH_CHARACTERS."""
     lo, hi = VOCAB_RANGE
     target = max(1, train_bytes) / BYTES_PER_VOCAB_ENTRY
     v = lo
     while v < hi and v * 1.5 < target:  # the geometric midpoint between v and 2v is ~1.41 v
         v *= 2
+    if characters:
+        merges = len(character_tokens(frequent_characters(characters)))
+        v = min(MAX_VOCAB_WITH_CHARACTERS, (v + merges + VOCAB_ROUNDING // 2) // VOCAB_ROUNDING * VOCAB_ROUNDING)
     return v
 
 

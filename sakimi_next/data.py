@@ -43,6 +43,7 @@ import random
 import re
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -332,6 +333,7 @@ class Scan:
     chars: list[int]  # per source, characters of its documents
     ascii_bytes: int = 0  # over the training sources
     other_bytes: int = 0
+    characters: Counter | None = None  # over the training sources, when asked for
 
 
 def progress(total: int, desc: str, leave: bool = True):
@@ -341,8 +343,8 @@ def progress(total: int, desc: str, leave: bool = True):
     return tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=None, mininterval=0.5, leave=leave)
 
 
-def scan_sources(sources: list[Source], doc_split: str, errors: str) -> Scan:
-    scan = Scan([], [], [])
+def scan_sources(sources: list[Source], doc_split: str, errors: str, count_characters: bool = False) -> Scan:
+    scan = Scan([], [], [], characters=Counter() if count_characters else None)
     with progress(sum(s.size for s in sources), "reading", leave=False) as bar:
         for src in sources:
             n_docs = n_bytes = n_chars = unshown = 0
@@ -355,6 +357,8 @@ def scan_sources(sources: list[Source], doc_split: str, errors: str) -> Scan:
                     ascii_ = len(b.translate(None, _NON_ASCII))
                     scan.ascii_bytes += ascii_
                     scan.other_bytes += len(b) - ascii_
+                    if scan.characters is not None:
+                        scan.characters.update(piece)
                 unshown += len(b)
                 if unshown > 1 << 20:  # a bar update per document would cost more than the work
                     bar.update(unshown)
@@ -734,7 +738,7 @@ def _peak_rss_mb() -> float | None:
 
 
 def _tokenizer_for(tok_path: Path, old: dict | None, fingerprint: dict, rebuild: bool, vocab_size: int,
-                   vocab_explicit: bool, train_texts) -> tuple[Tokenizer, dict | None]:
+                   vocab_explicit: bool, train_texts, whole_characters: bool = False) -> tuple[Tokenizer, dict | None]:
     """The tokenizer to encode with, and what it was trained from (None: made elsewhere).
 
     Trained (from `train_texts()`) when asked to, when missing, or when this directory's last run
@@ -757,9 +761,10 @@ def _tokenizer_for(tok_path: Path, old: dict | None, fingerprint: dict, rebuild:
             say(f"tokenizer: using {tok_path} ({tok.vocab_size:,} tokens)")
             return tok, (fingerprint if ours else None)
     texts, note = train_texts()
-    say(f"tokenizer: training byte-level BPE, vocab {vocab_size:,} ({reason}{note}) ...")
+    kind = "byte-level BPE over whole characters" if whole_characters else "byte-level BPE"
+    say(f"tokenizer: training {kind}, vocab {vocab_size:,} ({reason}{note}) ...")
     t0 = time.perf_counter()
-    tok = train_tokenizer(texts, vocab_size)
+    tok = train_tokenizer(texts, vocab_size, whole_characters)
     say(f"tokenizer: {tok.vocab_size:,} tokens in {time.perf_counter() - t0:.1f} s")
     return tok, fingerprint
 
@@ -841,7 +846,7 @@ def prepare_data(train_data: list[str] | None, val_data: list[str] | None, out_d
                  tokenizer_path=None, vocab_size: int | None = None, val_fraction: float | None = None,
                  doc_split: str = "auto", encoding_errors: str = "strict", rebuild_tokenizer: bool = False,
                  seed: int = 0, config=None, allow_vocab_mismatch: bool = False, chat: bool | None = None,
-                 auto_vocab: bool = False) -> Path:
+                 auto_vocab: bool = False, whole_characters: bool | None = None) -> Path:
     """Tokenize `train_data` (and `val_data`, else a held-out `val_fraction` of the training documents)
     into `out_dir`; returns `out_dir`. Unchanged inputs and settings: nothing is done.
 
@@ -853,6 +858,9 @@ def prepare_data(train_data: list[str] | None, val_data: list[str] | None, out_d
     prepare_chat_data); None: when a source is a JSONL file of {"messages": [...]} records. `auto_vocab`
     (--config auto): without `vocab_size`, the vocabulary follows the size of the training text (see
     auto.py), and so does `config`; so does a text corpus's `val_fraction` when it is None (else 0.1).
+    `whole_characters`: the tokenizer gives each frequent character a token before it learns merges
+    (tokenizer.py), and --config auto's vocabulary grows by those tokens; None: auto.WHOLE_CHARACTERS
+    under `auto_vocab`, else off.
     """
     from . import auto
     from .config import RECOMMENDED_PRESET, preset
@@ -862,6 +870,8 @@ def prepare_data(train_data: list[str] | None, val_data: list[str] | None, out_d
     vocab_explicit = vocab_size is not None
     vocab_size = vocab_size if vocab_explicit else config.vocab_size
     _check_settings(doc_split, encoding_errors, val_data, val_fraction)
+    whole_characters = auto.WHOLE_CHARACTERS if whole_characters is None and auto_vocab else bool(whole_characters)
+    chars_decide_vocab = auto_vocab and not vocab_explicit and whole_characters
     if auto_vocab:  # the model is sized to the tokenizer, whichever it turns out to be (a reused one too)
         config = auto.model_config(vocab_size or config.vocab_size)
         allow_vocab_mismatch = True
@@ -879,7 +889,8 @@ def prepare_data(train_data: list[str] | None, val_data: list[str] | None, out_d
     if auto_vocab and not vocab_explicit:
         vocab_size = auto.vocab_size(train_bytes)
         config = auto.model_config(vocab_size)
-        say(f"--config auto: a vocabulary of {vocab_size:,} for {train_bytes:,} bytes of training text")
+        if not chars_decide_vocab:  # else once the characters are counted (3.)
+            say(f"--config auto: a vocabulary of {vocab_size:,} for {train_bytes:,} bytes of training text")
     if val_data:
         sources += resolve_sources(val_data, "val")
     is_chat = chat or (chat is None and any(s.path is not None and is_chat_jsonl(s.path) for s in sources))
@@ -890,7 +901,8 @@ def prepare_data(train_data: list[str] | None, val_data: list[str] | None, out_d
                                  allow_vocab_mismatch, rebuild_tokenizer)
     # "text": how documents are made (an older directory, whose .txt documents were paragraphs, is rebuilt)
     settings = {"doc_split": doc_split, "text": "as written", "val_fraction": None if val_data else val_fraction,
-                "seed": seed, "encoding_errors": encoding_errors, "vocab_size": vocab_size}
+                "seed": seed, "encoding_errors": encoding_errors, "vocab_size": vocab_size,
+                **({"whole_characters": True} if whole_characters else {})}
     meta = {"format": FORMAT, "tokenizer": _rel_or_abs(tok_path, out_dir),
             "sources": [s.describe() for s in sources], "settings": settings}
 
@@ -903,7 +915,12 @@ def prepare_data(train_data: list[str] | None, val_data: list[str] | None, out_d
         return out_dir
 
     # 3. read everything once: validates every file and counts documents before anything is written
-    scan = scan_sources(sources, doc_split, encoding_errors)
+    scan = scan_sources(sources, doc_split, encoding_errors, chars_decide_vocab)
+    if chars_decide_vocab:  # settings keep the vocabulary of the bytes alone, which the sources decide as well
+        vocab_size = auto.vocab_size(train_bytes, scan.characters)
+        config = auto.model_config(vocab_size)
+        say(f"--config auto: a vocabulary of {vocab_size:,} for {train_bytes:,} bytes of training text and its "
+            f"{len(scan.characters):,} distinct characters")
     meta["sources"] = [s.describe() for s in sources]  # now with what a document was in each
     n_train_docs = sum(n for s, n in zip(sources, scan.docs) if s.role == "train")
     if n_train_docs == 0:
@@ -934,7 +951,7 @@ def prepare_data(train_data: list[str] | None, val_data: list[str] | None, out_d
         fingerprint = {"sources": [s.sha256 for s in sources if s.role == "train"], "settings": settings,
                        "sample": [SAMPLE_ASCII_BYTES, SAMPLE_OTHER_BYTES]}
         tok, fingerprint = _tokenizer_for(tok_path, old, fingerprint, rebuild_tokenizer, vocab_size, vocab_explicit,
-                                          train_texts)
+                                          train_texts, whole_characters)
         check_vocab(config, tok, allow_vocab_mismatch)
 
         # 5. the new directory built beside the old one, which stays complete until the swap

@@ -12,6 +12,10 @@ Writes, under --out (default runs/quality): per corpus the split, data/, run/ (c
 loss_curve.png) and sample.txt; and results.json. Prints a table. Every command it runs is printed first.
 
     python scripts/quality.py [--minutes 20] [--corpus tinyshakespeare hongloumeng] [--shared-data DIR]
+                              [--whole-characters | --no-whole-characters] [--out DIR]
+
+--whole-characters is handed to prepare_data (a tokenizer that gives each frequent character a token
+first); other corpora of ../shared/data can be named with --corpus.
 """
 
 from __future__ import annotations
@@ -26,7 +30,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CORPORA = {"tinyshakespeare": "tinyshakespeare/input.txt", "hongloumeng": "zh_novels/hongloumeng.txt"}
+CORPORA = {"tinyshakespeare": "tinyshakespeare/input.txt", "hongloumeng": "zh_novels/hongloumeng.txt",
+           "sanguoyanyi": "zh_novels/sanguoyanyi.txt", "shuihuzhuan": "zh_novels/shuihuzhuan.txt",
+           "cmn_eng": "cmn_eng/cmn.txt", "kjv": "kjv/kjv.txt", "wikitext2": "wikitext2/wiki.valid.tokens"}
+DEFAULT_CORPORA = ["tinyshakespeare", "hongloumeng"]
 
 
 def split_90_10(text: str) -> tuple[str, str]:
@@ -44,7 +51,7 @@ def sakimi(*args, capture: bool = False) -> str:
     return done.stdout if capture else ""
 
 
-def run_corpus(name: str, source: Path, out: Path, minutes: float) -> dict:
+def run_corpus(name: str, source: Path, out: Path, minutes: float, prepare_flags: list[str]) -> dict:
     work = out / name
     if work.exists():
         shutil.rmtree(work)
@@ -53,7 +60,7 @@ def run_corpus(name: str, source: Path, out: Path, minutes: float) -> dict:
     (work / "train.txt").write_text(train, encoding="utf-8")
     (work / "heldout.txt").write_text(heldout, encoding="utf-8")
     t0 = time.time()
-    sakimi("--mode", "prepare_data", "--train-data", work / "train.txt", "--out-dir", work / "data")
+    sakimi("--mode", "prepare_data", "--train-data", work / "train.txt", "--out-dir", work / "data", *prepare_flags)
     sakimi("--mode", "train", "--data-dir", work / "data", "--out-dir", work / "run", "--max-minutes", minutes)
     train_minutes = (time.time() - t0) / 60
     score = json.loads(sakimi("--mode", "eval", "--resume-from", work / "run" / "best", "--text-file",
@@ -63,7 +70,9 @@ def run_corpus(name: str, source: Path, out: Path, minutes: float) -> dict:
                     "--max-new-tokens", 300, "--seed", 0, capture=True)
     (work / "sample.txt").write_text(sample, encoding="utf-8")
     state = json.loads((work / "run" / "best" / "trainer_state.json").read_text())
-    return {"corpus": name, "heldout_bytes": len(heldout.encode()), "heldout_bpb": score["bpb"],
+    meta = json.loads((work / "data" / "meta.json").read_text())
+    return {"corpus": name, "prepare_flags": prepare_flags, "vocab_size": meta["vocab_size"],
+            "heldout_bytes": len(heldout.encode()), "heldout_bpb": score["bpb"],
             "best_step": state.get("best_step"), "steps": (state.get("budget") or {}).get("steps"),
             "minutes": round(train_minutes, 1), "sample": sample, "loss_curve": str(work / "run" / "loss_curve.png")}
 
@@ -71,7 +80,9 @@ def run_corpus(name: str, source: Path, out: Path, minutes: float) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--minutes", type=float, default=20.0, help="the training budget per corpus")
-    p.add_argument("--corpus", nargs="+", choices=list(CORPORA), default=list(CORPORA))
+    p.add_argument("--corpus", nargs="+", choices=list(CORPORA), default=DEFAULT_CORPORA)
+    p.add_argument("--whole-characters", action=argparse.BooleanOptionalAction, default=None,
+                   help="handed to prepare_data (default: its own default)")
     p.add_argument("--shared-data", type=Path, default=Path(os.environ.get("SAKIMI_SHARED_DATA", ROOT.parent / "shared" / "data")))
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "quality")
     args = p.parse_args(argv)
@@ -81,11 +92,14 @@ def main(argv=None) -> int:
         if not source.is_file():
             print(f"error: {source} not found; pass --shared-data", file=sys.stderr)
             return 2
-        results.append(run_corpus(name, source, args.out, args.minutes))
+        flags = [] if args.whole_characters is None else \
+            ["--whole-characters" if args.whole_characters else "--no-whole-characters"]
+        results.append(run_corpus(name, source, args.out, args.minutes, flags))
         (args.out / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
-    print(f"\n{'corpus':<16} {'held-out bits/byte':>18} {'best step':>10} {'of':>6} {'minutes':>8}")
+    print(f"\n{'corpus':<16} {'vocab':>6} {'held-out bits/byte':>18} {'best step':>10} {'of':>6} {'minutes':>8}")
     for r in results:
-        print(f"{r['corpus']:<16} {r['heldout_bpb']:>18.4f} {r['best_step']!s:>10} {r['steps']!s:>6} {r['minutes']:>8}")
+        print(f"{r['corpus']:<16} {r['vocab_size']:>6} {r['heldout_bpb']:>18.4f} {r['best_step']!s:>10} {r['steps']!s:>6} "
+              f"{r['minutes']:>8}")
     for r in results:
         print(f"\n--- {r['corpus']}: 300 tokens from the best checkpoint ---\n{r['sample']}")
     return 0

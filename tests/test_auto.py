@@ -1,18 +1,74 @@
 """--config auto: the rule, and a fresh run that uses it by default."""
 
 import json
+from collections import Counter
 
 import pytest
 
 from sakimi_next import auto
 from sakimi_next import checkpoint as ckpt
 from sakimi_next.cli import main
-from sakimi_next.data import load_meta
+from sakimi_next.data import load_meta, open_split
+from sakimi_next.tokenizer import EOT, Tokenizer, frequent_characters
+
+from .helpers import chinese_text, english_text
 
 
 def test_vocab_follows_the_text_size():
     assert [auto.vocab_size(n) for n in (0, 420_000, 903_453, 2_300_000, 5_000_000, 10**9)] == \
         [512, 512, 1024, 2048, 4096, 8192]
+
+
+def zipf(n: int, top: int) -> dict[str, int]:
+    """`n` CJK characters, the k-th seen top / k times (at least once)."""
+    return {chr(0x4E00 + i): max(1, top // (i + 1)) for i in range(n)}
+
+
+def test_vocab_follows_the_character_inventory():
+    """With the text's characters (a tokenizer over whole characters): the bytes' vocabulary plus the merges
+    that give the frequent characters a token each, rounded to 256, at most 16,384."""
+    english = {chr(c): 1000 for c in range(32, 127)}
+    for n in (0, 420_000, 903_453, 5_000_000, 10**9):  # English: nothing changes
+        assert auto.vocab_size(n, english) == auto.vocab_size(n)
+    # a few frequent characters of several bytes (curly quotes: 4 merges) are rounded away
+    assert auto.vocab_size(1_000_000, {**english, "’": 900, "“": 300, "”": 300}) == 1024
+    # 4,299 of 4,500 Zipf-distributed characters make up 99.5%: 4,367 merges; 2,048 + 4,367 -> 6,400
+    assert auto.vocab_size(2_250_000, zipf(4500, 100_000)) == 6400
+    # a small text: 750 characters seen 4 times or more, 762 merges; 512 + 762 -> 1,280
+    assert auto.vocab_size(100_000, zipf(2000, 3000)) == 1280
+    # a huge inventory stops at the cap
+    assert auto.vocab_size(200_000_000, zipf(20_000, 10**6)) == auto.MAX_VOCAB_WITH_CHARACTERS == 16384
+    # generated Chinese (tests/helpers.py, 30,000 characters): 372 characters, 523 merges; 512 + 523 -> 1,024
+    text = chinese_text(30_000)
+    assert auto.vocab_size(len(text.encode()), Counter(text)) == 1024
+
+
+def test_prepare_with_whole_characters(tmp_path, capsys):
+    """--whole-characters: the vocabulary follows the characters, each frequent character is one token, and
+    turning it off trains the tokenizer again."""
+    corpus = tmp_path / "zh.txt"
+    corpus.write_text(chinese_text(60_000) + english_text(20_000), encoding="utf-8")
+    text = corpus.read_text(encoding="utf-8")
+    data = tmp_path / "data"
+    assert main(["--mode", "prepare_data", "--train-data", str(corpus), "--out-dir", str(data),
+                 "--whole-characters"]) == 0
+    out = capsys.readouterr().out
+    vocab = auto.vocab_size(corpus.stat().st_size, Counter(text))
+    assert vocab == 1024 and f"a vocabulary of {vocab:,} for {corpus.stat().st_size:,} bytes" in out
+    assert "over whole characters" in out
+    meta = load_meta(data)
+    assert meta["vocab_size"] == vocab and meta["settings"]["whole_characters"] is True
+    tok = Tokenizer.load(data / "tokenizer.json")
+    # the tokenizer learned from the training split (the text less its validation stretches)
+    train_text = tok.decode(open_split(data, "train").tolist()).replace(EOT, "")
+    assert 0 < len(text) - len(train_text) < 0.11 * len(text)  # --config auto holds out 10% here
+    assert all(len(tok.encode(ch)) == 1 for ch in frequent_characters(Counter(train_text)))
+    assert main(["--mode", "prepare_data", "--train-data", str(corpus), "--out-dir", str(data),
+                 "--whole-characters"]) == 0
+    assert "up to date" in capsys.readouterr().out
+    assert main(["--mode", "prepare_data", "--train-data", str(corpus), "--out-dir", str(data)]) == 0
+    assert "training byte-level BPE, vocab 512 (the training data or settings changed" in capsys.readouterr().out
+    assert load_meta(data)["vocab_size"] == 512 and "whole_characters" not in load_meta(data)["settings"]
 
 
 def test_dropout_follows_the_passes_the_budget_allows():

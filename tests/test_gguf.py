@@ -21,6 +21,7 @@ from sakimi_next.tokenizer import train_tokenizer
 from sakimi_next.train import build_optimizer
 from sakimi_next.util import UserError
 
+from .helpers import chinese_text as helpers_chinese_text
 from .helpers import make_checkpoint, small_config, train_briefly
 
 GGML_TYPE_F32 = 0
@@ -123,6 +124,31 @@ def test_tokenization_matches(exported, tokenizer, name):
     llm = llama(exported["dense"][1]["f32"])
     text = TEXTS[name]
     ours = tokenizer.encode(text)
+    assert llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) == ours
+    assert llm.detokenize(ours, special=True) == text.encode("utf-8")
+
+
+@pytest.fixture(scope="module")
+def whole_characters_gguf(tmp_path_factory):
+    """A tokenizer over whole characters (frequent characters are tokens before BPE learns merges), and an
+    untrained small model exported with it (llama.cpp reads only its vocabulary)."""
+    texts = _builtin_topics()[:40] + [chinese_text(400, seed=s) for s in range(4)] + [helpers_chinese_text(20_000)]
+    tok = train_tokenizer(texts, 1280, whole_characters=True)
+    d = tmp_path_factory.mktemp("whole")
+    tok.save(d / "tokenizer.json")
+    model = Qwen3NextForCausalLM(small_config(vocab_size=tok.vocab_size, eos_token_id=tok.eot_id, pad_token_id=tok.pad_id))
+    gguf = export_gguf(make_checkpoint(d / "run", model, tok), d / "whole.gguf", "f32").path
+    return tok, Llama(model_path=str(gguf), vocab_only=True, verbose=False)
+
+
+@pytest.mark.parametrize("name", [*TEXTS, "zipf_chinese", "rare_characters"])
+def test_whole_characters_tokenization_matches(whole_characters_gguf, name):
+    tok, llm = whole_characters_gguf
+    text = {**TEXTS, "zipf_chinese": helpers_chinese_text(600),
+            "rare_characters": "龘靐齉𠀀，貔貅🦜\U0010fffd and 字字字"}[name]
+    ours = tok.encode(text)
+    if name == "zipf_chinese":  # its characters are tokens: far fewer tokens than characters of three bytes
+        assert len(ours) < len(text) * 0.8
     assert llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) == ours
     assert llm.detokenize(ours, special=True) == text.encode("utf-8")
 

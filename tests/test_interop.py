@@ -14,7 +14,7 @@ from sakimi_next.interop import export, from_hf_tensors, load_hf_config, load_hf
 from sakimi_next.model import Qwen3NextForCausalLM
 from sakimi_next.tokenizer import train_tokenizer
 
-from .helpers import make_checkpoint, mixed_corpus, small_config, train_briefly
+from .helpers import chinese_text, make_checkpoint, mixed_corpus, small_config, train_briefly
 
 ENGLISH = "Once upon a time, a little girl named Lily found a shiny red ball in the park.\n"
 CHINESE = "却说贾母正在房中与众人说笑，忽见宝玉进来，便问：“你往哪里去了？”\n"
@@ -67,6 +67,23 @@ def test_export_loads_in_transformers(tmp_path, tokenizer, name):
         assert auto(text, add_special_tokens=False)["input_ids"] == tokenizer.encode(text)
         assert auto.decode(tokenizer.encode(text)) == text
     assert auto.eos_token_id == tokenizer.eot_id and auto.pad_token_id == tokenizer.pad_id
+
+
+def test_whole_characters_tokenizer_loads_in_transformers(tmp_path):
+    """A tokenizer over whole characters (frequent characters are tokens before BPE learns merges) exports
+    like any other: AutoTokenizer gives our ids, English and Chinese, seen characters and unseen."""
+    from transformers import AutoTokenizer
+
+    tok = train_tokenizer([mixed_corpus()], 1536, whole_characters=True)
+    tok.save(tmp_path / "tokenizer.json")
+    model = Qwen3NextForCausalLM(small_config(vocab_size=tok.vocab_size, eos_token_id=tok.eot_id,
+                                              pad_token_id=tok.pad_id))
+    auto = AutoTokenizer.from_pretrained(exported(tmp_path, model, tok))
+    zipf = chinese_text(3_000)
+    assert len(tok.encode(zipf)) < 0.6 * len(zipf)  # its characters are tokens, and many of its words
+    for text in (ENGLISH, CHINESE, ENGLISH + CHINESE, zipf, "龘靐齉 🦜 <|im_end|>"):
+        assert auto(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
+        assert auto.decode(tok.encode(text)) == text
 
 
 def test_round_trip_is_byte_identical(tmp_path, tokenizer):

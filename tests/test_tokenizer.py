@@ -1,4 +1,5 @@
-"""The tokenizer: lossless round trips, determinism, transformers parity, loading errors."""
+"""The tokenizer: lossless round trips, determinism, transformers parity, loading errors; for both kinds,
+byte-level BPE alone and over whole characters (`whole_characters`)."""
 
 import json
 import os
@@ -10,8 +11,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sakimi_next.tokenizer import EOT, IM_END, IM_START, PAD, Tokenizer, train_tokenizer
+from sakimi_next.tokenizer import (EOT, IM_END, IM_START, MIN_CHAR_COUNT, PAD, Tokenizer, byte_level,
+                                   character_counts, character_tokens, count_pieces, frequent_characters,
+                                   train_tokenizer)
 from sakimi_next.util import UserError, sha256_file
+
+from .helpers import chinese_text, english_text
 
 # A small mixed corpus: English prose and code from the CPython docs, Chinese, digits, emoji.
 CHINESE = ("此开卷第一回也。作者自云：因曾历过一番梦幻之后，故将真事隐去，而借通灵之说，撰此石头记一书也。"
@@ -25,9 +30,17 @@ def corpus() -> list[str]:
     return english + [CHINESE * 3, "1234567890 3.14159 2024-01-01 🙂🚀 naïve café\r\nline two\r\n"] * 5
 
 
+KINDS = {"bpe": False, "whole_characters": True}  # kind -> train_tokenizer's whole_characters
+
+
+@pytest.fixture(scope="module", params=list(KINDS))
+def kind(request) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def tok() -> Tokenizer:
-    return train_tokenizer(corpus(), 600)
+def tok(kind) -> Tokenizer:
+    return train_tokenizer(corpus(), 600, KINDS[kind])
 
 
 SPECIAL_AND_TRICKY = st.sampled_from([EOT, PAD, IM_START, IM_END, "<|", "|>", "<|endoftext", "\r\n", "\n\n",
@@ -72,12 +85,13 @@ def test_digits_are_single_tokens(tok):
     assert [tok.decode([i]) for i in ids] == ["2", "0", "2", "4", " ", "3", "1", "4", "1", "5", "9", "2", "6"]
 
 
-def test_training_is_deterministic(tok, tmp_path):
-    again = train_tokenizer(corpus(), 600)
+def test_training_is_deterministic(tok, kind, tmp_path):
+    again = train_tokenizer(corpus(), 600, KINDS[kind])
     assert again.sha256 == tok.sha256
     # and in a fresh interpreter with another hash seed
     code = ("import sys; sys.path.insert(0, '.'); from tests.test_tokenizer import corpus; "
-            "from sakimi_next.tokenizer import train_tokenizer; print(train_tokenizer(corpus(), 600).sha256)")
+            "from sakimi_next.tokenizer import train_tokenizer; "
+            f"print(train_tokenizer(corpus(), 600, {KINDS[kind]}).sha256)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "PYTHONHASHSEED": "12345"}, cwd=Path(__file__).parents[1])
     assert out.returncode == 0, out.stderr
@@ -114,10 +128,11 @@ def hf_tok(tok, tmp_path_factory):
 
 
 def test_too_small_corpus_and_vocab(tmp_path):
-    with pytest.raises(UserError, match=r"too small for a vocabulary of 5,000: BPE found only [\d,]+ tokens"):
-        train_tokenizer(["tiny corpus, tiny corpus"], 5000)
-    with pytest.raises(UserError, match="at least 260"):
-        train_tokenizer(["abc"], 100)
+    for whole_characters in (False, True):
+        with pytest.raises(UserError, match=r"too small for a vocabulary of 5,000: BPE found only [\d,]+ tokens"):
+            train_tokenizer(["tiny corpus, tiny corpus"], 5000, whole_characters)
+        with pytest.raises(UserError, match="at least 260"):
+            train_tokenizer(["abc"], 100, whole_characters)
 
 
 def test_load_errors(tmp_path):
@@ -140,3 +155,97 @@ def test_foreign_tokenizer_without_eot(tmp_path):
     path.write_text(HF(models.BPE()).to_str())
     with pytest.raises(UserError, match="has no <\\|endoftext\\|> token"):
         Tokenizer.load(path)
+
+
+# ------------------------------------------------------------------------------------- whole characters
+def zh_corpus() -> list[str]:
+    """Generated Chinese (Zipf words over ~600 common characters), English, and one line of rare
+    characters seen fewer than MIN_CHAR_COUNT times each."""
+    return [chinese_text(20_000, seed=1), english_text(20_000), "罕见字：龘靐齉。🦜🦜\n", chinese_text(5_000, seed=2)]
+
+
+@pytest.fixture(scope="module")
+def zh_tok() -> Tokenizer:
+    return train_tokenizer(zh_corpus(), 1500, whole_characters=True)
+
+
+def test_byte_symbols_are_bytelevels():
+    from tokenizers import pre_tokenizers
+
+    text = "".join(map(chr, range(1, 0x800))) + "你好🙂\U0010ffff"
+    byte_level_pre = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    assert byte_level_pre.pre_tokenize_str(text)[0][0] == byte_level(text.encode("utf-8"))
+    assert sorted(byte_level(bytes(range(256)))) == sorted(pre_tokenizers.ByteLevel.alphabet())
+
+
+def test_character_tokens_share_prefixes():
+    # 你 e4 bd a0 and 住 e4 bd 8f share a prefix; 好 e5 a5 bd; é c3 a9; 😀 f0 9f 98 80
+    assert character_tokens(["你", "住", "好", "é", "😀"]) == [
+        b"\xe4\xbd", "你".encode(), "住".encode(), b"\xe5\xa5", "好".encode(), "é".encode(),
+        b"\xf0\x9f", b"\xf0\x9f\x98", "😀".encode()]
+    assert character_tokens(["你", "住", "好"], budget=4) == [b"\xe4\xbd", "你".encode(), "住".encode()]
+
+
+def test_frequent_characters_cover_the_text_and_skip_the_rare():
+    counts = {"a": 5000, "的": 3000, "了": 1000, "é": 500, "字": 40, "子": 10}
+    # 99.5% of 9,550 characters: a to é make 9,500, 字 reaches it, 子 is left out; "a" is a byte, a token anyway
+    assert frequent_characters(counts) == ["的", "了", "é", "字"]
+    assert frequent_characters({"的": 100, "龘": MIN_CHAR_COUNT - 1}) == ["的"]  # 龘 is too rare
+    assert frequent_characters({"a": 10**6, "的": 10}) == []  # "a" alone makes up 99.5%
+    assert frequent_characters({"的": MIN_CHAR_COUNT - 1}) == []
+    assert frequent_characters({}) == []
+
+
+def test_frequent_characters_are_single_tokens_and_the_rest_fall_back_to_bytes(zh_tok):
+    texts = zh_corpus()
+    frequent = frequent_characters(character_counts(count_pieces(texts)))
+    assert len(frequent) > 300
+    assert all(len(zh_tok.encode(ch)) == 1 for ch in frequent)
+    # the first merges spell out the frequent characters, most frequent first
+    merges = json.loads(zh_tok._json)["model"]["merges"]
+    spelled = [(byte_level(t[:-1]), byte_level(t[-1:])) for t in character_tokens(frequent)]
+    assert [tuple(m) for m in merges[:len(spelled)]] == spelled
+    assert len(merges) > len(spelled) + 100  # BPE learned merges on top: words of several characters
+    assert any(len(zh_tok.decode([i])) > 1 and "\u4e00" <= zh_tok.decode([i])[0] <= "\u9fff"
+               for i in range(300, zh_tok.vocab_size))
+    # characters seen fewer than MIN_CHAR_COUNT times, or never, are bytes, and come back exactly
+    for rare in ("龘", "靐", "齉", "🦜", "𠀀", "\U0010fffd"):
+        ids = zh_tok.encode(rare)
+        assert len(ids) > 1 and zh_tok.decode(ids) == rare
+
+
+def test_text_without_frequent_many_byte_characters_gives_plain_bpe():
+    # ASCII, and two characters of two bytes seen once (no token of their own)
+    texts = [english_text(30_000).encode("ascii", "ignore").decode(), "1234 naïve café\r\nline two\n"]
+    assert train_tokenizer(texts, 700, whole_characters=True).sha256 == train_tokenizer(texts, 700).sha256
+
+
+def test_characters_take_a_small_vocabulary_first():
+    # 300 - 260 = 40 merges: the most frequent characters that fit (39 merges here: the next one needs two),
+    # then one learned merge
+    tok = train_tokenizer(zh_corpus(), 300, whole_characters=True)
+    frequent = frequent_characters(character_counts(count_pieces(zh_corpus())))
+    fit = character_tokens(frequent, budget=40)
+    merges = [tuple(m) for m in json.loads(tok._json)["model"]["merges"]]
+    assert tok.vocab_size == 300 and len(merges) == 40 and len(fit) == 39
+    assert merges[:39] == [(byte_level(t[:-1]), byte_level(t[-1:])) for t in fit]
+    n = sum(1 for t in fit if len(t.decode("utf-8", "ignore")) == 1)  # the characters among the tokens
+    assert all(len(tok.encode(ch)) == 1 for ch in frequent[:n]) and len(tok.encode(frequent[n])) > 1
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(text=st.one_of(st.text(), MIXED, st.text(alphabet=st.sampled_from(chinese_text(2_000)), max_size=40)))
+def test_whole_characters_round_trip_and_transformers_agree(zh_tok, zh_hf, text):
+    ids = zh_tok.encode(text)
+    assert zh_tok.decode(ids) == text
+    assert zh_hf(text, add_special_tokens=False)["input_ids"] == ids
+
+
+@pytest.fixture(scope="module")
+def zh_hf(zh_tok, tmp_path_factory):
+    import transformers
+
+    path = tmp_path_factory.mktemp("zh") / "tokenizer.json"
+    zh_tok.save(path)
+    return transformers.PreTrainedTokenizerFast(tokenizer_file=str(path))

@@ -6,9 +6,10 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..auto import WHOLE_CHARACTERS
 from ..config import preset
 from ..data import DEFAULT_OUT_DIR, DOC_SPLITS, prepare_data, say
-from ..tokenizer import MIN_VOCAB, SPECIAL_TOKENS
+from ..tokenizer import CHAR_COVERAGE, MIN_CHAR_COUNT, MIN_VOCAB, SPECIAL_TOKENS
 from ..util import UserError
 from . import common
 
@@ -32,6 +33,12 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
                    help="what to do with bytes that are not UTF-8")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json to use or create (default DATA_DIR/tokenizer.json)")
     p.add_argument("--vocab-size", type=int, default=None, help="tokenizer vocabulary (default: the preset's)")
+    p.add_argument("--whole-characters", action=argparse.BooleanOptionalAction, default=None,
+                   help="the tokenizer first gives each frequent character a token of its own (those that make up "
+                        f"{CHAR_COVERAGE * 100:g}%% of the text, seen {MIN_CHAR_COUNT} times or more), then learns "
+                        "merges: for Chinese and other scripts of many-byte characters; --config auto adds those "
+                        "tokens to its vocabulary "
+                        f"(default: {'on' if WHOLE_CHARACTERS else 'off'} with --config auto, off with a preset)")
     p.add_argument("--rebuild-tokenizer", action="store_true", help="train the tokenizer again even if it exists")
     p.add_argument("--allow-vocab-mismatch", action="store_true",
                    help="let the model's vocab_size follow the tokenizer instead of refusing")
@@ -64,6 +71,7 @@ class PrepareDataSettings:
     seed: int
     allow_vocab_mismatch: bool
     chat: bool | None = None  # None: detect JSONL conversations
+    whole_characters: bool | None = None  # None: --config auto's choice (auto.WHOLE_CHARACTERS), else off
 
 
 def data_settings(args: argparse.Namespace, out_dir: str | Path, seed: int) -> PrepareDataSettings:
@@ -83,7 +91,8 @@ def data_settings(args: argparse.Namespace, out_dir: str | Path, seed: int) -> P
         val_data=tuple(args.val_data) if args.val_data else None,
         tokenizer=args.tokenizer, vocab_size=args.vocab_size, val_fraction=args.val_fraction,
         doc_split=args.doc_split, encoding_errors=args.encoding_errors, rebuild_tokenizer=args.rebuild_tokenizer,
-        seed=seed, allow_vocab_mismatch=args.allow_vocab_mismatch, chat=args.chat)
+        seed=seed, allow_vocab_mismatch=args.allow_vocab_mismatch, chat=args.chat,
+        whole_characters=args.whole_characters)
 
 
 def settings(args: argparse.Namespace) -> PrepareDataSettings:
@@ -101,7 +110,8 @@ def prepare(s: PrepareDataSettings) -> Path:
                         doc_split=s.doc_split, encoding_errors=s.encoding_errors,
                         rebuild_tokenizer=s.rebuild_tokenizer, seed=s.seed,
                         config=_auto_config(s.vocab_size) if auto else preset(s.preset),
-                        allow_vocab_mismatch=s.allow_vocab_mismatch, chat=s.chat, auto_vocab=auto)
+                        allow_vocab_mismatch=s.allow_vocab_mismatch, chat=s.chat, auto_vocab=auto,
+                        whole_characters=s.whole_characters)
 
 
 def _auto_config(vocab_size: int | None):
