@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 
-.PHONY: setup demo chat-demo test bench bench-serve quality clean
+.PHONY: setup demo chat-demo test bench bench-serve quality compare clean
 .PHONY: install test-needs
 
 $(BIN)/python:
@@ -84,10 +84,18 @@ bench-serve: setup
 	$(BIN)/python scripts/bench_serve.py --threads 1 --temperature 0 --dtype fp32
 	$(BIN)/python scripts/bench_serve.py --threads 1 --temperature 0 --dtype bf16
 
-# Tiny Shakespeare and 红楼梦 from $(SHARED_DATA): 90/10 split, default preparation, 20-minute budget each;
-# prints the held-out bits/byte of the best checkpoint and a sample (docs/benchmarks.md, "Quality").
+# Five texts of $(SHARED_DATA) (Tiny Shakespeare, 红楼梦, 三国演义, the King James Bible, Tatoeba's English-Chinese
+# pairs): 90/10 split, default preparation, a 20-minute budget each (~2 hours); prints the held-out bits/byte of
+# the best checkpoint and a sample (docs/benchmarks.md, "Quality"). QUALITY_ARGS adds flags, e.g.
+# QUALITY_ARGS='--corpus kjv --extra-args="--dropout 0.1"' (results under runs/quality/TAG, one TAG a variant).
+# compare: the same beside nanoGPT's character-level baby model, same split and minutes, NANOGPT=a nanoGPT checkout.
+QUALITY_ARGS ?=
 quality: install
-	$(BIN)/python scripts/quality.py --shared-data $(SHARED_DATA)
+	$(BIN)/python scripts/quality.py --shared-data $(SHARED_DATA) $(QUALITY_ARGS)
+
+compare: install
+	@test -n "$(NANOGPT)" || { echo "error: pass NANOGPT=DIR, a nanoGPT checkout (github.com/karpathy/nanoGPT)" >&2; exit 2; }
+	$(BIN)/python scripts/compare_nanogpt.py --nanogpt $(NANOGPT) --shared-data $(SHARED_DATA) $(QUALITY_ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info

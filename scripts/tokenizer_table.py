@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     print(f"{'corpus':<16} {'tokenizer':<30} {'vocab':>6} {'bytes/token':>11} {'chars one token':>15} {'seconds':>8}")
     table = {}
     for name in args.corpus:
-        source = args.shared_data / quality.CORPORA[name]
+        source = args.shared_data / quality.CORPORA[name].file
         if not source.is_file():
             print(f"error: {source} not found; pass --shared-data", file=sys.stderr)
             return 2
