@@ -10,9 +10,10 @@ import torch
 
 from sakimi_next.pretrained import load_for_inference
 from sakimi_next.model import Qwen3NextForCausalLM
-from sakimi_next.serve.api import BackgroundServer, ServerSettings, create_app
+from sakimi_next.serve.api import ServerSettings, create_app
 from sakimi_next.serve.engine import Engine, Event, Request
 from sakimi_next.serve.process import EngineProcess, ModelSource
+from sakimi_next.serve.server import BackgroundServer
 from sakimi_next.tokenizer import train_tokenizer
 from sakimi_next.train import build_optimizer
 
