@@ -54,18 +54,19 @@ def make_served_checkpoint(root: Path, steps: int = 30) -> Path:
 @contextmanager
 def live_server(checkpoint: Path, max_concurrent: int = 8, max_queue: int = 16, max_prompt_tokens: int = 2000,
                 max_tokens: int = 4000, request_timeout: float = 120.0, api_key: str | None = None,
-                in_process: bool = True):
+                in_process: bool = True, max_restarts: int = 3):
     """(server, engine): the model loaded from `checkpoint` and served until the block ends; with
     in_process=False the engine runs in a child process, as `--mode serve` runs it."""
     if in_process:
         model, tokenizer, _ = load_for_inference(checkpoint, "cpu")
         engine = Engine(model, tokenizer, max_concurrent, max_queue)
     else:
-        engine = EngineProcess(ModelSource(str(checkpoint), "cpu", threads=1), max_concurrent, max_queue)
+        engine = EngineProcess(ModelSource(str(checkpoint), "cpu", threads=1), max_concurrent, max_queue,
+                               max_restarts=max_restarts)
     engine.start()  # before the app: a child process's engine knows its tokenizer once started
     try:
         app = create_app(engine, ServerSettings(MODEL, max_prompt_tokens, max_tokens, request_timeout, api_key))
-        with BackgroundServer(app) as server:
+        with BackgroundServer(app, on_timeout=engine.stop) as server:
             yield server, engine
     finally:
         engine.stop()
