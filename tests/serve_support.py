@@ -104,3 +104,23 @@ def run_requests(engine, requests: list[dict]) -> list[list[Event]]:
         return got.wait()
     finally:
         engine.stop()
+
+
+def running(pid: int) -> bool:
+    """The process exists and has not ended (a zombie has ended; in a container nobody may reap it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if stat.read_text().rsplit(")", 1)[1].split()[1] == str(pid):
+                found.append(int(stat.parent.name))
+        except OSError:
+            continue
+    return found

@@ -23,7 +23,7 @@ import uvicorn
 
 log = logging.getLogger("sakimi_next.serve")
 
-CLOSE_POLLS = 20  # after on_timeout, up to 20 x 50 ms for the last replies to go out
+CLOSE_POLLS = 10  # after on_timeout, up to 10 x 50 ms for the last replies to go out
 
 
 class Server(uvicorn.Server):
