@@ -217,11 +217,13 @@ class Completions:
         events.put_nowait(Event(error="the client disconnected", code="disconnected"))
 
     def _failure(self, event: Event) -> ApiError:
-        """The error of a request the engine ended: 500 for a bug, 503 for what passes (a timeout, the
-        server stopping, the model's process restarting)."""
+        """The error of a request the engine ended: 500 for a bug, 429 for a full queue, 503 for what
+        passes (a timeout, the server stopping, the model's process restarting)."""
         if event.code == "timeout":
             return ApiError(503, f"{event.error} (--request-timeout {self.settings.request_timeout:g} s)",
                             "server_error", None, "timeout")
+        if event.code == "queue_full":
+            return ApiError(429, event.error, "rate_limit_error", None, "queue_full")
         return ApiError(500 if event.code == "internal_error" else 503, event.error, "server_error", None, event.code)
 
     async def _stream(self, reply: "Reply", first: Event, events: asyncio.Queue, request: Request,

@@ -153,7 +153,7 @@ class EngineProcess:
 
     def stats(self) -> dict:
         with self._lock:
-            return {**self._stats, "engine": self._state, "engine_restarts": self.restarts}
+            return {**self._stats, "max_queue": self.max_queue, "engine": self._state, "engine_restarts": self.restarts}
 
     def _send(self, message: tuple) -> None:
         try:
@@ -268,7 +268,10 @@ def _child_main(source: ModelSource, max_concurrent: int, max_queue: int, comman
         if (batch or stats != outbox.sent_stats) and send((batch, stats)):
             outbox.sent_stats = stats
 
-    engine = Engine(model, tokenizer, max_concurrent, max_queue, decode, source.threads, on_pass_end=send_pass)
+    # The parent applies the limits; here a cancelled row holds its slot until the engine's next pass,
+    # so the queue gets room for a batch of them (the parent forgot them when it sent the cancellation)
+    engine = Engine(model, tokenizer, max_concurrent, max_queue + max_concurrent, decode, source.threads,
+                    on_pass_end=send_pass)
     if not send(("ready", tokenizer, model.config, info, engine.stats())):
         return
     engine.start()
@@ -330,6 +333,6 @@ def _serve_commands(engine, commands, outbox: _Outbox) -> None:
             engine.submit(request)
         except EngineStopped as e:
             outbox.put(request.id, Event(error=str(e), code="server_shutdown", prompt_tokens=len(request.prompt)))
-        except QueueFull as e:  # the parent applies the same limit first, so this would be a bug
-            outbox.put(request.id, Event(error=f"internal error: {e}", code="internal_error",
+        except QueueFull as e:  # the parent's limit comes first (see above): a 429 all the same
+            outbox.put(request.id, Event(error=f"the server is busy: {e}", code="queue_full",
                                          prompt_tokens=len(request.prompt)))
