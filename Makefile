@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # pyproject.toml allows a range, so GPU users keep the torch they have.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo chat-demo test bench bench-serve quality clean
+.PHONY: setup demo chat-demo test bench bench-serve soak-serve quality clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -66,6 +66,10 @@ bench: setup
 bench-serve: setup
 	$(BIN)/python scripts/bench_serve.py --threads 1 --temperature 0 --dtype fp32
 	$(BIN)/python scripts/bench_serve.py --threads 1 --temperature 0 --dtype bf16
+
+# --mode serve under 10 minutes of mixed traffic: statuses, p50/p99 latency, memory of both processes
+soak-serve: setup
+	$(BIN)/python scripts/soak_serve.py --minutes 10
 
 # Tiny Shakespeare and 红楼梦 from ../shared/data: 90/10 split, default preparation, 20-minute budget each;
 # prints the held-out bits/byte of the best checkpoint and a sample (README, "Quality in a fixed time").

@@ -679,7 +679,7 @@ class TrainingRun:
                 self.console.say(f"saved {reason} checkpoint: {path}")
             except (OSError, UserError) as e:
                 last = ckpt.find_latest(self.out_dir)
-                what = e if isinstance(e, UserError) else f"could not save the checkpoint of step {step}: {e.strerror or e}"
+                what = e if isinstance(e, UserError) else f"could not save step {step}'s checkpoint: {e.strerror or e}"
                 failure = f"{what}; " + (f"the last checkpoint, {last}, is intact: continue with --resume-from auto"
                                          if last else "no checkpoint was saved")
         stop = failure is not None

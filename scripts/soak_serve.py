@@ -178,8 +178,10 @@ def traffic(url: str, clients: int, seconds: float, seed: int, tally: Tally) -> 
         t.join()
 
 
-def percentile(xs: list[float], q: float) -> float:
-    return statistics.quantiles(xs, n=100, method="inclusive")[q - 1] if len(xs) > 1 else (xs[0] if xs else float("nan"))
+def percentile(xs: list[float], q: int) -> float:
+    if len(xs) < 2:
+        return xs[0] if xs else float("nan")
+    return statistics.quantiles(xs, n=100, method="inclusive")[q - 1]
 
 
 def main() -> int:
@@ -250,7 +252,7 @@ def report(clients: int, warmup: float, tally: Tally, elapsed: float, start, end
     print(f"RSS after the warm-up -> at the end: web process {start[0]:.1f} -> {end[0]:.1f} MB "
           f"({end[0] - start[0]:+.1f}), model process {start[1]:.1f} -> {end[1]:.1f} MB ({end[1] - start[1]:+.1f})")
     traceback = "Traceback" in server_stderr
-    print(f"server: exit code {exit_code} after SIGTERM; {'a traceback in its log' if traceback else 'no traceback in its log'}; "
+    print(f"server: exit code {exit_code} after SIGTERM; {'a' if traceback else 'no'} traceback in its log; "
           f"slots busy at the end: {health['active'] + health['queued']}")
     failures = tally.problems + [f"status {s}" for s in tally.status if isinstance(s, int) and s >= 500]
     if traceback or exit_code != 0 or health["active"] + health["queued"] or not replies:

@@ -124,7 +124,8 @@ def run(s: ServeSettings) -> int:
         max_prompt = min(s.max_prompt_tokens or context - 1, context - 1)
         app = create_app(engine, ServerSettings(s.model_name, max_prompt, s.max_tokens, s.request_timeout, s.api_key))
         print(f"serving {info['source']} as {s.model_name!r} ({info['parameters']:,} parameters, {info['device']}, "
-              f"{info['dtype']}) on http://{s.host}:{s.port}/  (chat page at /, API at /v1)", file=sys.stderr, flush=True)
+              f"{info['dtype']}) on http://{s.host}:{s.port}/  (chat page at /, API at /v1)", file=sys.stderr,
+              flush=True)
         server = Server(uvicorn.Config(app, host=s.host, port=s.port, log_level="warning"), s.shutdown_timeout,
                         on_timeout=engine.stop)
         server.run()

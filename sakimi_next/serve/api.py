@@ -5,7 +5,8 @@
     GET  /v1/models, GET /health (the engine's counters), GET / (the chat page)
 
 `stream: true` sends server-sent events, one chunk per piece of text, then `data: [DONE]`. Errors are
-OpenAI-shaped: {"error": {"message", "type", "param", "code"}} with the matching HTTP status.
+OpenAI-shaped: {"error": {"message", "type", "param", "code"}} with the matching HTTP status. What a
+client sends is read and checked in `requests.py` before any work; nothing it sends gives a 5xx.
 """
 
 from __future__ import annotations
@@ -169,10 +170,11 @@ class Completions:
     async def complete(self, body: Common, http: HttpRequest, prompt: list[int], generation: Generation,
                        stop_ids: frozenset[int], kind: str):
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
-        request = Request(
-            prompt=prompt, max_tokens=min(generation.max_tokens or self.settings.max_tokens, self.context - len(prompt)),
-            sampling=generation.sampling, on_event=lambda e: self.mailbox.post(loop, events, e), seed=generation.seed,
-            stop=generation.stop, stop_ids=stop_ids, deadline=time.monotonic() + self.settings.request_timeout)
+        max_tokens = min(generation.max_tokens or self.settings.max_tokens, self.context - len(prompt))
+        request = Request(prompt=prompt, max_tokens=max_tokens, sampling=generation.sampling,
+                          on_event=lambda e: self.mailbox.post(loop, events, e), seed=generation.seed,
+                          stop=generation.stop, stop_ids=stop_ids,
+                          deadline=time.monotonic() + self.settings.request_timeout)
         try:
             self.engine.submit(request)
         except QueueFull as e:

@@ -44,7 +44,8 @@ class ApiError(Exception):
 
 # ------------------------------------------------------------------------------------------- bodies
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)  # fields of the OpenAI API that do not apply are ignored
+    # the fields of OpenAI's API that do not apply here are ignored
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 class Message(_Body):
