@@ -205,3 +205,19 @@ def test_the_stop_is_bounded_with_a_half_sent_request_and_a_long_stream(checkpoi
         assert "--shutdown-timeout" in err  # the one line saying what was cut
     finally:
         proc.kill()
+
+
+@pytest.mark.slow
+def test_the_soak_script_runs(checkpoint):
+    """scripts/soak_serve.py, briefly: every kind of traffic, no 5xx, the server stopped cleanly."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = subprocess.run([sys.executable, "scripts/soak_serve.py", "--minutes", "0.1", "--warmup", "2", "--clients", "3",
+                          "--checkpoint", str(checkpoint), "--port", str(port)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    out = run.stdout
+    assert "responses by status: " in out and "200: " in out and "p50 " in out and "p99 " in out
+    assert "RSS after the warm-up -> at the end: web process " in out and "model process " in out
+    assert "exit code 0 after SIGTERM; no traceback" in out and "slots busy at the end: 0" in out
