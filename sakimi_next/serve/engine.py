@@ -52,7 +52,8 @@ class Request:
 @dataclass
 class Event:
     """`text`: new reply text (may be empty). A last event has `finish_reason` ("stop" or "length")
-    or `error` (with `code`: "timeout" or "internal_error"), and the token counts."""
+    or `error` (with `code`: "timeout", "server_shutdown" or "internal_error"; from the engine's own
+    process also "engine_stopped" or "queue_full"), and the token counts."""
     text: str = ""
     finish_reason: str | None = None
     error: str | None = None
