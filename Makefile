@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 
-.PHONY: setup demo chat-demo test bench bench-serve quality compare clean
+.PHONY: setup demo chat-demo test bench bench-serve soak-serve quality compare clean
 .PHONY: install test-needs
 
 $(BIN)/python:
@@ -83,6 +83,10 @@ bench: setup
 bench-serve: setup
 	$(BIN)/python scripts/bench_serve.py --threads 1 --temperature 0 --dtype fp32
 	$(BIN)/python scripts/bench_serve.py --threads 1 --temperature 0 --dtype bf16
+
+# --mode serve under 10 minutes of mixed traffic: statuses, p50/p99 latency, memory of both processes
+soak-serve: install
+	$(BIN)/python scripts/soak_serve.py --minutes 10
 
 # Five texts of $(SHARED_DATA) (Tiny Shakespeare, 红楼梦, 三国演义, the King James Bible, Tatoeba's English-Chinese
 # pairs): 90/10 split, default preparation, a 20-minute budget each (~2 hours); prints the held-out bits/byte of

@@ -34,7 +34,7 @@ from typing import Callable
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -46,7 +46,7 @@ from torch.distributed.checkpoint.state_dict import (
 from .config import Config, ConfigError
 from .tokenizer import Tokenizer, write_tokenizer_config
 from .util import (UserError, fsync_dir, inside, is_int, is_sha256, json_field, json_object, publish_dir,
-                   read_json_file, recover_dir, sha256_file)
+                   read_json_file, recover_dir, save_safetensors, sha256_file)
 
 MODEL_FILE = "model.safetensors"
 OPTIM_FILE = "optimizer.safetensors"
@@ -142,12 +142,13 @@ def save_checkpoint(
     out_dir = Path(out_dir)
     final = out_dir / step_dir_name(step)
     with publish_dir(final) as tmp:
-        save_file(gathered["model"], str(tmp / MODEL_FILE), metadata={"format": "pt"})
+        save_safetensors(gathered["model"], tmp / MODEL_FILE, metadata={"format": "pt"})
         _test_pause()
         rng_tensors, rng_meta = rng_payload()
         opt_meta = gathered["optimizer_meta"]
         training = {TRAINING_WEIGHTS + k: v for k, v in gathered.get("training_weights", {}).items()}
-        save_file({**gathered["optimizer"], **rng_tensors, **training}, str(tmp / OPTIM_FILE), metadata={"format": "pt"})
+        save_safetensors({**gathered["optimizer"], **rng_tensors, **training}, tmp / OPTIM_FILE,
+                         metadata={"format": "pt"})
         if opt_meta is not None:
             _write_json(tmp / OPTIM_JSON, opt_meta)
         hashes = {f: sha256_file(tmp / f) for f in WEIGHT_FILES}

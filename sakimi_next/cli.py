@@ -66,8 +66,23 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_flush_denormal(True)
         return command.run(settings)
     except (UserError, ConfigError) as e:
+        _close_progress_bars()
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the system refused (a full disk, a permission): one line too (writes clean up after
+        # themselves: see util.publish_dir)
+        _close_progress_bars()
+        print(f"error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _close_progress_bars() -> None:
+    """End the line of a progress bar the failed work left open (the traceback keeps it alive), so that
+    the error has a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()

@@ -49,7 +49,7 @@ import torch
 
 from .config import Config
 from .tokenizer import CHAT_TEMPLATE, IM_END
-from .util import UserError, fsync_dir, umask
+from .util import UserError, fsync_dir, umask, write_failed
 
 WEIGHT_TYPES = ("f32", "f16", "q8_0")
 DENSE_ARCH, MOE_ARCH = "qwen35", "qwen3next"
@@ -418,6 +418,7 @@ def export_gguf(model_path: str | Path, out_path: str | Path, weight_type: str =
                             "model without it")
     tensors = gguf_tensors(src.config, {k: v for k, v in src.tensors.items() if not k.startswith("mtp.")}, arch)
     out.parent.mkdir(parents=True, exist_ok=True)
+    existed = out.exists()
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
     try:
@@ -439,6 +440,9 @@ def export_gguf(model_path: str | Path, out_path: str | Path, weight_type: str =
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, out)
+    except OSError as e:  # a full disk...: one line, as util.publish_dir says it
+        Path(tmp).unlink(missing_ok=True)
+        raise write_failed(out, e, existed, Path(tmp)) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -29,12 +29,12 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from . import checkpoint as ckpt
 from .config import Config, ConfigError
 from .tokenizer import write_tokenizer_config
-from .util import UserError, inside, is_int, is_sha256, json_field, json_object, publish_dir, read_json_file, sha256_file
+from .util import (UserError, inside, is_int, is_sha256, json_field, json_object, publish_dir, read_json_file,
+                   save_safetensors, sha256_file)
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -182,7 +182,7 @@ def save_tensors_sharded(tensors: dict[str, torch.Tensor], out_dir: Path, shard_
     """Write one `model.safetensors`, or shards plus an index when the total exceeds `shard_bytes`."""
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     if total <= shard_bytes:
-        save_file(tensors, str(out_dir / WEIGHTS), metadata={"format": "pt"})
+        save_safetensors(tensors, out_dir / WEIGHTS, metadata={"format": "pt"})
         return [WEIGHTS]
     shards, current, size = [], {}, 0
     for name in sorted(tensors):
@@ -196,7 +196,7 @@ def save_tensors_sharded(tensors: dict[str, torch.Tensor], out_dir: Path, shard_
     names, weight_map = [], {}
     for i, shard in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out_dir / fname), metadata={"format": "pt"})
+        save_safetensors(shard, out_dir / fname, metadata={"format": "pt"})
         names.append(fname)
         weight_map.update({k: fname for k in shard})
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}

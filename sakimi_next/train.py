@@ -665,8 +665,10 @@ class TrainingRun:
             return {**gathered, "model": ckpt.model_tensors(self.model), "training_weights": gathered["model"]}
 
     def save(self, step: int, reason: str) -> Path | None:
-        """Rank 0 writes; a failure (full disk, ...) keeps the previous checkpoints and training goes on."""
-        path = None
+        """Rank 0 writes. A write the system refuses (a full disk, ...) stops the run, every rank, with
+        one line (exit code 2): the checkpoints written before are intact, and --resume-from auto goes on
+        from the last of them once there is room."""
+        path = failure = None
         ddp = self.ddp
         gathered = self.gather() if self.s.fsdp or ddp.is_main else None  # FSDP: all ranks
         if ddp.is_main:
@@ -675,12 +677,18 @@ class TrainingRun:
                                             self.start.config, self.tokenizer.path, gathered)
                 ckpt.prune(self.out_dir, self.s.keep_last)
                 self.console.say(f"saved {reason} checkpoint: {path}")
-            except OSError as e:
-                prev = ckpt.find_latest(self.out_dir)
-                self.console.say(f"warning: could not save the checkpoint at step {step} ({e.strerror or e}); "
-                                 f"the previous checkpoint {prev} is intact")
-        if ddp.enabled:
-            dist.barrier()
+            except (OSError, UserError) as e:
+                last = ckpt.find_latest(self.out_dir)
+                what = e if isinstance(e, UserError) else f"could not save step {step}'s checkpoint: {e.strerror or e}"
+                failure = f"{what}; " + (f"the last checkpoint, {last}, is intact: continue with --resume-from auto"
+                                         if last else "no checkpoint was saved")
+        stop = failure is not None
+        if ddp.enabled:  # every rank stops together (the all-reduce is also the barrier)
+            flag = torch.tensor([int(stop)], device=ddp.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop = bool(flag)
+        if stop:
+            raise UserError(failure or f"rank 0 could not save the checkpoint of step {step}")
         return path
 
     # --- one optimizer step

@@ -8,6 +8,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -39,11 +40,27 @@ def umask() -> int:
     return mask
 
 
+def write_failed(path: Path, e: OSError, existed: bool, scratch: Path | None = None) -> UserError:
+    """The one line for a write of `path` that the system refused (a full disk, a lost permission):
+    nothing was replaced, and the partial files are gone. The file named is left out when it is one of
+    ours under `scratch` (a temporary name says nothing to the user)."""
+    name = e.filename and Path(e.filename)
+    where = f" ({name})" if name and not (scratch and name.is_relative_to(scratch)) else ""
+    reason = e.strerror or (f"{e} (a short write: is the disk full?)" if e.errno is None else str(e))
+    kept = f"the previous {path} is intact" if existed else "nothing was written"
+    return UserError(f"could not write {path}: {reason}{where}; {kept}")
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see either the old file or the complete new one."""
+    """Write `data` to `path` so that readers see either the old file or the complete new one. A write
+    the system refuses is a UserError (see `write_failed`)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    existed = path.exists()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise write_failed(path, e, existed) from None
     try:
         os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600 files; give the usual permissions
         with os.fdopen(fd, "wb") as f:
@@ -51,6 +68,9 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise write_failed(path, e, existed, Path(tmp)) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -111,13 +131,18 @@ def publish_dir(final: str | Path) -> Iterator[Path]:
     step, the old one waits as `.NAME.old` for the instant between two renames and `recover_dir` puts it
     back after a crash). On failure or interruption the temporary directory is removed and `final` is
     untouched. Re-publishing is a swap: the old version is deleted only once the new one is in place.
+    A write the system refuses (a full disk...) is a UserError saying so (see `write_failed`).
     """
     final = Path(final)
     if final.is_symlink() or (final.exists() and not final.is_dir()):
         raise UserError(f"{final} exists and is not a directory; it is left as it is")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    recover_dir(final)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    existed = final.exists()
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        recover_dir(final)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    except OSError as e:
+        raise write_failed(final, e, existed) from None
     try:
         yield tmp
         _fsync_tree(tmp)
@@ -131,8 +156,25 @@ def publish_dir(final: str | Path) -> Iterator[Path]:
             os.rename(tmp, final)
             os.rename(old, tmp)
         fsync_dir(final.parent)
+    except OSError as e:
+        raise write_failed(final, e, existed, tmp) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_safetensors(tensors: dict, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' `save_file`, with a write the system refuses raised as the OSError it is
+    (safetensors reports a full disk as a SafetensorError naming the OS error)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as e:
+        code = re.search(r"os error (\d+)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from None
 
 
 def carry_over(old: Path, new: Path, skip: set[str]) -> None:

@@ -10,9 +10,10 @@ import torch
 
 from sakimi_next.pretrained import load_for_inference
 from sakimi_next.model import Qwen3NextForCausalLM
-from sakimi_next.serve.api import BackgroundServer, ServerSettings, create_app
+from sakimi_next.serve.api import ServerSettings, create_app
 from sakimi_next.serve.engine import Engine, Event, Request
 from sakimi_next.serve.process import EngineProcess, ModelSource
+from sakimi_next.serve.server import BackgroundServer
 from sakimi_next.tokenizer import train_tokenizer
 from sakimi_next.train import build_optimizer
 
@@ -53,18 +54,19 @@ def make_served_checkpoint(root: Path, steps: int = 30) -> Path:
 @contextmanager
 def live_server(checkpoint: Path, max_concurrent: int = 8, max_queue: int = 16, max_prompt_tokens: int = 2000,
                 max_tokens: int = 4000, request_timeout: float = 120.0, api_key: str | None = None,
-                in_process: bool = True):
+                in_process: bool = True, max_restarts: int = 3):
     """(server, engine): the model loaded from `checkpoint` and served until the block ends; with
     in_process=False the engine runs in a child process, as `--mode serve` runs it."""
     if in_process:
         model, tokenizer, _ = load_for_inference(checkpoint, "cpu")
         engine = Engine(model, tokenizer, max_concurrent, max_queue)
     else:
-        engine = EngineProcess(ModelSource(str(checkpoint), "cpu", threads=1), max_concurrent, max_queue)
+        engine = EngineProcess(ModelSource(str(checkpoint), "cpu", threads=1), max_concurrent, max_queue,
+                               max_restarts=max_restarts)
     engine.start()  # before the app: a child process's engine knows its tokenizer once started
     try:
         app = create_app(engine, ServerSettings(MODEL, max_prompt_tokens, max_tokens, request_timeout, api_key))
-        with BackgroundServer(app) as server:
+        with BackgroundServer(app, on_timeout=engine.stop) as server:
             yield server, engine
     finally:
         engine.stop()
@@ -102,3 +104,23 @@ def run_requests(engine, requests: list[dict]) -> list[list[Event]]:
         return got.wait()
     finally:
         engine.stop()
+
+
+def running(pid: int) -> bool:
+    """The process exists and has not ended (a zombie has ended; in a container nobody may reap it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if stat.read_text().rsplit(")", 1)[1].split()[1] == str(pid):
+                found.append(int(stat.parent.name))
+        except OSError:
+            continue
+    return found

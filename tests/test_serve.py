@@ -1,6 +1,7 @@
 """--mode serve against real clients: the official `openai` package and raw HTTP, on a live server."""
 
 import json
+import socket
 import threading
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ from sakimi_next.pretrained import load_for_inference
 from sakimi_next.generate import generate
 from sakimi_next.tokenizer import IM_END
 
-from .serve_support import MODEL, live_server, make_served_checkpoint
+from .serve_support import MODEL, child_pids, live_server, make_served_checkpoint, running
 
 MESSAGES = [{"role": "system", "content": "You answer questions about Python."},
             {"role": "user", "content": "What does the for statement do?"}]
@@ -191,9 +192,15 @@ def test_a_client_that_disconnects_frees_its_slot(where, request):
     health = wait_idle(srv)
     assert health["requests_served"] == served  # cancelled, not finished
     # a non-streamed request whose client gives up also leaves
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(srv.url + "/v1/completions", json={"prompt": "x", "max_tokens": 3000, "temperature": 0}, timeout=0.5)
-    wait_idle(srv)
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=60) as raw:
+        body = json.dumps({"prompt": "x", "max_tokens": 3000, "temperature": 0}).encode()
+        raw.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        for _ in range(400):  # bounded: until it runs
+            if httpx.get(srv.url + "/health", timeout=10).json()["active"] == 1:
+                break
+            time.sleep(0.01)
+    assert wait_idle(srv)["requests_served"] == served
 
 
 def error_of(r: httpx.Response, status: int) -> dict:
@@ -281,17 +288,13 @@ def occupy(srv, body: dict) -> tuple[threading.Thread, list]:
 
 
 def test_queue_full_and_timeouts(checkpoint):
-    # --request-timeout counts from arrival, queue included: the queued request arrives queued_after s
-    # after the busy one, so it still has that long for its 5 tokens once the busy one's deadline frees
-    # the slot; the checks in between have the rest of the timeout; and the busy request's 3,900 tokens
-    # take ~2x the timeout (3.9 s on the 2-core CPU)
-    timeout, queued_after = 2.0, 0.4
-    with live_server(checkpoint, max_concurrent=1, max_queue=1, request_timeout=timeout) as (srv, engine):
+    """--request-timeout counts from arrival, queue included. The engine's clock is set past a
+    deadline by the test, so nothing rests on how fast this machine decodes."""
+    with live_server(checkpoint, max_concurrent=1, max_queue=1, request_timeout=1000) as (srv, engine):
         busy, events = occupy(srv, {"prompt": "The", "max_tokens": 3900, "temperature": 0})
-        time.sleep(queued_after)
         waiting = {}
         queued = threading.Thread(target=lambda: waiting.setdefault("r", httpx.post(
-            srv.url + "/v1/completions", json={"prompt": "x", "max_tokens": 5}, timeout=60)))
+            srv.url + "/v1/completions", json={"prompt": "x", "max_tokens": 5}, timeout=120)))
         queued.start()
         for _ in range(400):  # bounded: until the second request is in the queue
             if httpx.get(srv.url + "/health", timeout=10).json()["queued"] == 1:
@@ -301,17 +304,28 @@ def test_queue_full_and_timeouts(checkpoint):
         assert error_of(full, 429)["code"] == "queue_full"
         with pytest.raises(openai.RateLimitError):
             client(srv).completions.create(model=MODEL, prompt="x", max_tokens=5)
-        queued.join(timeout=60)
-        busy.join(timeout=60)
-        # the running request was stopped by its deadline (an error event, then [DONE]), which freed the
-        # slot for the queued one
-        assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "timeout"
+        # the clock between the two deadlines: the running request is past its own (it arrived first),
+        # and its end frees the slot for the queued one
+        between = (engine.active[0].request.deadline + engine._waiting[0].deadline) / 2
+        engine.clock = lambda: between
+        queued.join(timeout=120)
+        busy.join(timeout=120)
+        assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "timeout"  # an error event
         assert waiting["r"].status_code == 200 and waiting["r"].json()["usage"]["completion_tokens"] == 5
         assert wait_idle(srv)["active"] == 0
         # a non-streamed request that runs out of time gets 503
-        r = httpx.post(srv.url + "/v1/completions", json={"prompt": "x", "max_tokens": 3900, "temperature": 0},
-                       timeout=60)
-        assert error_of(r, 503)["code"] == "timeout"
+        engine.clock = time.monotonic
+        late = {}
+        running = threading.Thread(target=lambda: late.setdefault("r", httpx.post(
+            srv.url + "/v1/completions", json={"prompt": "x", "max_tokens": 3900, "temperature": 0}, timeout=120)))
+        running.start()
+        for _ in range(400):  # bounded: until it runs
+            if httpx.get(srv.url + "/health", timeout=10).json()["active"] == 1:
+                break
+            time.sleep(0.01)
+        engine.clock = lambda: float("inf")
+        running.join(timeout=120)
+        assert error_of(late["r"], 503)["code"] == "timeout"
 
 
 def test_serve_command(checkpoint, capsys, tmp_path):
@@ -364,26 +378,6 @@ def test_serve_command(checkpoint, capsys, tmp_path):
                 break
             time.sleep(0.1)
         assert not any(map(running, children))
-
-
-def running(pid: int) -> bool:
-    """The process exists and has not ended (a zombie has ended; in a container nobody may reap it)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def child_pids(pid: int) -> list[int]:
-    """The processes whose parent is `pid` (Linux /proc)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            if stat.read_text().rsplit(")", 1)[1].split()[1] == str(pid):
-                found.append(int(stat.parent.name))
-        except OSError:
-            continue
-    return found
 
 
 def test_a_stuck_engine_still_answers_with_a_timeout(checkpoint):

@@ -206,16 +206,17 @@ def test_engine_queue_limit_and_cancel(model):
 
 def test_engine_deadlines(model):
     """A request past its deadline fails with a timeout, in the queue or while decoding; the others
-    go on."""
-    import time
+    go on. The engine's clock is a count of its readings (two a pass), not the time."""
+    import itertools
 
     greedy = SamplingSettings(temperature=0)
-    now = time.monotonic()
-    events = run_engine(model, [dict(prompt=[5, 6], max_tokens=4, sampling=greedy, deadline=now - 1),
-                                dict(prompt=[5, 6], max_tokens=100000, sampling=greedy, deadline=now + 0.3),
-                                dict(prompt=[7, 8], max_tokens=6, sampling=greedy)], max_concurrent=1)
+    engine = Engine(model, TokenIds(), max_concurrent=1)
+    engine.clock = itertools.count().__next__
+    events = run_requests(engine, [dict(prompt=[5, 6], max_tokens=4, sampling=greedy, deadline=-1),
+                                   dict(prompt=[5, 6], max_tokens=100000, sampling=greedy, deadline=20),
+                                   dict(prompt=[7, 8], max_tokens=6, sampling=greedy)])
     assert events[0] == [Event(error="the request timed out waiting for a free slot", code="timeout", prompt_tokens=2)]
-    assert events[1][-1].code == "timeout" and events[1][-1].completion_tokens > 0
+    assert events[1][-1].code == "timeout" and 0 < events[1][-1].completion_tokens < 20
     assert events[2][-1].finish_reason == "length" and events[2][-1].completion_tokens == 6
 
 

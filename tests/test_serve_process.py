@@ -81,7 +81,10 @@ def test_limits_cancel_and_counters(checkpoint):
 
 
 def test_a_child_that_dies_ends_every_request(checkpoint):
-    engine = EngineProcess(ModelSource(str(checkpoint), "cpu", threads=1), max_concurrent=1, max_queue=4)
+    """Without restarts left, a child that dies ends every request in flight (running or queued) with
+    an error saying why, and the engine stays down."""
+    engine = EngineProcess(ModelSource(str(checkpoint), "cpu", threads=1), max_concurrent=1, max_queue=4,
+                           max_restarts=0)
     engine.start()
     try:
         got = Collector(2)
@@ -92,8 +95,9 @@ def test_a_child_that_dies_ends_every_request(checkpoint):
                 break
             got.done[0].wait(timeout=0.1)
         engine._process.kill()
-        assert [ev[-1].error for ev in got.wait(120)] == ["internal error: the engine process stopped"] * 2
-        assert got.events[1][-1].code == "internal_error"
+        assert [ev[-1].error for ev in got.wait(120)] == ["the model's process stopped (killed by SIGKILL)"] * 2
+        assert got.events[1][-1].code == "engine_stopped"
+        assert engine.stats()["engine"] == "stopped"
         with pytest.raises(EngineStopped):
             engine.submit(Request(prompt=[5], max_tokens=4, sampling=GREEDY, on_event=lambda e: None))
     finally:

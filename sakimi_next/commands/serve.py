@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,11 @@ def add_arguments(parser) -> None:
                         help="the most tokens a request may generate (and the default of max_tokens)")
     parser.add_argument("--request-timeout", type=float, default=300.0,
                         help="seconds a request may take, waiting included (then 503)")
+    parser.add_argument("--shutdown-timeout", type=float, default=5.0,
+                        help="on SIGTERM/SIGINT, seconds the replies in flight may take to finish before they are cut "
+                             "(the server then stops its model and exits 0)")
+    parser.add_argument("--max-restarts", type=int, default=3,
+                        help="times the model's process is started again after it dies (out of memory, a kill)")
     parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for the model (default: torch's; 1 is best on a busy machine)")
@@ -58,6 +64,8 @@ class ServeSettings:
     threads: int | None = None
     dtype: str = "fp32"
     in_process: bool = False
+    shutdown_timeout: float = 5.0
+    max_restarts: int = 3
 
 
 def settings(args: argparse.Namespace) -> ServeSettings:
@@ -69,6 +77,8 @@ def settings(args: argparse.Namespace) -> ServeSettings:
     common.count("--max-queue", args.max_queue, minimum=0)
     common.count("--max-prompt-tokens", args.max_prompt_tokens)
     common.positive_float("--request-timeout", args.request_timeout)
+    common.finite_float("--shutdown-timeout", args.shutdown_timeout, lo=0)
+    common.count("--max-restarts", args.max_restarts, minimum=0)
     common.count("--threads", args.threads)
     if args.api_key is not None and not args.api_key.strip():
         raise UserError("--api-key must not be empty")
@@ -77,33 +87,58 @@ def settings(args: argparse.Namespace) -> ServeSettings:
     return ServeSettings(args.resume_from, args.host, args.port, args.max_concurrent, args.max_queue,
                          args.max_prompt_tokens, args.max_tokens, args.request_timeout, args.api_key, name,
                          args.device, common.kernel_name(args), bool(args.compile),
-                         args.threads, args.dtype, bool(args.in_process))
+                         args.threads, args.dtype, bool(args.in_process), args.shutdown_timeout, args.max_restarts)
+
+
+class _Stopped(BaseException):
+    """SIGTERM or SIGINT before the server runs (while the model loads)."""
+
+
+def _stop(sig, frame):
+    raise _Stopped(sig)
 
 
 def run(s: ServeSettings) -> int:
+    """Serve until SIGTERM or SIGINT, then stop within --shutdown-timeout (see serve/server.py), stop
+    the model's process, and return 0."""
     import uvicorn
 
     from ..serve.api import ServerSettings, create_app
     from ..serve.process import EngineProcess, ModelSource
+    from ..serve.server import Server
 
-    source = ModelSource(s.checkpoint, s.device, s.kernel, s.dtype, s.compile, s.threads)
-    if s.compile:
-        print("compiling the decoding step (about a minute, once)...", file=sys.stderr, flush=True)
-    if s.in_process:
-        engine, info = _engine_in_process(source, s.max_concurrent, s.max_queue)
-    else:
-        engine = EngineProcess(source, s.max_concurrent, s.max_queue)
-        engine.start()  # loads the model in the child: a bad checkpoint is a UserError here
-        info = engine.info
-    context = engine.config.max_position_embeddings
-    max_prompt = min(s.max_prompt_tokens or context - 1, context - 1)
-    app = create_app(engine, ServerSettings(s.model_name, max_prompt, s.max_tokens, s.request_timeout, s.api_key))
-    print(f"serving {info['source']} as {s.model_name!r} ({info['parameters']:,} parameters, {info['device']}, "
-          f"{info['dtype']}) on http://{s.host}:{s.port}/  (chat page at /, API at /v1)", file=sys.stderr, flush=True)
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, _stop) for sig in signals}  # uvicorn has its own while it serves
+    engine, outcome = None, "stopped"
     try:
-        uvicorn.run(app, host=s.host, port=s.port, log_level="warning")
+        source = ModelSource(s.checkpoint, s.device, s.kernel, s.dtype, s.compile, s.threads)
+        if s.compile:
+            print("compiling the decoding step (about a minute, once)...", file=sys.stderr, flush=True)
+        if s.in_process:
+            engine, info = _engine_in_process(source, s.max_concurrent, s.max_queue)
+        else:
+            engine = EngineProcess(source, s.max_concurrent, s.max_queue, max_restarts=s.max_restarts)
+            engine.start()  # loads the model in the child: a bad checkpoint is a UserError here
+            info = engine.info
+        context = engine.config.max_position_embeddings
+        max_prompt = min(s.max_prompt_tokens or context - 1, context - 1)
+        app = create_app(engine, ServerSettings(s.model_name, max_prompt, s.max_tokens, s.request_timeout, s.api_key))
+        print(f"serving {info['source']} as {s.model_name!r} ({info['parameters']:,} parameters, {info['device']}, "
+              f"{info['dtype']}) on http://{s.host}:{s.port}/  (chat page at /, API at /v1)", file=sys.stderr,
+              flush=True)
+        server = Server(uvicorn.Config(app, host=s.host, port=s.port, log_level="warning"), s.shutdown_timeout,
+                        on_timeout=engine.stop)
+        server.run()
+    except _Stopped:
+        outcome = "stopped before the server started"
     finally:
-        engine.stop()
+        for sig in signals:  # stopping already: another signal must not cut the model's stop short
+            signal.signal(sig, signal.SIG_IGN)
+        if engine is not None:
+            engine.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    print(outcome, file=sys.stderr)
     return 0
 
 

@@ -5,7 +5,8 @@
     GET  /v1/models, GET /health (the engine's counters), GET / (the chat page)
 
 `stream: true` sends server-sent events, one chunk per piece of text, then `data: [DONE]`. Errors are
-OpenAI-shaped: {"error": {"message", "type", "param", "code"}} with the matching HTTP status.
+OpenAI-shaped: {"error": {"message", "type", "param", "code"}} with the matching HTTP status. What a
+client sends is read and checked in `requests.py` before any work; nothing it sends gives a 5xx.
 """
 
 from __future__ import annotations
@@ -17,19 +18,18 @@ import threading
 import time
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Literal
+from typing import Literal
 
 from fastapi import FastAPI, Request as HttpRequest
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..generate import SamplingSettings
 from ..chat import check_messages, render
 from ..tokenizer import IM_END
 from ..util import UserError
 from .engine import Engine, EngineStopped, Event, QueueFull, Request
+from .requests import (ApiError, ChatBody, Common, CompletionBody, Generation, body_byte_limit, check_generation,
+                       completion_prompt, prompt_char_limit, prompt_too_long, read_body, text_of)
 
 
 @dataclass(frozen=True)
@@ -41,63 +41,8 @@ class ServerSettings:
     api_key: str | None = None  # when set, /v1/* needs "Authorization: Bearer <key>"
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-
-    def response(self) -> JSONResponse:
-        return error_response(self.status, self.message, self.type, self.param, self.code)
-
-
 def error_response(status: int, message: str, type: str, param: str | None = None, code: str | None = None):
-    body = {"error": {"message": message, "type": type, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status)
-
-
-# ------------------------------------------------------------------------------------------- bodies
-class Message(BaseModel):
-    role: str
-    content: str | list[dict[str, Any]] | None = None
-
-
-class _Common(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # fields of the OpenAI API that do not apply are ignored
-    model: str | None = None
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None  # not in OpenAI's API; vLLM and llama.cpp accept it too
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool = False
-    stream_options: dict[str, Any] | None = None
-    n: int = 1
-
-
-class ChatBody(_Common):
-    messages: list[Message]
-    max_completion_tokens: int | None = None  # the newer name of max_tokens
-
-
-class CompletionBody(_Common):
-    prompt: str | list[str] | list[int]
-    echo: bool = False
-    logprobs: int | None = None
-
-
-def text_of(m: Message) -> str:
-    if m.content is None:
-        return ""
-    if isinstance(m.content, str):
-        return m.content
-    parts = []
-    for part in m.content:  # the list form: [{"type": "text", "text": ...}]
-        if part.get("type") != "text" or not isinstance(part.get("text"), str):
-            raise ApiError(400, "only text content parts are supported", param="messages")
-        parts.append(part["text"])
-    return "".join(parts)
+    return ApiError(status, message, type, param, code).response()
 
 
 # --------------------------------------------------------------------------------------------- app
@@ -110,28 +55,25 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
     async def api_error(request, e: ApiError):
         return e.response()
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request, e: RequestValidationError):
-        errors = e.errors()
-        if any(err.get("type") == "json_invalid" for err in errors):
-            return error_response(400, "the request body is not valid JSON", "invalid_request_error")
-        err = errors[0]
-        where = ".".join(str(x) for x in err.get("loc", ())[1:]) or None
-        return error_response(422, f"{where or 'body'}: {err.get('msg')}", "invalid_request_error", where,
-                              "invalid_value")
-
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, e: StarletteHTTPException):
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
         message = f"no route {request.method} {request.url.path}" if e.status_code in (404, 405) else str(e.detail)
         return error_response(e.status_code, message, kind, None, "unknown_url" if e.status_code == 404 else None)
 
+    @app.exception_handler(Exception)
+    async def bug(request, e: Exception):  # a bug, never a client's input: still OpenAI's shape (uvicorn logs it)
+        return error_response(500, "internal error", "server_error", None, "internal_error")
+
     if settings.api_key:
         app.add_middleware(KeyCheck, key=settings.api_key)
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": settings.model_name, **engine.stats()}
+        stats = engine.stats()
+        return JSONResponse({"status": "ok" if stats["engine"] == "running" else "unavailable",
+                             "model": settings.model_name, **stats},
+                            status_code=200 if stats["engine"] == "running" else 503)
 
     @app.get("/v1/models")
     async def models():
@@ -143,14 +85,12 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         return resources.files("sakimi_next.serve").joinpath("static/chat.html").read_text(encoding="utf-8")
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatBody, request: HttpRequest):
-        limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        return await api.complete(body, request, api.chat_prompt(body), limit, api.chat_stop_ids, "chat.completion")
+    async def chat(http: HttpRequest):
+        return await api.chat(await read_body(http, ChatBody, api.body_bytes), http)
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionBody, request: HttpRequest):
-        prompt = api.completion_prompt(body)
-        return await api.complete(body, request, prompt, body.max_tokens, api.text_stop_ids, "text_completion")
+    async def completions(http: HttpRequest):
+        return await api.completion(await read_body(http, CompletionBody, api.body_bytes), http)
 
     return app
 
@@ -193,35 +133,48 @@ class Completions:
         self.engine, self.settings, self.tokenizer = engine, settings, engine.tokenizer
         self.mailbox = Mailbox()
         self.context = engine.config.max_position_embeddings
+        self.max_prompt = min(settings.max_prompt_tokens, self.context - 1)
+        self.prompt_chars = prompt_char_limit(self.tokenizer, self.max_prompt)
+        self.body_bytes = body_byte_limit(self.prompt_chars)
         ends = (self.tokenizer.eot_id, self.tokenizer.token_to_id(IM_END))
         self.chat_stop_ids = frozenset(i for i in ends if i is not None)
         self.text_stop_ids = frozenset({self.tokenizer.eot_id})
 
-    def chat_prompt(self, body: ChatBody) -> list[int]:
+    async def chat(self, body: ChatBody, http: HttpRequest):
+        generation = check_generation(body, self.settings.model_name, self.settings.max_tokens)
         try:  # the library's ChatML: roles checked, reserved markers refused (they would forge turns)
-            messages = check_messages([{"role": m.role, "content": text_of(m)} for m in body.messages or []],
-                                      "the request")
+            messages = check_messages([{"role": m.role, "content": text_of(m)} for m in body.messages], "the request")
         except UserError as e:
             raise ApiError(400, str(e), param="messages") from None
-        return self.tokenizer.encode(render(messages, add_generation_prompt=True))
+        prompt = await self.tokenize(render(messages, add_generation_prompt=True), "messages")
+        return await self.complete(body, http, prompt, generation, self.chat_stop_ids, "chat.completion")
 
-    def completion_prompt(self, body: CompletionBody) -> list[int]:
-        if body.echo or body.logprobs:
-            raise ApiError(400, "echo and logprobs are not supported", param="echo" if body.echo else "logprobs")
-        p = body.prompt
-        if isinstance(p, list) and p and isinstance(p[0], str):
-            if len(p) != 1:
-                raise ApiError(400, "one prompt per request", param="prompt")
-            p = p[0]
-        if isinstance(p, str):
-            return self.tokenizer.encode(p) or [self.tokenizer.eot_id]
-        if not p or min(p) < 0 or max(p) >= self.engine.config.vocab_size:
-            raise ApiError(400, "prompt token ids must be a non-empty list of ids in the vocabulary", param="prompt")
-        return list(p)
+    async def completion(self, body: CompletionBody, http: HttpRequest):
+        generation = check_generation(body, self.settings.model_name, self.settings.max_tokens)
+        prompt = completion_prompt(body, self.max_prompt, self.engine.config.vocab_size)
+        if isinstance(prompt, str):
+            prompt = await self.tokenize(prompt, "prompt") or [self.tokenizer.eot_id]
+        return await self.complete(body, http, prompt, generation, self.text_stop_ids, "text_completion")
 
-    async def complete(self, body: _Common, http: HttpRequest, prompt: list[int], max_tokens: int | None,
+    async def tokenize(self, text: str, param: str) -> list[int]:
+        """The prompt's token ids, counted: a text too long to fit is refused before it is tokenized,
+        and the tokenizing runs in a thread (encode_batch lets go of Python's lock meanwhile)."""
+        if len(text) > self.prompt_chars:
+            raise prompt_too_long(f"{len(text):,} characters, more than {self.max_prompt} tokens can hold",
+                                  self.max_prompt, param)
+        ids = (await asyncio.to_thread(self.tokenizer.encode_batch, [text]))[0]
+        if len(ids) > self.max_prompt:
+            raise prompt_too_long(f"{len(ids):,} tokens", self.max_prompt, param)
+        return ids
+
+    async def complete(self, body: Common, http: HttpRequest, prompt: list[int], generation: Generation,
                        stop_ids: frozenset[int], kind: str):
-        request, events = self._request(body, prompt, max_tokens, stop_ids)
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        max_tokens = min(generation.max_tokens or self.settings.max_tokens, self.context - len(prompt))
+        request = Request(prompt=prompt, max_tokens=max_tokens, sampling=generation.sampling,
+                          on_event=lambda e: self.mailbox.post(loop, events, e), seed=generation.seed,
+                          stop=generation.stop, stop_ids=stop_ids,
+                          deadline=time.monotonic() + self.settings.request_timeout)
         try:
             self.engine.submit(request)
         except QueueFull as e:
@@ -258,39 +211,6 @@ class Completions:
                 safety.cancel()
                 self.engine.cancel(request.id)
 
-    def _request(self, body: _Common, prompt: list[int], max_tokens: int | None, stop_ids) -> tuple[Request, asyncio.Queue]:
-        """Check the request's settings and make the engine's request, its events going to a queue."""
-        limits = self.settings
-        if body.model and body.model != limits.model_name:
-            raise ApiError(404, f"the model {body.model!r} does not exist; this server has {limits.model_name!r}",
-                           "not_found_error", "model", "model_not_found")
-        if len(prompt) > limits.max_prompt_tokens or len(prompt) >= self.context:
-            raise ApiError(413, f"the prompt has {len(prompt)} tokens, more than this server takes "
-                                f"({min(limits.max_prompt_tokens, self.context - 1)})", param="messages",
-                           code="context_length_exceeded")
-        if body.n != 1:
-            raise ApiError(400, "n must be 1", param="n")
-        if max_tokens is not None and not 1 <= max_tokens <= limits.max_tokens:
-            raise ApiError(400, f"max_tokens must be between 1 and {limits.max_tokens}", param="max_tokens")
-        temperature = 1.0 if body.temperature is None else body.temperature
-        top_p = 1.0 if body.top_p is None else body.top_p
-        if not 0 <= temperature <= 2:
-            raise ApiError(400, "temperature must be between 0 and 2", param="temperature")
-        if not 0 < top_p <= 1:
-            raise ApiError(400, "top_p must be in (0, 1]", param="top_p")
-        if body.top_k is not None and body.top_k < 0:
-            raise ApiError(400, "top_k must be >= 0 (0 = off)", param="top_k")
-        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        if len(stop) > 4 or any(not s for s in stop):
-            raise ApiError(400, "stop: at most 4 non-empty strings", param="stop")
-        loop, events = asyncio.get_running_loop(), asyncio.Queue()
-        request = Request(
-            prompt=prompt, max_tokens=min(max_tokens or limits.max_tokens, self.context - len(prompt)),
-            sampling=SamplingSettings(temperature=temperature, top_k=body.top_k or 0, top_p=top_p),
-            on_event=lambda e: self.mailbox.post(loop, events, e),
-            seed=body.seed, stop=stop, stop_ids=stop_ids, deadline=time.monotonic() + limits.request_timeout)
-        return request, events
-
     async def _watch_disconnect(self, http: HttpRequest, request: Request, events: asyncio.Queue) -> None:
         """Until the response starts: a client that hangs up frees its slot (and its queue place)."""
         while (await http.receive())["type"] != "http.disconnect":
@@ -299,10 +219,14 @@ class Completions:
         events.put_nowait(Event(error="the client disconnected", code="disconnected"))
 
     def _failure(self, event: Event) -> ApiError:
+        """The error of a request the engine ended: 500 for a bug, 429 for a full queue, 503 for what
+        passes (a timeout, the server stopping, the model's process restarting)."""
         if event.code == "timeout":
             return ApiError(503, f"{event.error} (--request-timeout {self.settings.request_timeout:g} s)",
                             "server_error", None, "timeout")
-        return ApiError(503 if event.code == "server_shutdown" else 500, event.error, "server_error", None, event.code)
+        if event.code == "queue_full":
+            return ApiError(429, event.error, "rate_limit_error", None, "queue_full")
+        return ApiError(500 if event.code == "internal_error" else 503, event.error, "server_error", None, event.code)
 
     async def _stream(self, reply: "Reply", first: Event, events: asyncio.Queue, request: Request,
                       safety: asyncio.TimerHandle):
@@ -351,7 +275,7 @@ class KeyCheck:
 class Reply:
     """OpenAI's response objects, whole or in chunks, for one request."""
 
-    def __init__(self, kind: Literal["chat.completion", "text_completion"], model: str, body: _Common, prompt_tokens: int):
+    def __init__(self, kind: Literal["chat.completion", "text_completion"], model: str, body: Common, prompt_tokens: int):
         self.kind, self.model, self.body, self.prompt_tokens = kind, model, body, prompt_tokens
         self.id = ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + secrets.token_hex(12)
         self.created = int(time.time())
@@ -398,37 +322,3 @@ class Reply:
     @staticmethod
     def sse(obj: dict) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-
-class BackgroundServer:
-    """uvicorn serving `app` from a thread, on a free port of `host` unless one is given (tests and
-    benchmarks): `with BackgroundServer(app) as server: server.url`."""
-
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
-        import socket
-
-        import uvicorn
-
-        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.socket.bind((host, port))
-        self.port = self.socket.getsockname()[1]
-        self.url = f"http://{host}:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-        self.thread = None
-
-    def __enter__(self) -> "BackgroundServer":
-        import threading
-
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
-        self.thread.start()
-        for _ in range(500):  # up to 10 s
-            if self.server.started:
-                return self
-            time.sleep(0.02)
-        raise RuntimeError("the server did not start")
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-        self.socket.close()

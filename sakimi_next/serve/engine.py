@@ -52,7 +52,8 @@ class Request:
 @dataclass
 class Event:
     """`text`: new reply text (may be empty). A last event has `finish_reason` ("stop" or "length")
-    or `error` (with `code`: "timeout" or "internal_error"), and the token counts."""
+    or `error` (with `code`: "timeout", "server_shutdown" or "internal_error"; from the engine's own
+    process also "engine_stopped" or "queue_full"), and the token counts."""
     text: str = ""
     finish_reason: str | None = None
     error: str | None = None
@@ -134,6 +135,7 @@ class Engine:
         self.active: list[_Sequence] = []  # row i of the batch
         self._next: list[int] = []  # the token each row feeds to the next step
         self.served = self.tokens_generated = self.steps = 0
+        self.clock = time.monotonic  # what deadlines are compared with (tests move it forward)
 
     # ------------------------------------------------------------------ called from any thread
     def submit(self, request: Request) -> int:
@@ -162,7 +164,8 @@ class Engine:
 
     def stats(self) -> dict:
         with self._cond:
-            return {"active": len(self.active), "queued": len(self._waiting), "max_concurrent": self.max_concurrent,
+            return {"engine": "running" if self._running else "stopped",
+                    "active": len(self.active), "queued": len(self._waiting), "max_concurrent": self.max_concurrent,
                     "max_queue": self.max_queue, "requests_served": self.served,
                     "tokens_generated": self.tokens_generated, "decode_steps": self.steps}
 
@@ -172,12 +175,14 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="sakimi-engine", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 10.0) -> None:
+        """End the loop after its current pass (what is left fails with the shutdown error); wait for
+        it, at most `timeout` seconds (a daemon thread stuck in the model goes with the process)."""
         with self._cond:
             self._running = False
             self._cond.notify()
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(timeout)
             self._thread = None
 
     # ------------------------------------------------------------------ the engine thread
@@ -207,7 +212,7 @@ class Engine:
 
     def _drop(self, cancelled: set[int]) -> None:
         """Remove cancelled rows, and fail the rows and waiting requests that are past their deadline."""
-        now = time.monotonic()
+        now = self.clock()
         with self._cond:
             late = [r for r in self._waiting if r.deadline is not None and now > r.deadline]
             for r in late:
@@ -229,7 +234,7 @@ class Engine:
     def _admit(self, requests: list[Request]) -> None:
         """Prefill the prompts that are still in time, those of one length together (requests often
         arrive together: one batched prefill costs little more than one alone), and let them join."""
-        now, groups = time.monotonic(), {}
+        now, groups = self.clock(), {}
         for r in requests:
             if r.deadline is not None and now > r.deadline:
                 self._emit(r, Event(error="the request timed out waiting for a free slot", code="timeout",

@@ -16,7 +16,9 @@ import functools
 import itertools
 import logging
 import multiprocessing
+import os
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,75 +43,97 @@ class ModelSource:
 class EngineProcess:
     """`Engine`'s interface (submit, cancel, stats, start, stop; tokenizer, config) over an Engine in a
     child process. `start()` returns once the model is loaded (a bad checkpoint is a UserError then);
-    `info` describes the model as `load_for_inference` does. If the child dies, every request in flight
-    ends with an internal error and new ones are refused."""
+    `info` describes the model as `load_for_inference` does.
+
+    A watcher thread hands the child's events to their requests, and notices when the child dies (out
+    of memory, a kill): every request in flight then ends with an error (code "engine_stopped", a 503
+    for the client), the reason goes to the log, and a new child is started, at most `max_restarts`
+    times; until it is ready, and for good after the last restart, new requests are refused."""
 
     def __init__(self, source: ModelSource, max_concurrent: int = 8, max_queue: int = 64,
-                 start_seconds: float = 600.0):
+                 start_seconds: float = 600.0, max_restarts: int = 3):
         self.source, self.max_concurrent, self.max_queue = source, max_concurrent, max_queue
         self.start_seconds = start_seconds  # loading, and compiling with --compile
+        self.max_restarts, self.restarts = max_restarts, 0
         self.tokenizer = self.config = self.info = None
         self._lock = threading.Lock()
         self._callbacks: dict[int, Callable[[Event], None]] = {}  # requests in flight
         self._ids = itertools.count(1)
-        self._running = False
+        self._state = "stopped"  # running, restarting or stopped
+        self._stopping = False
         self._stats: dict = {}
-        self._process = self._commands = self._receiver = None
+        self._process = self._commands = self._watcher = None
 
     def start(self) -> None:
+        events = self._launch()
+        self._watcher = threading.Thread(target=self._watch, args=(events,), name="sakimi-engine-watch", daemon=True)
+        self._watcher.start()
+
+    def _launch(self):
+        """Start a child and wait until it has loaded the model; returns the pipe its events come up.
+        A UserError if it could not."""
         ctx = multiprocessing.get_context("spawn")  # fork would copy the parent's threads' locks
-        command_reader, self._commands = ctx.Pipe(duplex=False)
+        command_reader, commands = ctx.Pipe(duplex=False)
         events, event_writer = ctx.Pipe(duplex=False)
-        self._process = ctx.Process(target=_child_main, name="sakimi-engine", daemon=True,
-                                    args=(self.source, self.max_concurrent, self.max_queue, command_reader, event_writer))
-        self._process.start()
+        process = ctx.Process(target=_child_main, name="sakimi-engine", daemon=True,
+                              args=(self.source, self.max_concurrent, self.max_queue, command_reader, event_writer))
+        with self._lock:
+            if self._stopping:
+                raise UserError("the server is stopping")
+            process.start()
+            self._process, self._commands = process, commands
         command_reader.close()
         event_writer.close()
-        message = self._first_message(events)
+        message = self._first_message(events, process)
         if message[0] != "ready":
-            self._process.kill()
-            self._process.join()
-            self._process = None
+            process.kill()
+            process.join()
             events.close()
-            self._commands.close()
+            commands.close()
             raise UserError(message[1])
-        _, self.tokenizer, self.config, self.info, self._stats = message
-        self._running = True
-        self._receiver = threading.Thread(target=self._receive, args=(events,), name="sakimi-engine-events", daemon=True)
-        self._receiver.start()
+        _, self.tokenizer, self.config, self.info, stats = message
+        with self._lock:
+            self._stats = stats
+            if not self._stopping:
+                self._state = "running"
+        return events
 
-    def _first_message(self, events) -> tuple:
+    def _first_message(self, events, process) -> tuple:
         """("ready", ...) once the child has loaded the model, else ("failed", one line)."""
         if not events.poll(self.start_seconds):
             return "failed", f"the engine process did not load the model within {self.start_seconds:.0f} s"
         try:
             return events.recv()
         except EOFError:
-            self._process.join()
-            return "failed", f"the engine process exited while loading the model (exit code {self._process.exitcode})"
+            process.join()
+            return "failed", f"the engine process exited while loading the model ({_exit_reason(process)})"
 
-    def stop(self) -> None:
-        """Stop the child (requests still in flight end with the shutdown error) and wait for it."""
-        if self._process is None:
-            return
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the child (requests still in flight end with the shutdown error) and wait for it, at
+        most `timeout` seconds before it is killed."""
         with self._lock:
-            self._running = False
-        try:
-            self._send(("stop",))
-        except EngineStopped:
-            pass
-        self._process.join(timeout=60)
-        if self._process.is_alive():
-            self._process.kill()
-            self._process.join()
-        if self._receiver is not None:
-            self._receiver.join(timeout=60)
-        self._process = None
+            self._stopping = True
+            ready, self._state = self._state == "running", "stopped"
+            process, commands = self._process, self._commands
+        if process is None:
+            return
+        if ready:
+            try:
+                commands.send(("stop",))
+            except (OSError, ValueError):  # already gone
+                pass
+            process.join(timeout)
+        if process.is_alive():  # still loading (a restart), or stuck
+            process.kill()
+            process.join()
+        if self._watcher is not None:
+            self._watcher.join(timeout)
 
     def submit(self, request: Request) -> int:
         with self._lock:
-            if not self._running:
-                raise EngineStopped("the engine is not running")
+            if self._state != "running":
+                raise EngineStopped("the model's process is restarting; try again shortly"
+                                    if self._state == "restarting" else "the engine is not running")
             if len(self._callbacks) >= self.max_concurrent + self.max_queue:  # the engine's own limit
                 running = min(len(self._callbacks), self.max_concurrent)
                 raise QueueFull(f"{running} requests running and {len(self._callbacks) - running} waiting; "
@@ -121,7 +145,7 @@ class EngineProcess:
 
     def cancel(self, request_id: int) -> None:
         with self._lock:
-            if self._callbacks.pop(request_id, None) is not None and self._running:
+            if self._callbacks.pop(request_id, None) is not None and self._state == "running":
                 try:
                     self._send(("cancel", request_id))
                 except EngineStopped:  # nothing left to cancel
@@ -129,16 +153,57 @@ class EngineProcess:
 
     def stats(self) -> dict:
         with self._lock:
-            return dict(self._stats)
+            return {**self._stats, "max_queue": self.max_queue, "engine": self._state, "engine_restarts": self.restarts}
 
     def _send(self, message: tuple) -> None:
         try:
             self._commands.send(message)
-        except (OSError, ValueError):  # the child is gone; the receiver fails what was in flight
-            raise EngineStopped("the engine process has stopped") from None
+        except (OSError, ValueError):  # the child is gone; the watcher fails what was in flight
+            raise EngineStopped("the model's process has stopped") from None
+
+    def _watch(self, events) -> None:
+        """The watcher thread: the child's events to their requests; when the child is gone (stopped,
+        or died), what was in flight fails, and a child that died is replaced while restarts are left."""
+        while True:
+            self._receive(events)
+            process = self._process
+            process.join(timeout=5)  # it has closed its pipe: its exit code follows
+            with self._lock:
+                stopping = self._stopping
+                restart = not stopping and self.restarts < self.max_restarts
+                self._state = "restarting" if restart else "stopped"
+                left, self._callbacks = list(self._callbacks.values()), {}
+            if stopping:
+                error = Event(error="the server is shutting down", code="server_shutdown")
+            else:
+                reason = _exit_reason(process)
+                error = Event(error=f"the model's process stopped ({reason})"
+                                    + ("; it is being restarted, try again shortly" if restart else ""),
+                              code="engine_stopped")
+                if restart:
+                    self.restarts += 1
+                    log.error("the model's process stopped (%s): restarting it (restart %d of %d)", reason,
+                              self.restarts, self.max_restarts)
+                else:
+                    log.error("the model's process stopped (%s) after %d restart(s): not restarting it; requests "
+                              "get 503", reason, self.restarts)
+            for callback in left:
+                _deliver(callback, error)
+            if not restart:
+                return
+            try:
+                events = self._launch()
+            except UserError as e:
+                with self._lock:
+                    self._state = "stopped"
+                    stopping = self._stopping
+                if not stopping:
+                    log.error("could not restart the model's process: %s", e)
+                return
+            log.warning("the model's process is serving again")
 
     def _receive(self, events) -> None:
-        """The receiving thread: hand each event to its request's callback until the child is gone."""
+        """Hand each event to its request's callback until the child is gone."""
         try:
             while True:
                 batch, stats = events.recv()
@@ -153,13 +218,17 @@ class EngineProcess:
                         _deliver(callback, event)
         except (EOFError, OSError):
             pass
-        with self._lock:
-            if self._running:
-                log.error("the engine process exited (code %s)", self._process.exitcode if self._process else None)
-            self._running = False
-            left, self._callbacks = list(self._callbacks.values()), {}
-        for callback in left:
-            _deliver(callback, Event(error="internal error: the engine process stopped", code="internal_error"))
+        events.close()
+
+
+def _exit_reason(process) -> str:
+    code = process.exitcode
+    if code is not None and code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return "still running" if code is None else f"exit code {code}"
 
 
 def _deliver(callback: Callable[[Event], None], event: Event) -> None:
@@ -171,31 +240,46 @@ def _deliver(callback: Callable[[Event], None], event: Event) -> None:
 
 # ------------------------------------------------------------------------------------ the child process
 def _child_main(source: ModelSource, max_concurrent: int, max_queue: int, commands, events) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent stops us
+    # Ctrl-C reaches the whole process group, and a service manager may send SIGTERM to every process of
+    # the server: the parent stops this one when it is done with it (or it goes when the parent's pipe closes)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     from .engine import Engine
+
+    def send(message) -> bool:
+        try:
+            events.send(message)
+            return True
+        except OSError:  # the parent is gone (killed): nobody to tell; the commands' pipe ends this process
+            return False
 
     try:
         model, tokenizer, info, decode = load_model(source)
     except UserError as e:
-        events.send(("failed", str(e)))
+        send(("failed", str(e)))
         return
     except Exception as e:  # reported by the parent as one line
-        events.send(("failed", f"could not load the model: {type(e).__name__}: {e}"))
+        send(("failed", f"could not load the model: {type(e).__name__}: {e}"))
         return
     outbox = _Outbox()
 
     def send_pass() -> None:  # the engine thread, after each pass of its loop
         batch, stats = outbox.take(), engine.stats()
-        if batch or stats != outbox.sent_stats:
-            events.send((batch, stats))
+        if (batch or stats != outbox.sent_stats) and send((batch, stats)):
             outbox.sent_stats = stats
 
-    engine = Engine(model, tokenizer, max_concurrent, max_queue, decode, source.threads, on_pass_end=send_pass)
-    events.send(("ready", tokenizer, model.config, info, engine.stats()))
+    # The parent applies the limits; here a cancelled row holds its slot until the engine's next pass,
+    # so the queue gets room for a batch of them (the parent forgot them when it sent the cancellation)
+    engine = Engine(model, tokenizer, max_concurrent, max_queue + max_concurrent, decode, source.threads,
+                    on_pass_end=send_pass)
+    if not send(("ready", tokenizer, model.config, info, engine.stats())):
+        return
     engine.start()
     _serve_commands(engine, commands, outbox)
     engine.stop()  # fails what is left, and its last pass sends that
     events.close()
+    sys.stderr.flush()
+    os._exit(0)  # all is said: skip the interpreter's teardown with torch loaded (a second or two of a stop)
 
 
 class _Outbox:
@@ -249,6 +333,6 @@ def _serve_commands(engine, commands, outbox: _Outbox) -> None:
             engine.submit(request)
         except EngineStopped as e:
             outbox.put(request.id, Event(error=str(e), code="server_shutdown", prompt_tokens=len(request.prompt)))
-        except QueueFull as e:  # the parent applies the same limit first, so this would be a bug
-            outbox.put(request.id, Event(error=f"internal error: {e}", code="internal_error",
+        except QueueFull as e:  # the parent's limit comes first (see above): a 429 all the same
+            outbox.put(request.id, Event(error=f"the server is busy: {e}", code="queue_full",
                                          prompt_tokens=len(request.prompt)))
