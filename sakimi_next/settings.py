@@ -12,6 +12,11 @@ from .util import UserError
 
 OPTIMIZERS = ("adamw", "muon")
 
+# ------------------------------------------------------------------------------------ prepared data
+DEFAULT_DATA_DIR = "data"  # where prepare_data writes and train reads, unless --out-dir / --data-dir say
+DOC_SPLITS = ("auto", "file", "blank-line", "line")  # what a document is (data.sources.iter_documents)
+ENCODING_ERRORS = ("strict", "replace")  # what to do with bytes that are not UTF-8
+
 
 @dataclass(frozen=True)
 class Hyperparameters:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -17,6 +18,16 @@ from typing import Iterator
 
 class UserError(Exception):
     """A problem with the user's input: the CLI prints the message as one line and exits with code 2."""
+
+
+say = functools.partial(print, flush=True)  # progress lines should show up at once in logs too
+
+
+def progress(total: int, desc: str, leave: bool = True):
+    """A tqdm bar counting bytes (so it shows MB/s) on stderr, drawn only when stderr is a terminal."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=None, mininterval=0.5, leave=leave)
 
 
 def fsync_dir(path: str | Path) -> None:

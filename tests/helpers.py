@@ -50,9 +50,9 @@ def chinese_text(n_chars: int = 30_000, seed: int = 0) -> str:
 def english_text(n_bytes: int = 100_000) -> str:
     """The first ~`n_bytes` of the CPython documentation that ships with Python (the embedded corpus,
     `sakimi_next.data.builtin_source`), topics separated by blank lines, cut after a whole line."""
-    from sakimi_next.data import _builtin_topics
+    from sakimi_next.data import builtin_topics
 
-    raw = "\n\n".join(t.strip("\n") for t in _builtin_topics()).encode("utf-8")[:n_bytes]
+    raw = "\n\n".join(t.strip("\n") for t in builtin_topics()).encode("utf-8")[:n_bytes]
     return raw[:raw.rfind(b"\n") + 1].decode("utf-8")
 
 

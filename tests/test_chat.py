@@ -11,7 +11,7 @@ import torch
 from sakimi_next import chat
 from sakimi_next.evaluate import assistant_loss
 from sakimi_next.cli import main
-from sakimi_next.data import _builtin_topics, open_loss_mask
+from sakimi_next.data import builtin_topics, open_loss_mask
 from sakimi_next.model import Qwen3NextForCausalLM
 from sakimi_next.tokenizer import train_tokenizer
 
@@ -39,7 +39,7 @@ CONVERSATIONS = [
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
     """A tokenizer trained here on the embedded CPython docs and generated Chinese."""
-    t = train_tokenizer(_builtin_topics()[:300] + [CHINESE], 700)
+    t = train_tokenizer(builtin_topics()[:300] + [CHINESE], 700)
     t.save(tmp_path_factory.mktemp("tok") / "tokenizer.json")
     return t
 

@@ -13,7 +13,7 @@ import torch
 from llama_cpp import Llama
 
 from sakimi_next.cli import main
-from sakimi_next.data import _builtin_topics
+from sakimi_next.data import builtin_topics
 from sakimi_next.generate import generate
 from sakimi_next.gguf_export import DENSE_ARCH, MOE_ARCH, export_gguf, rope_sections
 from sakimi_next.model import Qwen3NextForCausalLM
@@ -39,7 +39,7 @@ def chinese_text(n: int, seed: int) -> str:
                    for _ in range(n))
 
 
-ENGLISH = _builtin_topics()[0][:600]
+ENGLISH = builtin_topics()[0][:600]
 TEXTS = {
     "english": ENGLISH,
     "chinese": chinese_text(12, seed=99),
@@ -56,7 +56,7 @@ PROMPTS = [ENGLISH[:80], chinese_text(2, seed=7), "The list of built-in function
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    texts = _builtin_topics() + [chinese_text(400, seed=s) for s in range(4)]
+    texts = builtin_topics() + [chinese_text(400, seed=s) for s in range(4)]
     tok = train_tokenizer(texts, 768)
     tok.save(tmp_path_factory.mktemp("tok") / "tokenizer.json")
     return tok
@@ -68,7 +68,7 @@ def trained_on_text(config, tokenizer, steps: int = 30, seed: int = 0) -> Qwen3N
     the choices at every position of a real text as well.)"""
     torch.manual_seed(seed)
     model = Qwen3NextForCausalLM(config)
-    ids = torch.tensor(tokenizer.encode("\n\n".join(_builtin_topics()[:12]) + chinese_text(300, seed=1)))
+    ids = torch.tensor(tokenizer.encode("\n\n".join(builtin_topics()[:12]) + chinese_text(300, seed=1)))
     opt = build_optimizer(model, 3e-3, 0.1, (0.9, 0.95))
     g = torch.Generator().manual_seed(seed)
     model.train()

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import preset
-from ..data import DEFAULT_OUT_DIR, DOC_SPLITS, prepare_data, say
+from ..data import prepare_data
+from ..settings import DEFAULT_DATA_DIR, DOC_SPLITS, ENCODING_ERRORS
 from ..tokenizer import MIN_VOCAB, SPECIAL_TOKENS
-from ..util import UserError
+from ..util import UserError, say
 from . import common
 
 HELP = "tokenize text into a prepared data directory (tokenizer, train.bin, val.bin, meta.json)"
@@ -28,7 +29,7 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--doc-split", default="auto", choices=DOC_SPLITS,
                    help="what a document is: auto = a .txt file exactly as written, a JSONL record; file also "
                         "joins a JSONL file's records; blank-line paragraphs or lines on request")
-    p.add_argument("--encoding-errors", default="strict", choices=("strict", "replace"),
+    p.add_argument("--encoding-errors", default="strict", choices=ENCODING_ERRORS,
                    help="what to do with bytes that are not UTF-8")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json to use or create (default DATA_DIR/tokenizer.json)")
     p.add_argument("--vocab-size", type=int, default=None, help="tokenizer vocabulary (default: the preset's)")
@@ -46,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                          "from the size of the text")
     common.add_seed(p, "seed of the validation split and the tokenizer sample")
     add_data_arguments(p)
-    p.add_argument("--out-dir", default=None, help=f"where to write (default: --data-dir, else {DEFAULT_OUT_DIR}/)")
+    p.add_argument("--out-dir", default=None, help=f"where to write (default: --data-dir, else {DEFAULT_DATA_DIR}/)")
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,7 @@ def settings(args: argparse.Namespace) -> PrepareDataSettings:
         raise UserError(f"--out-dir ({args.out_dir}) and --data-dir ({args.data_dir}) differ; "
                         "prepare_data writes one directory")
     seed = common.seed(args.seed)
-    return data_settings(args, args.out_dir or args.data_dir or DEFAULT_OUT_DIR, 0 if seed is None else seed)
+    return data_settings(args, args.out_dir or args.data_dir or DEFAULT_DATA_DIR, 0 if seed is None else seed)
 
 
 def prepare(s: PrepareDataSettings) -> Path:

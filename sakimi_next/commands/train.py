@@ -7,8 +7,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from ..data import DEFAULT_OUT_DIR
-from ..settings import OPTIMIZERS, Hyperparameters, TrainSettings
+from ..settings import DEFAULT_DATA_DIR, OPTIMIZERS, Hyperparameters, TrainSettings
 from ..util import UserError
 from . import common
 from .prepare_data import PrepareDataSettings, add_data_arguments, data_settings, prepare
@@ -126,7 +125,7 @@ def settings(args: argparse.Namespace) -> TrainCommandSettings:
                         "(torchrun without --fsdp) or --optimizer adamw")
     if args.resume_from and args.init_from:
         raise UserError("give --resume-from (continue a run) or --init-from (start from weights), not both")
-    data_dir = Path(args.data_dir or DEFAULT_OUT_DIR)
+    data_dir = Path(args.data_dir or DEFAULT_DATA_DIR)
     out_dir = common.writable_dir("--out-dir", args.out_dir) if args.out_dir else None
     if out_dir is None and args.resume_from in (None, "auto"):
         common.writable_dir("--out-dir", f"runs/{common.preset_name(args.config, common.AUTO, allow_auto=True)}")
