@@ -39,8 +39,9 @@ The budget enters through the number of passes: minutes x the speed this rule as
 from __future__ import annotations
 
 from .config import Config, preset
+from .settings import AUTO_PRESET
 
-NAME = "auto"
+NAME = AUTO_PRESET
 TRUNK = "tiny_10m"
 BYTES_PER_VOCAB_ENTRY = 1000
 VOCAB_RANGE = (512, 8192)

@@ -33,7 +33,7 @@ from sakimi_next.pretrained import load_for_inference
 from sakimi_next.config import preset
 from sakimi_next.data import builtin_topics
 from sakimi_next.generate import compiled_decoder, decode_one_token, generate
-from sakimi_next.gguf_export import export_gguf
+from sakimi_next.export.gguf import export_gguf
 from sakimi_next.model import Qwen3NextForCausalLM
 from sakimi_next.tokenizer import train_tokenizer
 from sakimi_next.util import format_table

@@ -70,7 +70,7 @@ def small_config(**overrides) -> Config:
 
 def hf_twin(model, attn_implementation: str = "eager"):
     """transformers.Qwen3NextForCausalLM with a copy of `model`'s weights."""
-    from sakimi_next.interop import to_transformers
+    from sakimi_next.huggingface import to_transformers
 
     return to_transformers(model, attn_implementation)
 

@@ -106,10 +106,10 @@ def test_chat_template_in_transformers(tok, checkpoint, tmp_path):
     """A checkpoint's and an export's tokenizer_config.json carry the template: apply_chat_template gives our ids."""
     from transformers import AutoTokenizer
 
-    from sakimi_next.interop import export
+    from sakimi_next.export.hf import export_hf
 
     ckpt, _ = checkpoint
-    exported = export(ckpt, tmp_path / "hf")
+    exported = export_hf(ckpt, tmp_path / "hf")
     for directory in (ckpt, exported):
         hf = AutoTokenizer.from_pretrained(str(directory))
         for msgs in CONVERSATIONS:

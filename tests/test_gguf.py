@@ -15,7 +15,7 @@ from llama_cpp import Llama
 from sakimi_next.cli import main
 from sakimi_next.data import builtin_topics
 from sakimi_next.generate import generate
-from sakimi_next.gguf_export import DENSE_ARCH, MOE_ARCH, export_gguf, rope_sections
+from sakimi_next.export.gguf import DENSE_ARCH, MOE_ARCH, export_gguf, rope_sections
 from sakimi_next.model import Qwen3NextForCausalLM
 from sakimi_next.tokenizer import train_tokenizer
 from sakimi_next.train import build_optimizer

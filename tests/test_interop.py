@@ -10,7 +10,8 @@ from sakimi_next.pretrained import load_for_inference
 from sakimi_next.cli import main
 from sakimi_next.config import preset
 from sakimi_next.generate import generate
-from sakimi_next.interop import export, from_hf_tensors, load_hf_config, load_hf_tensors, save_tensors_sharded, to_hf_tensors
+from sakimi_next.export.hf import export_hf, save_tensors_sharded
+from sakimi_next.huggingface import from_hf_tensors, load_hf_config, load_hf_tensors, to_hf_tensors
 from sakimi_next.model import Qwen3NextForCausalLM
 from sakimi_next.tokenizer import train_tokenizer
 
@@ -29,7 +30,7 @@ def tokenizer(tmp_path_factory):
 
 def exported(tmp_path, model, tokenizer, name="custom"):
     ck = make_checkpoint(tmp_path / "run", model, tokenizer, preset_name=name)
-    return export(ck, tmp_path / "exported")
+    return export_hf(ck, tmp_path / "exported")
 
 
 @pytest.mark.parametrize("name", ["tiny_5m", "tiny_10m", "small_50m"])

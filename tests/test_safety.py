@@ -23,7 +23,8 @@ from sakimi_next import checkpoint as ckpt
 from sakimi_next import util
 from sakimi_next.cli import main
 from sakimi_next.data import load_meta, prepare_data
-from sakimi_next.interop import EXPORT_RECORD, export
+from sakimi_next.export.hf import export_hf
+from sakimi_next.huggingface import EXPORT_RECORD
 from sakimi_next.model import Qwen3NextForCausalLM
 from sakimi_next.pretrained import load_for_inference
 from sakimi_next.tokenizer import train_tokenizer
@@ -69,7 +70,7 @@ def world(tmp_path_factory):
     assert main([*TRAIN, "--data-dir", str(data), "--out-dir", str(root / "run"), "--steps", "2",
                  "--save-every", "1"]) == 0
     run = root / "run"
-    hf = export(run / "step_000002", root / "hf")
+    hf = export_hf(run / "step_000002", root / "hf")
     return {"root": root, "data": data, "run": run, "hf": hf}
 
 
@@ -143,15 +144,15 @@ def test_resaving_a_step_is_a_swap(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------- export
 def test_export_replaces_only_its_own_earlier_export(world, tmp_path):
     src = world["run"] / "step_000002"
-    out = export(src, tmp_path / "hf")
+    out = export_hf(src, tmp_path / "hf")
     record = json.loads((out / EXPORT_RECORD).read_text())
     assert record["step"] == 2 and set(record["files"]) == {p.name for p in out.iterdir()} - {EXPORT_RECORD}
-    export(world["run"] / "step_000001", out)  # an earlier export is replaced whole
+    export_hf(world["run"] / "step_000001", out)  # an earlier export is replaced whole
     assert json.loads((out / EXPORT_RECORD).read_text())["step"] == 1
     (out / "notes.txt").write_text("mine")
     before = tree(out)
     with pytest.raises(UserError, match="notes.txt"):
-        export(src, out)
+        export_hf(src, out)
     assert tree(out) == before
 
 
@@ -209,7 +210,7 @@ def test_no_import_cycles():
 
     for m in sorted(graph):
         visit(m, [])
-    assert "sakimi_next.interop" not in graph["sakimi_next.checkpoint"]
+    assert "sakimi_next.huggingface" not in graph["sakimi_next.checkpoint"]
 
 
 # --------------------------------------------------------------------- the command line, corrupted

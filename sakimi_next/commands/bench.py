@@ -199,7 +199,7 @@ def run(s: BenchSettings) -> int:
     model.set_kernel(s.kernel, "cpu")
     hf = None
     if s.compare:
-        from ..interop import to_transformers
+        from ..huggingface import to_transformers
 
         hf = to_transformers(model)
     threads = torch.get_num_threads()

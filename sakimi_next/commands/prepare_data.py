@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..config import preset
 from ..data import prepare_data
-from ..settings import DEFAULT_DATA_DIR, DOC_SPLITS, ENCODING_ERRORS
+from ..settings import AUTO_PRESET, DEFAULT_DATA_DIR, DOC_SPLITS, ENCODING_ERRORS
 from ..tokenizer import MIN_VOCAB, SPECIAL_TOKENS
 from ..util import UserError, say
 from . import common
@@ -78,7 +78,7 @@ def data_settings(args: argparse.Namespace, out_dir: str | Path, seed: int) -> P
     if args.tokenizer is not None:
         common.writable_dir("--tokenizer", Path(args.tokenizer).parent)
     return PrepareDataSettings(
-        preset=common.preset_name(args.config, common.AUTO, allow_auto=True),
+        preset=common.preset_name(args.config, AUTO_PRESET, allow_auto=True),
         out_dir=common.writable_dir("--out-dir", out_dir),
         train_data=tuple(args.train_data) if args.train_data else None,
         val_data=tuple(args.val_data) if args.val_data else None,
@@ -96,7 +96,7 @@ def settings(args: argparse.Namespace) -> PrepareDataSettings:
 
 
 def prepare(s: PrepareDataSettings) -> Path:
-    auto = s.preset == common.AUTO
+    auto = s.preset == AUTO_PRESET
     return prepare_data(list(s.train_data or ()) or None, list(s.val_data or ()) or None, s.out_dir,
                         tokenizer_path=s.tokenizer, vocab_size=s.vocab_size, val_fraction=s.val_fraction,
                         doc_split=s.doc_split, encoding_errors=s.encoding_errors,
@@ -112,7 +112,7 @@ def _auto_config(vocab_size: int | None):
 
 
 def run(s: PrepareDataSettings) -> int:
-    if s.preset == common.AUTO:
+    if s.preset == AUTO_PRESET:
         vocab = f"vocab_size {s.vocab_size:,}" if s.vocab_size else "the vocabulary from the text's size"
     else:
         vocab = f"vocab_size {preset(s.preset).vocab_size:,}"

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from ..settings import DEFAULT_DATA_DIR, OPTIMIZERS, Hyperparameters, TrainSettings
+from ..settings import AUTO_PRESET, DEFAULT_DATA_DIR, OPTIMIZERS, Hyperparameters, TrainSettings
 from ..util import UserError
 from . import common
 from .prepare_data import PrepareDataSettings, add_data_arguments, data_settings, prepare
@@ -128,7 +128,7 @@ def settings(args: argparse.Namespace) -> TrainCommandSettings:
     data_dir = Path(args.data_dir or DEFAULT_DATA_DIR)
     out_dir = common.writable_dir("--out-dir", args.out_dir) if args.out_dir else None
     if out_dir is None and args.resume_from in (None, "auto"):
-        common.writable_dir("--out-dir", f"runs/{common.preset_name(args.config, common.AUTO, allow_auto=True)}")
+        common.writable_dir("--out-dir", f"runs/{common.preset_name(args.config, AUTO_PRESET, allow_auto=True)}")
     training = TrainSettings(
         data_dir=data_dir, hyper=hyper, preset=common.preset_name(args.config, default=None, allow_auto=True),
         out_dir=out_dir,

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import torch
 
+from ..settings import KERNELS  # defined there, for the command line to list without torch
 from ..util import UserError
 from .chunk import chunk_gated_delta_rule
 from .naive import recurrent_gated_delta_rule, recurrent_step
-
-KERNELS = ("auto", "chunk", "recurrent", "fla")
 
 
 def fla_available() -> bool:

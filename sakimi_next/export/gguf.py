@@ -1,4 +1,4 @@
-"""GGUF export: one file that llama.cpp (and ollama, LM Studio, llama-cpp-python) runs as we do.
+"""`--mode export --format gguf`: one file that llama.cpp (and ollama, LM Studio, llama-cpp-python) runs as we do.
 
 The file is written with the `gguf` package (llama.cpp's own gguf-py) and follows what llama.cpp's
 converter (`convert_hf_to_gguf.py`, classes `Qwen3NextModel` and `_LinearAttentionVReorderBase`) writes
@@ -47,11 +47,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .config import Config
-from .tokenizer import CHAT_TEMPLATE, IM_END
-from .util import UserError, fsync_dir, umask
+from ..config import Config
+from ..pretrained import CHECKPOINT, read_model
+from ..settings import GGUF_TYPES, ExportSettings
+from ..tokenizer import CHAT_TEMPLATE, IM_END
+from ..util import UserError, fsync_dir, umask
 
-WEIGHT_TYPES = ("f32", "f16", "q8_0")
 DENSE_ARCH, MOE_ARCH = "qwen35", "qwen3next"
 EXPORT_KEY = "sakimi_next.exported_from"  # marks our files: only those may be overwritten
 L2NORM_EPS = 1e-6  # the eps of our q/k l2norm; llama.cpp uses rms_norm_eps there
@@ -288,7 +289,7 @@ def tokenizer_vocab(tokenizer_json: dict, vocab_size: int) -> tuple[list[str], l
     `qwen2` byte-level BPE would tokenize differently is a UserError."""
     from gguf import TokenType
 
-    from .tokenizer import SPLIT_PATTERN
+    from ..tokenizer import SPLIT_PATTERN
 
     def refuse(why: str):
         raise UserError(f"cannot export the tokenizer to GGUF: {why}; llama.cpp would split text differently")
@@ -345,6 +346,14 @@ def write_tokenizer(writer, tokenizer_json: dict, vocab_size: int, eot_id: int, 
 
 
 # ------------------------------------------------------------------------------------------ export
+def export(s: ExportSettings) -> list[str]:
+    """`--mode export --format gguf`: what `export_gguf` wrote, and what it left out, for the user."""
+    res = export_gguf(s.checkpoint, s.out_file, s.gguf_type, progress=True)
+    return [f"note: {note}" for note in res.notes] + [
+        f"exported {s.checkpoint} -> {res.path} (llama.cpp architecture {res.architecture}, {res.weight_type}); "
+        f"run it with: llama-cli -m {res.path}"]
+
+
 @dataclass
 class Source:
     """A model to export: a training checkpoint or a Hugging Face directory, as loaded."""
@@ -357,18 +366,10 @@ class Source:
 
 
 def load_source(path: str | Path) -> Source:
-    from . import checkpoint as ckpt
-    from . import interop
-
-    p = Path(path)
-    if interop.is_hf_dir(p) and not ckpt.is_checkpoint(p):
-        config, tensors = interop.load_hf_config(p), interop.load_hf_tensors(p)
-        tokenizer, name = interop.load_hf_tokenizer(p, config), p.name
-    else:
-        src = ckpt.resolve_checkpoint(p)
-        config, state, tensors, tokenizer = ckpt.load_model_files(src)
-        name = state.get("preset") or src.parent.name
-    return Source(config, tensors, json.loads(tokenizer._json), tokenizer.eot_id, tokenizer.pad_id, name)
+    files = read_model(path)
+    name = (files.state.get("preset") or files.path.parent.name) if files.kind == CHECKPOINT else files.path.name
+    tokenizer = files.tokenizer()
+    return Source(files.config, files.tensors, json.loads(tokenizer._json), tokenizer.eot_id, tokenizer.pad_id, name)
 
 
 @dataclass
@@ -406,8 +407,8 @@ def export_gguf(model_path: str | Path, out_path: str | Path, weight_type: str =
     existing file is only replaced when it is an earlier GGUF export of ours."""
     import gguf
 
-    if weight_type not in WEIGHT_TYPES:
-        raise UserError(f"--gguf-type {weight_type!r}: choose one of {', '.join(WEIGHT_TYPES)}")
+    if weight_type not in GGUF_TYPES:
+        raise UserError(f"--gguf-type {weight_type!r}: choose one of {', '.join(GGUF_TYPES)}")
     out = Path(out_path)
     check_target(out)
     src = load_source(model_path)
