@@ -78,10 +78,10 @@ def load_pretrained_weights(model: torch.nn.Module, path: str | Path) -> None:
         ckpt.load_weights(model, hf.load_hf_tensors(p), p)
 
 
-def pretrained_tokenizer_sha256(path: str | Path) -> str | None:
-    """The sha256 of the tokenizer beside the model at `path` (None when it has no tokenizer.json)."""
+def tokenizer_file(path: str | Path) -> Path | None:
+    """The tokenizer.json beside the model at `path` (None when it has none)."""
     _, p = resolve_model(path, verify=False)
-    return Tokenizer.load(p / ckpt.TOKENIZER_FILE).sha256 if (p / ckpt.TOKENIZER_FILE).is_file() else None
+    return p / ckpt.TOKENIZER_FILE if (p / ckpt.TOKENIZER_FILE).is_file() else None
 
 
 def load_for_inference(path: str | Path, device: str = "auto", kernel: str = "auto", dtype: str = "fp32"):

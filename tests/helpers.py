@@ -83,7 +83,7 @@ def mixed_corpus() -> str:
 def train_briefly(model, vocab_limit: int, steps: int = 3, seed: int = 0):
     """A few AdamW steps on random tokens, so no weight keeps its initial value."""
 
-    from sakimi_next.train import build_optimizer
+    from sakimi_next.optim import build_optimizer
 
     g = torch.Generator().manual_seed(seed)
     opt = build_optimizer(model, 3e-3, 0.1, (0.9, 0.95))

@@ -224,7 +224,7 @@ def test_chat_and_text_do_not_mix(tok, tmp_path, capsys):
 @torch.no_grad()
 def test_packed_conversations_do_not_see_each_other(tok, checkpoint):
     """In a packed window with document starts after each EOT, a conversation's logits are its own."""
-    from sakimi_next.train import document_starts
+    from sakimi_next.batches import document_starts
 
     _, model = checkpoint
     convs = [chat.encode_chat(tok, c)[0] + [tok.eot_id] for c in CONVERSATIONS[:3]]
@@ -239,7 +239,7 @@ def test_packed_conversations_do_not_see_each_other(tok, checkpoint):
 def test_sampler_masks_targets(tok, tmp_path, capsys):
     """The training windows' targets are -100 exactly where the loss mask is 0."""
     from sakimi_next.data import load_meta, open_split
-    from sakimi_next.train import WindowSampler
+    from sakimi_next.batches import WindowSampler
 
     src = write_jsonl(tmp_path / "chats.jsonl", synthetic_conversations(40))
     assert prepare(capsys, "--train-data", src, "--out-dir", tmp_path / "d", "--tokenizer", tok.path)[0] == 0

@@ -18,7 +18,7 @@ from sakimi_next.generate import generate
 from sakimi_next.export.gguf import DENSE_ARCH, MOE_ARCH, export_gguf, rope_sections
 from sakimi_next.model import Qwen3NextForCausalLM
 from sakimi_next.tokenizer import train_tokenizer
-from sakimi_next.train import build_optimizer
+from sakimi_next.optim import build_optimizer
 from sakimi_next.util import UserError
 
 from .helpers import make_checkpoint, small_config, train_briefly
@@ -262,7 +262,8 @@ def test_command_writes_and_replaces_only_its_own_files(tokenizer, tmp_path, cap
 def test_unrepresentable_models_are_refused(tokenizer, tmp_path, capsys, overrides, expect):
     model = Qwen3NextForCausalLM(small_config(vocab_size=tokenizer.vocab_size, **overrides))
     ck = make_checkpoint(tmp_path / "run", model, tokenizer)
-    rc = main(["--mode", "export", "--format", "gguf", "--resume-from", str(ck), "--out-file", str(tmp_path / "m.gguf")])
+    rc = main(["--mode", "export", "--format", "gguf", "--resume-from", str(ck),
+               "--out-file", str(tmp_path / "m.gguf")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and expect in err, err
     assert not (tmp_path / "m.gguf").exists()

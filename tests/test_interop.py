@@ -178,7 +178,7 @@ def test_fine_tune_from_exported_directory(tmp_path, tokenizer, capsys):
     """--init-from an exported model: training starts from its weights (the first loss is the model's own
     loss on that batch), and data made with another tokenizer is refused."""
     from sakimi_next.data import prepare_data
-    from sakimi_next.train import WindowSampler
+    from sakimi_next.batches import WindowSampler
 
     torch.manual_seed(5)
     model = Qwen3NextForCausalLM(small_config(vocab_size=1024, eos_token_id=tokenizer.eot_id,

@@ -132,7 +132,8 @@ def test_resaving_a_step_is_a_swap(tmp_path, monkeypatch):
     real = util._exchange
     monkeypatch.setattr(util, "_exchange", lambda a, b: seen.append(ckpt.is_checkpoint(Path(b))) or real(a, b))
     real_rmtree = shutil.rmtree
-    monkeypatch.setattr(shutil, "rmtree", lambda p, *a, **k: seen.append(ckpt.is_checkpoint(first)) or real_rmtree(p, *a, **k))
+    monkeypatch.setattr(shutil, "rmtree",
+                        lambda p, *a, **k: seen.append(ckpt.is_checkpoint(first)) or real_rmtree(p, *a, **k))
     with torch.no_grad():
         model.model.embed_tokens.weight.add_(1.0)
     again = make_checkpoint(tmp_path / "run", model, tok)
@@ -284,7 +285,8 @@ def _symlinked_shard(hf, d):
     os.rename(hf / "model.safetensors", d / "outside.safetensors")
     names = list(ckpt.load_tensors(d / "outside.safetensors"))
     os.symlink(d / "outside.safetensors", hf / "shard.safetensors")
-    (hf / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {n: "shard.safetensors" for n in names}}))
+    index = {"weight_map": {n: "shard.safetensors" for n in names}}
+    (hf / "model.safetensors.index.json").write_text(json.dumps(index))
 
 
 def _data_case(change, message):
@@ -333,7 +335,8 @@ CASES = {
     'config.json rope_theta "abc"': _checkpoint_case(
         lambda c: edit_json(c / ckpt.CONFIG_FILE, lambda x: {**x, "rope_theta": "abc"}), "rope_theta ('abc')"),
     "tokenizer larger than the vocabulary": _checkpoint_case(_smaller_config, "this tokenizer does not belong"),
-    "tokenizer not the one trained with": _checkpoint_case(_foreign_tokenizer, "not the tokenizer the model was trained"),
+    "tokenizer not the one trained with": _checkpoint_case(_foreign_tokenizer,
+                                                           "not the tokenizer the model was trained"),
     "flipped bit in an export": _hf_case(lambda hf, d: flip_bit(hf / "model.safetensors"),
                                          "model.safetensors is corrupt"),
     "index weight_map ../x": _hf_case(_index_pointing_at(lambda hf, d: "../outside.safetensors"),

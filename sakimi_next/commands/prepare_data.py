@@ -31,7 +31,8 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
                         "joins a JSONL file's records; blank-line paragraphs or lines on request")
     p.add_argument("--encoding-errors", default="strict", choices=ENCODING_ERRORS,
                    help="what to do with bytes that are not UTF-8")
-    p.add_argument("--tokenizer", default=None, help="tokenizer.json to use or create (default DATA_DIR/tokenizer.json)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer.json to use or create (default DATA_DIR/tokenizer.json)")
     p.add_argument("--vocab-size", type=int, default=None, help="tokenizer vocabulary (default: the preset's)")
     p.add_argument("--rebuild-tokenizer", action="store_true", help="train the tokenizer again even if it exists")
     p.add_argument("--allow-vocab-mismatch", action="store_true",

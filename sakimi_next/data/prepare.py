@@ -24,7 +24,7 @@ from ..chat import is_chat_jsonl
 from ..config import RECOMMENDED_PRESET, preset
 from ..settings import DEFAULT_DATA_DIR, DOC_SPLITS, ENCODING_ERRORS
 from ..tokenizer import Tokenizer, train_tokenizer
-from ..util import UserError, format_table, progress, say, sha256_file
+from ..util import UserError, format_table, progress, say, sha256_file, umask
 from .prepare_chat import prepare_chat_data
 from .prepared import (FORMAT, check_vocab, publish_prepared, read_meta_quietly, rel_or_abs, token_dtype,
                        write_meta)
@@ -43,9 +43,7 @@ class SplitWriter:
         self.final = out_dir / self.file
         fd, tmp = tempfile.mkstemp(prefix=f".{self.file}.", suffix=".tmp", dir=out_dir)
         self.tmp, self.f = Path(tmp), os.fdopen(fd, "wb")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600 files; give the usual permissions
         self.tokens = self.documents = self.bytes = 0
 
     def write(self, ids: np.ndarray) -> None:

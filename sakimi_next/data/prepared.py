@@ -25,7 +25,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ..tokenizer import Tokenizer
+from ..tokenizer import Tokenizer, check_same_tokenizer
 from ..util import UserError, carry_over, inside, is_int, is_sha256, json_field, json_object, publish_dir, say
 
 FORMAT = 1
@@ -102,8 +102,8 @@ def load_tokenizer(data_dir) -> Tokenizer:
     """The tokenizer a data directory was prepared with; a UserError if it changed since."""
     meta = load_meta(data_dir)
     tok = Tokenizer.load(tokenizer_path(data_dir, meta))
-    if tok.sha256 != meta["tokenizer_sha256"]:
-        raise UserError(f"{tok.path} changed after {data_dir} was prepared; run --mode prepare_data again")
+    check_same_tokenizer(tok, meta["tokenizer_sha256"], f"{tok.path} changed after {data_dir} was prepared",
+                         "; run --mode prepare_data again")
     return tok
 
 

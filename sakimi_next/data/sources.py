@@ -6,7 +6,6 @@ from __future__ import annotations
 import codecs
 import glob
 import hashlib
-import json
 import os
 import re
 import sys
@@ -14,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from ..util import UserError, say, sha256_file
+from ..util import UserError, read_jsonl, say, sha256_file
 
 TEXT_SUFFIXES = (".txt", ".jsonl")  # what a directory or glob contributes (a file named explicitly is always read)
 BLOCK_BYTES = 4 << 20  # read size; also how much of a .txt file `auto` looks at
@@ -141,30 +140,12 @@ def _read_blocks(path: Path, errors: str) -> Iterator[str]:
 
 def _jsonl_records(path: Path, errors: str) -> Iterator[str]:
     """The `text` field of each line of a JSONL file; blank lines are skipped."""
-    offset = 0
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8", errors)
-            except UnicodeDecodeError as e:
-                raise UserError(f"{path} is not valid UTF-8 ({e.reason} at byte offset {offset + e.start}, "
-                                f"line {lineno}); convert it to UTF-8 or pass --encoding-errors replace") from None
-            offset += len(raw)
-            if lineno == 1:
-                line = line.removeprefix("\ufeff")
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError as e:
-                reason = getattr(e, "msg", str(e))
-                raise UserError(f"{path}:{lineno}: not valid JSON ({reason}); each line of a .jsonl file must be "
-                                'a JSON object with a "text" field') from None
-            text = record.get("text") if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                raise UserError(f'{path}:{lineno}: no "text" string in this record; each line of a .jsonl file '
-                                'must be a JSON object with a "text" field')
-            yield text
+    must = 'of a .jsonl file must be a JSON object with a "text" field'
+    for where, record in read_jsonl(path, must, errors, hint=" or pass --encoding-errors replace"):
+        text = record.get("text") if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            raise UserError(f'{where}: no "text" string in this record; each line {must}')
+        yield text
 
 
 def _cut_point(text: str, limit: int) -> int:

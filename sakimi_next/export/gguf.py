@@ -38,8 +38,6 @@ the routers kept float32 (as the converter does). A matrix whose rows are not a 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -51,7 +49,7 @@ from ..config import Config
 from ..pretrained import CHECKPOINT, read_model
 from ..settings import GGUF_TYPES, ExportSettings
 from ..tokenizer import CHAT_TEMPLATE, IM_END
-from ..util import UserError, fsync_dir, umask
+from ..util import UserError, atomic_file
 
 DENSE_ARCH, MOE_ARCH = "qwen35", "qwen3next"
 EXPORT_KEY = "sakimi_next.exported_from"  # marks our files: only those may be overwritten
@@ -418,10 +416,7 @@ def export_gguf(model_path: str | Path, out_path: str | Path, weight_type: str =
         result.notes.append("the multi-token-prediction block (mtp.*) is not exported: llama.cpp runs the "
                             "model without it")
     tensors = gguf_tensors(src.config, {k: v for k, v in src.tensors.items() if not k.startswith("mtp.")}, arch)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
+    with atomic_file(out) as tmp:  # an existing file stays whole until the new one is
         writer = gguf.GGUFWriter(tmp, arch)
         write_hparams(writer, src.config, arch, weight_type, src.name)
         write_tokenizer(writer, src.tokenizer_json, src.config.vocab_size, src.eot_id, src.pad_id)
@@ -436,15 +431,7 @@ def export_gguf(model_path: str | Path, out_path: str | Path, weight_type: str =
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file(progress=progress)
         writer.close()
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~umask())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(out.parent)
     if fallback:
-        result.notes.append(f"{len(fallback)} matrices stored f16 (rows not a multiple of 32): {', '.join(fallback[:3])}"
-                            + (", ..." if len(fallback) > 3 else ""))
+        names = ", ".join(fallback[:3]) + (", ..." if len(fallback) > 3 else "")
+        result.notes.append(f"{len(fallback)} matrices stored f16 (rows not a multiple of 32): {names}")
     return result
