@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # pyproject.toml allows a range, so GPU users keep the torch they have.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo chat-demo test bench bench-serve quality clean
+.PHONY: setup demo chat-demo test lint bench bench-serve quality clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -58,6 +58,10 @@ chat-demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# ruff, as configured in pyproject.toml (pyflakes, pycodestyle, bugbear; lines of 120)
+lint: setup
+	$(BIN)/ruff check .
 
 bench: setup
 	$(BIN)/sakimi-next --mode bench --config tiny_10m --compare transformers --compile

@@ -155,7 +155,8 @@ def main() -> int:
         url = f"http://127.0.0.1:{a.port}"
         cmd = [sys.executable, "-m", "sakimi_next", "--mode", "serve", "--resume-from", ckpt, "--port", str(a.port),
                "--max-concurrent", str(max(levels)), "--device", "cpu",
-               "--dtype", a.dtype] + (["--threads", str(a.threads)] if a.threads else []) + (["--compile"] if a.compile else [])
+               "--dtype", a.dtype]
+        cmd += (["--threads", str(a.threads)] if a.threads else []) + (["--compile"] if a.compile else [])
         proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
         try:
             wait_ready(url, proc)

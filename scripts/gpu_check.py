@@ -122,7 +122,8 @@ def main() -> int:
         print(f"{kernel} vs {reference}, B={B} T={T} Hk={Hk} H={H}: max relative error "
               f"{max(errors.values()):.2e} ({', '.join(f'{k} {v:.1e}' for k, v in errors.items())})", flush=True)
 
-    name, batch, seq, steps = ("small_50m", args.batch_size, args.seq_len, args.steps) if cuda else ("tiny_5m", 2, 64, 2)
+    name, batch, seq, steps = (("small_50m", args.batch_size, args.seq_len, args.steps) if cuda
+                               else ("tiny_5m", 2, 64, 2))
     dtype = torch.bfloat16 if cuda else torch.float32
     peak = matmul_peak(device, dtype, 8192 if cuda else 512)
     report["matmul_peak_flops"] = peak

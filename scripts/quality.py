@@ -72,7 +72,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--minutes", type=float, default=20.0, help="the training budget per corpus")
     p.add_argument("--corpus", nargs="+", choices=list(CORPORA), default=list(CORPORA))
-    p.add_argument("--shared-data", type=Path, default=Path(os.environ.get("SAKIMI_SHARED_DATA", ROOT.parent / "shared" / "data")))
+    p.add_argument("--shared-data", type=Path,
+                   default=Path(os.environ.get("SAKIMI_SHARED_DATA", ROOT.parent / "shared" / "data")))
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "quality")
     args = p.parse_args(argv)
     results = []

@@ -36,7 +36,8 @@ def resolve_kernel(name: str, device: torch.device | str) -> str:
     if name == "auto":
         return "fla" if device.type == "cuda" and fla_available() else "chunk"
     if name == "fla" and not (device.type == "cuda" and fla_available()):
-        raise UserError("kernel 'fla' needs a CUDA device and the flash-linear-attention package (pip install flash-linear-attention)")
+        raise UserError("kernel 'fla' needs a CUDA device and the flash-linear-attention package "
+                        "(pip install flash-linear-attention)")
     return name
 
 

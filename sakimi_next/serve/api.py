@@ -258,7 +258,8 @@ class Completions:
                 safety.cancel()
                 self.engine.cancel(request.id)
 
-    def _request(self, body: _Common, prompt: list[int], max_tokens: int | None, stop_ids) -> tuple[Request, asyncio.Queue]:
+    def _request(self, body: _Common, prompt: list[int], max_tokens: int | None,
+                 stop_ids) -> tuple[Request, asyncio.Queue]:
         """Check the request's settings and make the engine's request, its events going to a queue."""
         limits = self.settings
         if body.model and body.model != limits.model_name:
@@ -351,7 +352,8 @@ class KeyCheck:
 class Reply:
     """OpenAI's response objects, whole or in chunks, for one request."""
 
-    def __init__(self, kind: Literal["chat.completion", "text_completion"], model: str, body: _Common, prompt_tokens: int):
+    def __init__(self, kind: Literal["chat.completion", "text_completion"], model: str, body: _Common,
+                 prompt_tokens: int):
         self.kind, self.model, self.body, self.prompt_tokens = kind, model, body, prompt_tokens
         self.id = ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + secrets.token_hex(12)
         self.created = int(time.time())

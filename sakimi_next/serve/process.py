@@ -61,7 +61,8 @@ class EngineProcess:
         command_reader, self._commands = ctx.Pipe(duplex=False)
         events, event_writer = ctx.Pipe(duplex=False)
         self._process = ctx.Process(target=_child_main, name="sakimi-engine", daemon=True,
-                                    args=(self.source, self.max_concurrent, self.max_queue, command_reader, event_writer))
+                                    args=(self.source, self.max_concurrent, self.max_queue, command_reader,
+                                          event_writer))
         self._process.start()
         command_reader.close()
         event_writer.close()
@@ -75,7 +76,8 @@ class EngineProcess:
             raise UserError(message[1])
         _, self.tokenizer, self.config, self.info, self._stats = message
         self._running = True
-        self._receiver = threading.Thread(target=self._receive, args=(events,), name="sakimi-engine-events", daemon=True)
+        self._receiver = threading.Thread(target=self._receive, args=(events,), name="sakimi-engine-events",
+                                          daemon=True)
         self._receiver.start()
 
     def _first_message(self, events) -> tuple:
