@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 
-.PHONY: setup demo chat-demo test bench bench-serve soak-serve quality compare clean
+.PHONY: setup demo chat-demo test lint bench bench-serve soak-serve quality compare clean
 .PHONY: install test-needs
 
 $(BIN)/python:
@@ -75,6 +75,10 @@ chat-demo: install
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# ruff, as configured in pyproject.toml (pyflakes, pycodestyle, bugbear; lines of 120)
+lint: setup
+	$(BIN)/ruff check .
 
 bench: setup
 	$(BIN)/sakimi-next --mode bench --config tiny_10m --compare transformers --compile

@@ -47,9 +47,10 @@ from __future__ import annotations
 from typing import Mapping
 
 from .config import Config, preset
+from .settings import AUTO_PRESET
 from .tokenizer import character_tokens, frequent_characters
 
-NAME = "auto"
+NAME = AUTO_PRESET
 TRUNK = "tiny_10m"
 BYTES_PER_VOCAB_ENTRY = 1000
 VOCAB_RANGE = (512, 8192)

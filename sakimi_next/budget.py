@@ -2,10 +2,10 @@
 
 The run first measures itself: a few whole training steps, the optimiser's included, whose updates are
 thrown away (the weights, the optimiser and the random generators are put back as they were; with
---compile they also compile) and one evaluation. From those speeds `plan` fixes how many steps fit in the budget, the warm-up and how often
-to evaluate, so that the whole schedule (warm-up, cosine decay to --min-lr, a last evaluation at the
-end) fits in M minutes. The plan is written into every checkpoint: a resumed run keeps it and
-reproduces the uninterrupted run bit for bit.
+--compile they also compile) and one evaluation. From those speeds `plan` fixes how many steps fit in
+the budget, the warm-up and how often to evaluate, so that the whole schedule (warm-up, cosine decay to
+--min-lr, a last evaluation at the end) fits in M minutes. The plan is written into every checkpoint: a
+resumed run keeps it and reproduces the uninterrupted run bit for bit.
 """
 
 from __future__ import annotations
@@ -16,6 +16,11 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
+import torch
+import torch.distributed as dist
+
+from .distributed import Distributed
+from .optim import optimizer_parts
 from .util import UserError
 
 WARMUP_FRACTION = 0.05  # of the planned steps (nanoGPT's Shakespeare recipe warms up over 2%, GPT-3 ~0.5%-2%)
@@ -99,3 +104,45 @@ def measure(train_step: Callable[[], None], evaluate: Callable[[], object],
     t0 = clock()
     result = evaluate()
     return statistics.median(times), clock() - t0, result
+
+
+def throwaway(train_step: Callable[[], None], model: torch.nn.Module, optimizer) -> Callable[[], None]:
+    """`train_step` (one whole training step, the optimiser's included) made to leave no trace: after it,
+    the weights as they are now and a fresh optimiser state are put back."""
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def step():
+        train_step()
+        forget_step(model, optimizer, initial)
+    return step
+
+
+def forget_step(model: torch.nn.Module, optimizer, initial: dict[str, torch.Tensor]) -> None:
+    """Put back the weights `initial` (a copy of the state dict) and a fresh optimiser: a throw-away
+    step leaves no trace."""
+    with torch.no_grad():
+        for name, value in model.state_dict().items():
+            value.copy_(initial[name])
+    for part in optimizer_parts(optimizer):
+        part.state.clear()
+
+
+def measured_plan(minutes: float, train_step: Callable[[], None], evaluate: Callable[[], dict], compiled: bool,
+                  save_s: float, t_launch: float, ddp: Distributed, log: Callable[[str], None],
+                  warmup_steps: int | None, eval_every: int | None, max_steps: int | None) -> Plan:
+    """The plan of a fresh budgeted run from its measured speed: `train_step` (a throw-away step) and
+    `evaluate` timed (`measure`; the random generators stay as they were), plus `save_s` for the
+    checkpoint an evaluation may save, and the time since `t_launch` (`clock`) as the setup's."""
+    device = ddp.device
+    log(f"budget: measuring the speed ({WARM_STEPS + TIMED_STEPS} throw-away steps, one evaluation)")
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        step_s, eval_s, ev = measure(train_step, evaluate, compiled=compiled)
+    times = torch.tensor([step_s, eval_s + save_s, clock() - t_launch], dtype=torch.float64)
+    if ddp.enabled:  # every rank must plan the same schedule: the slowest one's
+        times = times.to(device)
+        dist.all_reduce(times, op=dist.ReduceOp.MAX)
+    step_s, eval_s, setup_s = times.tolist()
+    result = plan(minutes, setup_s, step_s, eval_s, warmup_steps, eval_every, max_steps)
+    log(f"eval      0: val loss {ev['val_loss']:.4f}" + (f"  bpb {ev['val_bpb']:.4f}" if "val_bpb" in ev else ""))
+    log(result.describe())
+    return result

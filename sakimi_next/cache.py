@@ -66,7 +66,8 @@ class Cache:
                                                   torch.zeros(shape, device=dev, dtype=dtype)))
             else:
                 self.layers.append(LinearAttentionCache(
-                    torch.zeros(batch_size, config.linear_conv_dim, config.linear_conv_kernel_dim, device=dev, dtype=dtype),
+                    torch.zeros(batch_size, config.linear_conv_dim, config.linear_conv_kernel_dim, device=dev,
+                                dtype=dtype),
                     torch.zeros(batch_size, config.linear_num_value_heads, config.linear_key_head_dim,
                                 config.linear_value_head_dim, device=dev, dtype=torch.float32),
                 ))
@@ -125,7 +126,8 @@ class Cache:
             if isinstance(layer, LinearAttentionCache):
                 layer.recurrent_state.copy_(layer.history[n - 1])
                 W = layer.conv_window.shape[-1]
-                seen = torch.cat([layer.window_before, layer.inputs[:, :n].transpose(1, 2).to(layer.window_before.dtype)], -1)
+                inputs = layer.inputs[:, :n].transpose(1, 2).to(layer.window_before.dtype)
+                seen = torch.cat([layer.window_before, inputs], -1)
                 layer.conv_window.copy_(seen[..., -W:])
                 layer.history = layer.window_before = layer.inputs = None
 

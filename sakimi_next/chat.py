@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .tokenizer import EOT, IM_END, IM_START, Tokenizer
-from .util import UserError
+from .util import UserError, read_jsonl
 
 ROLES = ("system", "user", "assistant")
 RESERVED = (IM_START, IM_END, EOT)
@@ -119,24 +119,11 @@ def is_chat_jsonl(path: Path) -> bool:
 
 def read_conversations(path: Path) -> Iterator[list[dict]]:
     """The conversations of a JSONL file, each checked; a bad line is a UserError naming file and line."""
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8").removeprefix("\ufeff")
-            except UnicodeDecodeError as e:
-                raise UserError(f"{where}: not valid UTF-8 ({e.reason})") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError as e:
-                raise UserError(f"{where}: not valid JSON ({getattr(e, 'msg', e)}); each line must be "
-                                '{"messages": [{"role": ..., "content": ...}, ...]}') from None
-            if not isinstance(record, dict) or "messages" not in record:
-                raise UserError(f'{where}: no "messages" in this record; each line must be '
-                                '{"messages": [{"role": ..., "content": ...}, ...]}')
-            yield check_messages(record["messages"], where, need_assistant=True)
+    must = 'must be {"messages": [{"role": ..., "content": ...}, ...]}'
+    for where, record in read_jsonl(path, must):
+        if not isinstance(record, dict) or "messages" not in record:
+            raise UserError(f'{where}: no "messages" in this record; each line {must}')
+        yield check_messages(record["messages"], where, need_assistant=True)
 
 
 def conversations_of(tokens: np.ndarray, eot_id: int) -> list[tuple[int, int]]:
@@ -206,7 +193,9 @@ class ChatSession:
             seen[0, torch.tensor(self.ids, device=seen.device)] = True
         try:
             while len(reply) < max_new_tokens:
-                logits = self.logits[None] if seen is None else apply_repetition_penalty(self.logits[None], seen, penalty)
+                logits = self.logits[None]
+                if seen is not None:
+                    logits = apply_repetition_penalty(logits, seen, penalty)
                 token = sample(logits, self.settings, self.generator)
                 reply.append(int(token))
                 if reply[-1] == self.end_id:

@@ -26,7 +26,6 @@ import os
 import random
 import shutil
 import sys
-import time
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -44,7 +43,9 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from .config import Config, ConfigError
-from .tokenizer import Tokenizer, write_tokenizer_config
+from .distributed import plain_module
+from .optim import optimizer_parts
+from .tokenizer import Tokenizer, check_same_tokenizer, write_tokenizer_config
 from .util import (UserError, fsync_dir, inside, is_int, is_sha256, json_field, json_object, publish_dir,
                    read_json_file, recover_dir, save_safetensors, sha256_file)
 
@@ -65,17 +66,6 @@ def step_dir_name(step: int) -> str:
 
 
 # ------------------------------------------------------------------------------------------ saving
-def plain_module(model: torch.nn.Module) -> torch.nn.Module:
-    """Unwrap DDP and torch.compile, whose state-dict keys carry `module.` / `_orig_mod.` prefixes."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            model = model.module
-        else:
-            return model
-
-
 # Full (unsharded) state on the CPU, whether the model is plain, DDP-wrapped or sharded with FSDP2.
 # Under FSDP every rank must take part in gathering; only rank 0 receives the result.
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -99,11 +89,6 @@ def optimizer_payload(model: torch.nn.Module, optimizer: torch.optim.Optimizer) 
             tensors[f"state.{name}.{key}"] = t.detach().to("cpu").contiguous()
     meta = {"class": type(optimizer).__name__, "param_groups": sd.get("param_groups", [])}
     return tensors, meta
-
-
-def optimizer_parts(optimizer) -> list[torch.optim.Optimizer]:
-    """The torch optimisers behind the training loop's one (two for train.MuonWithAdamW)."""
-    return list(getattr(optimizer, "parts", [optimizer]))
 
 
 def gather_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
@@ -137,13 +122,12 @@ def save_checkpoint(
     """Write checkpoint `out_dir/step_NNNNNN` atomically, point `latest` at it, and return its path.
     `gathered` is `gather_state(model, optimizer)` when the caller already collected it (FSDP); its
     "training_weights", when given, are the weights training goes on from where "model" is their
-    average (train.py, --ema). trainer_state.json records the sha256 of each weight file, which loading verifies."""
+    average (--ema). trainer_state.json records the sha256 of each weight file, which loading verifies."""
     gathered = gathered if gathered is not None else gather_state(model, optimizer)
     out_dir = Path(out_dir)
     final = out_dir / step_dir_name(step)
     with publish_dir(final) as tmp:
         save_safetensors(gathered["model"], tmp / MODEL_FILE, metadata={"format": "pt"})
-        _test_pause()
         rng_tensors, rng_meta = rng_payload()
         opt_meta = gathered["optimizer_meta"]
         training = {TRAINING_WEIGHTS + k: v for k, v in gathered.get("training_weights", {}).items()}
@@ -159,14 +143,6 @@ def save_checkpoint(
             write_tokenizer_config(tmp, config.max_position_embeddings)  # AutoTokenizer, chat_template
     point(out_dir, "latest", final)
     return final
-
-
-def _test_pause() -> None:
-    """Tests make saving slow (SAKIMI_TEST_SLOW_SAVE seconds, after the model file) to kill a process
-    while it writes a checkpoint."""
-    seconds = os.environ.get("SAKIMI_TEST_SLOW_SAVE")
-    if seconds:
-        time.sleep(float(seconds))
 
 
 def point(out_dir: Path, name: str, target: Path) -> None:
@@ -329,10 +305,8 @@ def check_tokenizer(config: Config, tokenizer, trained_sha256: str | None, sourc
     if tokenizer.vocab_size > config.vocab_size:
         raise UserError(f"{source}: the tokenizer has {tokenizer.vocab_size:,} tokens but the model's vocab_size "
                         f"is {config.vocab_size:,}; this tokenizer does not belong to this model")
-    if trained_sha256 and tokenizer.sha256 != trained_sha256:
-        raise UserError(f"{source}: {tokenizer.path.name if tokenizer.path else 'the tokenizer'} (sha256 "
-                        f"{tokenizer.sha256[:12]}) is not the tokenizer the model was trained with "
-                        f"(sha256 {trained_sha256[:12]})")
+    name = tokenizer.path.name if tokenizer.path else "the tokenizer"
+    check_same_tokenizer(tokenizer, trained_sha256, f"{source}: {name} is not the tokenizer the model was trained with")
 
 
 def load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str | Path) -> None:

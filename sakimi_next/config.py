@@ -281,75 +281,98 @@ class Config:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Presets. Vocabulary, depth, width and attention heads are those of the original project's table;
-# the free dimensions follow Qwen3-Next's proportions (fixed head dims, twice as many value heads as
-# key heads in the DeltaNet layers, SwiGLU MLP) sized so that the true counts match the names.
-# Every preset ties the LM head to the embedding, as Qwen3's small models do.
-PRESETS: dict[str, dict] = {
+# Presets: a model and its training defaults (for what the command line leaves out: the README's table),
+# together. Vocabulary, depth, width and attention heads are those of the original project's table; the
+# free dimensions follow Qwen3-Next's proportions (fixed head dims, twice as many value heads as key heads
+# in the DeltaNet layers, SwiGLU MLP) sized so that the true counts match the names. Every preset ties
+# the LM head to the embedding, as Qwen3's small models do.
+@dataclass(frozen=True)
+class Preset:
+    model: dict  # Config fields
+    training: Hyperparameters  # every field set, but min_lr (None: learning_rate / 10)
+
+    def __post_init__(self):
+        unset = [f.name for f in dataclasses.fields(self.training)
+                 if getattr(self.training, f.name) is None and f.name != "min_lr"]
+        if unset:
+            raise ConfigError(f"a preset's training defaults must set every hyperparameter; {unset[0]} is unset")
+
+
+def _training(**values) -> Hyperparameters:
+    """Training defaults: these `values` over what every preset shares. The warm-up is cut to a tenth of
+    --steps for short runs (hyperparameters.resolve)."""
+    shared = dict(save_every=250, eval_every=200, eval_batches=16, grad_accum=1, weight_decay=0.1,
+                  no_decay_norms=False, beta1=0.9, beta2=0.95, grad_clip=1.0, seed=0, mtp_weight=0.0,
+                  document_masking=False, min_lr=None, dropout=0.0, optimizer="adamw", lead_in=0, ema=0.0)
+    return Hyperparameters(**{**shared, **values})
+
+
+_TINY_10M = dict(
+    vocab_size=4096, num_hidden_layers=8, hidden_size=256, intermediate_size=768,
+    num_attention_heads=4, num_key_value_heads=1, head_dim=64,
+    linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=64, linear_value_head_dim=64,
+    max_position_embeddings=16384,
+)
+_TINY_10M_TRAINING = _training(batch_size=16, seq_len=256, learning_rate=1e-3, warmup_steps=100, steps=5000)
+
+PRESETS: dict[str, Preset] = {
     # 4,456,240 parameters. At hidden 128 the model gets its size from 128-dim heads and a wide MLP.
-    "tiny_5m": dict(
-        vocab_size=2048, num_hidden_layers=4, hidden_size=128, intermediate_size=1536,
-        num_attention_heads=4, num_key_value_heads=1, head_dim=128,
-        linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=128, linear_value_head_dim=128,
-        max_position_embeddings=8192,
+    "tiny_5m": Preset(
+        model=dict(
+            vocab_size=2048, num_hidden_layers=4, hidden_size=128, intermediate_size=1536,
+            num_attention_heads=4, num_key_value_heads=1, head_dim=128,
+            linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=128, linear_value_head_dim=128,
+            max_position_embeddings=8192,
+        ),
+        training=_training(batch_size=16, seq_len=256, learning_rate=2e-3, warmup_steps=100, steps=2000),
     ),
     # 9,425,888 parameters (the recommended preset; the SPEC's "tiny example" shapes).
-    "tiny_10m": dict(
-        vocab_size=4096, num_hidden_layers=8, hidden_size=256, intermediate_size=768,
-        num_attention_heads=4, num_key_value_heads=1, head_dim=64,
-        linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=64, linear_value_head_dim=64,
-        max_position_embeddings=16384,
-    ),
+    "tiny_10m": Preset(model=_TINY_10M, training=_TINY_10M_TRAINING),
     # 31,480,800 parameters, 9,460,704 active per token: tiny_10m's trunk with a sparse MoE in every
     # layer instead of the SwiGLU MLP, in Qwen3-Next's form (routed experts as wide as the shared one).
     # Each token uses the shared expert and 2 of the 16 routed experts, all 256 wide: 768 SwiGLU
-    # channels, as in tiny_10m's MLP. The name counts the active parameters.
-    "tiny_10m_moe": dict(
-        vocab_size=4096, num_hidden_layers=8, hidden_size=256,
-        intermediate_size=768,  # unused unless a layer is made dense with mlp_only_layers
-        num_attention_heads=4, num_key_value_heads=1, head_dim=64,
-        linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=64, linear_value_head_dim=64,
-        max_position_embeddings=16384,
-        num_experts=16, num_experts_per_tok=2, moe_intermediate_size=256, shared_expert_intermediate_size=256,
-        norm_topk_prob=True, router_aux_loss_coef=0.001,
+    # channels, as in tiny_10m's MLP (its intermediate_size is unused unless a layer is made dense with
+    # mlp_only_layers). The name counts the active parameters.
+    "tiny_10m_moe": Preset(
+        model=dict(
+            **_TINY_10M,
+            num_experts=16, num_experts_per_tok=2, moe_intermediate_size=256, shared_expert_intermediate_size=256,
+            norm_topk_prob=True, router_aux_loss_coef=0.001,
+        ),
+        training=_TINY_10M_TRAINING,
     ),
     # 78,608,912 parameters: 52,853,264 in the layers plus a 25,755,648 (tied) embedding; the name
     # counts non-embedding parameters, as the 50k vocabulary alone is half a 50M budget.
-    "small_50m": dict(
-        vocab_size=50304, num_hidden_layers=12, hidden_size=512, intermediate_size=1536,
-        num_attention_heads=8, num_key_value_heads=2, head_dim=128,
-        linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=128, linear_value_head_dim=128,
-        max_position_embeddings=32768,
+    "small_50m": Preset(
+        model=dict(
+            vocab_size=50304, num_hidden_layers=12, hidden_size=512, intermediate_size=1536,
+            num_attention_heads=8, num_key_value_heads=2, head_dim=128,
+            linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=128, linear_value_head_dim=128,
+            max_position_embeddings=32768,
+        ),
+        training=_training(batch_size=16, seq_len=512, learning_rate=6e-4, warmup_steps=500, steps=20000),
     ),
 }
 
 RECOMMENDED_PRESET = "tiny_10m"
-
-
-# Training defaults per preset, for what the command line leaves out (the README's table); a model
-# that is no preset (--init-from) takes the recommended preset's. The warm-up is cut to a tenth of
-# --steps for short runs; min_lr None is learning_rate / 10.
-_SHARED_TRAINING = dict(save_every=250, eval_every=200, eval_batches=16, grad_accum=1, weight_decay=0.1,
-                        no_decay_norms=False, beta1=0.9, beta2=0.95, grad_clip=1.0, seed=0, mtp_weight=0.0,
-                        document_masking=False, min_lr=None, dropout=0.0, optimizer="adamw",
-                        lead_in=0, ema=0.0)
-TRAINING_DEFAULTS: dict[str, Hyperparameters] = {
-    "tiny_5m": Hyperparameters(
-        **_SHARED_TRAINING, batch_size=16, seq_len=256, learning_rate=2e-3, warmup_steps=100, steps=2000),
-    "tiny_10m": Hyperparameters(
-        **_SHARED_TRAINING, batch_size=16, seq_len=256, learning_rate=1e-3, warmup_steps=100, steps=5000),
-    "tiny_10m_moe": Hyperparameters(
-        **_SHARED_TRAINING, batch_size=16, seq_len=256, learning_rate=1e-3, warmup_steps=100, steps=5000),
-    "small_50m": Hyperparameters(
-        **_SHARED_TRAINING, batch_size=16, seq_len=512, learning_rate=6e-4, warmup_steps=500, steps=20000),
-}
+CUSTOM = "custom"  # the preset a run from --init-from weights records: none of ours
 
 
 def preset(name: str, **overrides) -> Config:
     """Build a preset's Config; `overrides` replace individual fields."""
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
-    return Config(**{**PRESETS[name], **overrides})
+    return Config(**{**PRESETS[name].model, **overrides})
+
+
+def training_defaults(name: str | None) -> Hyperparameters:
+    """The training defaults of preset `name`; a model that is no preset (CUSTOM, or a checkpoint that
+    records none) takes the recommended preset's."""
+    if name in (None, CUSTOM):
+        name = RECOMMENDED_PRESET
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return PRESETS[name].training
 
 
 def nominal_size(name: str) -> float:

@@ -1,4 +1,5 @@
-"""`--mode eval`: loss, perplexity and bits per byte of a text file or a prepared validation split.
+"""Scoring a model: loss, perplexity and bits per byte of a text (`--mode eval`), of a validation split
+while training (`validate`), and of chat data's assistant replies (`assistant_loss`).
 
 Two ways to score a text longer than the model's training context:
 - `carry` (default): one pass, window after window, carrying the DeltaNet states and the attention
@@ -12,11 +13,35 @@ from __future__ import annotations
 import math
 
 import numpy as np
-
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
+from .batches import document_starts, eval_windows, masked_targets
+from .distributed import Distributed, reshard_fsdp
 from .model import Qwen3NextForCausalLM
+
+
+def summed_nll(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the sum of -log p(target) in float32, how many targets count): logits [..., V], targets [...];
+    a target of -100 (`batches.masked_targets`) does not count."""
+    nats = F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), reduction="sum", ignore_index=-100)
+    return nats, (targets != -100).sum()
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 50.0))
+
+
+def bits_per_byte(nats: float, n_bytes: float) -> float:
+    """Nats (of a text, or per token) over the UTF-8 bytes they cover (the text's, or per token)."""
+    return nats / math.log(2) / n_bytes
+
+
+def bytes_per_token(split: dict) -> float | None:
+    """A prepared split's (meta.json) bytes per token; None for chat data, whose masked loss counts only
+    some tokens and so has no bits per byte."""
+    return split["bytes"] / split["tokens"] if split.get("tokens") and "mask" not in split else None
 
 
 @torch.inference_mode()
@@ -29,7 +54,7 @@ def score_carry(model: Qwen3NextForCausalLM, ids: torch.Tensor, window: int) -> 
     for start in range(0, len(inputs), window):
         x = inputs[start:start + window][None]
         logits = model(x, cache=cache).logits[0]
-        total += F.cross_entropy(logits.float(), targets[start:start + window], reduction="sum").item()
+        total += summed_nll(logits, targets[start:start + window])[0].item()
     return total, len(targets)
 
 
@@ -46,7 +71,7 @@ def score_sliding(model: Qwen3NextForCausalLM, ids: torch.Tensor, window: int, s
         x = ids[begin:end][None]
         logits = model(x).logits[0]
         new = end - prev_end  # targets not scored by earlier windows: the last `new` positions
-        total += F.cross_entropy(logits[-new:].float(), ids[end - new + 1:end + 1], reduction="sum").item()
+        total += summed_nll(logits[-new:], ids[end - new + 1:end + 1])[0].item()
         scored += new
         prev_end = end
     return total, scored
@@ -61,9 +86,43 @@ def score(model: Qwen3NextForCausalLM, ids: torch.Tensor, window: int, method: s
 
 def summarize(nats: float, tokens: int, n_bytes: int | None) -> dict:
     loss = nats / tokens
-    out = {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": tokens}
+    out = {"loss": loss, "ppl": perplexity(loss), "tokens": tokens}
     if n_bytes:
-        out.update(bytes=n_bytes, bpb=nats / math.log(2) / n_bytes)
+        out.update(bytes=n_bytes, bpb=bits_per_byte(nats, n_bytes))
+    return out
+
+
+@torch.no_grad()
+def validate(model, tokens: np.ndarray, seq_len: int, batch_size: int, n_batches: int, device,
+             bytes_per_token: float | None, autocast, ddp: Distributed, eot_id: int | None = None,
+             loss_mask: np.ndarray | None = None) -> dict:
+    """Mean validation loss over fixed windows (sharded across ranks), perplexity and bits per byte.
+    `loss_mask` (chat data): only the targets where it is 1 count."""
+    seq_len = min(seq_len, len(tokens) - 1)
+    starts = eval_windows(len(tokens), seq_len, batch_size * ddp.world_size * n_batches)  # the global set
+    mine = starts[ddp.rank::ddp.world_size]
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # sum of losses, number of tokens
+    was_training = model.training
+    model.eval()
+    for i in range(0, len(mine), batch_size):
+        rows = np.stack([tokens[s:s + seq_len + 1] for s in mine[i:i + batch_size]]).astype(np.int64)
+        t = torch.from_numpy(rows).to(device)
+        starts = document_starts(t[:, :-1], eot_id) if eot_id is not None else None
+        with autocast:
+            logits = model(t[:, :-1], doc_starts=starts).logits
+        targets = t[:, 1:]
+        if loss_mask is not None:
+            targets = masked_targets(targets, [loss_mask[s + 1:s + seq_len + 1] for s in mine[i:i + batch_size]])
+        nats, count = summed_nll(logits, targets)
+        total += torch.stack([nats.double(), count.to(torch.float64)])
+    if ddp.enabled:
+        dist.all_reduce(total)
+    reshard_fsdp(model)
+    model.train(was_training)
+    loss = (total[0] / total[1]).item()
+    out = {"val_loss": loss, "val_ppl": perplexity(loss), "val_tokens": int(total[1].item())}
+    if bytes_per_token:
+        out["val_bpb"] = bits_per_byte(loss, bytes_per_token)
     return out
 
 
@@ -71,7 +130,6 @@ def assistant_loss(model, tokens: np.ndarray, mask: np.ndarray, eot_id: int, row
     """Mean cross-entropy per assistant target over every conversation of a split, each seen whole and
     alone: whole conversations are packed into rows of up to `row_tokens` with document masking."""
     from .chat import conversations_of
-    from .train import document_starts, masked_targets
 
     rows, row = [], []
     for a, b in conversations_of(tokens, eot_id):
@@ -89,8 +147,8 @@ def assistant_loss(model, tokens: np.ndarray, mask: np.ndarray, eot_id: int, row
             x = torch.from_numpy(np.asarray(tokens[a:b], dtype=np.int64))[None].to(model.device)
             y = masked_targets(x[:, 1:], np.asarray(mask[a + 1:b])[None])
             logits = model(x[:, :-1], doc_starts=document_starts(x[:, :-1], eot_id)).logits
-            total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum",
-                                     ignore_index=-100).item()
-            count += int((y != -100).sum())
+            nats, n = summed_nll(logits, y)
+            total += nats.item()
+            count += int(n)
     model.train(was_training)
     return total / max(count, 1)

@@ -6,7 +6,7 @@ expert, scaled by sigmoid(shared_expert_gate(x)), is added for every token.
 
 Expert weights are stacked the way transformers 5 keeps them in memory:
 `experts.gate_up_proj [E, 2I, H]` (gate rows first, then up) and `experts.down_proj [E, H, I]`
-(`interop.py` converts to the per-expert names stored on disk).
+(`huggingface.py` converts to the per-expert names stored on disk).
 """
 
 from __future__ import annotations

@@ -1,76 +1,105 @@
 """A model ready to use, from a training checkpoint or from a Hugging Face directory.
 
-Dependencies run one way: `checkpoint` (our checkpoints) <- `interop` (the Hugging Face format, and
-export from a checkpoint) <- this module, which reads either kind of directory. Every path here checks
-the model and its tokenizer together (`checkpoint.check_tokenizer`).
+`resolve_model` is the one place that decides which of the two a path is; every loader goes through it
+(--init-from, eval, generate, serve, export). Dependencies run one way: `checkpoint` (our checkpoints)
+and `huggingface` (the Hugging Face format) <- this module <- `export`. Every path here checks the model
+and its tokenizer together (`checkpoint.check_tokenizer`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from . import checkpoint as ckpt
-from . import interop
+from . import huggingface as hf
 from .config import Config
+from .tokenizer import Tokenizer
 from .util import UserError
 
+CHECKPOINT, HUGGINGFACE = "checkpoint", "huggingface"
 
-def is_ours(path: Path) -> bool:
-    return ckpt.is_checkpoint(path) or ckpt.is_checkpoint(path / "latest")
+
+def resolve_model(path: str | Path, verify: bool = True) -> tuple[str, Path]:
+    """(CHECKPOINT, the checkpoint: a run directory means its `latest`, verified unless `verify` is False) or
+    (HUGGINGFACE, the directory) for `path`; anything else is a UserError."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"checkpoint not found: {p}")
+    if ckpt.is_checkpoint(p) or ckpt.is_checkpoint(p / "latest"):
+        return CHECKPOINT, ckpt.resolve_checkpoint(p, verify=verify)
+    if hf.is_hf_dir(p):
+        return HUGGINGFACE, p
+    raise UserError(f"not a checkpoint or a Hugging Face model directory: {p}")
+
+
+@dataclass
+class ModelFiles:
+    """What a model directory holds: its config and weights, and (`tokenizer()`) its tokenizer, checked
+    against the model. A checkpoint's tokenizer is read with the rest; a Hugging Face directory's when
+    asked, so that a problem with the weights is the one reported first."""
+
+    kind: str  # CHECKPOINT or HUGGINGFACE
+    path: Path  # the checkpoint (resolved) or the Hugging Face directory
+    config: Config
+    tensors: dict[str, torch.Tensor]
+    state: dict = field(default_factory=dict)  # a checkpoint's trainer state
+    _tokenizer: Tokenizer | None = None
+
+    def tokenizer(self) -> Tokenizer:
+        if self._tokenizer is None:
+            self._tokenizer = hf.load_hf_tokenizer(self.path, self.config)
+        return self._tokenizer
+
+
+def read_model(path: str | Path) -> ModelFiles:
+    """The config, weights and tokenizer of a training checkpoint or a Hugging Face directory."""
+    kind, p = resolve_model(path)
+    if kind == CHECKPOINT:
+        config, state, tensors, tokenizer = ckpt.load_model_files(p)
+        return ModelFiles(kind, p, config, tensors, state, tokenizer)
+    config = hf.load_hf_config(p)
+    return ModelFiles(kind, p, config, hf.load_hf_tensors(p, config))
 
 
 def load_pretrained_config(path: str | Path) -> Config:
     """The Config of a training checkpoint or of a Hugging Face Qwen3-Next directory."""
-    p = Path(path)
-    if not p.exists():
-        raise UserError(f"model path not found: {p}")
-    if is_ours(p):
-        return ckpt.load_config(ckpt.resolve_checkpoint(p, verify=False))
-    if interop.is_hf_dir(p):
-        return interop.load_hf_config(p)
-    raise UserError(f"not a checkpoint or a Hugging Face model directory: {p}")
+    kind, p = resolve_model(path, verify=False)
+    return ckpt.load_config(p) if kind == CHECKPOINT else hf.load_hf_config(p)
 
 
 def load_pretrained_weights(model: torch.nn.Module, path: str | Path) -> None:
-    p = Path(path)
-    if is_ours(p):
-        c = ckpt.resolve_checkpoint(p)
-        ckpt.load_weights(model, ckpt.load_tensors(c / ckpt.MODEL_FILE), c)
-        return
-    ckpt.load_weights(model, interop.load_hf_tensors(p), p)
+    kind, p = resolve_model(path)
+    if kind == CHECKPOINT:
+        ckpt.load_weights(model, ckpt.load_tensors(p / ckpt.MODEL_FILE), p)
+    else:
+        ckpt.load_weights(model, hf.load_hf_tensors(p), p)
+
+
+def tokenizer_file(path: str | Path) -> Path | None:
+    """The tokenizer.json beside the model at `path` (None when it has none)."""
+    _, p = resolve_model(path, verify=False)
+    return p / ckpt.TOKENIZER_FILE if (p / ckpt.TOKENIZER_FILE).is_file() else None
 
 
 def load_for_inference(path: str | Path, device: str = "auto", kernel: str = "auto", dtype: str = "fp32"):
     """A model ready to generate or evaluate, from a training checkpoint or a Hugging Face directory.
     dtype "bf16" keeps the weights in bfloat16 (half the memory; faster where the hardware multiplies
     bf16; the DeltaNet state stays float32). Returns (model in eval mode on the device, tokenizer, info dict)."""
-    import torch
-
     from .model import Qwen3NextForCausalLM
     from .util import resolve_device
 
-    p = Path(path)
-    if not p.exists():
-        raise UserError(f"checkpoint not found: {p}")
-    info: dict = {"source": str(p)}
-    if is_ours(p):
-        config, state, tensors, tokenizer = ckpt.load_model_files(ckpt.resolve_checkpoint(p))
-        info.update(kind="checkpoint", step=state.get("step"), preset=state.get("preset"),
-                    seq_len=(state.get("args") or {}).get("seq_len"))
-    else:
-        if not interop.is_hf_dir(p):
-            raise UserError(f"not a checkpoint or a Hugging Face model directory: {p}")
-        config = interop.load_hf_config(p)
-        tensors = interop.load_hf_tensors(p)
-        tokenizer = None  # read after the weights: a weight problem is the one to report first
-        info.update(kind="huggingface")
+    files = read_model(path)
+    info: dict = {"source": str(Path(path)), "kind": files.kind}
+    if files.kind == CHECKPOINT:
+        info.update(step=files.state.get("step"), preset=files.state.get("preset"),
+                    seq_len=(files.state.get("args") or {}).get("seq_len"))
     dev = resolve_device(device)
-    model = Qwen3NextForCausalLM(config)
-    ckpt.load_weights(model, tensors, p)
-    if tokenizer is None:
-        tokenizer = interop.load_hf_tokenizer(p, config)
+    model = Qwen3NextForCausalLM(files.config)
+    ckpt.load_weights(model, files.tensors, path)
+    tokenizer = files.tokenizer()
     model.to(dev, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32).eval()
     model.set_kernel(kernel, dev)
     info.update(device=str(dev), kernel=model.kernel, parameters=model.num_parameters(), dtype=dtype)

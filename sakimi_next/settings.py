@@ -1,5 +1,7 @@
-"""The typed settings the library takes: training (`Hyperparameters`, `TrainSettings`) and sampling
-(`SamplingSettings`). No torch here, so the commands check a command line before anything heavy loads."""
+"""The typed settings the library takes: training (`Hyperparameters`, `TrainSettings`), export
+(`ExportSettings`) and sampling (`SamplingSettings`); and the names the command line and the library
+share (kernels, optimizers, ...), defined here once. No torch here, so the commands check a command line
+before anything heavy loads."""
 
 from __future__ import annotations
 
@@ -9,15 +11,38 @@ from pathlib import Path
 
 from .util import UserError
 
-
-OPTIMIZERS = ("adamw", "muon")
+# ------------------------------------------------------------------------- names the command line shares
+KERNELS = ("auto", "chunk", "recurrent", "fla")  # gated delta rule kernels (kernels.resolve_kernel)
+AUTO_PRESET = "auto"  # --config auto: the model sized from the text, the run from the budget (auto.py)
+DEFAULT_DATA_DIR = "data"  # where prepare_data writes and train reads, unless --out-dir / --data-dir say
+DOC_SPLITS = ("auto", "file", "blank-line", "line")  # what a document is (data.sources.iter_documents)
+ENCODING_ERRORS = ("strict", "replace")  # what to do with bytes that are not UTF-8
+GGUF_TYPES = ("f32", "f16", "q8_0")  # the weight types of a GGUF export's matrices
 
 
 @dataclass(frozen=True)
+class Optimizer:
+    """An optimizer --optimizer can name: one entry of OPTIMIZERS, and its builder in optim.py."""
+
+    builder: str  # the function of optim.py that builds it: (model, parameter groups, lr, weight decay, betas)
+    help: str
+    fsdp_problem: str | None = None  # why it cannot work on FSDP2's sharded parameters (None: it can)
+
+
+OPTIMIZERS: dict[str, Optimizer] = {
+    "adamw": Optimizer("adamw", "AdamW"),
+    "muon": Optimizer("muon_with_adamw", "Muon (orthogonalised momentum) for the decoder layers' matrices and "
+                      "AdamW for the rest, with the same --learning-rate and --weight-decay",
+                      fsdp_problem="Muon needs each matrix whole"),
+}
+
+
+# ----------------------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
 class Hyperparameters:
     """The training settings a resumed run takes from its checkpoint when the command line does not give
-    them again, and for which each preset has defaults (config.TRAINING_DEFAULTS). None: not given;
-    `train.resolve_hyperparameters` fills everything in."""
+    them again, and for which each preset has defaults (config.PRESETS). None: not given;
+    `hyperparameters.resolve` fills everything in (`Resolved`)."""
 
     steps: int | None = None
     learning_rate: float | None = None
@@ -38,7 +63,7 @@ class Hyperparameters:
     mtp_weight: float | None = None
     document_masking: bool | None = None
     dropout: float | None = None  # a training setting only: never saved with the model
-    optimizer: str | None = None  # "adamw", or "muon" (Muon for the layers' matrices, AdamW for the rest)
+    optimizer: str | None = None  # a name in OPTIMIZERS
     lead_in: int | None = None  # tokens read (no gradient) before each training window: its context
     ema: float | None = None  # share of the run over which the averaged weights halve a step (0 = off)
 
@@ -56,8 +81,8 @@ class TrainSettings:
     allow_vocab_mismatch: bool = False
     device: str = "auto"
     kernel: str = "auto"
-    dtype: str = "auto"  # auto = bf16 autocast where the hardware has bf16 (train.native_bf16), else fp32
-    compile: bool | None = None  # None = auto: for a long enough time budget (train.use_compile)
+    dtype: str = "auto"  # auto = bf16 autocast where the hardware has bf16 (distributed.native_bf16), else fp32
+    compile: bool | None = None  # None = auto: for a long enough time budget (distributed.use_compile)
     fsdp: bool = False
     keep_last: int = 3
     print_every: int = 10
@@ -66,11 +91,23 @@ class TrainSettings:
     skip_nonfinite: bool = False
     max_minutes: float | None = None
 
-    def record(self, hyper: Hyperparameters) -> dict:
+    def record(self, hyper) -> dict:
         """The settings as trainer_state.json keeps them ("args"), with the resolved hyperparameters."""
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "hyper"}
         out = {k: str(v) if isinstance(v, Path) else v for k, v in out.items()}
         return {**out, **asdict(hyper)}
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    """What `--mode export` writes (export.FORMATS): from `checkpoint` (a checkpoint or run directory, or for
+    gguf also a Hugging Face directory) into `out_dir` (hf) or `out_file` (gguf)."""
+
+    checkpoint: str
+    out_dir: Path | None
+    format: str = "hf"
+    gguf_type: str = "f16"
+    out_file: Path | None = None  # gguf only
 
 
 @dataclass

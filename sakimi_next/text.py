@@ -3,6 +3,8 @@ string, holding back what could still become one. No torch: a server can use it 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from .util import UserError
 
 
@@ -52,20 +54,22 @@ def encode_prompt(tokenizer, text: str, max_len: int, truncate: bool) -> list[in
 
 
 class TextRow:
-    """The text of one generated row: incremental decoding, end-of-text and stop strings. Text up to
-    `shown_end` can be shown as it comes; the rest could still turn out to be the start of a stop string."""
+    """The text of one generated row (a reply, as it streams): incremental decoding, the tokens that end it
+    (`stop_ids`, not part of its text: end-of-text unless told) and its stop strings. Text up to `shown_end`
+    can be shown as it comes (`take`); the rest could still turn out to be the start of a stop string."""
 
-    def __init__(self, tokenizer, stops: list[str] | tuple[str, ...] = ()):
-        self.decoder, self.eot_id, self.stops = StreamDecoder(tokenizer), tokenizer.eot_id, list(stops)
+    def __init__(self, tokenizer, stops: list[str] | tuple[str, ...] = (), stop_ids: Iterable[int] | None = None):
+        self.decoder, self.stops = StreamDecoder(tokenizer), list(stops)
+        self.stop_ids = frozenset(stop_ids) if stop_ids is not None else frozenset({tokenizer.eot_id})
         self.hold = max((len(x) for x in stops), default=1) - 1
-        self.text, self.done, self.tokens = "", False, 0
+        self.text, self.done, self.tokens, self.taken = "", False, 0, 0
 
     def add(self, token: int) -> bool:
-        """Take one generated token; True once the row is finished (end-of-text or a stop string)."""
+        """Take one generated token; True once the row is finished (a stop token or a stop string)."""
         if self.done:
             return True
         self.tokens += 1
-        if token == self.eot_id:
+        if token in self.stop_ids:
             self.done = True
         else:
             self.text += self.decoder.push(token)
@@ -82,6 +86,12 @@ class TextRow:
     @property
     def shown_end(self) -> int:
         return len(self.text) - (0 if self.done else self.hold)
+
+    def take(self) -> str:
+        """The text that can be shown and was not taken before (once the row is done: all the rest)."""
+        end = max(self.shown_end, self.taken)
+        new, self.taken = self.text[self.taken:end], end
+        return new
 
     def _cut(self):
         cut = first_stop(self.text, self.stops) if self.stops else None

@@ -324,3 +324,11 @@ def write_tokenizer_config(out_dir: Path, max_length: int) -> None:
            "clean_up_tokenization_spaces": False, "add_bos_token": False, "add_eos_token": False,
            "chat_template": CHAT_TEMPLATE}
     (out_dir / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+
+
+def check_same_tokenizer(tokenizer: Tokenizer, recorded_sha256: str | None, what: str, fix: str = "") -> None:
+    """The one check that `tokenizer` is the one a model or a data directory records (by the sha256 of its
+    tokenizer.json; nothing recorded, nothing to check): else a UserError, `what` went wrong, both hashes,
+    and `fix`."""
+    if recorded_sha256 and tokenizer.sha256 != recorded_sha256:
+        raise UserError(f"{what} (sha256 {tokenizer.sha256[:12]} instead of {recorded_sha256[:12]}){fix}")

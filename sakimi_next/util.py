@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -18,6 +19,16 @@ from typing import Iterator
 
 class UserError(Exception):
     """A problem with the user's input: the CLI prints the message as one line and exits with code 2."""
+
+
+say = functools.partial(print, flush=True)  # progress lines should show up at once in logs too
+
+
+def progress(total: int, desc: str, leave: bool = True):
+    """A tqdm bar counting bytes (so it shows MB/s) on stderr, drawn only when stderr is a terminal."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=None, mininterval=0.5, leave=leave)
 
 
 def fsync_dir(path: str | Path) -> None:
@@ -51,22 +62,24 @@ def write_failed(path: Path, e: OSError, existed: bool, scratch: Path | None = N
     return UserError(f"could not write {path}: {reason}{where}; {kept}")
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see either the old file or the complete new one. A write
-    the system refuses is a UserError (see `write_failed`)."""
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """A temporary file beside `path` for the caller to write; then flushed to disk, given the usual
+    permissions and renamed to `path`, so that readers see either the old file or the complete new one.
+    On failure it is removed; a write the system refuses is a UserError (see `write_failed`)."""
     path = Path(path)
     existed = path.exists()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
     except OSError as e:
         raise write_failed(path, e, existed) from None
     try:
-        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600 files; give the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
@@ -75,6 +88,13 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see either the old file or the complete new one. A write
+    the system refuses is a UserError (see `write_failed`)."""
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -218,6 +238,31 @@ def read_json_file(path: str | Path):
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise UserError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+
+
+def read_jsonl(path: str | Path, must: str, errors: str = "strict", hint: str = "") -> Iterator[tuple[str, object]]:
+    """("path:line", record) of each non-blank line of a JSONL file (a leading BOM dropped). A line that
+    is not UTF-8 (`errors` "strict") or not JSON is a UserError naming the file, the line (and the byte
+    offset), and saying that each line `must` be ...; `hint` ends the UTF-8 error."""
+    offset = 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8", errors)
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path} is not valid UTF-8 ({e.reason} at byte offset {offset + e.start}, "
+                                f"line {lineno}); convert it to UTF-8{hint}") from None
+            offset += len(raw)
+            if lineno == 1:
+                line = line.removeprefix("\ufeff")
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as e:
+                raise UserError(f"{where}: not valid JSON ({getattr(e, 'msg', e)}); each line {must}") from None
+            yield where, record
 
 
 def json_kind(v) -> str:

@@ -31,9 +31,9 @@ import torch
 from sakimi_next.checkpoint import save_checkpoint
 from sakimi_next.pretrained import load_for_inference
 from sakimi_next.config import preset
-from sakimi_next.data import _builtin_topics
+from sakimi_next.data import builtin_topics
 from sakimi_next.generate import compiled_decoder, decode_one_token, generate
-from sakimi_next.gguf_export import export_gguf
+from sakimi_next.export.gguf import export_gguf
 from sakimi_next.model import Qwen3NextForCausalLM
 from sakimi_next.tokenizer import train_tokenizer
 from sakimi_next.util import format_table
@@ -43,7 +43,7 @@ def checkpoint_for(name: str, work: Path, seed: int) -> Path:
     """A checkpoint of preset `name` at its seeded initialisation, with a docs-trained tokenizer."""
     torch.manual_seed(seed)
     config = preset(name)
-    tok = train_tokenizer(_builtin_topics(), min(config.vocab_size, 4096))
+    tok = train_tokenizer(builtin_topics(), min(config.vocab_size, 4096))
     tok.save(work / "tokenizer.json")
     model = Qwen3NextForCausalLM(config.replace(eos_token_id=tok.eot_id, pad_token_id=tok.pad_id))
     state = {"preset": name, "tokens_seen": 0, "args": {}, "tokenizer_sha256": tok.sha256}

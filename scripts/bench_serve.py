@@ -34,12 +34,12 @@ def seeded_checkpoint(folder: Path, preset_name: str) -> Path:
 
     from sakimi_next.checkpoint import save_checkpoint
     from sakimi_next.config import preset
-    from sakimi_next.data import _builtin_topics
+    from sakimi_next.data import builtin_topics
     from sakimi_next.model import Qwen3NextForCausalLM
     from sakimi_next.tokenizer import train_tokenizer
 
     config = preset(preset_name)
-    tok = train_tokenizer(_builtin_topics(), config.vocab_size)
+    tok = train_tokenizer(builtin_topics(), config.vocab_size)
     tok.save(folder / "tokenizer.json")
     torch.manual_seed(0)
     model = Qwen3NextForCausalLM(config.replace(eos_token_id=tok.eot_id, pad_token_id=tok.pad_id))
@@ -155,7 +155,8 @@ def main() -> int:
         url = f"http://127.0.0.1:{a.port}"
         cmd = [sys.executable, "-m", "sakimi_next", "--mode", "serve", "--resume-from", ckpt, "--port", str(a.port),
                "--max-concurrent", str(max(levels)), "--device", "cpu",
-               "--dtype", a.dtype] + (["--threads", str(a.threads)] if a.threads else []) + (["--compile"] if a.compile else [])
+               "--dtype", a.dtype]
+        cmd += (["--threads", str(a.threads)] if a.threads else []) + (["--compile"] if a.compile else [])
         proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
         try:
             wait_ready(url, proc)

@@ -214,7 +214,8 @@ def end_to_end(judge: Judge, kernel: str, reference: str, device, cuda: bool) ->
         say(f"end to end: {check}, {steps} AdamW steps of {batch} x {seq}, "
             f"{'bf16 autocast' if cuda else 'float32'}...")
         try:
-            ours, ref = (train_losses(config, k, device, batch, seq, steps, cuda, documents) for k in (kernel, reference))
+            ours, ref = (train_losses(config, k, device, batch, seq, steps, cuda, documents)
+                         for k in (kernel, reference))
             worst = max(abs(a - b) / abs(b) for a, b in zip(ours, ref))
             judge.record(check, "loss, relative", worst, LOSS_TOLERANCE[dtype],
                          all(map(math.isfinite, ours)) and worst < LOSS_TOLERANCE[dtype] * judge.scale)

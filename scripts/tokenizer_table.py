@@ -63,7 +63,8 @@ def main(argv=None) -> int:
     quality = _quality()
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--corpus", nargs="+", choices=list(quality.CORPORA), default=list(quality.CORPORA))
-    p.add_argument("--shared-data", type=Path, default=Path(os.environ.get("SAKIMI_SHARED_DATA", ROOT.parent / "shared" / "data")))
+    p.add_argument("--shared-data", type=Path,
+                   default=Path(os.environ.get("SAKIMI_SHARED_DATA", ROOT.parent / "shared" / "data")))
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = p.parse_args(argv)
     print(f"{'corpus':<16} {'tokenizer':<30} {'vocab':>6} {'bytes/token':>11} {'chars one token':>15} {'seconds':>8}")

@@ -50,9 +50,9 @@ def chinese_text(n_chars: int = 30_000, seed: int = 0) -> str:
 def english_text(n_bytes: int = 100_000) -> str:
     """The first ~`n_bytes` of the CPython documentation that ships with Python (the embedded corpus,
     `sakimi_next.data.builtin_source`), topics separated by blank lines, cut after a whole line."""
-    from sakimi_next.data import _builtin_topics
+    from sakimi_next.data import builtin_topics
 
-    raw = "\n\n".join(t.strip("\n") for t in _builtin_topics()).encode("utf-8")[:n_bytes]
+    raw = "\n\n".join(t.strip("\n") for t in builtin_topics()).encode("utf-8")[:n_bytes]
     return raw[:raw.rfind(b"\n") + 1].decode("utf-8")
 
 
@@ -70,7 +70,7 @@ def small_config(**overrides) -> Config:
 
 def hf_twin(model, attn_implementation: str = "eager"):
     """transformers.Qwen3NextForCausalLM with a copy of `model`'s weights."""
-    from sakimi_next.interop import to_transformers
+    from sakimi_next.huggingface import to_transformers
 
     return to_transformers(model, attn_implementation)
 
@@ -83,7 +83,7 @@ def mixed_corpus() -> str:
 def train_briefly(model, vocab_limit: int, steps: int = 3, seed: int = 0):
     """A few AdamW steps on random tokens, so no weight keeps its initial value."""
 
-    from sakimi_next.train import build_optimizer
+    from sakimi_next.optim import build_optimizer
 
     g = torch.Generator().manual_seed(seed)
     opt = build_optimizer(model, 3e-3, 0.1, (0.9, 0.95))

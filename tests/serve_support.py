@@ -15,7 +15,7 @@ from sakimi_next.serve.engine import Engine, Event, Request
 from sakimi_next.serve.process import EngineProcess, ModelSource
 from sakimi_next.serve.server import BackgroundServer
 from sakimi_next.tokenizer import train_tokenizer
-from sakimi_next.train import build_optimizer
+from sakimi_next.optim import build_optimizer
 
 from .helpers import make_checkpoint, small_config
 

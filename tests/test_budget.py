@@ -10,6 +10,7 @@ import torch
 from sakimi_next import budget
 from sakimi_next import checkpoint as ckpt
 from sakimi_next.cli import main
+from sakimi_next.optim import optimizer_parts
 from sakimi_next.util import UserError
 
 TRAIN = ["--mode", "train", "--config", "tiny_5m", "--batch-size", "2", "--seq-len", "32", "--eval-batches", "2",
@@ -69,7 +70,7 @@ def test_a_compiled_run_times_its_second_evaluation(monkeypatch):
 
 
 def test_compile_is_chosen_for_long_budgets_only(monkeypatch):
-    from sakimi_next.train import COMPILE_MIN_MINUTES, use_compile
+    from sakimi_next.distributed import COMPILE_MIN_MINUTES, use_compile
 
     cpu, long = torch.device("cpu"), COMPILE_MIN_MINUTES
     monkeypatch.setattr("shutil.which", lambda name: "/usr/bin/" + name)  # a compiler is at hand
@@ -121,15 +122,13 @@ def test_config_auto_stops_a_long_budget_at_its_passes(data_dir, tmp_path, monke
 
 
 def test_budgeted_run_resumes_bit_identically(data_dir, tmp_path, monkeypatch, capsys):
-    from sakimi_next import train
-
-    stepped, forget = [], train.forget_step
+    stepped, forget = [], budget.forget_step
 
     def forget_and_note(model, optimizer, initial):  # a throw-away step took an optimiser step if it left state
-        stepped.append(all(part.state for part in ckpt.optimizer_parts(optimizer)))
+        stepped.append(all(part.state for part in optimizer_parts(optimizer)))
         forget(model, optimizer, initial)
 
-    monkeypatch.setattr(train, "forget_step", forget_and_note)
+    monkeypatch.setattr(budget, "forget_step", forget_and_note)
     fake_clock(monkeypatch, 0.2)  # 0.2 s a step and an evaluation (+ ~0.5 s for its checkpoint), 2.2 s of setup
     common = [*TRAIN, "--data-dir", str(data_dir), "--dropout", "0.1", "--save-every", "4", "--keep-last", "10"]
     assert main([*common, "--out-dir", str(tmp_path / "whole"), "--max-minutes", "0.1"]) == 0
@@ -151,7 +150,9 @@ def test_budgeted_run_resumes_bit_identically(data_dir, tmp_path, monkeypatch, c
     assert main([*common, *resume, "--max-minutes", "0.1"]) == 0
     resumed = metrics(tmp_path / "resumed")
     assert [r for r in whole if r["step"] > 4 and "loss" in r] != []
-    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s")} for r in rs if r["step"] > 4]
+    def strip(rs):
+        return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s")} for r in rs if r["step"] > 4]
+
     assert strip(resumed) == strip(whole)  # the same losses, learning rates and evaluations, bit for bit
     a = (ckpt.find_latest(tmp_path / "whole") / "model.safetensors").read_bytes()
     b = (ckpt.find_latest(tmp_path / "resumed") / "model.safetensors").read_bytes()
@@ -176,7 +177,8 @@ def test_a_throwaway_step_leaves_no_trace():
     a CPU step), then puts back the weights and a fresh optimiser state."""
     from sakimi_next.config import preset
     from sakimi_next.model import Qwen3NextForCausalLM
-    from sakimi_next.train import build_optimizer, forget_step
+    from sakimi_next.budget import forget_step
+    from sakimi_next.optim import build_optimizer
 
     torch.manual_seed(0)
     model = Qwen3NextForCausalLM(preset("tiny_5m", vocab_size=300))

@@ -11,7 +11,7 @@ import torch
 from sakimi_next import chat
 from sakimi_next.evaluate import assistant_loss
 from sakimi_next.cli import main
-from sakimi_next.data import _builtin_topics, open_loss_mask
+from sakimi_next.data import builtin_topics, open_loss_mask
 from sakimi_next.model import Qwen3NextForCausalLM
 from sakimi_next.tokenizer import train_tokenizer
 
@@ -39,7 +39,7 @@ CONVERSATIONS = [
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
     """A tokenizer trained here on the embedded CPython docs and generated Chinese."""
-    t = train_tokenizer(_builtin_topics()[:300] + [CHINESE], 700)
+    t = train_tokenizer(builtin_topics()[:300] + [CHINESE], 700)
     t.save(tmp_path_factory.mktemp("tok") / "tokenizer.json")
     return t
 
@@ -106,10 +106,10 @@ def test_chat_template_in_transformers(tok, checkpoint, tmp_path):
     """A checkpoint's and an export's tokenizer_config.json carry the template: apply_chat_template gives our ids."""
     from transformers import AutoTokenizer
 
-    from sakimi_next.interop import export
+    from sakimi_next.export.hf import export_hf
 
     ckpt, _ = checkpoint
-    exported = export(ckpt, tmp_path / "hf")
+    exported = export_hf(ckpt, tmp_path / "hf")
     for directory in (ckpt, exported):
         hf = AutoTokenizer.from_pretrained(str(directory))
         for msgs in CONVERSATIONS:
@@ -224,7 +224,7 @@ def test_chat_and_text_do_not_mix(tok, tmp_path, capsys):
 @torch.no_grad()
 def test_packed_conversations_do_not_see_each_other(tok, checkpoint):
     """In a packed window with document starts after each EOT, a conversation's logits are its own."""
-    from sakimi_next.train import document_starts
+    from sakimi_next.batches import document_starts
 
     _, model = checkpoint
     convs = [chat.encode_chat(tok, c)[0] + [tok.eot_id] for c in CONVERSATIONS[:3]]
@@ -239,7 +239,7 @@ def test_packed_conversations_do_not_see_each_other(tok, checkpoint):
 def test_sampler_masks_targets(tok, tmp_path, capsys):
     """The training windows' targets are -100 exactly where the loss mask is 0."""
     from sakimi_next.data import load_meta, open_split
-    from sakimi_next.train import WindowSampler
+    from sakimi_next.batches import WindowSampler
 
     src = write_jsonl(tmp_path / "chats.jsonl", synthetic_conversations(40))
     assert prepare(capsys, "--train-data", src, "--out-dir", tmp_path / "d", "--tokenizer", tok.path)[0] == 0

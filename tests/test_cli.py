@@ -50,3 +50,13 @@ def test_kernel_choices_are_the_kernels():
     from sakimi_next.kernels import KERNELS as LIBRARY_KERNELS
 
     assert KERNELS == LIBRARY_KERNELS
+
+
+def test_every_export_format_is_a_module_of_export():
+    """--mode export dispatches through export.FORMATS: each name is a module there with `export(settings)`."""
+    import importlib
+
+    from sakimi_next.export import FORMATS
+
+    for name in FORMATS:
+        assert callable(importlib.import_module(f"sakimi_next.export.{name}").export)

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from sakimi_next.config import PRESETS, Config, ConfigError, nominal_size, preset
+from sakimi_next.config import (CUSTOM, PRESETS, RECOMMENDED_PRESET, Config, ConfigError, Preset, nominal_size,
+                                preset, training_defaults)
 from sakimi_next.model import Qwen3NextForCausalLM, active_parameters, count_parameters, parameter_breakdown
 
 EXACT = {"tiny_5m": 4_456_240, "tiny_10m": 9_425_888, "tiny_10m_moe": 31_480_800, "small_50m": 78_608_912}
@@ -113,3 +114,32 @@ def test_out_of_range_token_ids():
         m(torch.tensor([[1, 2048]]))
     with pytest.raises(ValueError, match="token id -1"):
         m(torch.tensor([[-1, 3]]))
+
+
+def test_every_preset_holds_its_training_defaults():
+    """One table: a preset without complete training defaults cannot be made, an unknown name is an error,
+    and a model that is no preset (--init-from) takes the recommended preset's."""
+    from sakimi_next.settings import Hyperparameters
+
+    for name, p in PRESETS.items():
+        assert training_defaults(name) is p.training
+        assert all(getattr(p.training, k) is not None for k in vars(p.training) if k != "min_lr")
+    assert training_defaults(CUSTOM) is training_defaults(None) is PRESETS[RECOMMENDED_PRESET].training
+    with pytest.raises(ConfigError, match="unknown preset 'tiny_1m'"):
+        training_defaults("tiny_1m")
+    with pytest.raises(ConfigError, match="steps is unset"):
+        Preset(model={}, training=Hyperparameters(learning_rate=1e-3))
+
+
+def test_resolved_hyperparameters_are_the_given_ones_settled():
+    """`ResolvedHyperparameters` has the fields of `Hyperparameters`, in its order (trainer_state.json keeps
+    them so), and resolving leaves none unset."""
+    from dataclasses import fields
+
+    from sakimi_next.hyperparameters import ResolvedHyperparameters, resolve_hyperparameters
+    from sakimi_next.settings import Hyperparameters
+
+    assert [f.name for f in fields(ResolvedHyperparameters)] == [f.name for f in fields(Hyperparameters)]
+    h = resolve_hyperparameters(Hyperparameters(learning_rate=4e-3, grad_clip=0.0), None, "tiny_5m")
+    assert all(v is not None for v in vars(h).values())
+    assert (h.min_lr, h.steps, h.max_grad_norm) == (4e-4, PRESETS["tiny_5m"].training.steps, float("inf"))

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 from sakimi_next import data
+from sakimi_next.data import prepare, sources
+from sakimi_next.data.split import VAL_STRETCHES
 from sakimi_next.cli import main
 from sakimi_next.config import preset
 from sakimi_next.data import check_vocab, load_meta, load_tokenizer, open_split, split_documents
@@ -182,7 +184,7 @@ def test_split_documents_blocks_and_pieces(monkeypatch):
         blocks = [text[i:i + size] for i in range(0, len(text), size)]
         assert list(split_documents(blocks, "blank-line")) == whole
     # long documents come out in pieces that join up to the document
-    monkeypatch.setattr(data, "MAX_PIECE_CHARS", 50)
+    monkeypatch.setattr(sources, "MAX_PIECE_CHARS", 50)
     pieces = list(split_documents([text], "file"))
     assert len(pieces) > 10 and [last for _, last in pieces] == [False] * (len(pieces) - 1) + [True]
     assert all(len(p) <= 50 for p, _ in pieces)
@@ -195,7 +197,7 @@ def test_split_documents_blocks_and_pieces(monkeypatch):
 
 def docs_text(n_chars: int, crlf: bool = False) -> str:
     """The embedded CPython docs, ~n_chars of them, blank lines and all, with no final newline."""
-    text = "\n\n\n".join(data._builtin_topics())[:n_chars].rstrip("\n")
+    text = "\n\n\n".join(data.builtin_topics())[:n_chars].rstrip("\n")
     return text.replace("\n", "\r\n") if crlf else text
 
 
@@ -225,7 +227,8 @@ def test_one_file_round_trip_byte_for_byte(run, tmp_path, crlf):
     assert train_decoded.encode() == train.encode()  # byte for byte, \r and blank lines included
     assert val_decoded.encode() == val.encode()
     assert val_eots == len(stretches) and train_eots == meta["splits"]["train"]["documents"]
-    assert meta["splits"]["val"]["bytes"] == len(val.encode()) and meta["splits"]["train"]["bytes"] == len(train.encode())
+    assert meta["splits"]["val"]["bytes"] == len(val.encode())
+    assert meta["splits"]["train"]["bytes"] == len(train.encode())
 
     # with --val-data, the whole file is one training document, exactly as written
     rc, _, err = run("--train-data", f, "--val-data", f, "--out-dir", tmp_path / "whole", "--config", "tiny_5m",
@@ -247,7 +250,7 @@ def test_val_stretches_at_line_boundaries_from_the_seed(run, tmp_path):
         stretches.setdefault(seed, []).append(load_meta(out)["val_stretches"])
     assert stretches[0][0] == stretches[0][1] != stretches[1][0]  # the seed decides, and only the seed
     for got in (stretches[0][0], stretches[1][0]):
-        assert 2 <= len(got) <= data.VAL_STRETCHES
+        assert 2 <= len(got) <= VAL_STRETCHES
         flat = [x for pair in got for x in pair]
         assert flat == sorted(flat) and len(set(flat)) == len(flat)  # apart and in order
         assert all(text[x - 1] == "\n" for x in flat if 0 < x < len(text))  # at line starts
@@ -255,7 +258,8 @@ def test_val_stretches_at_line_boundaries_from_the_seed(run, tmp_path):
         assert 0.09 < held / len(text) < 0.11  # about --val-fraction of the text
     # the cuts follow line boundaries whatever the pieces the text is read in
     cuts = data.plan_val_stretches(len(text), 0.1, 3)
-    assert data.snap_to_lines([text], cuts) == data.snap_to_lines([text[i:i + 97] for i in range(0, len(text), 97)], cuts)
+    pieces = [text[i:i + 97] for i in range(0, len(text), 97)]
+    assert data.snap_to_lines([text], cuts) == data.snap_to_lines(pieces, cuts)
 
 
 def test_small_blocks_and_pieces_give_the_same_tokens(run, corpus, tmp_path, monkeypatch):
@@ -264,9 +268,9 @@ def test_small_blocks_and_pieces_give_the_same_tokens(run, corpus, tmp_path, mon
     long_doc.write_text((ENGLISH + CHINESE) * 3)
     args = ("--train-data", corpus, long_doc, "--doc-split", "file", "--val-data", corpus / "zh.txt", *SMALL)
     assert run(*args, "--out-dir", tmp_path / "a")[0] == 0
-    monkeypatch.setattr(data, "BLOCK_BYTES", 7)
-    monkeypatch.setattr(data, "MAX_PIECE_CHARS", 100)
-    monkeypatch.setattr(data, "ENCODE_BATCH_BYTES", 500)
+    monkeypatch.setattr(sources, "BLOCK_BYTES", 7)
+    monkeypatch.setattr(sources, "MAX_PIECE_CHARS", 100)
+    monkeypatch.setattr(prepare, "ENCODE_BATCH_BYTES", 500)
     assert run(*args, "--out-dir", tmp_path / "b")[0] == 0
     for f in ("train.bin", "val.bin", "tokenizer.json"):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
@@ -321,7 +325,7 @@ def test_interrupted_run_leaves_the_previous_outputs(run, corpus, tmp_path, monk
 
     original = Tokenizer.encode_batch
     monkeypatch.setattr(Tokenizer, "encode_batch", interrupted)
-    monkeypatch.setattr(data, "ENCODE_BATCH_BYTES", 300)
+    monkeypatch.setattr(prepare, "ENCODE_BATCH_BYTES", 300)
     rc, _, err = run(*args, "--rebuild-tokenizer")
     assert rc == 130 and err.strip() == "interrupted"
     assert snapshot(out) == before  # old files intact, no temporary files left
@@ -398,7 +402,7 @@ def test_bad_input(run, tmp_path, case):
 
 
 def test_file_edited_while_preparing(run, corpus, tmp_path, monkeypatch):
-    scan = data.scan_sources
+    scan = prepare.scan_sources
 
     def scan_then_edit(sources, *args):
         result = scan(sources, *args)
@@ -406,7 +410,7 @@ def test_file_edited_while_preparing(run, corpus, tmp_path, monkeypatch):
             f.write("又一行。\n")
         return result
 
-    monkeypatch.setattr(data, "scan_sources", scan_then_edit)
+    monkeypatch.setattr(prepare, "scan_sources", scan_then_edit)
     rc, _, err = run("--train-data", corpus, "--out-dir", tmp_path / "out", *SMALL, *PARAS)
     assert rc == 2 and err == f"error: {corpus / 'zh.txt'} changed while it was being read; run again\n"
     assert not (tmp_path / "out").exists()
@@ -483,7 +487,8 @@ def test_a_few_files_hold_out_stretches_across_them(run, tmp_path):
     held = sum(b - a for a, b in stretches)
     assert 0.08 < held / len(whole) < 0.12
     val = "".join(whole[a:b] for a, b in stretches)
-    train = "".join(whole[a:b] for a, b in zip([0] + [e for _, e in stretches], [s for s, _ in stretches] + [len(whole)]))
+    kept = zip([0] + [e for _, e in stretches], [s for s, _ in stretches] + [len(whole)])
+    train = "".join(whole[a:b] for a, b in kept)
     assert stream_text(out, "val")[0] == val and stream_text(out, "train")[0] == train
     # paragraphs as documents: there are enough of them for whole ones to come near 10%
     rc, stdout, _ = run("--train-data", files[0], "--out-dir", tmp_path / "paras", "--config", "tiny_5m",

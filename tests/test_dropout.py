@@ -63,4 +63,5 @@ def test_dropout_changes_training_not_the_files(data_dir, tmp_path):
         assert main(["--mode", "export", "--resume-from", str(path), "--out-dir", str(out)]) == 0
         config = json.loads((out / "config.json").read_text())
         assert [k for k in config if "dropout" in k] == ["attention_dropout"] and config["attention_dropout"] == 0.0
-    assert (tmp_path / "hf_plain" / "config.json").read_bytes() == (tmp_path / "hf_dropped" / "config.json").read_bytes()
+    plain, dropped = (tmp_path / "hf_plain" / "config.json"), (tmp_path / "hf_dropped" / "config.json")
+    assert plain.read_bytes() == dropped.read_bytes()

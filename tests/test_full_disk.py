@@ -80,7 +80,8 @@ def trained(data_dir, tmp_path_factory):
 def losses(run: Path) -> dict[int, float]:
     import json
 
-    return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
+    records = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
 def test_a_checkpoint_save_on_a_full_disk(data_dir, trained, tmp_path, capsys):

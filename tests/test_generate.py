@@ -43,7 +43,8 @@ def test_cached_greedy_equals_uncached_presets(name):
 
 @pytest.mark.parametrize("prompt_len", [1, 5, 64, 65])
 def test_cached_greedy_equals_uncached(model, prompt_len):
-    prompt = torch.randint(0, model.config.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(prompt_len)).tolist()
+    g = torch.Generator().manual_seed(prompt_len)
+    prompt = torch.randint(0, model.config.vocab_size, (prompt_len,), generator=g).tolist()
     assert generate(model, [prompt], 40)[0] == greedy_without_cache(model, prompt, 40)
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sakimi_next.cli import main
-from sakimi_next.text import StreamDecoder
+from sakimi_next.text import StreamDecoder, TextRow
 from sakimi_next.model import Qwen3NextForCausalLM
 from sakimi_next.tokenizer import train_tokenizer
 
@@ -40,6 +40,24 @@ def test_stream_decoder_never_splits_a_character(zh_checkpoint):
     pieces = [dec.push(i) for i in ids] + [dec.flush()]
     assert "".join(pieces) == tok.decode(ids)
     assert not any("\ufffd" in p for p in pieces)
+
+
+def test_text_row_holds_back_what_could_start_a_stop_string(zh_checkpoint):
+    """A TextRow gives out its text as it comes (`take`), holding back what could still be the start of a
+    stop string; a stop string cuts the text before it; a stop token ends the row and is no text."""
+    _, tok, _ = zh_checkpoint
+    ids = tok.encode("one two three four five")
+    row, taken = TextRow(tok, stops=["four"]), []
+    for i in ids:
+        done = row.add(i)
+        taken.append(row.take())
+        assert done or len("".join(taken)) <= len(row.text) - len("four") + 1
+        if done:
+            break
+    assert row.done and "".join(taken) == row.finish() == "one two three "
+    row = TextRow(tok, stop_ids={ids[2]})
+    assert [row.add(i) for i in ids[:3]] == [False, False, True]
+    assert row.finish() == tok.decode(ids[:2]) and row.tokens == 3 and row.take() == row.text
 
 
 def test_streamed_generation_is_whole_characters(zh_checkpoint, capsys, monkeypatch):
@@ -140,15 +158,20 @@ def bad(args, capsys):
 def test_bad_generation_input(zh_checkpoint, tmp_path, capsys):
     ckpt, tok, _ = zh_checkpoint
     g = ["--mode", "generate", "--resume-from", str(ckpt), "--prompt", "宝玉"]
-    assert "checkpoint not found" in bad(["--mode", "generate", "--resume-from", str(tmp_path / "none"), "--prompt", "x"], capsys)
+
+    def generate(path):
+        return bad(["--mode", "generate", "--resume-from", str(path), "--prompt", "x"], capsys)
+
+    assert "checkpoint not found" in generate(tmp_path / "none")
     (tmp_path / "empty").mkdir()
-    assert "not a checkpoint" in bad(["--mode", "generate", "--resume-from", str(tmp_path / "empty"), "--prompt", "x"], capsys)
+    assert "not a checkpoint" in generate(tmp_path / "empty")
     assert "must be >= 0" in bad([*g, "--temperature", "-1"], capsys)
     assert "--top-p" in bad([*g, "--top-p", "0"], capsys)
     assert "--top-p" in bad([*g, "--top-p", "1.5"], capsys)
     assert "--top-k" in bad([*g, "--top-k", "-3"], capsys)
     assert "--max-new-tokens" in bad([*g, "--max-new-tokens", "-1"], capsys)
-    assert "does not apply to --speculative" in bad([*g, "--speculative", "mtp", "--temperature", "0", "--compile"], capsys)
+    speculative = [*g, "--speculative", "mtp", "--temperature", "0"]
+    assert "does not apply to --speculative" in bad([*speculative, "--compile"], capsys)
     (tmp_path / "latin1.txt").write_bytes("café\n".encode("latin-1"))
     assert "not UTF-8" in bad(["--mode", "generate", "--resume-from", str(ckpt), "--prompt-file",
                                str(tmp_path / "latin1.txt")], capsys)
@@ -167,4 +190,5 @@ def test_bad_generation_input(zh_checkpoint, tmp_path, capsys):
     # a prompt longer than the model's context
     long_prompt = "宝玉" * 2000
     assert "--truncate-prompt" in bad([*g[:-2], "--prompt", long_prompt, "--max-new-tokens", "2"], capsys)
-    assert main([*g[:-2], "--prompt", long_prompt, "--max-new-tokens", "2", "--truncate-prompt", "--temperature", "0"]) == 0
+    assert main([*g[:-2], "--prompt", long_prompt, "--max-new-tokens", "2", "--truncate-prompt",
+                 "--temperature", "0"]) == 0

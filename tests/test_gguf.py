@@ -13,12 +13,12 @@ import torch
 from llama_cpp import Llama
 
 from sakimi_next.cli import main
-from sakimi_next.data import _builtin_topics
+from sakimi_next.data import builtin_topics
 from sakimi_next.generate import generate
-from sakimi_next.gguf_export import DENSE_ARCH, MOE_ARCH, export_gguf, rope_sections
+from sakimi_next.export.gguf import DENSE_ARCH, MOE_ARCH, export_gguf, rope_sections
 from sakimi_next.model import Qwen3NextForCausalLM
 from sakimi_next.tokenizer import train_tokenizer
-from sakimi_next.train import build_optimizer
+from sakimi_next.optim import build_optimizer
 from sakimi_next.util import UserError
 
 from .helpers import chinese_text as helpers_chinese_text
@@ -40,7 +40,7 @@ def chinese_text(n: int, seed: int) -> str:
                    for _ in range(n))
 
 
-ENGLISH = _builtin_topics()[0][:600]
+ENGLISH = builtin_topics()[0][:600]
 TEXTS = {
     "english": ENGLISH,
     "chinese": chinese_text(12, seed=99),
@@ -57,7 +57,7 @@ PROMPTS = [ENGLISH[:80], chinese_text(2, seed=7), "The list of built-in function
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    texts = _builtin_topics() + [chinese_text(400, seed=s) for s in range(4)]
+    texts = builtin_topics() + [chinese_text(400, seed=s) for s in range(4)]
     tok = train_tokenizer(texts, 768)
     tok.save(tmp_path_factory.mktemp("tok") / "tokenizer.json")
     return tok
@@ -69,7 +69,7 @@ def trained_on_text(config, tokenizer, steps: int = 30, seed: int = 0) -> Qwen3N
     the choices at every position of a real text as well.)"""
     torch.manual_seed(seed)
     model = Qwen3NextForCausalLM(config)
-    ids = torch.tensor(tokenizer.encode("\n\n".join(_builtin_topics()[:12]) + chinese_text(300, seed=1)))
+    ids = torch.tensor(tokenizer.encode("\n\n".join(builtin_topics()[:12]) + chinese_text(300, seed=1)))
     opt = build_optimizer(model, 3e-3, 0.1, (0.9, 0.95))
     g = torch.Generator().manual_seed(seed)
     model.train()
@@ -132,11 +132,12 @@ def test_tokenization_matches(exported, tokenizer, name):
 def whole_characters_gguf(tmp_path_factory):
     """A tokenizer over whole characters (frequent characters are tokens before BPE learns merges), and an
     untrained small model exported with it (llama.cpp reads only its vocabulary)."""
-    texts = _builtin_topics()[:40] + [chinese_text(400, seed=s) for s in range(4)] + [helpers_chinese_text(20_000)]
+    texts = builtin_topics()[:40] + [chinese_text(400, seed=s) for s in range(4)] + [helpers_chinese_text(20_000)]
     tok = train_tokenizer(texts, 1280, whole_characters=True)
     d = tmp_path_factory.mktemp("whole")
     tok.save(d / "tokenizer.json")
-    model = Qwen3NextForCausalLM(small_config(vocab_size=tok.vocab_size, eos_token_id=tok.eot_id, pad_token_id=tok.pad_id))
+    model = Qwen3NextForCausalLM(small_config(vocab_size=tok.vocab_size, eos_token_id=tok.eot_id,
+                                              pad_token_id=tok.pad_id))
     gguf = export_gguf(make_checkpoint(d / "run", model, tok), d / "whole.gguf", "f32").path
     return tok, Llama(model_path=str(gguf), vocab_only=True, verbose=False)
 
@@ -288,7 +289,8 @@ def test_command_writes_and_replaces_only_its_own_files(tokenizer, tmp_path, cap
 def test_unrepresentable_models_are_refused(tokenizer, tmp_path, capsys, overrides, expect):
     model = Qwen3NextForCausalLM(small_config(vocab_size=tokenizer.vocab_size, **overrides))
     ck = make_checkpoint(tmp_path / "run", model, tokenizer)
-    rc = main(["--mode", "export", "--format", "gguf", "--resume-from", str(ck), "--out-file", str(tmp_path / "m.gguf")])
+    rc = main(["--mode", "export", "--format", "gguf", "--resume-from", str(ck),
+               "--out-file", str(tmp_path / "m.gguf")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and expect in err, err
     assert not (tmp_path / "m.gguf").exists()

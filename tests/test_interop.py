@@ -10,7 +10,8 @@ from sakimi_next.pretrained import load_for_inference
 from sakimi_next.cli import main
 from sakimi_next.config import preset
 from sakimi_next.generate import generate
-from sakimi_next.interop import export, from_hf_tensors, load_hf_config, load_hf_tensors, save_tensors_sharded, to_hf_tensors
+from sakimi_next.export.hf import export_hf, save_tensors_sharded
+from sakimi_next.huggingface import from_hf_tensors, load_hf_config, load_hf_tensors, to_hf_tensors
 from sakimi_next.model import Qwen3NextForCausalLM
 from sakimi_next.tokenizer import train_tokenizer
 
@@ -29,7 +30,7 @@ def tokenizer(tmp_path_factory):
 
 def exported(tmp_path, model, tokenizer, name="custom"):
     ck = make_checkpoint(tmp_path / "run", model, tokenizer, preset_name=name)
-    return export(ck, tmp_path / "exported")
+    return export_hf(ck, tmp_path / "exported")
 
 
 @pytest.mark.parametrize("name", ["tiny_5m", "tiny_10m", "small_50m"])
@@ -194,7 +195,7 @@ def test_fine_tune_from_exported_directory(tmp_path, tokenizer, capsys):
     """--init-from an exported model: training starts from its weights (the first loss is the model's own
     loss on that batch), and data made with another tokenizer is refused."""
     from sakimi_next.data import prepare_data
-    from sakimi_next.train import WindowSampler
+    from sakimi_next.batches import WindowSampler
 
     torch.manual_seed(5)
     model = Qwen3NextForCausalLM(small_config(vocab_size=1024, eos_token_id=tokenizer.eot_id,

@@ -10,7 +10,8 @@ import torch
 
 from sakimi_next.cli import main
 from sakimi_next.config import nominal_size, preset
-from sakimi_next.interop import export, load_hf_config, load_hf_tensors
+from sakimi_next.export.hf import export_hf
+from sakimi_next.huggingface import load_hf_config, load_hf_tensors
 from sakimi_next.model import Qwen3NextForCausalLM, active_parameters, count_parameters, parameter_breakdown
 from sakimi_next.moe import SparseMoeBlock, load_balancing_loss
 
@@ -311,7 +312,7 @@ def test_export_moe_loads_in_transformers(tmp_path, tokenizer):
     config = CONFIGS["E6_top3_raw_step2_mlp_only3"].replace(vocab_size=300)
     model = Qwen3NextForCausalLM(config)
     train_briefly(model, 300, steps=2)
-    out = export(make_checkpoint(tmp_path / "run", model, tokenizer), tmp_path / "exported")
+    out = export_hf(make_checkpoint(tmp_path / "run", model, tokenizer), tmp_path / "exported")
 
     with safe_open(out / "model.safetensors", "pt") as f:
         names = set(f.keys())

@@ -235,7 +235,8 @@ def test_tokenizer_table_on_generated_text(scripts):
     table = importlib.import_module("tokenizer_table")
     text = chinese_text(60_000, seed=4)
     bpe, whole, bpe_large = table.measure(text[:50_000], text[50_000:])
-    assert (bpe["kind"], whole["kind"], bpe_large["kind"]) == ("bpe", "whole characters", "bpe at the larger vocabulary")
+    kinds = (bpe["kind"], whole["kind"], bpe_large["kind"])
+    assert kinds == ("bpe", "whole characters", "bpe at the larger vocabulary")
     assert bpe["vocab"] < whole["vocab"] == bpe_large["vocab"]
     assert whole["single_token_chars"] > 0.99 and bpe["single_token_chars"] < whole["single_token_chars"]
     ascii_ = english_text(60_000).encode("ascii", "ignore").decode()

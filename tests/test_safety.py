@@ -23,7 +23,8 @@ from sakimi_next import checkpoint as ckpt
 from sakimi_next import util
 from sakimi_next.cli import main
 from sakimi_next.data import load_meta, prepare_data
-from sakimi_next.interop import EXPORT_RECORD, export
+from sakimi_next.export.hf import export_hf
+from sakimi_next.huggingface import EXPORT_RECORD
 from sakimi_next.model import Qwen3NextForCausalLM
 from sakimi_next.pretrained import load_for_inference
 from sakimi_next.tokenizer import train_tokenizer
@@ -69,7 +70,7 @@ def world(tmp_path_factory):
     assert main([*TRAIN, "--data-dir", str(data), "--out-dir", str(root / "run"), "--steps", "2",
                  "--save-every", "1"]) == 0
     run = root / "run"
-    hf = export(run / "step_000002", root / "hf")
+    hf = export_hf(run / "step_000002", root / "hf")
     return {"root": root, "data": data, "run": run, "hf": hf}
 
 
@@ -131,7 +132,8 @@ def test_resaving_a_step_is_a_swap(tmp_path, monkeypatch):
     real = util._exchange
     monkeypatch.setattr(util, "_exchange", lambda a, b: seen.append(ckpt.is_checkpoint(Path(b))) or real(a, b))
     real_rmtree = shutil.rmtree
-    monkeypatch.setattr(shutil, "rmtree", lambda p, *a, **k: seen.append(ckpt.is_checkpoint(first)) or real_rmtree(p, *a, **k))
+    monkeypatch.setattr(shutil, "rmtree",
+                        lambda p, *a, **k: seen.append(ckpt.is_checkpoint(first)) or real_rmtree(p, *a, **k))
     with torch.no_grad():
         model.model.embed_tokens.weight.add_(1.0)
     again = make_checkpoint(tmp_path / "run", model, tok)
@@ -143,15 +145,15 @@ def test_resaving_a_step_is_a_swap(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------- export
 def test_export_replaces_only_its_own_earlier_export(world, tmp_path):
     src = world["run"] / "step_000002"
-    out = export(src, tmp_path / "hf")
+    out = export_hf(src, tmp_path / "hf")
     record = json.loads((out / EXPORT_RECORD).read_text())
     assert record["step"] == 2 and set(record["files"]) == {p.name for p in out.iterdir()} - {EXPORT_RECORD}
-    export(world["run"] / "step_000001", out)  # an earlier export is replaced whole
+    export_hf(world["run"] / "step_000001", out)  # an earlier export is replaced whole
     assert json.loads((out / EXPORT_RECORD).read_text())["step"] == 1
     (out / "notes.txt").write_text("mine")
     before = tree(out)
     with pytest.raises(UserError, match="notes.txt"):
-        export(src, out)
+        export_hf(src, out)
     assert tree(out) == before
 
 
@@ -209,7 +211,7 @@ def test_no_import_cycles():
 
     for m in sorted(graph):
         visit(m, [])
-    assert "sakimi_next.interop" not in graph["sakimi_next.checkpoint"]
+    assert "sakimi_next.huggingface" not in graph["sakimi_next.checkpoint"]
 
 
 # --------------------------------------------------------------------- the command line, corrupted
@@ -283,7 +285,8 @@ def _symlinked_shard(hf, d):
     os.rename(hf / "model.safetensors", d / "outside.safetensors")
     names = list(ckpt.load_tensors(d / "outside.safetensors"))
     os.symlink(d / "outside.safetensors", hf / "shard.safetensors")
-    (hf / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {n: "shard.safetensors" for n in names}}))
+    index = {"weight_map": {n: "shard.safetensors" for n in names}}
+    (hf / "model.safetensors.index.json").write_text(json.dumps(index))
 
 
 def _data_case(change, message):
@@ -332,7 +335,8 @@ CASES = {
     'config.json rope_theta "abc"': _checkpoint_case(
         lambda c: edit_json(c / ckpt.CONFIG_FILE, lambda x: {**x, "rope_theta": "abc"}), "rope_theta ('abc')"),
     "tokenizer larger than the vocabulary": _checkpoint_case(_smaller_config, "this tokenizer does not belong"),
-    "tokenizer not the one trained with": _checkpoint_case(_foreign_tokenizer, "not the tokenizer the model was trained"),
+    "tokenizer not the one trained with": _checkpoint_case(_foreign_tokenizer,
+                                                           "not the tokenizer the model was trained"),
     "flipped bit in an export": _hf_case(lambda hf, d: flip_bit(hf / "model.safetensors"),
                                          "model.safetensors is corrupt"),
     "index weight_map ../x": _hf_case(_index_pointing_at(lambda hf, d: "../outside.safetensors"),

@@ -69,7 +69,8 @@ def test_models_health_and_page(server):
     health = httpx.get(srv.url + "/health", timeout=30).json()
     assert health["status"] == "ok" and health["active"] == 0 and health["max_concurrent"] == 8
     page = httpx.get(srv.url + "/", timeout=30)
-    assert page.status_code == 200 and "text/html" in page.headers["content-type"] and "/v1/chat/completions" in page.text
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert "/v1/chat/completions" in page.text
 
 
 def test_chat_and_completion_equal_plain_generation(server, reference):
@@ -238,7 +239,8 @@ def test_bad_requests_get_openai_errors_and_disturb_nothing(server, reference):
     assert error_of(post({**ok, "model": "gpt-4"}), 404)["code"] == "model_not_found"
     error_of(httpx.get(srv.url + "/v1/nothing", timeout=30), 404)
     long = "yield " * 3000
-    assert error_of(post({**ok, "messages": [{"role": "user", "content": long}]}), 413)["code"] == "context_length_exceeded"
+    too_long = post({**ok, "messages": [{"role": "user", "content": long}]})
+    assert error_of(too_long, 413)["code"] == "context_length_exceeded"
     error_of(httpx.post(srv.url + "/v1/completions", json={"prompt": [10**6]}, timeout=30), 400)
     with pytest.raises(openai.BadRequestError):
         c.chat.completions.create(model=MODEL, messages=MESSAGES, temperature=-1)
@@ -352,9 +354,9 @@ def test_serve_command(checkpoint, capsys, tmp_path):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        proc = subprocess.Popen([sys.executable, "-m", "sakimi_next", "--mode", "serve", "--resume-from", str(checkpoint),
-                                 "--port", str(port), "--model-name", MODEL, "--threads", "1", *extra], cwd=ROOT,
-                                stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen([sys.executable, "-m", "sakimi_next", "--mode", "serve", "--resume-from",
+                                 str(checkpoint), "--port", str(port), "--model-name", MODEL, "--threads", "1", *extra],
+                                cwd=ROOT, stderr=subprocess.PIPE, text=True)
         try:
             url = f"http://127.0.0.1:{port}"
             for _ in range(600):  # bounded: up to a minute to load and bind

@@ -76,7 +76,8 @@ def check_reply(r: httpx.Response) -> None:
 TEXT = st.lists(st.characters() | st.sampled_from(["\ud800", "\udfff", "<|im_end|>", "<|endoftext|>", "\x00", "😀"]),
                 max_size=16).map("".join)
 NUMBER = (st.integers() | st.sampled_from([0, 1, -1, 2**63, 2**64, -2**63 - 1, 10**30, 10**400])
-          | st.floats(allow_nan=False, allow_infinity=False, allow_subnormal=False) | st.sampled_from([5e-324, 1e-300, 1e-6, 0.5, 2.0]))
+          | st.floats(allow_nan=False, allow_infinity=False, allow_subnormal=False)
+          | st.sampled_from([5e-324, 1e-300, 1e-6, 0.5, 2.0]))
 JSON = st.recursive(st.none() | st.booleans() | NUMBER | TEXT,
                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(TEXT, inner, max_size=4),
                     max_leaves=12)

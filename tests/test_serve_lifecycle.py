@@ -82,7 +82,8 @@ def test_the_models_process_comes_back_after_a_kill(checkpoint, caplog):
         before = [text(post(srv.url, body)) for body in (GREEDY, SEEDED)]
         stream = Stream(srv.url, {"prompt": "The", "max_tokens": 3000, "temperature": 0})
         whole = {}
-        waiting = threading.Thread(target=lambda: whole.setdefault("r", post(srv.url, {"prompt": "x", "max_tokens": 3000})))
+        waiting = threading.Thread(
+            target=lambda: whole.setdefault("r", post(srv.url, {"prompt": "x", "max_tokens": 3000})))
         waiting.start()
         health_until(srv.url, lambda h: h["active"] == 2, "two requests running")
         os.kill(engine._process.pid, signal.SIGKILL)
@@ -213,9 +214,9 @@ def test_the_soak_script_runs(checkpoint):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    run = subprocess.run([sys.executable, "scripts/soak_serve.py", "--minutes", "0.1", "--warmup", "2", "--clients", "3",
-                          "--checkpoint", str(checkpoint), "--port", str(port)], cwd=ROOT, capture_output=True,
-                         text=True, timeout=600)
+    run = subprocess.run([sys.executable, "scripts/soak_serve.py", "--minutes", "0.1", "--warmup", "2",
+                          "--clients", "3", "--checkpoint", str(checkpoint), "--port", str(port)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
     out = run.stdout
     assert "responses by status: " in out and "200: " in out and "p50 " in out and "p99 " in out

@@ -68,7 +68,8 @@ def test_round_trip_any_unicode(tok, text):
 
 @pytest.mark.parametrize("text", [
     "", " ", "\n", "\r\n", "\r", "a\r\nb\r\n\r\n", "  leading and trailing  ", "\t\ttabs\t", "\x00\x01\x1f\x7f",
-    CHINESE, "混合 mixed 文本 text。", "emoji 🙂🚀👩‍👩‍👧 flags 🇨🇳🇬🇧", "<|endoftext|>literal<|pad|>", "Ｆｕｌｌ　ｗｉｄｔｈ",
+    CHINESE, "混合 mixed 文本 text。", "emoji 🙂🚀👩‍👩‍👧 flags 🇨🇳🇬🇧", "<|endoftext|>literal<|pad|>",
+    "Ｆｕｌｌ　ｗｉｄｔｈ",
 ])
 def test_round_trip_examples(tok, text):
     assert tok.decode(tok.encode(text)) == text

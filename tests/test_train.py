@@ -98,16 +98,16 @@ def test_kill_and_resume_is_bit_identical(data_dir, tmp_path, how):
 
 @pytest.mark.slow
 def test_sigkill_while_saving_resumes_exactly(data_dir, tmp_path):
-    """A real SIGKILL while the step-8 checkpoint is being written (saving made slow through the test-only
-    SAKIMI_TEST_SLOW_SAVE): step 4 stays the last complete checkpoint, and resuming from it ends
-    bit-identical to an uninterrupted run."""
+    """A real SIGKILL while the step-8 checkpoint is being written (saving made slow by the command line's
+    tests-side wrapper, tests/slow_save_cli.py): step 4 stays the last complete checkpoint, and resuming
+    from it ends bit-identical to an uninterrupted run."""
     common = ["--steps", "8", "--eval-every", "100", "--save-every", "4"]
     assert train(data_dir, tmp_path / "whole", *common) == 0
     run = tmp_path / "cut"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "SAKIMI_TEST_SLOW_SAVE": "10"}
-    proc = subprocess.Popen([sys.executable, "-m", "sakimi_next", *TRAIN, "--data-dir", str(data_dir), "--out-dir",
-                             str(run), *common], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "tests.slow_save_cli", "10", *TRAIN, "--data-dir", str(data_dir),
+                             "--out-dir", str(run), *common], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while not any(run.glob(f".step_000008.tmp-*/{ckpt.MODEL_FILE}")):  # the save is under way
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
@@ -329,7 +329,7 @@ def test_muon_takes_the_layers_matrices():
     (the tied output layer), norms, the conv, A_log and dt_bias; every parameter once."""
     from sakimi_next.config import preset
     from sakimi_next.model import Qwen3NextForCausalLM
-    from sakimi_next.train import build_optimizer
+    from sakimi_next.optim import build_optimizer
 
     model = Qwen3NextForCausalLM(preset("tiny_5m", mtp_num_hidden_layers=1))
     opt = build_optimizer(model, 1e-3, 0.5, (0.9, 0.95), kind="muon")
@@ -338,9 +338,30 @@ def test_muon_takes_the_layers_matrices():
     in_muon = {names[id(p)] for g in muon.param_groups for p in g["params"]}
     in_adamw = {names[id(p)] for g in adamw.param_groups for p in g["params"]}
     assert in_muon.isdisjoint(in_adamw) and in_muon | in_adamw == set(names.values())
-    assert in_muon == {n for n, p in model.named_parameters() if p.ndim == 2 and n.startswith(("model.layers.", "mtp."))}
+    layers = ("model.layers.", "mtp.")
+    assert in_muon == {n for n, p in model.named_parameters() if p.ndim == 2 and n.startswith(layers)}
     assert "model.embed_tokens.weight" in in_adamw and all(g["weight_decay"] == 0.5 for g in muon.param_groups)
     assert len(opt.param_groups) == len(muon.param_groups) + len(adamw.param_groups)
+
+
+def test_every_optimizer_of_the_registry_builds_and_steps():
+    """settings.OPTIMIZERS names each optimizer's builder in optim.py: each builds over every parameter once
+    and takes a step."""
+    from sakimi_next.config import preset
+    from sakimi_next.model import Qwen3NextForCausalLM
+    from sakimi_next.optim import build_optimizer, optimizer_parts
+    from sakimi_next.settings import OPTIMIZERS
+
+    model = Qwen3NextForCausalLM(preset("tiny_5m", vocab_size=300))
+    ids = torch.randint(0, 300, (2, 16))
+    for name in OPTIMIZERS:
+        opt = build_optimizer(model, 1e-3, 0.1, (0.9, 0.95), kind=name)
+        params = [p for part in optimizer_parts(opt) for g in part.param_groups for p in g["params"]]
+        assert sorted(map(id, params)) == sorted(map(id, model.parameters()))
+        model(ids, ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        assert all(part.state for part in optimizer_parts(opt))
 
 
 def test_lead_in_is_the_text_before_the_window_read_as_one_pass():
@@ -351,9 +372,8 @@ def test_lead_in_is_the_text_before_the_window_read_as_one_pass():
     import numpy as np
 
     from sakimi_next.config import preset
+    from sakimi_next.batches import WindowSampler, window_loss
     from sakimi_next.model import Qwen3NextForCausalLM
-    from sakimi_next.settings import Hyperparameters
-    from sakimi_next.train import WindowSampler, window_loss
 
     tokens = np.arange(5000, dtype=np.uint16) % 500
     sampler = WindowSampler(tokens, 24, 3, seed=1, rank=0, world=1, lead_in=40)
@@ -364,14 +384,14 @@ def test_lead_in_is_the_text_before_the_window_read_as_one_pass():
         assert x[row].tolist() == tokens[start:start + 24].tolist()
     torch.manual_seed(0)
     model = Qwen3NextForCausalLM(preset("tiny_5m", vocab_size=500)).train()
-    out = window_loss(model, model, x, y, lead, Hyperparameters(mtp_weight=0.0), nullcontext(), None)
+    out = window_loss(model, model, x, y, lead, 0.0, nullcontext(), None)
     out.loss.backward()
     whole = model(torch.cat([lead, x], dim=1)).logits[:, 40:]
     expected = torch.nn.functional.cross_entropy(whole.flatten(0, 1), y.flatten())
     assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert model.training and all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
     bf16 = window_loss(  # a bf16 run's lead-in state is bf16 too
-        model, model, x, y, lead, Hyperparameters(mtp_weight=0.0), torch.autocast("cpu", dtype=torch.bfloat16), None)
+        model, model, x, y, lead, 0.0, torch.autocast("cpu", dtype=torch.bfloat16), None)
     assert bf16.loss.item() == pytest.approx(expected.item(), rel=2e-2)
 
 
@@ -400,8 +420,8 @@ def test_old_checkpoints_resume_without_lead_in():
     --config auto, whose fresh runs read one; chat data (document masking) reads none either. One from
     before --ema goes on handing out its last weights."""
     from sakimi_next import auto
+    from sakimi_next.hyperparameters import resolve_hyperparameters
     from sakimi_next.settings import Hyperparameters
-    from sakimi_next.train import resolve_hyperparameters
 
     fresh = resolve_hyperparameters(Hyperparameters(), None, auto.NAME, 400_000, 20, "cpu")
     assert (fresh.batch_size, fresh.seq_len, fresh.lead_in) == (4, 512, 1024)  # auto.LONG_CONTEXT

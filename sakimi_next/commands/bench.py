@@ -73,7 +73,8 @@ def _training(s: BenchSettings, model, hf, figs: Figures) -> float:
     import torch
 
     from .. import bench
-    from ..train import build_optimizer, compile_layers
+    from ..distributed import compile_layers
+    from ..optim import build_optimizer
 
     repeats = 3 if s.quick else 5
     step_seconds = None
@@ -170,7 +171,7 @@ def _utilisation(s: BenchSettings, model, step_seconds: float, figs: Figures) ->
 
     from .. import bench
     from ..model import Qwen3NextForCausalLM
-    from ..train import build_optimizer
+    from ..optim import build_optimizer
 
     peak = bench.matmul_peak()
     mfu = bench.training_flops_per_token(model, 128) * 8 * 128 / step_seconds / peak
@@ -199,7 +200,7 @@ def run(s: BenchSettings) -> int:
     model.set_kernel(s.kernel, "cpu")
     hf = None
     if s.compare:
-        from ..interop import to_transformers
+        from ..huggingface import to_transformers
 
         hf = to_transformers(model)
     threads = torch.get_num_threads()
@@ -242,7 +243,7 @@ def plot(results: dict, path: Path) -> None:
         axes[0].legend()
         axes[0].set_title(f"{results['preset']}, fp32, {results['threads']} CPU threads")
     if split:
-        axes[1].pie(list(split.values()), labels=[k if v / sum(split.values()) > 0.02 else "" for k, v in split.items()],
-                    autopct=lambda p: f"{p:.0f}%" if p > 2 else "")
+        labels = [k if v / sum(split.values()) > 0.02 else "" for k, v in split.items()]
+        axes[1].pie(list(split.values()), labels=labels, autopct=lambda p: f"{p:.0f}%" if p > 2 else "")
         axes[1].set_title("training step 8 x 128: time by part")
     save_png(fig, path, bbox_inches="tight")  # keep the pie's outer labels

@@ -11,9 +11,8 @@ import os
 from pathlib import Path
 
 from ..config import PRESETS, RECOMMENDED_PRESET
+from ..settings import AUTO_PRESET, KERNELS
 from ..util import UserError
-
-KERNELS = ("auto", "chunk", "recurrent", "fla")  # kernels.KERNELS, without importing torch to parse
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -60,12 +59,9 @@ def nonempty_strings(flag: str, values: list[str] | None) -> tuple[str, ...]:
     return tuple(values or ())
 
 
-AUTO = "auto"  # auto.NAME: --config auto sizes the model from the text (prepare_data, train)
-
-
 def preset_name(name: str | None, default: str | None = RECOMMENDED_PRESET, allow_auto: bool = False) -> str | None:
-    if name is not None and name not in PRESETS and not (allow_auto and name == AUTO):
-        choices = ", ".join(PRESETS) + (f", {AUTO}" if allow_auto else "")
+    if name is not None and name not in PRESETS and not (allow_auto and name == AUTO_PRESET):
+        choices = ", ".join(PRESETS) + (f", {AUTO_PRESET}" if allow_auto else "")
         raise UserError(f"unknown preset {name!r}; choose one of: {choices}")
     return name if name is not None else default
 

@@ -67,10 +67,11 @@ def _split_ids(data_dir: Path, tokenizer):
     import numpy as np
 
     from ..data import load_meta, open_split
+    from ..tokenizer import check_same_tokenizer
 
     meta = load_meta(data_dir)
-    if meta.get("tokenizer_sha256") and meta["tokenizer_sha256"] != tokenizer.sha256:
-        raise UserError(f"{data_dir} was tokenized with another tokenizer than the model's")
+    check_same_tokenizer(tokenizer, meta.get("tokenizer_sha256"),
+                         f"{data_dir} was tokenized with another tokenizer than the model's")
     tokens = open_split(data_dir, "val")
     if len(tokens) < 2:
         raise UserError(f"the validation split of {data_dir} has fewer than 2 tokens")

@@ -104,7 +104,11 @@ def settings(args: argparse.Namespace) -> GenerateSettings:
                 raise UserError(f"{flag} does not apply to --chat (a chat reads its messages from standard input)")
     if args.prompt is not None and args.prompt_file:
         raise UserError("give --prompt or --prompt-file, not both")
-    prompts = (args.prompt,) if args.prompt is not None else _prompt_file(args.prompt_file) if args.prompt_file else None
+    prompts = None
+    if args.prompt is not None:
+        prompts = (args.prompt,)
+    elif args.prompt_file:
+        prompts = _prompt_file(args.prompt_file)
     return GenerateSettings(
         checkpoint=common.required("--resume-from CHECKPOINT_DIR (e.g. runs/tiny_10m/latest)", args.resume_from,
                                    "the model to talk to"),
@@ -134,7 +138,7 @@ class PrintedRow(TextRow):
 
     def __init__(self, tokenizer, stops, stream: bool):
         super().__init__(tokenizer, stops)
-        self.stream, self.printed = stream, 0
+        self.stream = stream
 
     def add(self, token: int) -> bool:
         done = super().add(token)
@@ -147,11 +151,10 @@ class PrintedRow(TextRow):
         return text
 
     def _print(self):
-        end = self.shown_end
-        if self.stream and end > self.printed:
-            sys.stdout.write(self.text[self.printed:end])
+        new = self.take()
+        if self.stream and new:
+            sys.stdout.write(new)
             sys.stdout.flush()
-            self.printed = end
 
 
 class Session:
@@ -296,5 +299,6 @@ def run_chat(s: GenerateSettings) -> int:
         sys.stdout.flush()
         seconds = time.perf_counter() - t0
         print(f"[{n} tokens in {seconds:.2f} s, {n / max(seconds, 1e-9):.1f} tokens/s; prefilled "
-              f"{session.prefilled[-1]} new tokens, {len(session.ids)} in the conversation]", file=sys.stderr, flush=True)
+              f"{session.prefilled[-1]} new tokens, {len(session.ids)} in the conversation]", file=sys.stderr,
+              flush=True)
     return 0

@@ -8,9 +8,10 @@ from pathlib import Path
 
 from ..auto import WHOLE_CHARACTERS
 from ..config import preset
-from ..data import DEFAULT_OUT_DIR, DOC_SPLITS, prepare_data, say
+from ..data import prepare_data
+from ..settings import AUTO_PRESET, DEFAULT_DATA_DIR, DOC_SPLITS, ENCODING_ERRORS
 from ..tokenizer import CHAR_COVERAGE, MIN_CHAR_COUNT, MIN_VOCAB, SPECIAL_TOKENS
-from ..util import UserError
+from ..util import UserError, say
 from . import common
 
 HELP = "tokenize text into a prepared data directory (tokenizer, train.bin, val.bin, meta.json)"
@@ -29,9 +30,10 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--doc-split", default="auto", choices=DOC_SPLITS,
                    help="what a document is: auto = a .txt file exactly as written, a JSONL record; file also "
                         "joins a JSONL file's records; blank-line paragraphs or lines on request")
-    p.add_argument("--encoding-errors", default="strict", choices=("strict", "replace"),
+    p.add_argument("--encoding-errors", default="strict", choices=ENCODING_ERRORS,
                    help="what to do with bytes that are not UTF-8")
-    p.add_argument("--tokenizer", default=None, help="tokenizer.json to use or create (default DATA_DIR/tokenizer.json)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer.json to use or create (default DATA_DIR/tokenizer.json)")
     p.add_argument("--vocab-size", type=int, default=None, help="tokenizer vocabulary (default: the preset's)")
     p.add_argument("--whole-characters", action=argparse.BooleanOptionalAction, default=None,
                    help="the tokenizer first gives each frequent character a token of its own (those that make up "
@@ -53,7 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                          "from the size of the text")
     common.add_seed(p, "seed of the validation split and the tokenizer sample")
     add_data_arguments(p)
-    p.add_argument("--out-dir", default=None, help=f"where to write (default: --data-dir, else {DEFAULT_OUT_DIR}/)")
+    p.add_argument("--out-dir", default=None, help=f"where to write (default: --data-dir, else {DEFAULT_DATA_DIR}/)")
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,7 @@ def data_settings(args: argparse.Namespace, out_dir: str | Path, seed: int) -> P
     if args.tokenizer is not None:
         common.writable_dir("--tokenizer", Path(args.tokenizer).parent)
     return PrepareDataSettings(
-        preset=common.preset_name(args.config, common.AUTO, allow_auto=True),
+        preset=common.preset_name(args.config, AUTO_PRESET, allow_auto=True),
         out_dir=common.writable_dir("--out-dir", out_dir),
         train_data=tuple(args.train_data) if args.train_data else None,
         val_data=tuple(args.val_data) if args.val_data else None,
@@ -100,11 +102,11 @@ def settings(args: argparse.Namespace) -> PrepareDataSettings:
         raise UserError(f"--out-dir ({args.out_dir}) and --data-dir ({args.data_dir}) differ; "
                         "prepare_data writes one directory")
     seed = common.seed(args.seed)
-    return data_settings(args, args.out_dir or args.data_dir or DEFAULT_OUT_DIR, 0 if seed is None else seed)
+    return data_settings(args, args.out_dir or args.data_dir or DEFAULT_DATA_DIR, 0 if seed is None else seed)
 
 
 def prepare(s: PrepareDataSettings) -> Path:
-    auto = s.preset == common.AUTO
+    auto = s.preset == AUTO_PRESET
     return prepare_data(list(s.train_data or ()) or None, list(s.val_data or ()) or None, s.out_dir,
                         tokenizer_path=s.tokenizer, vocab_size=s.vocab_size, val_fraction=s.val_fraction,
                         doc_split=s.doc_split, encoding_errors=s.encoding_errors,
@@ -121,7 +123,7 @@ def _auto_config(vocab_size: int | None):
 
 
 def run(s: PrepareDataSettings) -> int:
-    if s.preset == common.AUTO:
+    if s.preset == AUTO_PRESET:
         vocab = f"vocab_size {s.vocab_size:,}" if s.vocab_size else "the vocabulary from the text's size"
     else:
         vocab = f"vocab_size {preset(s.preset).vocab_size:,}"

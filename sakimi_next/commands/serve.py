@@ -15,7 +15,8 @@ HELP = "serve a model: OpenAI-compatible API (chat and completions, streaming) a
 
 
 def add_arguments(parser) -> None:
-    common.add_checkpoint(parser, "the model: a checkpoint directory (or its run directory) or a Hugging Face directory")
+    common.add_checkpoint(parser,
+                          "the model: a checkpoint directory (or its run directory) or a Hugging Face directory")
     common.add_device(parser)
     parser.add_argument("--compile", action="store_true", help="torch.compile the decoding step (about a minute, once)")
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"),

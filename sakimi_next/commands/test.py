@@ -51,7 +51,8 @@ def describe_config(config: Config) -> str:
     for k, v in config.to_dict().items():
         if k == "layer_types":
             n_full = v.count("full_attention")
-            v = f"{len(v) - n_full} linear : {n_full} full  ({' '.join('A' if t == 'full_attention' else 'L' for t in v)})"
+            letters = " ".join("A" if t == "full_attention" else "L" for t in v)
+            v = f"{len(v) - n_full} linear : {n_full} full  ({letters})"
         elif k in moe_fields and not config.num_experts:
             continue
         elif k == "num_experts" and not v:

@@ -7,8 +7,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from ..data import DEFAULT_OUT_DIR
-from ..settings import OPTIMIZERS, Hyperparameters, TrainSettings
+from ..settings import AUTO_PRESET, DEFAULT_DATA_DIR, OPTIMIZERS, Hyperparameters, TrainSettings
 from ..util import UserError
 from . import common
 from .prepare_data import PrepareDataSettings, add_data_arguments, data_settings, prepare
@@ -33,8 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d = p.add_argument_group("data (with --train-data, the data directory is prepared first)")
     add_data_arguments(d)
 
-    # defaults are None here and filled in by train.py (the preset's defaults, config.TRAINING_DEFAULTS,
-    # or a resumed checkpoint's own settings), so that resuming without repeating a flag keeps its value
+    # defaults are None here and filled in by hyperparameters.resolve_hyperparameters (the preset's defaults,
+    # config.PRESETS, or a resumed checkpoint's own settings), so that resuming without repeating a flag keeps
+    # its value
     t = p.add_argument_group("training (defaults: the preset's, or a resumed checkpoint's)")
     common.add_seed(t, "seed of the weights and the batches (a resumed run keeps its own)")
     t.add_argument("--steps", type=int, default=None, help="optimizer steps")
@@ -58,17 +58,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--early-stop-patience", type=int, default=0,
                    help="stop after N evaluations without improvement (0 = never)")
     t.add_argument("--early-stop-min-delta", type=float, default=0.0, help="smallest improvement that counts")
-    t.add_argument("--skip-nonfinite", action="store_true", help="skip a step with a non-finite loss instead of stopping")
+    t.add_argument("--skip-nonfinite", action="store_true",
+                   help="skip a step with a non-finite loss instead of stopping")
     t.add_argument("--max-minutes", type=float, default=None,
                    help="a time budget: without --steps the run measures its speed and plans steps, warm-up, decay "
                         "and evaluations to end in M minutes; with --steps it stops (and saves) after M minutes")
     t.add_argument("--dropout", type=float, default=None,
                    help="dropout on the embedding and every residual branch while training, in [0, 1) (0; "
                         "--config auto picks one); evaluation, generation and exported models never drop")
-    t.add_argument("--optimizer", default=None, choices=OPTIMIZERS,
-                   help="adamw, or muon: Muon (orthogonalised momentum) for the decoder layers' matrices and AdamW "
-                        "for the rest, with the same --learning-rate and --weight-decay (adamw; --config auto picks "
-                        "muon)")
+    t.add_argument("--optimizer", default=None, choices=list(OPTIMIZERS),
+                   help="; ".join(f"{name}: {o.help}" for name, o in OPTIMIZERS.items())
+                   + " (adamw; --config auto picks muon)")
     t.add_argument("--lead-in", type=int, default=None,
                    help="tokens of the text right before each training window that the model reads first, "
                         "without gradient, so that every window continues a longer text, as in generation and "
@@ -121,15 +121,16 @@ def settings(args: argparse.Namespace) -> TrainCommandSettings:
     common.count("--early-stop-patience", args.early_stop_patience, minimum=0, note=" (0 = never)")
     common.finite_float("--early-stop-min-delta", args.early_stop_min_delta, lo=0)
     common.positive_float("--max-minutes", args.max_minutes)
-    if args.optimizer == "muon" and args.fsdp:
-        raise UserError("--optimizer muon does not work with --fsdp (Muon needs each matrix whole); use DDP "
+    problem = OPTIMIZERS[args.optimizer].fsdp_problem if args.optimizer else None
+    if problem and args.fsdp:
+        raise UserError(f"--optimizer {args.optimizer} does not work with --fsdp ({problem}); use DDP "
                         "(torchrun without --fsdp) or --optimizer adamw")
     if args.resume_from and args.init_from:
         raise UserError("give --resume-from (continue a run) or --init-from (start from weights), not both")
-    data_dir = Path(args.data_dir or DEFAULT_OUT_DIR)
+    data_dir = Path(args.data_dir or DEFAULT_DATA_DIR)
     out_dir = common.writable_dir("--out-dir", args.out_dir) if args.out_dir else None
     if out_dir is None and args.resume_from in (None, "auto"):
-        common.writable_dir("--out-dir", f"runs/{common.preset_name(args.config, common.AUTO, allow_auto=True)}")
+        common.writable_dir("--out-dir", f"runs/{common.preset_name(args.config, AUTO_PRESET, allow_auto=True)}")
     training = TrainSettings(
         data_dir=data_dir, hyper=hyper, preset=common.preset_name(args.config, default=None, allow_auto=True),
         out_dir=out_dir,
@@ -138,7 +139,7 @@ def settings(args: argparse.Namespace) -> TrainCommandSettings:
         fsdp=args.fsdp, keep_last=args.keep_last, print_every=args.print_every,
         early_stop_patience=args.early_stop_patience, early_stop_min_delta=args.early_stop_min_delta,
         skip_nonfinite=args.skip_nonfinite, max_minutes=args.max_minutes)
-    prep = data_settings(args, data_dir, hyper.seed or 0) if args.train_data else None
+    prep = data_settings(args, data_dir, 0 if hyper.seed is None else hyper.seed) if args.train_data else None
     return TrainCommandSettings(training, prep)
 
 

@@ -14,11 +14,11 @@ import re
 
 import torch
 
+from ..settings import KERNELS  # defined there, for the command line to list without torch
 from ..util import UserError
 from .chunk import chunk_gated_delta_rule
 from .naive import recurrent_gated_delta_rule, recurrent_step
 
-KERNELS = ("auto", "chunk", "recurrent", "fla")
 # fla 0.5.0 is the first with grouped value heads (more value than key heads, passed without copies)
 # and with the kernels alone as the package fla-core; FLA_PIN is the version scripts/gpu_check.py checks
 FLA_MIN_VERSION = (0, 5, 0)

@@ -275,7 +275,8 @@ class KeyCheck:
 class Reply:
     """OpenAI's response objects, whole or in chunks, for one request."""
 
-    def __init__(self, kind: Literal["chat.completion", "text_completion"], model: str, body: Common, prompt_tokens: int):
+    def __init__(self, kind: Literal["chat.completion", "text_completion"], model: str, body: Common,
+                 prompt_tokens: int):
         self.kind, self.model, self.body, self.prompt_tokens = kind, model, body, prompt_tokens
         self.id = ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + secrets.token_hex(12)
         self.created = int(time.time())

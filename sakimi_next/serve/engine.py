@@ -25,7 +25,7 @@ import torch
 
 from ..cache import Cache
 from ..generate import DecodeFn, SamplingSettings, decode_one_token, prefill, sampling_probs
-from ..text import StreamDecoder, first_stop
+from ..text import TextRow
 from .batch import BatchCache
 
 log = logging.getLogger("sakimi_next.serve")
@@ -74,42 +74,12 @@ class EngineStopped(Exception):
     pass
 
 
-class _Text:
-    """A reply's text as tokens arrive: incremental decoding, stop strings, and what is safe to send
-    (text that could still be the start of a stop string is held back)."""
-
-    def __init__(self, tokenizer, stops: list[str]):
-        self.decoder, self.stops = StreamDecoder(tokenizer), stops
-        self.hold = max((len(s) for s in stops), default=1) - 1
-        self.text, self.sent = "", 0
-
-    def add(self, token: int) -> bool:
-        """True when a stop string appeared (the text is cut before it)."""
-        self.text += self.decoder.push(token)
-        return self._cut()
-
-    def flush(self) -> None:
-        self.text += self.decoder.flush()
-        self._cut()
-
-    def _cut(self) -> bool:
-        at = first_stop(self.text, self.stops) if self.stops else None
-        if at is not None:
-            self.text = self.text[:at]
-        return at is not None
-
-    def take(self, final: bool) -> str:
-        end = len(self.text) if final else max(len(self.text) - self.hold, self.sent)
-        new, self.sent = self.text[self.sent:end], end
-        return new
-
-
 class _Sequence:
     def __init__(self, request: Request, tokenizer, device):
         self.request = request
         seed = request.seed if request.seed is not None else int(torch.randint(0, 2**62, ()).item())
         self.generator = torch.Generator(device=device).manual_seed(seed)
-        self.text = _Text(tokenizer, request.stop)
+        self.text = TextRow(tokenizer, request.stop, request.stop_ids)
         self.generated = 0
 
 
@@ -144,7 +114,8 @@ class Engine:
                 raise EngineStopped("the engine is not running")
             free = max(self.max_concurrent - len(self.active), 0)  # slots the next loop will fill
             if len(self._waiting) >= self.max_queue + free:
-                raise QueueFull(f"{len(self.active)} requests running and {len(self._waiting)} waiting; try again later")
+                raise QueueFull(f"{len(self.active)} requests running and {len(self._waiting)} waiting; "
+                                "try again later")
             if not request.id:  # ids given by the caller (the engine process's parent) are kept
                 request.id = next(self._ids)
             self._waiting.append(request)
@@ -321,21 +292,19 @@ class Engine:
         seq.generated += 1
         self.tokens_generated += 1
         reason = None
-        if token in r.stop_ids:
-            reason = "stop"
-        elif seq.text.add(token):
+        if seq.text.add(token):  # a stop token or a stop string
             reason = "stop"
         elif seq.generated >= r.max_tokens:
             reason = "length"
         if reason is None:
-            text = seq.text.take(final=False)
+            text = seq.text.take()
             if text:
                 self._emit(r, Event(text=text))
             return False
         if reason == "length":  # the characters still held back are whole now
-            seq.text.flush()
+            seq.text.finish()
         self.served += 1
-        self._emit(r, Event(text=seq.text.take(final=True), finish_reason=reason, prompt_tokens=len(r.prompt),
+        self._emit(r, Event(text=seq.text.take(), finish_reason=reason, prompt_tokens=len(r.prompt),
                             completion_tokens=seq.generated))
         return True
 

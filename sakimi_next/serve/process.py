@@ -76,7 +76,8 @@ class EngineProcess:
         command_reader, commands = ctx.Pipe(duplex=False)
         events, event_writer = ctx.Pipe(duplex=False)
         process = ctx.Process(target=_child_main, name="sakimi-engine", daemon=True,
-                              args=(self.source, self.max_concurrent, self.max_queue, command_reader, event_writer))
+                              args=(self.source, self.max_concurrent, self.max_queue, command_reader,
+                                    event_writer))
         with self._lock:
             if self._stopping:
                 raise UserError("the server is stopping")

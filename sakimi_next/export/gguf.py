@@ -1,4 +1,4 @@
-"""GGUF export: one file that llama.cpp (and ollama, LM Studio, llama-cpp-python) runs as we do.
+"""`--mode export --format gguf`: one file that llama.cpp (and ollama, LM Studio, llama-cpp-python) runs as we do.
 
 The file is written with the `gguf` package (llama.cpp's own gguf-py) and follows what llama.cpp's
 converter (`convert_hf_to_gguf.py`, classes `Qwen3NextModel` and `_LinearAttentionVReorderBase`) writes
@@ -38,8 +38,6 @@ the routers kept float32 (as the converter does). A matrix whose rows are not a 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -47,11 +45,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .config import Config
-from .tokenizer import CHAT_TEMPLATE, IM_END
-from .util import UserError, fsync_dir, umask, write_failed
+from ..config import Config
+from ..pretrained import CHECKPOINT, read_model
+from ..settings import GGUF_TYPES, ExportSettings
+from ..tokenizer import CHAT_TEMPLATE, IM_END
+from ..util import UserError, atomic_file
 
-WEIGHT_TYPES = ("f32", "f16", "q8_0")
 DENSE_ARCH, MOE_ARCH = "qwen35", "qwen3next"
 EXPORT_KEY = "sakimi_next.exported_from"  # marks our files: only those may be overwritten
 L2NORM_EPS = 1e-6  # the eps of our q/k l2norm; llama.cpp uses rms_norm_eps there
@@ -288,7 +287,7 @@ def tokenizer_vocab(tokenizer_json: dict, vocab_size: int) -> tuple[list[str], l
     `qwen2` byte-level BPE would tokenize differently is a UserError."""
     from gguf import TokenType
 
-    from .tokenizer import SPLIT_PATTERN
+    from ..tokenizer import SPLIT_PATTERN
 
     def refuse(why: str):
         raise UserError(f"cannot export the tokenizer to GGUF: {why}; llama.cpp would split text differently")
@@ -345,6 +344,14 @@ def write_tokenizer(writer, tokenizer_json: dict, vocab_size: int, eot_id: int, 
 
 
 # ------------------------------------------------------------------------------------------ export
+def export(s: ExportSettings) -> list[str]:
+    """`--mode export --format gguf`: what `export_gguf` wrote, and what it left out, for the user."""
+    res = export_gguf(s.checkpoint, s.out_file, s.gguf_type, progress=True)
+    return [f"note: {note}" for note in res.notes] + [
+        f"exported {s.checkpoint} -> {res.path} (llama.cpp architecture {res.architecture}, {res.weight_type}); "
+        f"run it with: llama-cli -m {res.path}"]
+
+
 @dataclass
 class Source:
     """A model to export: a training checkpoint or a Hugging Face directory, as loaded."""
@@ -357,18 +364,10 @@ class Source:
 
 
 def load_source(path: str | Path) -> Source:
-    from . import checkpoint as ckpt
-    from . import interop
-
-    p = Path(path)
-    if interop.is_hf_dir(p) and not ckpt.is_checkpoint(p):
-        config, tensors = interop.load_hf_config(p), interop.load_hf_tensors(p)
-        tokenizer, name = interop.load_hf_tokenizer(p, config), p.name
-    else:
-        src = ckpt.resolve_checkpoint(p)
-        config, state, tensors, tokenizer = ckpt.load_model_files(src)
-        name = state.get("preset") or src.parent.name
-    return Source(config, tensors, json.loads(tokenizer._json), tokenizer.eot_id, tokenizer.pad_id, name)
+    files = read_model(path)
+    name = (files.state.get("preset") or files.path.parent.name) if files.kind == CHECKPOINT else files.path.name
+    tokenizer = files.tokenizer()
+    return Source(files.config, files.tensors, json.loads(tokenizer._json), tokenizer.eot_id, tokenizer.pad_id, name)
 
 
 @dataclass
@@ -406,8 +405,8 @@ def export_gguf(model_path: str | Path, out_path: str | Path, weight_type: str =
     existing file is only replaced when it is an earlier GGUF export of ours."""
     import gguf
 
-    if weight_type not in WEIGHT_TYPES:
-        raise UserError(f"--gguf-type {weight_type!r}: choose one of {', '.join(WEIGHT_TYPES)}")
+    if weight_type not in GGUF_TYPES:
+        raise UserError(f"--gguf-type {weight_type!r}: choose one of {', '.join(GGUF_TYPES)}")
     out = Path(out_path)
     check_target(out)
     src = load_source(model_path)
@@ -417,11 +416,7 @@ def export_gguf(model_path: str | Path, out_path: str | Path, weight_type: str =
         result.notes.append("the multi-token-prediction block (mtp.*) is not exported: llama.cpp runs the "
                             "model without it")
     tensors = gguf_tensors(src.config, {k: v for k, v in src.tensors.items() if not k.startswith("mtp.")}, arch)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    existed = out.exists()
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
+    with atomic_file(out) as tmp:  # an existing file stays whole until the new one is
         writer = gguf.GGUFWriter(tmp, arch)
         write_hparams(writer, src.config, arch, weight_type, src.name)
         write_tokenizer(writer, src.tokenizer_json, src.config.vocab_size, src.eot_id, src.pad_id)
@@ -436,18 +431,7 @@ def export_gguf(model_path: str | Path, out_path: str | Path, weight_type: str =
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file(progress=progress)
         writer.close()
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~umask())
-        os.replace(tmp, out)
-    except OSError as e:  # a full disk...: one line, as util.publish_dir says it
-        Path(tmp).unlink(missing_ok=True)
-        raise write_failed(out, e, existed, Path(tmp)) from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(out.parent)
     if fallback:
-        result.notes.append(f"{len(fallback)} matrices stored f16 (rows not a multiple of 32): {', '.join(fallback[:3])}"
-                            + (", ..." if len(fallback) > 3 else ""))
+        names = ", ".join(fallback[:3]) + (", ..." if len(fallback) > 3 else "")
+        result.notes.append(f"{len(fallback)} matrices stored f16 (rows not a multiple of 32): {names}")
     return result
