@@ -34,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                            "(default other: not chosen; the weights follow the terms of their training text)")
     card.add_argument("--language", nargs="+", action="extend", default=None, metavar="CODE",
                       help="the languages of the model, ISO 639 codes such as en zh (default: detected from the "
-                           "held-out text's scripts)")
+                           "training text's scripts)")
     card.add_argument("--dataset-name", default=None,
                       help="how the card names the training data (default: the prepared data's source files)")
     card.add_argument("--base-model", default=None, metavar="ID",

@@ -4,9 +4,9 @@ training data, the held-out figures and a command line that trains the model aga
 
 The license is the user's call: weights follow the terms of the text they were trained on, which this
 project cannot know, and its own Apache-2.0 covers the code, not what the code learns. Without --license
-the card says `license: other` and explains. Languages, unless given, are read from the held-out text
-(or, when the prepared data is gone, the tokenizer's vocabulary) by script: Han -> zh, kana -> ja,
-Hangul -> ko, Latin letters -> en (an assumption: the card says so).
+the card says `license: other` and explains. Languages, unless given, are read from a sample of the
+training text (or, when the prepared data is gone, the tokenizer's vocabulary) by script: Han -> zh,
+kana -> ja, Hangul -> ko, Latin letters -> en (an assumption: the card says so).
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ class TrainingData:
     """What the card says about the data a checkpoint was trained on (`describe_data` in export/hf.py)."""
 
     sources: list[str]  # the prepared data's input files (meta.json), [] when it cannot be read
-    sample: str  # some held-out text (or the tokenizer's vocabulary) to detect languages in
+    sample: str  # some training text (or the tokenizer's vocabulary) to detect languages in
     data_dir: str | None
 
 
@@ -185,7 +185,7 @@ def model_card(config: Config, state: dict, metrics: list[dict], n_params: int, 
              "model = AutoModelForCausalLM.from_pretrained('.')", "tokenizer = AutoTokenizer.from_pretrained('.')",
              "```", ""]
     if not card.languages:
-        lines += [f"Languages detected from the text's scripts: {', '.join(languages) or 'none'} (Latin letters "
+        lines += [f"Languages detected from the training text's scripts: {', '.join(languages) or 'none'} (Latin letters "
                   "are taken as English; `--language` sets them).", ""]
     lines += _architecture(config, layout, n_params) + _data(state, card, data) + _held_out(metrics)
     lines += _command(state) + _license(card)

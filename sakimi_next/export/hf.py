@@ -83,15 +83,17 @@ def disk_tensors(tensors: dict[str, torch.Tensor], config: Config, layout: str) 
     return out
 
 
-def describe_data(state: dict, tokenizer) -> TrainingData:
-    """The checkpoint's prepared data, for the model card: its source files and some held-out text (the
-    tokenizer's vocabulary when the data directory is gone)."""
+def describe_data(state: dict, tokenizer, windows: int = 64, window: int = 256) -> TrainingData:
+    """The checkpoint's prepared data, for the model card: its source files and a sample of its training
+    text, `windows` stretches spread evenly over it (the tokenizer's vocabulary when the data is gone)."""
     data_dir = state.get("data_dir")
     meta = read_meta_quietly(Path(data_dir)) if data_dir else None
     sample = ""
     if meta is not None:
         try:
-            sample = tokenizer.decode(open_split(Path(data_dir), "val")[:20_000].tolist())
+            tokens = open_split(Path(data_dir), "train")
+            starts = range(0, max(len(tokens) - window, 0) + 1, max(len(tokens) // windows, 1))
+            sample = "\n".join(tokenizer.decode(tokens[i:i + window].tolist()) for i in starts)
         except UserError:
             pass
     if not sample:
