@@ -35,7 +35,8 @@ def exported(tmp_path, model, tokenizer, name="custom", layout=None):
 
 
 # every dense preset in its default layout (Qwen3.5), and one in the other (test_qwen35.py has the MoE preset)
-@pytest.mark.parametrize("name,layout", [("tiny_5m", "qwen3_5"), ("tiny_10m", "qwen3_5"), ("small_50m", "qwen3_5"),
+@pytest.mark.parametrize("name,layout", [("tiny_5m", "qwen3_5"), ("tiny_10m", "qwen3_5"),
+                                         pytest.param("small_50m", "qwen3_5", marks=pytest.mark.slow),
                                          ("tiny_10m", "qwen3_next")])
 def test_export_loads_in_transformers(tmp_path, tokenizer, name, layout):
     """AutoModelForCausalLM loads the export with no missing, unexpected or mismatched key and gives our

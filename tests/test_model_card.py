@@ -75,6 +75,7 @@ def test_card_when_the_data_is_gone(run, tmp_path):
     assert sorted(meta["language"]) == ["en", "zh"]  # from the tokenizer's vocabulary instead
 
 
+@pytest.mark.slow
 def test_command_line_trains_the_same_weights(run, tmp_path):
     """The card's command line parses with the train command's flags into the settings the run recorded,
     and, run again (into another directory), gives the same weights bit for bit."""
