@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from sakimi_next.pretrained import read_model
-from sakimi_next.model import Qwen3NextForCausalLM
 from sakimi_next.checkpoint import load_weights
+from sakimi_next.model import Qwen3NextForCausalLM
+from sakimi_next.pretrained import read_model
 
 from .helpers import make_checkpoint
 from .serve_support import make_served_checkpoint

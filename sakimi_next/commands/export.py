@@ -4,9 +4,8 @@ with a model card), or one llama.cpp GGUF file (the formats: `export.FORMATS`)."
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-
 import re
+from pathlib import Path
 
 from ..export import FORMATS
 from ..settings import GGUF_TYPES, HF_LAYOUTS, ExportSettings, ModelCardSettings

@@ -185,8 +185,8 @@ def model_card(config: Config, state: dict, metrics: list[dict], n_params: int, 
              "model = AutoModelForCausalLM.from_pretrained('.')", "tokenizer = AutoTokenizer.from_pretrained('.')",
              "```", ""]
     if not card.languages:
-        lines += [f"Languages detected from the training text's scripts: {', '.join(languages) or 'none'} (Latin letters "
-                  "are taken as English; `--language` sets them).", ""]
+        lines += [f"Languages detected from the training text's scripts: {', '.join(languages) or 'none'} "
+                  "(Latin letters are taken as English; `--language` sets them).", ""]
     lines += _architecture(config, layout, n_params) + _data(state, card, data) + _held_out(metrics)
     lines += _command(state) + _license(card)
     if config.mtp_num_hidden_layers:

@@ -24,9 +24,9 @@ from ..huggingface import EXPORT_RECORD, INDEX, WEIGHTS, export_record, to_hf_te
 from ..metrics import read_metrics
 from ..pretrained import CHECKPOINT, resolve_model
 from ..settings import ExportSettings, ModelCardSettings
-from .card import TrainingData, model_card
 from ..tokenizer import write_tokenizer_config
 from ..util import UserError, publish_dir, sha256_file
+from .card import TrainingData, model_card
 
 
 def save_tensors_sharded(tensors: dict[str, torch.Tensor], out_dir: Path, shard_bytes: int) -> list[str]:
