@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 VLLM = ("vllm serve {model} --host 127.0.0.1 --port {port} --served-model-name {name} --dtype {dtype} "
-        "--max-model-len {max_len} --enforce-eager --seed 0")
+        "--max-model-len {max_len} --enforce-eager --no-enable-prefix-caching --seed 0")
 PROMPTS = ["The", "Once upon a time", "In the beginning", "1, 2, 3,", "你好，"]
 
 
