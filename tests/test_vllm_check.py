@@ -58,8 +58,15 @@ def test_another_model_is_a_mismatch(checkpoint, tmp_path):
     assert "MISMATCH" in r.stdout and "the same for" in r.stdout and "matched 3 of 3" not in r.stdout
 
 
-def test_a_server_that_dies_is_reported(checkpoint, tmp_path):
+def test_a_server_that_dies_is_reported(tmp_path):
+    from sakimi_next.tokenizer import train_tokenizer
+
+    from .helpers import english_text, small_config
+
+    tokenizer = train_tokenizer([english_text(20_000)], 300)
+    tokenizer.save(tmp_path / "tokenizer.json")
+    ck = make_checkpoint(tmp_path / "run", Qwen3NextForCausalLM(small_config(vocab_size=300)), tokenizer)
     dying = "{python} -c \"import sys; print('no GPU here'); sys.exit(3)\""
-    r = check(str(checkpoint), "--out-dir", str(tmp_path / "hf"), "--server-cmd", dying)
+    r = check(str(ck), "--out-dir", str(tmp_path / "hf"), "--server-cmd", dying)
     assert r.returncode == 2
     assert "no GPU here" in r.stderr and "error: the server exited with code 3 before it was ready" in r.stderr

@@ -29,8 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "qwen3_next (Qwen3NextForCausalLM; the default for MoE models)")
     card = p.add_argument_group("model card (--format hf: README.md)")
     card.add_argument("--license", default="other",
-                      help="the weights' license, a Hugging Face license id such as apache-2.0 or cc-by-4.0 "
-                           "(default other: not chosen; the weights follow the terms of their training text)")
+                      help="the weights' license, a Hugging Face license id such as apache-2.0 or cc-by-4.0; "
+                           "other = not chosen: the weights follow the terms of their training text")
     card.add_argument("--language", nargs="+", action="extend", default=None, metavar="CODE",
                       help="the languages of the model, ISO 639 codes such as en zh (default: detected from the "
                            "training text's scripts)")
