@@ -1,7 +1,8 @@
 """Model configuration: one dataclass with the Hugging Face Qwen3-Next field names, and the presets.
 
 The field names are exactly those of `transformers.Qwen3NextConfig`, so `Config.to_hf_dict()` is a
-`config.json` that transformers reads and `Config.from_hf_dict()` reads theirs back.
+`config.json` that transformers reads and `Config.from_hf_dict()` reads theirs back; the dense model is
+also written and read as Qwen3.5's text config (`qwen3_5_text`, the same fields without the MoE ones).
 """
 
 from __future__ import annotations
@@ -12,11 +13,15 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .settings import Hyperparameters
+from .settings import HF_LAYOUTS, Hyperparameters
 from .util import atomic_write_text, json_kind
 
 LINEAR = "linear_attention"
 FULL = "full_attention"
+HF_MODEL_TYPES = ("qwen3_next", "qwen3_5_text")  # the config.json model types read (from_hf_dict)
+# the fields of a sparse MoE, which Qwen3.5's dense config does not have
+MOE_FIELDS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size",
+              "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers", "router_aux_loss_coef")
 
 
 class ConfigError(ValueError):
@@ -46,6 +51,21 @@ _TYPE_CHECKS = {
 def hybrid_layer_types(num_layers: int, full_attention_interval: int = 4) -> list[str]:
     """Qwen3-Next's 3:1 pattern: every `full_attention_interval`-th layer is full attention."""
     return [FULL if (i + 1) % full_attention_interval == 0 else LINEAR for i in range(num_layers)]
+
+
+def full_attention_interval(layer_types: list[str]) -> int | None:
+    """The interval whose `hybrid_layer_types` are `layer_types`, or None when they follow no such pattern."""
+    n = len(layer_types)
+    return next((k for k in range(1, n + 1) if hybrid_layer_types(n, k) == layer_types), None)
+
+
+def mrope_sections(rotary_dim: int) -> list[int]:
+    """Qwen3.5's three RoPE sections (time, height, width), interleaved: rotation pair p belongs to section
+    p % 3, so each holds every third pair ([11, 11, 10] for the released 64 rotary dimensions, [3, 3, 2] for
+    our 16). They sum to rotary_dim / 2, as vLLM asserts; with text alone every section takes the same
+    position, so the split does not change the computation (the Qwen3.5 config and the GGUF file)."""
+    pairs = rotary_dim // 2
+    return [len(range(s, pairs, 3)) for s in range(3)]
 
 
 @dataclass
@@ -216,36 +236,51 @@ class Config:
     def replace(self, **changes) -> "Config":
         return dataclasses.replace(self, **changes)
 
-    def to_hf_dict(self) -> dict:
-        """A `config.json` for `transformers.Qwen3NextConfig` (model_type qwen3_next).
+    def to_hf_dict(self, layout: str = "qwen3_next") -> dict:
+        """A transformers `config.json` in `layout` (settings.HF_LAYOUTS):
 
-        Dense layers are expressed as transformers understands them: `num_experts = 0` when the model
-        has no experts. RoPE settings are written both in the old top-level form and as
-        `rope_parameters`, so transformers 4.57+ and 5.x read the same thing.
+        - "qwen3_next": `Qwen3NextConfig` (model_type qwen3_next); a dense model has `num_experts = 0`;
+        - "qwen3_5": `Qwen3_5TextConfig` (model_type qwen3_5_text, dense only: the MoE fields are left out);
+          its RoPE is multi-section, written with explicit `mrope_section` (see `mrope_sections`).
+
+        RoPE settings are written both in the old top-level form and as `rope_parameters`, so transformers
+        4.57+ and 5.x read the same thing.
         """
+        if layout not in HF_LAYOUTS:
+            raise ConfigError(f"layout {layout!r} is not one of {', '.join(HF_LAYOUTS)}")
         d = self.to_dict()
         mtp = d.pop("mtp_num_hidden_layers")
-        d.update(
-            model_type="qwen3_next",
-            architectures=["Qwen3NextForCausalLM"],
-            rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta,
-                             "partial_rotary_factor": self.partial_rotary_factor},
-            use_cache=True,
-            output_router_logits=False,
-            dtype="float32",
-        )
+        rope = {"rope_type": "default", "rope_theta": self.rope_theta,
+                "partial_rotary_factor": self.partial_rotary_factor}
+        d.update(model_type="qwen3_next", architectures=["Qwen3NextForCausalLM"], rope_parameters=rope,
+                 use_cache=True, output_router_logits=False, dtype="float32")
+        if layout == "qwen3_5":
+            if self.is_moe:
+                raise ConfigError("the qwen3_5 layout is for dense models; this model has experts")
+            for name in (*MOE_FIELDS, "output_router_logits"):
+                d.pop(name)
+            d.update(model_type="qwen3_5_text", architectures=["Qwen3_5ForCausalLM"],
+                     rope_parameters={**rope, "mrope_section": mrope_sections(self.rotary_dim),
+                                      "mrope_interleaved": True})
+            interval = full_attention_interval(self.layer_types)
+            if interval:
+                d["full_attention_interval"] = interval  # beside layer_types, as the released configs have it
         if mtp:
             d["mtp_num_hidden_layers"] = mtp  # the name the released checkpoints use
         return d
 
     @classmethod
     def from_hf_dict(cls, d: dict) -> "Config":
-        """Read a transformers `config.json` dict. Fields this project does not model are ignored,
-        except those that change the computation, which are refused with a ConfigError."""
+        """Read a transformers `config.json` dict (qwen3_next, or the dense qwen3_5_text). Fields this
+        project does not model are ignored, except those that change the computation, which are refused
+        with a ConfigError. Defaults are transformers' (an untied LM head when the field is absent)."""
         if not isinstance(d, dict):
             raise ConfigError(f"the config must be a JSON object, not {json_kind(d)}")
-        if d.get("model_type", "qwen3_next") != "qwen3_next":
-            raise ConfigError(f"model_type is {d.get('model_type')!r}, not 'qwen3_next'")
+        model_type = d.get("model_type", "qwen3_next")
+        if model_type not in HF_MODEL_TYPES:
+            raise ConfigError(f"model_type is {model_type!r}, not one of {', '.join(map(repr, HF_MODEL_TYPES))}")
+        if model_type == "qwen3_5_text":  # no experts, whatever the file says: transformers reads none
+            d = {k: v for k, v in d.items() if k not in MOE_FIELDS}
         if d.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"hidden_act ({d['hidden_act']!r}) is not supported; only 'silu'")
         if d.get("attention_bias", False):
@@ -259,8 +294,11 @@ class Config:
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":
             raise ConfigError(f"rope_parameters.rope_type ({rope_type!r}) is not supported; only 'default'")
+        # mrope_section is not read: with text alone every section has the same position, so any split of
+        # the rotary dimensions is plain partial RoPE
         names = {f.name for f in dataclasses.fields(cls)}
         kw = {k: v for k, v in d.items() if k in names}
+        kw.setdefault("tie_word_embeddings", False)  # transformers' default for both model types
         kw["rope_theta"] = rope.get("rope_theta", d.get("rope_theta", 10000.0))
         kw["partial_rotary_factor"] = rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 0.25))
         if "layer_types" not in d or d["layer_types"] is None:

@@ -18,6 +18,9 @@ DEFAULT_DATA_DIR = "data"  # where prepare_data writes and train reads, unless -
 DOC_SPLITS = ("auto", "file", "blank-line", "line")  # what a document is (data.sources.iter_documents)
 ENCODING_ERRORS = ("strict", "replace")  # what to do with bytes that are not UTF-8
 GGUF_TYPES = ("f32", "f16", "q8_0")  # the weight types of a GGUF export's matrices
+# --hf-layout: how a transformers export lays the model out (config.Config.to_hf_dict, huggingface.py):
+# qwen3_5 = Qwen3_5ForCausalLM (dense only), qwen3_next = Qwen3NextForCausalLM (dense or MoE)
+HF_LAYOUTS = ("qwen3_5", "qwen3_next")
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,16 @@ class TrainSettings:
 
 
 @dataclass(frozen=True)
+class ModelCardSettings:
+    """What a transformers export's model card (README.md) says beyond what the checkpoint knows."""
+
+    license: str = "other"  # a Hugging Face license id; "other" = not chosen (the weights follow their data)
+    languages: tuple[str, ...] = ()  # ISO 639 codes; () = detected from the text (export/card.py)
+    dataset_name: str | None = None  # how to name the training data; None = its source files (meta.json)
+    base_model: str | None = None  # the Hugging Face id of the model fine-tuned from, if any
+
+
+@dataclass(frozen=True)
 class ExportSettings:
     """What `--mode export` writes (export.FORMATS): from `checkpoint` (a checkpoint or run directory, or for
     gguf also a Hugging Face directory) into `out_dir` (hf) or `out_file` (gguf)."""
@@ -108,6 +121,8 @@ class ExportSettings:
     format: str = "hf"
     gguf_type: str = "f16"
     out_file: Path | None = None  # gguf only
+    hf_layout: str | None = None  # hf only: one of HF_LAYOUTS; None = qwen3_5 when dense, qwen3_next with experts
+    card: ModelCardSettings = ModelCardSettings()  # hf only
 
 
 @dataclass

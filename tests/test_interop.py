@@ -10,6 +10,7 @@ from sakimi_next.pretrained import load_for_inference
 from sakimi_next.cli import main
 from sakimi_next.config import preset
 from sakimi_next.generate import generate
+from sakimi_next.export.card import ARCHITECTURES
 from sakimi_next.export.hf import export_hf, save_tensors_sharded
 from sakimi_next.huggingface import from_hf_tensors, load_hf_config, load_hf_tensors, to_hf_tensors
 from sakimi_next.model import Qwen3NextForCausalLM
@@ -28,33 +29,41 @@ def tokenizer(tmp_path_factory):
     return tok
 
 
-def exported(tmp_path, model, tokenizer, name="custom"):
+def exported(tmp_path, model, tokenizer, name="custom", layout=None):
     ck = make_checkpoint(tmp_path / "run", model, tokenizer, preset_name=name)
-    return export_hf(ck, tmp_path / "exported")
+    return export_hf(ck, tmp_path / "exported", layout=layout)
 
 
-@pytest.mark.parametrize("name", ["tiny_5m", "tiny_10m", "small_50m"])
-def test_export_loads_in_transformers(tmp_path, tokenizer, name):
+# every dense preset in its default layout (Qwen3.5), and one in the other (test_qwen35.py has the MoE preset)
+@pytest.mark.parametrize("name,layout", [("tiny_5m", "qwen3_5"), ("tiny_10m", "qwen3_5"),
+                                         pytest.param("small_50m", "qwen3_5", marks=pytest.mark.slow),
+                                         ("tiny_10m", "qwen3_next")])
+def test_export_loads_in_transformers(tmp_path, tokenizer, name, layout):
+    """AutoModelForCausalLM loads the export with no missing, unexpected or mismatched key and gives our
+    logits (float32, 1e-5) and our greedy text; AutoTokenizer encodes as we do; importing the export gives
+    back every tensor byte for byte and the same config."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(0)
     config = preset(name, eos_token_id=tokenizer.eot_id, pad_token_id=tokenizer.pad_id)
     model = Qwen3NextForCausalLM(config)
     train_briefly(model, tokenizer.vocab_size, steps=2)
-    out = exported(tmp_path, model, tokenizer, name)
+    out = exported(tmp_path, model, tokenizer, name, layout if layout != "qwen3_5" else None)
     for f in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
               "tokenizer_config.json", "special_tokens_map.json", "README.md"):
         assert (out / f).is_file(), f
-    assert json.loads((out / "config.json").read_text())["architectures"] == ["Qwen3NextForCausalLM"]
+    written = json.loads((out / "config.json").read_text())
+    assert written["architectures"] == [ARCHITECTURES[layout]]
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         hf, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert type(hf).__name__ == ARCHITECTURES[layout]
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     hf.eval()
     x = torch.tensor([tokenizer.encode(ENGLISH + CHINESE)])
     with torch.no_grad():
-        assert (hf(x).logits - model(x).logits).abs().max().item() <= 1e-4
+        assert (hf(x).logits - model(x).logits).abs().max().item() <= 1e-5
 
     prompt = tokenizer.encode("Once upon a time")
     hf.generation_config.eos_token_id = None
@@ -68,6 +77,12 @@ def test_export_loads_in_transformers(tmp_path, tokenizer, name):
         assert auto(text, add_special_tokens=False)["input_ids"] == tokenizer.encode(text)
         assert auto.decode(tokenizer.encode(text)) == text
     assert auto.eos_token_id == tokenizer.eot_id and auto.pad_token_id == tokenizer.pad_id
+
+    back = load_hf_tensors(out)  # the round trip: byte-identical
+    ours = model.state_dict()
+    assert set(back) == set(ours) and all(back[k].dtype == v.dtype and torch.equal(back[k], v)
+                                          for k, v in ours.items())
+    assert load_hf_config(out) == model.config
 
 
 def test_whole_characters_tokenizer_loads_in_transformers(tmp_path):
@@ -173,7 +188,7 @@ def test_bad_directories(tmp_path, case, capsys, tokenizer):
     hf = model.config.to_hf_dict()
     if case == "other_model_type":
         d = write_hf_dir(tmp_path / "m", {**hf, "model_type": "llama"}, sd)
-        expect = "holds a 'llama' model, not qwen3_next"
+        expect = "holds a 'llama' model, not qwen3_next or qwen3_5_text"
     elif case == "missing_weights":
         d = write_hf_dir(tmp_path / "m", hf, {k: v for k, v in sd.items() if "layers.2." not in k})
         expect = "lacks weights for"

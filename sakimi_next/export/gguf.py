@@ -45,7 +45,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..config import Config
+from ..config import Config, mrope_sections
 from ..pretrained import CHECKPOINT, read_model
 from ..settings import GGUF_TYPES, ExportSettings
 from ..tokenizer import CHAT_TEMPLATE, IM_END
@@ -85,8 +85,7 @@ def architecture(config: Config) -> str:
 def rope_sections(config: Config) -> list[int]:
     """qwen35's interleaved M-RoPE gives rotated pair p the section p % 3 while p < 3 * sections[p % 3],
     else the 4th section (position 0 for text): these sections cover all rotated pairs with the first 3."""
-    pairs = config.rotary_dim // 2
-    return [len(range(s, pairs, 3)) for s in range(3)] + [0]
+    return mrope_sections(config.rotary_dim) + [0]
 
 
 # ------------------------------------------------------------------------------------ tensor conversion

@@ -1,5 +1,5 @@
-"""`--mode export --format hf`: a training checkpoint -> a transformers model directory (the format is in
-`huggingface.py`), with a model card and `sakimi_export.json`.
+"""`--mode export --format hf`: a training checkpoint -> a transformers model directory (the format and
+its two layouts are in `huggingface.py`), with a model card (`card.py`) and `sakimi_export.json`.
 
 Export builds the directory beside `--out-dir` and swaps it in (`util.publish_dir`). It writes
 `sakimi_export.json` (the files it wrote, the source step and its tokenizer's sha256) and replaces only
@@ -17,12 +17,15 @@ import torch
 
 from .. import checkpoint as ckpt
 from ..config import Config
+from ..data import open_split
+from ..data.prepared import read_meta_quietly
 from ..huggingface import EXPORT_RECORD, INDEX, WEIGHTS, export_record, to_hf_tensors
 from ..metrics import read_metrics
 from ..pretrained import CHECKPOINT, resolve_model
-from ..settings import ExportSettings
+from ..settings import ExportSettings, ModelCardSettings
 from ..tokenizer import write_tokenizer_config
 from ..util import UserError, publish_dir, save_safetensors, sha256_file
+from .card import TrainingData, model_card
 
 
 def save_tensors_sharded(tensors: dict[str, torch.Tensor], out_dir: Path, shard_bytes: int) -> list[str]:
@@ -57,38 +60,45 @@ def tokenizer_files(tokenizer, out_dir: Path, max_length: int) -> None:
     write_tokenizer_config(out_dir, max_length)
 
 
-def model_card(config: Config, state: dict, metrics: list[dict], n_params: int) -> str:
-    args = state.get("args") or {}
-    evals = [m for m in metrics if "val_loss" in m]
-    lines = [
-        "---", "library_name: transformers", "tags: [qwen3_next, sakimi-next]", "---", "",
-        f"# {state.get('preset') or 'Qwen3-Next'} (trained with sakimi-next)", "",
-        f"A {n_params / 1e6:.2f}M-parameter Qwen3-Next model (hybrid Gated DeltaNet / Gated Attention, "
-        f"{config.num_hidden_layers} layers, hidden {config.hidden_size}, vocabulary {config.vocab_size}).", "",
-        "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "model = AutoModelForCausalLM.from_pretrained('.')",
-        "tokenizer = AutoTokenizer.from_pretrained('.')",
-        "```", "",
-        "## Training", "",
-        f"- steps: {state.get('step')}, tokens seen: {state.get('tokens_seen', 0):,}",
-    ]
-    for key in ("batch_size", "seq_len", "grad_accum", "learning_rate", "min_lr", "warmup_steps",
-                "weight_decay", "grad_clip", "seed"):
-        if key in args:
-            lines.append(f"- {key}: {args[key]}")
-    if state.get("data_dir"):
-        lines.append(f"- data: {state['data_dir']}")
-    if evals:
-        last, best = evals[-1], min(evals, key=lambda m: m["val_loss"])
-        lines += ["", "## Validation", "", "| | step | loss | perplexity | bits per byte |", "|---|---|---|---|---|"]
-        for label, m in (("last", last), ("best", best)):
-            bpb = f"{m['val_bpb']:.4f}" if "val_bpb" in m else "-"
-            lines.append(f"| {label} | {m['step']} | {m['val_loss']:.4f} | {m['val_ppl']:.2f} | {bpb} |")
-    if config.mtp_num_hidden_layers:
-        lines += ["", "The `mtp.*` tensors are the multi-token-prediction block used for speculative decoding by "
-                      "sakimi-next; transformers ignores them."]
-    return "\n".join(lines) + "\n"
+def choose_layout(config: Config, asked: str | None) -> str:
+    """--hf-layout, or the default: qwen3_5 for a dense model (vLLM's and SGLang's Qwen3-Next loaders need
+    experts), qwen3_next for one with experts (Qwen3.5's MoE model is another architecture)."""
+    if asked is None:
+        return "qwen3_next" if config.is_moe else "qwen3_5"
+    if asked == "qwen3_5" and config.is_moe:
+        raise UserError("--hf-layout qwen3_5 is for dense models and this one has experts; export it with "
+                        "--hf-layout qwen3_next (the default for MoE models)")
+    return asked
+
+
+def disk_tensors(tensors: dict[str, torch.Tensor], config: Config, layout: str) -> dict[str, torch.Tensor]:
+    """The tensors as the layout stores them. The qwen3_next layout also stores a tied LM head: vLLM's and
+    SGLang's Qwen3NextForCausalLM always build a separate `lm_head` and load it only from the file (vLLM
+    refuses a checkpoint without it, SGLang would leave it unset), whatever tie_word_embeddings says;
+    transformers and this project tie it again on load. Qwen3.5's loaders tie it themselves."""
+    out = to_hf_tensors(tensors, config, layout)
+    if layout == "qwen3_next" and config.tie_word_embeddings:
+        out["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    return out
+
+
+def describe_data(state: dict, tokenizer, windows: int = 64, window: int = 256) -> TrainingData:
+    """The checkpoint's prepared data, for the model card: its source files and a sample of its training
+    text, `windows` stretches spread evenly over it (the tokenizer's vocabulary when the data is gone)."""
+    data_dir = state.get("data_dir")
+    meta = read_meta_quietly(Path(data_dir)) if data_dir else None
+    sample = ""
+    if meta is not None:
+        try:
+            tokens = open_split(Path(data_dir), "train")
+            starts = range(0, max(len(tokens) - window, 0) + 1, max(len(tokens) // windows, 1))
+            sample = "\n".join(tokenizer.decode(tokens[i:i + window].tolist()) for i in starts)
+        except UserError:
+            pass
+    if not sample:
+        sample = "".join(tokenizer.decode([i]) for i in range(tokenizer.vocab_size))
+    sources = [s["path"] for s in (meta or {}).get("sources", []) if s.get("role", "train") == "train"]
+    return TrainingData(sources, sample, data_dir)
 
 
 def _check_out_dir(out: Path, src: Path) -> None:
@@ -114,16 +124,20 @@ def _check_out_dir(out: Path, src: Path) -> None:
 
 def export(s: ExportSettings) -> list[str]:
     """`--mode export --format hf`: what `export_hf` wrote, for the user."""
-    out = export_hf(s.checkpoint, s.out_dir)
+    out = export_hf(s.checkpoint, s.out_dir, layout=s.hf_layout, card=s.card)
     files = sorted(p.name for p in out.iterdir())
-    return [f"exported {s.checkpoint} -> {out}: {', '.join(files)}",
+    architecture = json.loads((out / "config.json").read_text())["architectures"][0]
+    return [f"exported {s.checkpoint} -> {out} ({architecture}): {', '.join(files)}",
             f"load it with: AutoModelForCausalLM.from_pretrained({str(out)!r}); "
             f"AutoTokenizer.from_pretrained({str(out)!r})"]
 
 
-def export_hf(ckpt_path: str | Path, out_dir: str | Path, shard_bytes: int = 2 * 1024**3) -> Path:
-    """Write a transformers model directory from a training checkpoint. Built in a temporary directory
-    beside `out_dir` and swapped into place; `out_dir` may only hold an earlier export."""
+def export_hf(ckpt_path: str | Path, out_dir: str | Path, shard_bytes: int = 2 * 1024**3, layout: str | None = None,
+              card: ModelCardSettings | None = None) -> Path:
+    """Write a transformers model directory from a training checkpoint, in `layout` (settings.HF_LAYOUTS;
+    None: `choose_layout`'s default), its model card from `card` (None: the defaults). Built in a temporary
+    directory beside `out_dir` and swapped into place; `out_dir` may only hold an earlier export."""
+    card = card if card is not None else ModelCardSettings()
     kind, src = resolve_model(ckpt_path)
     if kind != CHECKPOINT:
         raise UserError(f"not a checkpoint: {src} is a Hugging Face directory already; --format hf exports a "
@@ -131,18 +145,21 @@ def export_hf(ckpt_path: str | Path, out_dir: str | Path, shard_bytes: int = 2 *
     out = Path(out_dir)
     _check_out_dir(out, src)
     config, state, tensors, tokenizer = ckpt.load_model_files(src)
+    layout = choose_layout(config, layout)
     metrics = read_metrics(src.parent / "metrics.jsonl", state["step"])
+    data = describe_data(state, tokenizer)
     try:
         with publish_dir(out) as tmp:
-            (tmp / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
+            (tmp / "config.json").write_text(json.dumps(config.to_hf_dict(layout), indent=2) + "\n")
             gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
                    "pad_token_id": config.pad_token_id, "do_sample": True, "temperature": 0.8, "top_k": 50,
                    "top_p": 0.95}
             (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-            save_tensors_sharded(to_hf_tensors(tensors), tmp, shard_bytes)
+            save_tensors_sharded(disk_tensors(tensors, config, layout), tmp, shard_bytes)
             tokenizer_files(tokenizer, tmp, config.max_position_embeddings)
-            n_params = sum(t.numel() for k, t in tensors.items())
-            (tmp / "README.md").write_text(model_card(config, state, metrics, n_params))
+            n_params = sum(t.numel() for t in tensors.values())
+            (tmp / "README.md").write_text(model_card(config, state, metrics, n_params, layout, card, data),
+                                           encoding="utf-8")
             record = {"format": 1, "exported_by": "sakimi-next", "step": state["step"],
                       "tokenizer_sha256": tokenizer.sha256,
                       "files": {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}}
