@@ -84,7 +84,8 @@ class Experts(nn.Module):
             out = None
             for j in range(k):
                 e = chosen[n][j]
-                torch._check(0 <= e < self.num_experts)  # for torch.export: a valid index, read as data
+                torch._check(e >= 0)  # for torch.export: a valid index, read as data
+                torch._check(e < self.num_experts)
                 gate, up = gate_up(x[n:n + 1], e).chunk(2, dim=-1)
                 y = down(F.silu(gate) * up, e) * weights[n, j].to(x.dtype)
                 out = y if out is None else out + y
