@@ -38,7 +38,7 @@ import torch.nn as nn
 from .cache import AttentionCache, Cache, FixedAttentionCache, LinearAttentionCache
 from .generate import DecodeFn, decode_one_token
 from .model import Qwen3NextForCausalLM
-from .util import atomic_write_text
+from .util import UserError, atomic_write_text
 
 EXAMPLE_CAPACITY = 64  # the cache length the program is traced with (any length works afterwards)
 # --compile auto: compile a missing program first when a run generates at least this many tokens. Below
@@ -202,7 +202,8 @@ def _source_hash() -> str:
 def program_key(model: Qwen3NextForCausalLM, batch_size: int | None, tokens_per_step: int) -> str:
     """What the compiled code depends on (not the weights' values)."""
     formats = [(name, str(p.dtype), getattr(p, "weight_format", "float")) for name, p in model.named_parameters()]
-    parts = {"config": model.config.to_dict(), "formats": formats, "batch": batch_size, "tokens": tokens_per_step, "torch": torch.__version__,
+    parts = {"config": model.config.to_dict(), "formats": formats, "batch": batch_size, "tokens": tokens_per_step,
+             "torch": torch.__version__,
              "threads": torch.get_num_threads(), "cpu": torch.backends.cpu.get_cpu_capability(),
              "device": model.device.type, "source": _source_hash()}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
@@ -400,13 +401,26 @@ def choose_decoder(model: Qwen3NextForCausalLM, compile: str, new_tokens: int, b
                    on_compile=None, background: bool = False) -> DecodeFn:
     """The decoding step for --compile yes | no | auto. auto: the compiled step where a C++ compiler is
     at hand and its program is on disk already, or the run is long enough to pay for compiling it
-    (`new_tokens` >= COMPILE_MIN_TOKENS), or `background` (a server: compiled aside while the eager
-    step serves); else the eager step. yes: compile now if needed."""
+    (`new_tokens` >= COMPILE_MIN_TOKENS); else the eager step, or with `background` (a server) the
+    compiled step made in another process while the eager one serves. yes: compile now if needed (and
+    with `background`, an MoE model's other batch sizes aside). A compile that fails is a UserError
+    with yes, a note and the eager step with auto."""
     if compile == "no" or (compile == "auto" and not compiler_available(model.device)):
         return decode_one_token
-    decoder = CompiledDecoder(model, on_compile=on_compile, background=background and compile == "auto")
+    if not compiler_available(model.device):
+        raise UserError(f"--compile needs a C++ compiler ({os.environ.get('CXX', 'g++')}) on a CPU; "
+                        "pass --no-compile")
+    decoder = CompiledDecoder(model, on_compile=on_compile, background=background)
     if compile == "yes" or decoder.is_cached(batch_size) or new_tokens >= COMPILE_MIN_TOKENS:
-        decoder.background = False
-        decoder.program(batch_size)
+        try:
+            decoder.program(batch_size)
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [""])[0]
+            message = f"could not compile the decoding step: {type(e).__name__}: {first}"
+            if compile == "yes":
+                raise UserError(message + " (pass --no-compile)") from None
+            if on_compile is not None:
+                on_compile(message + "; decoding eagerly")
+            return decode_one_token
         return decoder
     return decoder if background else decode_one_token

@@ -170,7 +170,9 @@ class GatedAttention(nn.Module):
 
     def step(self, x, rope, attn_mask, cache: AttentionCache, position: int) -> torch.Tensor:
         """A few decoding positions x [B, T, H] (inference only): one fused q/k/v matmul, then attention
-        over the cache. rope (cos, sin) [B, T, rot]; attn_mask [B, 1, T, L], or None for causal."""
+        over the cache. rope (cos, sin) [B, T, rot]; attn_mask [B, 1, T, L], or None for causal;
+        position: where the new keys go, an int (an `AttentionCache`) or a tensor of cache columns (a
+        `FixedAttentionCache`, whose whole capacity is attended through attn_mask: decoder.py)."""
         B, T = x.shape[:2]
         D, nH, nKV = self.head_dim, self.num_heads, self.num_kv_heads
         qkv = inference_linear(self, "_qkv", (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight),

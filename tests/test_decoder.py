@@ -80,7 +80,8 @@ def test_moe_decoding_step_equals_the_routed_forward():
     block.reset_parameters(0.5)
     x = torch.randn(3, 2, 64)
     with torch.inference_mode():
-        torch.testing.assert_close(block.step(x), block(x)[0], rtol=1e-5, atol=1e-6)
+        ref = block(x)[0]
+        torch.testing.assert_close(block.step(x), ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))
 
 
 @pytest.fixture(scope="module")
