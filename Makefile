@@ -60,7 +60,7 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 bench: setup
-	$(BIN)/sakimi-next --mode bench --config tiny_10m --compare transformers --compile
+	$(BIN)/sakimi-next --mode bench --config tiny_10m --compare transformers --compile --quantize int8
 
 # --mode serve: aggregate tokens/s with 1, 4, 8 and 16 streaming clients, time to first token; the default
 # (compiled) decoding step in float32 and in int8, then the eager step for comparison

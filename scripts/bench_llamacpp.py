@@ -14,6 +14,7 @@ token prompt, timed from the prompt to the last token:
 - ours fp32 eager:   `generate` with the eager reference step (`decode_one_token`);
 - ours fp32:         `generate` with the compiled step (`decoder.CompiledDecoder`): the default path;
 - ours int8:         the same with `--quantize int8` (int8 weights, bf16 activations in the products);
+- ours int8 eager:   the eager step with int8 weights (not run by default);
 - llama.cpp f32 / q8_0: llama-cpp-python (`Llama.eval` of one token, argmax of its logits).
 
 Fairness: each timed run is a fresh process (`--worker`) that loads its engine, decodes once to warm up,
@@ -37,7 +38,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-ENGINES = ("ours fp32 eager", "ours fp32", "ours int8", "llama.cpp f32", "llama.cpp q8_0")
+ENGINES = ("ours fp32 eager", "ours fp32", "ours int8", "llama.cpp f32", "llama.cpp q8_0", "ours int8 eager")
+DEFAULT_ENGINES = ENGINES[:5]
 
 
 # --------------------------------------------------------------------------------- one timed process
@@ -130,22 +132,26 @@ def checkpoint_for(name: str, work: Path, seed: int) -> Path:
 def prepare(checkpoint: Path, engines: list[str], threads: int) -> dict[str, str]:
     """Compile (or find on disk) our programs, in a process of their own with the timed runs' thread
     count (part of a program's key); returns a note per engine."""
-    code = ("import json, sys, torch\n"
-            "from sakimi_next.decoder import CompiledDecoder\n"
-            "from sakimi_next.pretrained import load_for_inference\n"
-            f"torch.set_num_threads({threads})\n"
-            "notes = {}\n"
-            f"for engine in {[e for e in engines if e in ('ours fp32', 'ours int8')]!r}:\n"
-            f"    model, _, _ = load_for_inference({str(checkpoint)!r}, 'cpu', quantize='int8' if 'int8' in engine else 'none')\n"
-            "    d = CompiledDecoder(model, on_compile=lambda m: print(m, file=sys.stderr, flush=True))\n"
-            "    d.program(1)\n"
-            "    notes[engine] = f'compiled in {d.compile_seconds:.0f} s' if d.compiled else 'program on disk'\n"
-            "print(json.dumps(notes))\n")
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                       env=_env(), timeout=3600)
-    if r.returncode != 0:
-        raise SystemExit(f"compiling our decoding step failed:\n{r.stderr[-3000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    compiled = [e for e in engines if e in ("ours fp32", "ours int8")]
+    return run_worker({"prepare": compiled, "checkpoint": str(checkpoint), "threads": threads})
+
+
+def prepare_programs(spec: dict) -> dict[str, str]:
+    import torch
+
+    from sakimi_next.decoder import CompiledDecoder
+    from sakimi_next.pretrained import load_for_inference
+
+    torch.set_num_threads(spec["threads"])
+    notes = {}
+    for engine in spec["prepare"]:
+        quantize = "int8" if "int8" in engine else "none"
+        model, _, _ = load_for_inference(spec["checkpoint"], "cpu", quantize=quantize)
+        decoder = CompiledDecoder(model, on_compile=lambda m: print(m, file=sys.stderr, flush=True))
+        decoder.program(1)
+        notes[engine] = (f"compiled in {decoder.compile_seconds:.0f} s" if decoder.compiled
+                         else "program found on disk")
+    return notes
 
 
 def _env() -> dict:
@@ -158,7 +164,7 @@ def run_worker(spec: dict) -> dict:
     r = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)], cwd=ROOT,
                        capture_output=True, text=True, env=_env(), timeout=3600)
     if r.returncode != 0:
-        raise SystemExit(f"{spec['engine']} failed:\n{r.stderr[-3000:]}")
+        raise SystemExit(f"{spec.get('engine', 'compiling our decoding step')} failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
@@ -172,6 +178,7 @@ def bench_preset(name: str | None, args, work: Path) -> dict:
     vocab = load_pretrained_config(ckpt).vocab_size
     prompt = torch.randint(0, vocab, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
     ggufs = {wt: str(export_gguf(ckpt, work / f"model-{wt}.gguf", wt).path) for wt in ("f32", "q8_0")}
+    print(f"{name or ckpt}: our compiled decoding steps, compiled now or found on disk (minutes, once)...", flush=True)
     notes = prepare(ckpt, args.engines, args.threads)
     runs = {e: {"seconds": [], "first_token_seconds": []} for e in args.engines}
     tokens = {}
@@ -188,7 +195,7 @@ def bench_preset(name: str | None, args, work: Path) -> dict:
     rates = {e: args.new_tokens / statistics.median(v["seconds"]) for e, v in runs.items()}
     same = {}
     for ours, theirs in (("ours fp32", "llama.cpp f32"), ("ours fp32 eager", "llama.cpp f32"),
-                         ("ours int8", "llama.cpp q8_0")):
+                         ("ours int8", "llama.cpp q8_0"), ("ours int8 eager", "llama.cpp q8_0")):
         if ours in tokens and theirs in tokens:
             same[f"{ours} = {theirs}"] = sum(a == b for a, b in zip(tokens[ours], tokens[theirs]))
     import llama_cpp
@@ -222,14 +229,15 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5, help="processes per engine, interleaved")
     p.add_argument("--rounds", type=int, default=3, help="timed generations per process (after one warm-up)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="for every engine")
-    p.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES)
+    p.add_argument("--engines", nargs="+", default=list(DEFAULT_ENGINES), choices=ENGINES)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume-from", default=None, help="a checkpoint to use instead of the seeded presets")
     p.add_argument("--out", default="bench_llamacpp.json")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))))
+        spec = json.loads(args.worker)
+        print(json.dumps(prepare_programs(spec) if "prepare" in spec else worker(spec)))
         return
     from sakimi_next.util import format_table
 

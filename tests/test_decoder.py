@@ -73,6 +73,21 @@ def test_static_step_equals_the_reference_step():
     assert generate(model, [prompt], 30, decode=static) == generate(model, [prompt], 30)
 
 
+def test_reserve_gives_every_attention_layer_and_the_mask_one_capacity():
+    model = trained(0)
+    cache = model.new_cache(2, capacity=4)
+    with torch.inference_mode():
+        model(torch.ones(2, 3, dtype=torch.long), attention_mask=torch.tensor([[0, 1, 1], [1, 1, 1]]), cache=cache)
+        cache.reserve(2)  # 3 + 2 > 4: grows
+    full = [l for l in cache.layers if hasattr(l, "keys")]
+    assert cache.capacity >= 5 and all(l.keys.shape[2] == cache.capacity for l in full)
+    assert cache.key_mask[:, :3].tolist() == [[False, True, True], [True, True, True]]
+    assert cache.key_mask[:, 3:].all()  # from `length` on, True: the step's mask cuts at the new token
+    capacity = cache.capacity
+    cache.reserve(1)
+    assert cache.capacity == capacity  # room enough: nothing moves
+
+
 def test_moe_decoding_step_equals_the_routed_forward():
     """`SparseMoeBlock.step` (each row's chosen experts, no loop over all experts) = `forward`."""
     torch.manual_seed(0)
@@ -123,17 +138,18 @@ def test_the_program_serves_another_checkpoint_of_the_same_shape(dense, programs
 @pytest.mark.slow
 @needs_compiler
 def test_engine_with_the_compiled_step(dense):
-    """`--mode serve`: the compiled step follows the batch as it grows and shrinks; the replies are the
-    eager engine's."""
+    """`--mode serve`: 8 concurrent greedy requests through the compiled step (a batch that grows and
+    shrinks) get what each gets alone from the eager step."""
     from .test_serve_batch import prompts, run_engine
 
     model, decoder = dense
     greedy = SamplingSettings(temperature=0)
-    reqs = [dict(prompt=[t % model.config.vocab_size for t in p], max_tokens=6 + 4 * i, sampling=greedy)
-            for i, p in enumerate(prompts(5, seed=4))]
-    eager = run_engine(model, reqs, max_concurrent=3)
-    compiled = run_engine(model, reqs, max_concurrent=3, decode=decoder)
-    assert ["".join(e.text for e in ev) for ev in compiled] == ["".join(e.text for e in ev) for ev in eager]
+    ps = [[t % model.config.vocab_size for t in p] for p in prompts(8, seed=4)]
+    reqs = [dict(prompt=p, max_tokens=6 + 3 * i, sampling=greedy) for i, p in enumerate(ps)]
+    compiled = run_engine(model, reqs, max_concurrent=8, decode=decoder)
+    for i, (p, events) in enumerate(zip(ps, compiled)):
+        alone = generate(model, [p], 6 + 3 * i)[0]
+        assert "".join(e.text for e in events) == "".join(f" {t}" for t in alone)
 
 
 @pytest.mark.slow

@@ -183,7 +183,7 @@ class Session:
         s = self.s
         ids = [encode_prompt(self.tokenizer, t, self.model.config.max_position_embeddings, s.truncate_prompt)
                for t in texts for _ in range(s.num_samples)]
-        t0 = time.perf_counter()
+        t0 = self.first_token = time.perf_counter()
         if s.speculative:
             rows, note = self._speculative(texts, ids, echo)
         else:
@@ -191,7 +191,8 @@ class Session:
         sys.stdout.flush()
         seconds = time.perf_counter() - t0
         n = sum(r.tokens for r in rows)
-        print(f"[{n} tokens in {seconds:.2f} s, {n / max(seconds, 1e-9):.1f} tokens/s{note}]", file=sys.stderr)
+        first = f"; first token after {1000 * (self.first_token - t0):.0f} ms" if not s.speculative and n else ""
+        print(f"[{n} tokens in {seconds:.2f} s, {n / max(seconds, 1e-9):.1f} tokens/s{first}{note}]", file=sys.stderr)
 
     def _speculative(self, texts: list[str], ids: list[list[int]], echo: bool) -> tuple[list[TextRow], str]:
         rows, stats = [], []
@@ -215,8 +216,10 @@ class Session:
         if echo and stream:
             sys.stdout.write(texts[0])
         rows = [PrintedRow(self.tokenizer, self.s.stops, stream) for _ in ids]
-        for token in self.lib.generate_tokens(self.model, ids, self.budget(ids), self.s.sampling,
-                                              self.tokenizer.pad_id, self.generator, self.decode):
+        for i, token in enumerate(self.lib.generate_tokens(self.model, ids, self.budget(ids), self.s.sampling,
+                                                           self.tokenizer.pad_id, self.generator, self.decode)):
+            if i == 0:
+                self.first_token = time.perf_counter()
             finished = [row.add(t) for row, t in zip(rows, token.tolist())]
             if all(finished):
                 break
