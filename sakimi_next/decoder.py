@@ -29,6 +29,8 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -284,19 +286,32 @@ class LoadedProgram:
         return self.run([tokens, next_position, length, key_mask, *states, *self.weights])[0]
 
 
-def _compile_twin(config: dict, dtype: torch.dtype, int8: bool, threads: int, batch_size: int | None,
-                  tokens_per_step: int, path: str) -> None:
-    """Compile the program of a model of this shape (in a background process: the live model is not
-    touched; the weights are the program's arguments, so a fresh model of the same shape will do)."""
+def compile_twin(spec: dict) -> None:
+    """Compile the program of a model of this shape (`CompiledDecoder.ready`, in a process of its own:
+    the live model is not touched; the weights are the program's arguments, so a fresh model of the
+    same shape will do). spec: config, dtype, int8, threads, batch_size, tokens_per_step, path."""
     from .config import Config
     from .quantize import quantize_int8
 
-    torch.set_num_threads(threads)
-    model = Qwen3NextForCausalLM(Config(**config))
-    if int8:
+    torch.set_num_threads(spec["threads"])
+    model = Qwen3NextForCausalLM(Config(**spec["config"]))
+    if spec["int8"]:
         quantize_int8(model)
-    model.to(dtype).eval()
-    compile_program(model, batch_size, tokens_per_step, Path(path))
+    model.to(getattr(torch, spec["dtype"])).eval()
+    compile_program(model, spec["batch_size"], spec["tokens_per_step"], Path(spec["path"]))
+
+
+def _start_twin_compile(spec: dict) -> subprocess.Popen:
+    """`compile_twin` in a new Python process (a subprocess, not multiprocessing: a server's engine runs
+    in a daemonic process, which may not have multiprocessing children)."""
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    code = "import json, sys; from sakimi_next.decoder import compile_twin; compile_twin(json.loads(sys.argv[1]))"
+    log = Path(spec["path"]).with_suffix(".log")  # what went wrong, if anything
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as err:
+        return subprocess.Popen([sys.executable, "-c", code, json.dumps(spec)], env=env, stdout=subprocess.DEVNULL,
+                                stderr=err)
 
 
 class CompiledDecoder:
@@ -314,7 +329,7 @@ class CompiledDecoder:
         self.on_compile = on_compile  # called with a message before a compile starts
         self.background = background
         self.programs: dict[int | None, LoadedProgram] = {}
-        self.compiling: dict[int | None, object] = {}  # background compiles: batch -> process
+        self.compiling: dict[int | None, subprocess.Popen] = {}  # background compiles: batch -> process
         self._paths: dict[int | None, Path] = {}
         self.compile_seconds = self.load_seconds = 0.0
         self.compiled = 0  # programs compiled by this decoder (not loaded from disk)
@@ -340,25 +355,28 @@ class CompiledDecoder:
         if process is None and self.compiling:  # one compile at a time (an MoE model's batch sizes)
             return False
         if process is None:
-            import multiprocessing
-
             if self.on_compile is not None:
                 self.on_compile(f"compiling the decoding step{'' if b is None else f' for batch {b}'} in the "
                                 f"background (once; kept in {self.directory}); decoding eagerly meanwhile")
-            m = self.model
-            args = (m.config.to_dict(), m.model.embed_tokens.weight.dtype,
-                    getattr(m.model.embed_tokens.weight, "weight_format", None) == "int8",
-                    torch.get_num_threads(), b, self.tokens_per_step, str(self.path(batch_size)))
-            process = multiprocessing.get_context("spawn").Process(target=_compile_twin, args=args, daemon=True)
-            process.start()
-            self.compiling[b] = process
-        elif not process.is_alive():
+            weight = self.model.model.embed_tokens.weight
+            spec = {"config": self.model.config.to_dict(), "dtype": str(weight.dtype).removeprefix("torch."),
+                    "int8": getattr(weight, "weight_format", None) == "int8", "threads": torch.get_num_threads(),
+                    "batch_size": b, "tokens_per_step": self.tokens_per_step, "path": str(self.path(batch_size))}
+            try:
+                self.compiling[b] = _start_twin_compile(spec)
+            except OSError as e:
+                self._give_up(f": {e}")
+        elif process.poll() is not None:
             del self.compiling[b]
-            if process.exitcode != 0:  # not compilable here: stay eager, and say so once
-                self.failed = True
-                if self.on_compile is not None:
-                    self.on_compile("the background compile failed; decoding stays eager")
+            if process.returncode != 0:  # not compilable here
+                self._give_up(f" (see {self.path(batch_size).with_suffix('.log')})")
         return False
+
+    def _give_up(self, why: str) -> None:
+        """Decode eagerly from now on, and say so once."""
+        self.failed = True
+        if self.on_compile is not None:
+            self.on_compile(f"the background compile failed{why}; decoding stays eager")
 
     def program(self, batch_size: int) -> LoadedProgram:
         """The program for this batch size, loading or compiling it on first use."""
