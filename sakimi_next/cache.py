@@ -35,6 +35,21 @@ class AttentionCache:
 
 
 @dataclass
+class FixedAttentionCache:
+    """An `AttentionCache`'s tensors as a static-shape decoding step sees them (`decoder.py`): new keys
+    and values are written at positions given as a tensor, and attention reads the whole capacity,
+    masked, so the step's shapes never change while the cache fills."""
+    keys: torch.Tensor  # [B, nKV, capacity, D]
+    values: torch.Tensor
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [B, nKV, T, D] at positions `index` [T] and return all keys and values."""
+        self.keys.index_copy_(2, index, k.to(self.keys.dtype))
+        self.values.index_copy_(2, index, v.to(self.values.dtype))
+        return self.keys, self.values
+
+
+@dataclass
 class LinearAttentionCache:
     conv_window: torch.Tensor  # [B, conv_dim, W]
     recurrent_state: torch.Tensor  # [B, H, dk, dv], float32
@@ -92,6 +107,25 @@ class Cache:
         else:
             self.key_mask[:, self.length:end] = True
         return self.key_mask[:, :end] if self.has_padding else None
+
+    @property
+    def capacity(self) -> int:
+        return self.key_mask.shape[1]
+
+    def reserve(self, T: int) -> None:
+        """Room for T more positions in every attention layer and the key mask, all with one capacity
+        (doubling): what a static-shape step (`decoder.py`), which writes in place, needs first."""
+        end = self.length + T
+        capacity = max(self.capacity, *(l.keys.shape[2] for l in self.layers if isinstance(l, AttentionCache)))
+        if end > capacity:
+            capacity = max(end, 2 * capacity)
+        if capacity > self.capacity:
+            grown = torch.ones(self.batch_size, capacity, dtype=torch.bool, device=self.key_mask.device)
+            grown[:, : self.length] = self.key_mask[:, : self.length]
+            self.key_mask = grown
+        for layer in self.layers:
+            if isinstance(layer, AttentionCache) and layer.keys.shape[2] < capacity:
+                layer.keys, layer.values = _grow(layer.keys, capacity), _grow(layer.values, capacity)
 
     def snapshot(self) -> dict:
         """What a rollback needs, cheaply: lengths and the fixed-size DeltaNet states. Attention K/V

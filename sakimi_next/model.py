@@ -21,7 +21,7 @@ from .cache import AttentionCache, Cache, LinearAttentionCache
 from .config import FULL, LINEAR, Config
 from .kernels import gated_delta_rule, recurrent_step, resolve_kernel
 from .kernels.conv import causal_conv1d, causal_conv1d_step, conv_taps, update_window
-from .kernels.linear import StepLinear
+from .kernels.linear import inference_linear, inference_weight
 from .moe import SparseMoeBlock
 
 
@@ -80,27 +80,6 @@ def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 def l2norm_small(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """l2norm for the tiny tensors of one decoding step."""
     return x * torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().add_(eps).rsqrt_()
-
-
-def inference_weight(module: nn.Module, name: str, params: tuple[torch.Tensor, ...], build) -> torch.Tensor:
-    """`build()` (weights fused for one-token decoding), cached on `module` until one of `params`
-    changes: in-place updates bump a tensor's version, moving it changes its storage. Inside a compiled
-    decoder (`generate.compiled_decoder`) the weights built eagerly before compiling are used as they are."""
-    if torch.compiler.is_compiling():
-        return module.__dict__[name][1]
-    key = tuple((p._version, p.data_ptr()) for p in params)
-    cached = module.__dict__.get(name)
-    if cached is None or cached[0] != key:
-        with torch.no_grad():
-            cached = (key, build())
-        module.__dict__[name] = cached
-    return cached[1]
-
-
-def inference_linear(module: nn.Module, name: str, params: tuple[torch.Tensor, ...], build=None) -> StepLinear:
-    """`inference_weight` for a matrix product of decoding: `build()` (default: the one weight in
-    `params`) as a `StepLinear`, which picks the faster matmul for the rows at hand."""
-    return inference_weight(module, name, params, lambda: StepLinear(build() if build else params[0]))
 
 
 # ----------------------------------------------------------------------------------------- attention
@@ -191,7 +170,9 @@ class GatedAttention(nn.Module):
 
     def step(self, x, rope, attn_mask, cache: AttentionCache, position: int) -> torch.Tensor:
         """A few decoding positions x [B, T, H] (inference only): one fused q/k/v matmul, then attention
-        over the cache. rope (cos, sin) [B, T, rot]; attn_mask [B, 1, T, L], or None for causal."""
+        over the cache. rope (cos, sin) [B, T, rot]; attn_mask [B, 1, T, L], or None for causal;
+        position: where the new keys go, an int (an `AttentionCache`) or a tensor of cache columns (a
+        `FixedAttentionCache`, whose whole capacity is attended through attn_mask: decoder.py)."""
         B, T = x.shape[:2]
         D, nH, nKV = self.head_dim, self.num_heads, self.num_kv_heads
         qkv = inference_linear(self, "_qkv", (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight),
@@ -381,7 +362,7 @@ class DecoderLayer(nn.Module):
         else:
             x = x + self.linear_attn.step(h, cache)
         h = self.post_attention_layernorm.step(x)
-        return x + (self.mlp.step(h) if isinstance(self.mlp, MLP) else self.mlp(h)[0])
+        return x + self.mlp.step(h)
 
 
 @dataclass

@@ -84,11 +84,15 @@ def tokenizer_file(path: str | Path) -> Path | None:
     return p / ckpt.TOKENIZER_FILE if (p / ckpt.TOKENIZER_FILE).is_file() else None
 
 
-def load_for_inference(path: str | Path, device: str = "auto", kernel: str = "auto", dtype: str = "fp32"):
+def load_for_inference(path: str | Path, device: str = "auto", kernel: str = "auto", dtype: str = "fp32",
+                       quantize: str = "none"):
     """A model ready to generate or evaluate, from a training checkpoint or a Hugging Face directory.
     dtype "bf16" keeps the weights in bfloat16 (half the memory; faster where the hardware multiplies
-    bf16; the DeltaNet state stays float32). Returns (model in eval mode on the device, tokenizer, info dict)."""
+    bf16; the DeltaNet state stays float32), or float32 where the CPU would emulate it (info["note"]
+    says so). quantize "int8": int8 weights for every matrix product (`quantize.py`). Returns (model in
+    eval mode on the device, tokenizer, info dict)."""
     from .model import Qwen3NextForCausalLM
+    from .quantize import quantize_int8, resolve_dtype
     from .util import resolve_device
 
     files = read_model(path)
@@ -100,7 +104,11 @@ def load_for_inference(path: str | Path, device: str = "auto", kernel: str = "au
     model = Qwen3NextForCausalLM(files.config)
     ckpt.load_weights(model, files.tensors, path)
     tokenizer = files.tokenizer()
+    dtype, note = resolve_dtype(dtype, dev)
+    if quantize == "int8":
+        quantize_int8(model)
     model.to(dev, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32).eval()
     model.set_kernel(kernel, dev)
-    info.update(device=str(dev), kernel=model.kernel, parameters=model.num_parameters(), dtype=dtype)
+    info.update(device=str(dev), kernel=model.kernel, parameters=model.num_parameters(), dtype=dtype,
+                quantize=quantize, note=note)
     return model, tokenizer, info

@@ -18,6 +18,8 @@ DEFAULT_DATA_DIR = "data"  # where prepare_data writes and train reads, unless -
 DOC_SPLITS = ("auto", "file", "blank-line", "line")  # what a document is (data.sources.iter_documents)
 ENCODING_ERRORS = ("strict", "replace")  # what to do with bytes that are not UTF-8
 GGUF_TYPES = ("f32", "f16", "q8_0")  # the weight types of a GGUF export's matrices
+INFERENCE_DTYPES = ("fp32", "bf16")  # --dtype of generate, eval, serve, bench (quantize.resolve_dtype)
+QUANTIZE = ("none", "int8")  # --quantize: the matrices' format for inference (quantize.quantize_int8)
 
 
 @dataclass(frozen=True)

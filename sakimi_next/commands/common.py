@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from ..config import PRESETS, RECOMMENDED_PRESET
-from ..settings import AUTO_PRESET, KERNELS
+from ..settings import AUTO_PRESET, INFERENCE_DTYPES, KERNELS, QUANTIZE
 from ..util import UserError
 
 
@@ -97,6 +97,25 @@ def add_device(p, kernel: bool = True) -> None:
                        help="gated delta rule kernel: auto = fla on CUDA when installed, else chunk")
     p.add_argument("--disable-fast-kernels", action="store_true",
                    help="use the plain recurrent kernel everywhere (same as --kernel recurrent)")
+
+
+def add_precision(p) -> None:
+    """--dtype and --quantize: the precision a model is loaded in for inference (`quantize.py`)."""
+    p.add_argument("--dtype", default="fp32", choices=INFERENCE_DTYPES,
+                   help="weights and activations: bf16 halves the memory and is faster on GPUs and on CPUs "
+                        "with AVX512-BF16/AMX (elsewhere: a note, and float32; the DeltaNet state stays fp32)")
+    p.add_argument("--quantize", default="none", choices=QUANTIZE,
+                   help="int8: the weights of every matrix product as int8 with one scale per output row "
+                        "(a quarter of float32's bytes to read per token; costs ~0.00x bits/byte, see --mode eval)")
+
+
+def add_compile(p, what: str) -> None:
+    """--compile / --no-compile, default auto (`what`: what auto does there; decoder.choose_decoder)."""
+    p.add_argument("--compile", dest="compile", action="store_const", const="yes", default="auto",
+                   help=f"run the compiled decoding step ({what}), compiling it first if needed "
+                        "(minutes, once: kept on disk)")
+    p.add_argument("--no-compile", dest="compile", action="store_const", const="no",
+                   help="decode with the plain eager step")
 
 
 def add_seed(p, help_text: str = "random seed") -> None:
