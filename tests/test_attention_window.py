@@ -2,6 +2,7 @@
 included) while the DeltaNet states carry everything. Checked against a brute-force reference: one
 forward over the whole sequence with attention masked to that band."""
 
+import json
 import math
 
 import pytest
@@ -156,3 +157,71 @@ def test_rollback_past_dropped_keys_is_refused(model):
     assert cache.dropped > 0
     with pytest.raises(RuntimeError, match="dropped keys"):
         cache.restore(snap)
+
+
+@pytest.fixture(scope="module")
+def short_context_checkpoint(tmp_path_factory):
+    """A checkpoint trained (as its state says) on 32-token windows after a 16-token lead-in."""
+    from sakimi_next.tokenizer import train_tokenizer
+
+    from .helpers import english_text, make_checkpoint
+
+    root = tmp_path_factory.mktemp("window")
+    tok = train_tokenizer([english_text(30_000)], 512)
+    tok.save(root / "tokenizer.json")
+    torch.manual_seed(1)
+    # weights large enough that attention is sharp and the window shows in what is sampled
+    model = Qwen3NextForCausalLM(small_config(vocab_size=512, eos_token_id=tok.eot_id, pad_token_id=tok.pad_id,
+                                              initializer_range=0.2)).eval()
+    return make_checkpoint(root / "run", model, tok, args={"seq_len": 32, "lead_in": 16}), tok, model
+
+
+def test_eval_reads_with_the_trained_context_by_default(short_context_checkpoint, tmp_path, capsys):
+    from sakimi_next.cli import main
+
+    from .helpers import english_text
+
+    ckpt, tok, model = short_context_checkpoint
+    text = english_text(60_000)[-1500:]
+    (tmp_path / "t.txt").write_text(text, encoding="utf-8")
+    ids = torch.tensor([tok.eot_id] + tok.encode(text))
+    assert len(ids) > 3 * 48
+
+    def nats(window):
+        logits = banded_forward(model, ids[None, :-1], window)[0]
+        return F.cross_entropy(logits, ids[1:], reduction="sum").item()
+
+    assert not math.isclose(nats(48), nats(len(ids)), rel_tol=1e-4)
+    for flags, window, reach in (([], 48, 48), (["--attention-window", "20"], 20, 20),
+                                 (["--attention-window", "0"], len(ids), None)):
+        assert main(["--mode", "eval", "--resume-from", str(ckpt), "--text-file", str(tmp_path / "t.txt"),
+                     "--json", *flags]) == 0
+        r = json.loads(capsys.readouterr().out)
+        assert r["attention_window"] == reach and r["window"] == 32
+        assert math.isclose(r["loss"] * r["tokens"], nats(window), rel_tol=1e-5), flags
+
+
+def test_generation_and_serving_use_the_trained_context(short_context_checkpoint, capsys):
+    from sakimi_next.cli import main
+    from sakimi_next.generate import generate
+    from sakimi_next.serve.process import ModelSource, load_model
+    from sakimi_next.settings import SamplingSettings
+
+    ckpt, tok, model = short_context_checkpoint
+    prompt = "The quick brown fox jumps over the lazy dog, " * 4  # ~120 tokens
+
+    def sampled(window):
+        model.set_attention_window(window)
+        try:
+            ids = generate(model, [tok.encode(prompt)], 40, SamplingSettings(1.0, 0, 1.0), tok.eot_id, seed=0)[0]
+        finally:
+            model.set_attention_window(None)
+        return prompt + tok.decode([i for i in ids if i != tok.eot_id]) + "\n"
+
+    assert sampled(48) != sampled(None)
+    assert main(["--mode", "generate", "--resume-from", str(ckpt), "--prompt", prompt, "--max-new-tokens", "40",
+                 "--temperature", "1", "--top-k", "0", "--top-p", "1", "--seed", "0"]) == 0
+    assert capsys.readouterr().out == sampled(48)
+    assert load_model(ModelSource(str(ckpt), "cpu"))[0].attention_window == 48
+    assert load_model(ModelSource(str(ckpt), "cpu", attention_window=7))[0].attention_window == 7
+    assert load_model(ModelSource(str(ckpt), "cpu", attention_window=0))[0].attention_window is None

@@ -103,6 +103,18 @@ def add_device(p, kernel: bool = True) -> None:
                    help="use the plain recurrent kernel everywhere (same as --kernel recurrent)")
 
 
+def add_attention_window(p) -> None:
+    p.add_argument("--attention-window", type=int, default=None, metavar="N",
+                   help="attention sees the last N positions of a long text or conversation, the DeltaNet "
+                        "states all of it (default: what the checkpoint was trained on, --seq-len + "
+                        "--lead-in; a Hugging Face directory: all; 0 = all)")
+
+
+def attention_window(args) -> int | None:
+    """--attention-window: None (the checkpoint's default) or a count, 0 meaning every key."""
+    return count("--attention-window", args.attention_window, minimum=0)
+
+
 def add_seed(p, help_text: str = "random seed") -> None:
     p.add_argument("--seed", type=int, default=None, help=f"{help_text} (0)")
 

@@ -22,6 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=None, help="window in tokens (default: the checkpoint's, else 256)")
     p.add_argument("--eval-method", default="carry", choices=("carry", "sliding"),
                    help="long text: carry the state across windows, or plain sliding windows")
+    common.add_attention_window(p)
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
@@ -35,6 +36,7 @@ class EvalSettings:
     seq_len: int | None
     method: str
     json: bool
+    attention_window: int | None = None  # None: the checkpoint's; 0: all
 
 
 def settings(args: argparse.Namespace) -> EvalSettings:
@@ -44,7 +46,8 @@ def settings(args: argparse.Namespace) -> EvalSettings:
     return EvalSettings(checkpoint=checkpoint, device=args.device, kernel=common.kernel_name(args),
                         text_file=Path(args.text_file) if args.text_file else None,
                         data_dir=Path(args.data_dir) if args.data_dir else None,
-                        seq_len=common.count("--seq-len", args.seq_len), method=args.eval_method, json=args.json)
+                        seq_len=common.count("--seq-len", args.seq_len), method=args.eval_method, json=args.json,
+                        attention_window=common.attention_window(args))
 
 
 def _text_ids(path: Path, tokenizer) -> tuple[list[int], int, str]:
@@ -87,7 +90,7 @@ def run(s: EvalSettings) -> int:
     from ..evaluate import score, summarize
     from ..pretrained import load_for_inference
 
-    model, tokenizer, info = load_for_inference(s.checkpoint, s.device, s.kernel)
+    model, tokenizer, info = load_for_inference(s.checkpoint, s.device, s.kernel, attention_window=s.attention_window)
     window = min(s.seq_len or info.get("seq_len") or 256, model.config.max_position_embeddings)
     ids, n_bytes, source = _text_ids(s.text_file, tokenizer) if s.text_file else _split_ids(s.data_dir, tokenizer)
     ids_t = torch.as_tensor(np.asarray(ids, dtype=np.int64), device=model.device)
@@ -96,11 +99,13 @@ def run(s: EvalSettings) -> int:
     nats, n = score(model, ids_t, window, s.method)
     seconds = time.perf_counter() - t0
     result = {"source": source, "model": info["source"], "method": s.method, "window": window,
+              "attention_window": info["attention_window"] if s.method == "carry" else None,
               **summarize(nats, n, n_bytes), "seconds": round(seconds, 3), "tokens_per_s": round(n / seconds, 1)}
     if s.json:
         print(json.dumps(result, indent=1))
     else:
         bpb = f"  bits/byte {result['bpb']:.4f}" if "bpb" in result else ""
+        keys = f", attention over {result['attention_window'] or 'all'} positions" if s.method == "carry" else ""
         print(f"{source}: {n:,} tokens, loss {result['loss']:.4f}  ppl {result['ppl']:.2f}{bpb}  "
-              f"({s.method}, window {window}, {result['tokens_per_s']:,.0f} tokens/s)")
+              f"({s.method}, window {window}{keys}, {result['tokens_per_s']:,.0f} tokens/s)")
     return 0

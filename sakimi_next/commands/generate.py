@@ -19,6 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     common.add_checkpoint(p, "the model: a checkpoint directory (or its run directory) or a Hugging Face directory")
     common.add_device(p)
     common.add_seed(p, "sampling seed")
+    common.add_attention_window(p)
     p.add_argument("--compile", action="store_true", help="torch.compile the decoding step (about a minute, once)")
     g = p.add_argument_group("prompts and sampling")
     g.add_argument("--prompt", default=None, help="prompt text (default: standard input, or empty)")
@@ -59,6 +60,7 @@ class GenerateSettings:
     draft_len: int
     chat: bool = False
     system: str | None = None
+    attention_window: int | None = None  # None: the checkpoint's; 0: all
 
 
 def unescape(s: str) -> str:
@@ -111,7 +113,8 @@ def settings(args: argparse.Namespace) -> GenerateSettings:
         device=args.device, kernel=common.kernel_name(args), seed=common.seed(args.seed) or 0, compile=args.compile,
         sampling=sampling, prompts=prompts, interactive=args.interactive, max_new_tokens=args.max_new_tokens,
         num_samples=args.num_samples, stops=stops, truncate_prompt=args.truncate_prompt,
-        speculative=args.speculative, draft_len=args.draft_len, chat=args.chat, system=args.system)
+        speculative=args.speculative, draft_len=args.draft_len, chat=args.chat, system=args.system,
+        attention_window=common.attention_window(args))
 
 
 def _stdin_prompts(s: GenerateSettings) -> list[str] | None:
@@ -235,7 +238,7 @@ def run(s: GenerateSettings) -> int:
     if s.chat:
         return run_chat(s)
     prompts = _stdin_prompts(s)
-    model, tokenizer, info = load_for_inference(s.checkpoint, s.device, s.kernel)
+    model, tokenizer, info = load_for_inference(s.checkpoint, s.device, s.kernel, attention_window=s.attention_window)
     if s.speculative and not hasattr(model, "mtp"):
         raise UserError(f"{s.checkpoint} has no MTP block; train with --mtp-weight to use --speculative mtp")
     session = Session(s, model, tokenizer)
@@ -269,7 +272,7 @@ def run_chat(s: GenerateSettings) -> int:
     from ..pretrained import load_for_inference
     from ..text import StreamDecoder
 
-    model, tokenizer, info = load_for_inference(s.checkpoint, s.device, s.kernel)
+    model, tokenizer, info = load_for_inference(s.checkpoint, s.device, s.kernel, attention_window=s.attention_window)
     marker_ids(tokenizer)
     decode = compiled_decoder(model) if s.compile else decode_one_token
     generator = torch.Generator(device=model.device).manual_seed(s.seed)

@@ -20,6 +20,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"),
                         help="weights and activations: bf16 halves the memory and is faster on GPUs and on CPUs "
                              "with AVX512-BF16/AMX (the DeltaNet state stays fp32)")
+    common.add_attention_window(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 opens it to the network)")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on")
     parser.add_argument("--max-concurrent", type=int, default=16, help="requests decoded together in one batch")
@@ -58,6 +59,7 @@ class ServeSettings:
     threads: int | None = None
     dtype: str = "fp32"
     in_process: bool = False
+    attention_window: int | None = None  # None: the checkpoint's; 0: all
 
 
 def settings(args: argparse.Namespace) -> ServeSettings:
@@ -77,7 +79,7 @@ def settings(args: argparse.Namespace) -> ServeSettings:
     return ServeSettings(args.resume_from, args.host, args.port, args.max_concurrent, args.max_queue,
                          args.max_prompt_tokens, args.max_tokens, args.request_timeout, args.api_key, name,
                          args.device, common.kernel_name(args), bool(args.compile),
-                         args.threads, args.dtype, bool(args.in_process))
+                         args.threads, args.dtype, bool(args.in_process), common.attention_window(args))
 
 
 def run(s: ServeSettings) -> int:
@@ -86,7 +88,7 @@ def run(s: ServeSettings) -> int:
     from ..serve.api import ServerSettings, create_app
     from ..serve.process import EngineProcess, ModelSource
 
-    source = ModelSource(s.checkpoint, s.device, s.kernel, s.dtype, s.compile, s.threads)
+    source = ModelSource(s.checkpoint, s.device, s.kernel, s.dtype, s.compile, s.threads, s.attention_window)
     if s.compile:
         print("compiling the decoding step (about a minute, once)...", file=sys.stderr, flush=True)
     if s.in_process:

@@ -36,6 +36,7 @@ class ModelSource:
     dtype: str = "fp32"
     compile: bool = False
     threads: int | None = None
+    attention_window: int | None = None  # None: the checkpoint's; 0: all
 
 
 class EngineProcess:
@@ -226,7 +227,8 @@ def load_model(source: ModelSource):
 
     if source.threads:
         torch.set_num_threads(source.threads)
-    model, tokenizer, info = load_for_inference(source.checkpoint, source.device, source.kernel, source.dtype)
+    model, tokenizer, info = load_for_inference(source.checkpoint, source.device, source.kernel, source.dtype,
+                                                source.attention_window)
     return model, tokenizer, info, compiled_decoder(model) if source.compile else decode_one_token
 
 
