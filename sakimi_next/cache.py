@@ -86,11 +86,13 @@ class Cache:
     def record(self, mask: torch.Tensor | None, T: int) -> torch.Tensor | None:
         """Note T new positions (mask [B, T], 1 = real token) and return the key mask [B, length+T]
         when any cached position is padding, else None."""
-        if self.window is not None and self.length + T > self.key_mask.shape[1]:
+        end = needed = self.length + T
+        if self.window is not None and end > self.key_mask.shape[1]:
             self._drop_oldest(self.length - (self.window - 1))
-        end = self.length + T
-        if end > self.key_mask.shape[1]:
-            grown = torch.ones(self.batch_size, max(end, 2 * self.key_mask.shape[1]), dtype=torch.bool,
+            end = self.length + T
+            needed = 2 * end  # as much again free: the next drop is a window's worth of tokens away
+        if needed > self.key_mask.shape[1]:
+            grown = torch.ones(self.batch_size, max(needed, 2 * self.key_mask.shape[1]), dtype=torch.bool,
                                device=self.key_mask.device)
             grown[:, : self.length] = self.key_mask[:, : self.length]
             self.key_mask = grown

@@ -66,9 +66,10 @@ def test_windowed_cache_equals_banded_reference(model, window, sizes):
     logits, cache = chunked(windowed(model, window), x, sizes)
     model.set_attention_window(None)
     torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4)
-    # old keys were dropped rather than kept: the cache holds a bounded number of columns
+    # old keys were dropped rather than kept: the cache holds a bounded number of columns (it grows
+    # until, after a drop, half of it is free)
     assert cache.dropped > 0 and cache.length + cache.dropped == 160
-    assert cache.key_mask.shape[1] <= 2 * (window + max(sizes)) + 8
+    assert cache.key_mask.shape[1] <= 4 * (window + max(sizes))
 
 
 @torch.no_grad()
