@@ -2,26 +2,41 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# The CPU wheel of torch is pinned here so pip never pulls a multi-GB CUDA build on a CPU machine;
-# pyproject.toml allows a range, so GPU users keep the torch they have.
+# torch is pinned and installed first. pyproject.toml allows a range, so GPU users keep the torch they have.
+# On Linux, PyPI's torch wheel is the CUDA build (GBs of CUDA libraries); on a machine without an NVIDIA GPU,
+# `make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu` installs PyTorch's CPU-only wheel instead.
 TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
 
 .PHONY: setup demo chat-demo test lint bench bench-serve bench-llamacpp quality clean
+.PHONY: install test-needs
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q "$(TORCH)"
+# What running the model needs (torch, then this package and its runtime dependencies): make demo.
+$(VENV)/.installed-runtime: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(BIN)/pip install -q -e .
+	touch $@
+
+install: $(VENV)/.installed-runtime
+
+# What the tests add: transformers (the numerical oracle), llama-cpp-python (builds llama.cpp from source:
+# a C++ compiler and 5-25 minutes on 2 cores), openai, selenium. test-needs says first what pip cannot install.
+$(VENV)/.installed: pyproject.toml $(VENV)/.installed-runtime | test-needs
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
-setup: $(VENV)/.installed
+setup: test-needs $(VENV)/.installed
+
+test-needs:
+	@sh scripts/check_test_needs.sh $(BIN)/python
 
 # The main job on a fresh machine, in under 10 minutes on a 2-core CPU: look at each preset, prepare
 # the embedded corpus (the CPython docs that ship with Python), train tiny_10m for ~4 minutes, talk to it.
-demo: setup
+demo: install
 	$(BIN)/sakimi-next --config tiny_5m --mode test --batch-size 1 --seq-len 128
 	$(BIN)/sakimi-next --config tiny_10m --mode test --batch-size 1 --seq-len 128
 	$(BIN)/sakimi-next --config small_50m --mode test --batch-size 1 --seq-len 128
@@ -32,12 +47,14 @@ demo: setup
 	$(BIN)/sakimi-next --mode generate --resume-from runs/demo/latest --prompt "The list" \
 		--max-new-tokens 150 --temperature 0.8 --top-k 50 --seed 0
 
-# Talk to it (issue 14), in ~11 minutes on an idle 2-core CPU: pretrain tiny_10m on English and Chinese
-# stories, fine-tune it on English <-> Chinese translation requests (held-out sentences measured before
-# and after), then chat with it. Needs the corpora in $(SHARED_DATA).
+# Talk to it, in ~6 minutes on an idle 2-core CPU: pretrain tiny_10m on English and Chinese stories,
+# fine-tune it on English <-> Chinese translation requests (held-out sentences measured before and after),
+# then chat with it. Needs a folder of public corpora, SHARED_DATA (docs/benchmarks.md, "The corpora").
 SHARED_DATA ?= ../shared/data
 CHAT_DEMO := data/chat-demo
-chat-demo: setup
+chat-demo: install
+	@test -d $(SHARED_DATA) || { echo "error: no corpora folder $(SHARED_DATA): pass SHARED_DATA=DIR" \
+		"(docs/benchmarks.md, 'The corpora', lists the files)" >&2; exit 2; }
 	mkdir -p $(CHAT_DEMO)
 	head -n 1200 $(SHARED_DATA)/zh_novels/hongloumeng.txt > $(CHAT_DEMO)/hongloumeng_part.txt
 	$(BIN)/python scripts/make_translation_chats.py $(SHARED_DATA)/cmn_eng/cmn.txt --out-dir $(CHAT_DEMO)/chats
@@ -77,10 +94,10 @@ bench-serve: setup
 bench-llamacpp: setup
 	$(BIN)/python scripts/bench_llamacpp.py --out bench_llamacpp.json
 
-# Tiny Shakespeare and 红楼梦 from ../shared/data: 90/10 split, default preparation, 20-minute budget each;
-# prints the held-out bits/byte of the best checkpoint and a sample (README, "Quality in a fixed time").
-quality: setup
-	$(BIN)/python scripts/quality.py
+# Tiny Shakespeare and 红楼梦 from $(SHARED_DATA): 90/10 split, default preparation, 20-minute budget each;
+# prints the held-out bits/byte of the best checkpoint and a sample (docs/benchmarks.md, "Quality").
+quality: install
+	$(BIN)/python scripts/quality.py --shared-data $(SHARED_DATA)
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -43,6 +43,7 @@ from .model import Qwen3NextForCausalLM
 from .util import UserError, atomic_write_text
 
 EXAMPLE_CAPACITY = 64  # the cache length the program is traced with (any length works afterwards)
+N_INPUTS = 5  # tokens, next_position, length, window, key_mask; then the states and the weights
 # --compile auto: compile a missing program first when a run generates at least this many tokens. Below
 # it a first compile (1-4 minutes on a 2-core CPU) costs more than it saves: ~10 ms a token at most.
 COMPILE_MIN_TOKENS = 10_000
@@ -50,20 +51,28 @@ COMPILE_MIN_TOKENS = 10_000
 
 # ------------------------------------------------------------------------------------- the static step
 def step_hidden(model: Qwen3NextForCausalLM, tokens: torch.Tensor, next_position: torch.Tensor,
-                length: torch.Tensor, key_mask: torch.Tensor, layers: list) -> torch.Tensor:
+                length: torch.Tensor, window: torch.Tensor, key_mask: torch.Tensor, layers: list) -> torch.Tensor:
     """`model.decode_hidden` over a fixed-capacity cache: tokens [B, T] at positions next_position [B]
-    + 0..T-1, written at cache columns length + 0..T-1 (length: a 0-d tensor); key_mask [B, capacity]
-    (False = padding; True from `length` on). Returns the final hidden states [B, T, H]."""
+    + 0..T-1, written at cache columns length + 0..T-1 (length: a 0-d tensor); each query sees the
+    `window` (0-d; `window_tensor`) columns up to its own; key_mask [B, capacity] (False = padding; True
+    from `length` on). Returns the final hidden states [B, T, H]."""
     T = tokens.shape[1]
     x = model.model.embed_tokens(tokens)
     offsets = torch.arange(T, device=tokens.device)
     rope = model.model.rotary_emb(next_position[:, None] + offsets, x.dtype)
-    index = length + offsets  # the cache columns of the new tokens
+    index = (length + offsets)[:, None]  # the cache columns of the new tokens
     columns = torch.arange(key_mask.shape[1], device=tokens.device)
-    attn_mask = (key_mask[:, None, :] & (columns <= index[:, None]))[:, None]  # [B, 1, T, capacity]
+    seen = (columns <= index) & (columns > index - window)  # a row's tokens are contiguous columns
+    attn_mask = (key_mask[:, None, :] & seen)[:, None]  # [B, 1, T, capacity]
     for layer, cache in zip(model.model.layers, layers):
-        x = layer.step(x, rope, attn_mask, cache, index)
+        x = layer.step(x, rope, attn_mask, cache, index[:, 0])
     return model.model.norm.step(x)
+
+
+def window_tensor(cache: Cache) -> torch.Tensor:
+    """The cache's attention window as the program reads it (a 0-d tensor, so that one program serves
+    every window; no window: more columns than any cache holds)."""
+    return torch.tensor(cache.window or 2**62, device=cache.key_mask.device)
 
 
 def layer_views(cache: Cache) -> list:
@@ -82,7 +91,7 @@ def state_tensors(cache: Cache) -> list[torch.Tensor]:
 
 class StepProgram(nn.Module):
     """The step as a function of tensors only, what torch.export traces: (tokens [B, T], next_position
-    [B], length [], key_mask [B, C], *state_tensors, *weights) -> logits [B, T, V]; updates the states
+    [B], length [], window [], key_mask [B, C], *state_tensors, *weights) -> logits [B, T, V]; updates the states
     and next_position in place. The weights are arguments too (those at `addresses`, see
     `step_tensors`), so the compiled program holds none: it serves any checkpoint of the same shapes."""
 
@@ -91,13 +100,13 @@ class StepProgram(nn.Module):
         self.model, self.addresses = model, addresses
         self.n_states = 2 * len(model.config.layer_types)
 
-    def forward(self, tokens, next_position, length, key_mask, *tensors):
+    def forward(self, tokens, next_position, length, window, key_mask, *tensors):
         states, weights = tensors[:self.n_states], tensors[self.n_states:]
         it = iter(states)
         layers = [FixedAttentionCache(next(it), next(it)) if kind == "full_attention"
                   else LinearAttentionCache(next(it), next(it)) for kind in self.model.config.layer_types]
         with bound(self.model, dict(zip(self.addresses, weights))):
-            hidden = step_hidden(self.model, tokens, next_position, length, key_mask, layers)
+            hidden = step_hidden(self.model, tokens, next_position, length, window, key_mask, layers)
             logits = self.model.step_logits(hidden)
         next_position.add_(tokens.shape[1])
         return logits
@@ -216,7 +225,8 @@ def _example_inputs(model: Qwen3NextForCausalLM, batch_size: int, tokens_per_ste
     cache.reserve(EXAMPLE_CAPACITY)
     dev = model.device
     tokens = torch.zeros(batch_size, tokens_per_step, dtype=torch.long, device=dev)
-    return (tokens, cache.next_position, torch.tensor(0, device=dev), cache.key_mask, *state_tensors(cache))
+    return (tokens, cache.next_position, torch.tensor(0, device=dev), window_tensor(cache), cache.key_mask,
+            *state_tensors(cache))
 
 
 def _dynamic_shapes(model: Qwen3NextForCausalLM, args: tuple, dynamic_batch: bool) -> tuple:
@@ -227,14 +237,14 @@ def _dynamic_shapes(model: Qwen3NextForCausalLM, args: tuple, dynamic_batch: boo
 
     def spec(i: int, t: torch.Tensor) -> dict | None:
         dims = {0: batch} if batch is not None and t.ndim else {}
-        if i == 3:
+        if i == N_INPUTS - 1:  # key_mask
             dims[1] = capacity
-        elif i >= 4 and t.ndim == 4 and model.config.layer_types[(i - 4) // 2] == "full_attention":
+        elif i >= N_INPUTS and t.ndim == 4 and model.config.layer_types[(i - N_INPUTS) // 2] == "full_attention":
             dims[2] = capacity
         return dims or None
 
     specs = [spec(i, t) for i, t in enumerate(args)]
-    return (*specs[:4], tuple(specs[4:]))  # the states are StepProgram.forward's *states
+    return (*specs[:N_INPUTS], tuple(specs[N_INPUTS:]))  # the states are StepProgram.forward's *states
 
 
 def _export(model: Qwen3NextForCausalLM, batch_size: int | None, tokens_per_step: int, addresses: list[str]):
@@ -243,7 +253,7 @@ def _export(model: Qwen3NextForCausalLM, batch_size: int | None, tokens_per_step
     tensors = step_tensors(model)
     weights = tuple(tensors[a] for a in addresses)
     shapes = _dynamic_shapes(model, args, batch_size is None)
-    shapes = (*shapes[:4], shapes[4] + (None,) * len(weights))
+    shapes = (*shapes[:N_INPUTS], shapes[N_INPUTS] + (None,) * len(weights))
     with torch.no_grad():
         return torch.export.export(StepProgram(model, addresses).eval(), args + weights, dynamic_shapes=shapes)
 
@@ -282,8 +292,8 @@ class LoadedProgram:
         tensors = step_tensors(model)
         self.weights = [tensors[a] for a in addresses]
 
-    def __call__(self, tokens, next_position, length, key_mask, states: list[torch.Tensor]) -> torch.Tensor:
-        return self.run([tokens, next_position, length, key_mask, *states, *self.weights])[0]
+    def __call__(self, tokens, next_position, length, window, key_mask, states: list[torch.Tensor]) -> torch.Tensor:
+        return self.run([tokens, next_position, length, window, key_mask, *states, *self.weights])[0]
 
 
 def compile_twin(spec: dict) -> None:
@@ -405,7 +415,7 @@ class CompiledDecoder:
         T = tokens.shape[1]
         cache.reserve(T)
         length = torch.tensor(cache.length, device=token.device)
-        logits = run(tokens, cache.next_position, length, cache.key_mask, state_tensors(cache))
+        logits = run(tokens, cache.next_position, length, window_tensor(cache), cache.key_mask, state_tensors(cache))
         cache.length += T
         return logits[:, -1] if T == 1 else logits
 

@@ -1,5 +1,5 @@
 """MTP speculative decoding against plain greedy decoding: acceptance, speed-up, and what it would take on
-the compiled path (README, "Multi-token prediction and speculative decoding").
+the compiled path (docs/benchmarks.md, "Speculative decoding").
 
     python scripts/measure_speculative.py runs/cmp_mtp/latest [--quantize int8] [--compiled-costs]
 

@@ -1,15 +1,17 @@
 """The static-shape decoding step (`decoder.py`): eagerly it equals the reference step; compiled by
 AOTInductor it gives the eager step's logits and greedy tokens, for one row, a left-padded batch, a
-server's changing batch, another checkpoint of the same shape (the weights are arguments), and an MoE
-model in int8 compiled in the background (one program whatever the routing)."""
+server's changing batch, an attention window that drops old keys (the same program: the window is an
+argument), another checkpoint of the same shape (the weights are arguments), and an MoE model in int8
+compiled in the background (one program whatever the routing)."""
 
+import contextlib
 import shutil
 import time
 
 import pytest
 import torch
 
-from sakimi_next.decoder import CompiledDecoder, layer_views, step_hidden
+from sakimi_next.decoder import CompiledDecoder, layer_views, step_hidden, window_tensor
 from sakimi_next.generate import SamplingSettings, decode_one_token, generate, prefill
 from sakimi_next.model import Qwen3NextForCausalLM
 from sakimi_next.moe import SparseMoeBlock
@@ -52,25 +54,39 @@ def compare_steps(model, decode, steps: int = 12, rtol: float = 1e-5, atol: floa
         eager, other = decode_one_token(model, token, caches[0]), decode(model, token, caches[1])
         torch.testing.assert_close(other, eager, rtol=rtol, atol=atol)
         token = eager.argmax(-1)
-    assert caches[1].length == caches[0].length
+    assert (caches[1].length, caches[1].dropped) == (caches[0].length, caches[0].dropped)
 
 
-def test_static_step_equals_the_reference_step():
-    """The fixed-capacity step run eagerly (no compiler): same logits, same cache contents."""
+@contextlib.contextmanager
+def attention_window(model, window: int | None):
+    """Within: the caches the model makes have this attention window (`set_attention_window`)."""
+    model.set_attention_window(window)
+    try:
+        yield
+    finally:
+        model.set_attention_window(None)
+
+
+@pytest.mark.parametrize("window", [None, 5], ids=["all-keys", "window-5"])
+def test_static_step_equals_the_reference_step(window):
+    """The fixed-capacity step run eagerly (no compiler): same logits, same cache contents; with a
+    window, the old keys dropped as the eager step drops them."""
     model = trained(0)
 
     @torch.inference_mode()
     def static(model, token, cache):
         cache.reserve(1)
         length = torch.tensor(cache.length)
-        hidden = step_hidden(model, token[:, None], cache.next_position, length, cache.key_mask, layer_views(cache))
+        hidden = step_hidden(model, token[:, None], cache.next_position, length, window_tensor(cache),
+                             cache.key_mask, layer_views(cache))
         cache.next_position += 1
         cache.length += 1
         return model.step_logits(hidden)[:, 0]
 
-    compare_steps(model, static)
-    prompt = torch.randint(1, model.config.vocab_size, (5,)).tolist()
-    assert generate(model, [prompt], 30, decode=static) == generate(model, [prompt], 30)
+    with attention_window(model, window):
+        compare_steps(model, static, steps=20)
+        prompt = torch.randint(1, model.config.vocab_size, (5,)).tolist()
+        assert generate(model, [prompt], 30, decode=static) == generate(model, [prompt], 30)
 
 
 def test_reserve_gives_every_attention_layer_and_the_mask_one_capacity():
@@ -86,6 +102,20 @@ def test_reserve_gives_every_attention_layer_and_the_mask_one_capacity():
     capacity = cache.capacity
     cache.reserve(1)
     assert cache.capacity == capacity  # room enough: nothing moves
+
+
+def test_reserve_in_a_full_windowed_cache_drops_as_record_does():
+    model = trained(0)
+    with attention_window(model, 3):
+        caches = [model.new_cache(1, capacity=4) for _ in range(2)]
+    with torch.inference_mode():
+        for cache in caches:
+            model(torch.ones(1, 4, dtype=torch.long), cache=cache)
+        caches[0].reserve(1)
+        caches[1].record(None, 1)
+    for cache in caches:  # the 2 keys the next query still sees moved to the front, room for as much again
+        assert (cache.length, cache.dropped, cache.capacity) == (2, 2, 8)
+    assert caches[0].key_mask[:, 2:].all()
 
 
 def test_moe_decoding_step_equals_the_routed_forward():
@@ -123,6 +153,20 @@ def test_compiled_step_equals_eager(dense):
     assert generate(model, prompts, 40, decode=decoder) == generate(model, prompts, 40)  # the cache grows
     assert generate(model, prompts[:1], 20, decode=decoder) == generate(model, prompts[:1], 20)
     assert decoder.compiled == 1 and len(list(decoder.directory.glob("*.pt2"))) == 1  # one program, any batch
+
+
+@pytest.mark.slow
+@needs_compiler
+def test_compiled_step_with_an_attention_window_equals_eager(dense):
+    """The window is the program's argument: the same program, old keys dropped as the eager step
+    drops them, the same logits."""
+    model, decoder = dense
+    compiled = decoder.compiled
+    with attention_window(model, 5):
+        compare_steps(model, decoder, steps=24)
+        prompt = torch.randint(1, model.config.vocab_size, (5,)).tolist()
+        assert generate(model, [prompt], 40, decode=decoder) == generate(model, [prompt], 40)
+    assert decoder.compiled == compiled  # nothing compiled again
 
 
 @pytest.mark.slow

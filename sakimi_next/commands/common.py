@@ -106,7 +106,8 @@ def add_precision(p) -> None:
                         "with AVX512-BF16/AMX (elsewhere: a note, and float32; the DeltaNet state stays fp32)")
     p.add_argument("--quantize", default="none", choices=QUANTIZE,
                    help="int8: the weights of every matrix product as int8 with one scale per output row "
-                        "(a quarter of float32's bytes to read per token; costs ~0.00x bits/byte, see --mode eval)")
+                        "(a quarter of float32's bytes to read per token; --mode eval reports its cost in "
+                        "bits/byte)")
 
 
 def add_compile(p, what: str) -> None:
@@ -116,6 +117,18 @@ def add_compile(p, what: str) -> None:
                         "(minutes, once: kept on disk)")
     p.add_argument("--no-compile", dest="compile", action="store_const", const="no",
                    help="decode with the plain eager step")
+
+
+def add_attention_window(p) -> None:
+    p.add_argument("--attention-window", type=int, default=None, metavar="N",
+                   help="attention sees the last N positions of a long text or conversation, the DeltaNet "
+                        "states all of it (default: what the checkpoint was trained on, --seq-len + "
+                        "--lead-in; a Hugging Face directory: all; 0 = all)")
+
+
+def attention_window(args) -> int | None:
+    """--attention-window: None (the checkpoint's default) or a count, 0 meaning every key."""
+    return count("--attention-window", args.attention_window, minimum=0)
 
 
 def add_seed(p, help_text: str = "random seed") -> None:

@@ -23,6 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=None, help="window in tokens (default: the checkpoint's, else 256)")
     p.add_argument("--eval-method", default="carry", choices=("carry", "sliding"),
                    help="long text: carry the state across windows, or plain sliding windows")
+    common.add_attention_window(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     common.add_precision(p)
 
@@ -44,6 +45,7 @@ class EvalSettings:
     def lowered(self) -> bool:
         """Below float32: the text is scored in float32 too, and the difference reported."""
         return self.dtype != "fp32" or self.quantize != "none"
+    attention_window: int | None = None  # None: the checkpoint's; 0: all
 
 
 def settings(args: argparse.Namespace) -> EvalSettings:
@@ -54,7 +56,7 @@ def settings(args: argparse.Namespace) -> EvalSettings:
                         text_file=Path(args.text_file) if args.text_file else None,
                         data_dir=Path(args.data_dir) if args.data_dir else None,
                         seq_len=common.count("--seq-len", args.seq_len), method=args.eval_method, json=args.json,
-                        dtype=args.dtype, quantize=args.quantize)
+                        dtype=args.dtype, quantize=args.quantize, attention_window=common.attention_window(args))
 
 
 def _text_ids(path: Path, tokenizer) -> tuple[list[int], int, str]:
@@ -98,7 +100,8 @@ def run(s: EvalSettings) -> int:
     from ..evaluate import score, summarize
     from ..pretrained import load_for_inference
 
-    model, tokenizer, info = load_for_inference(s.checkpoint, s.device, s.kernel, s.dtype, s.quantize)
+    model, tokenizer, info = load_for_inference(s.checkpoint, s.device, s.kernel, s.dtype, s.quantize,
+                                                s.attention_window)
     if info["note"]:
         print(info["note"], file=sys.stderr)
     window = min(s.seq_len or info.get("seq_len") or 256, model.config.max_position_embeddings)
@@ -113,25 +116,27 @@ def run(s: EvalSettings) -> int:
 
     precision = ", ".join([info["dtype"]] * (info["dtype"] != "fp32") + [s.quantize] * (s.quantize != "none")) or "fp32"
     result = {"source": source, "model": info["source"], "method": s.method, "window": window,
+              "attention_window": info["attention_window"] if s.method == "carry" else None,
               "precision": precision, **measured(model)}
     if s.lowered:  # the same text in float32: what the lower precision costs
         del model
-        reference, _, _ = load_for_inference(s.checkpoint, s.device, s.kernel)
+        reference, _, _ = load_for_inference(s.checkpoint, s.device, s.kernel, attention_window=s.attention_window)
         result["float32"] = measured(reference)
         result["cost"] = {k: result[k] - result["float32"][k] for k in ("loss", "bpb") if k in result}
     if s.json:
         print(json.dumps(result, indent=1))
         return 0
-    print(_line(source, result, s.method, window, precision if s.lowered else ""))
+    keys = f"attention over {result['attention_window'] or 'all'} positions" if s.method == "carry" else ""
+    print(_line(source, result, s.method, window, keys, precision if s.lowered else ""))
     if "float32" in result:
-        print(_line(source, result["float32"], s.method, window, "float32"))
+        print(_line(source, result["float32"], s.method, window, keys, "float32"))
         cost = result["cost"]
         print(f"{precision} costs {cost.get('bpb', float('nan')):+.4f} bits/byte ({cost['loss']:+.4f} nats/token) "
               "against float32 on this text")
     return 0
 
 
-def _line(source: str, r: dict, method: str, window: int, precision: str) -> str:
+def _line(source: str, r: dict, method: str, window: int, *notes: str) -> str:
     bpb = f"  bits/byte {r['bpb']:.4f}" if "bpb" in r else ""
-    return (f"{source}: {r['tokens']:,} tokens, loss {r['loss']:.4f}  ppl {r['ppl']:.2f}{bpb}  "
-            f"({method}, window {window}{', ' + precision if precision else ''}, {r['tokens_per_s']:,.0f} tokens/s)")
+    how = ", ".join([method, f"window {window}", *filter(None, notes), f"{r['tokens_per_s']:,.0f} tokens/s"])
+    return f"{source}: {r['tokens']:,} tokens, loss {r['loss']:.4f}  ppl {r['ppl']:.2f}{bpb}  ({how})"

@@ -19,6 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     common.add_checkpoint(p, "the model: a checkpoint directory (or its run directory) or a Hugging Face directory")
     common.add_device(p)
     common.add_seed(p, "sampling seed")
+    common.add_attention_window(p)
     common.add_compile(p, "by default when it is on disk already, or for runs of 10,000 tokens or more")
     common.add_precision(p)
     g = p.add_argument_group("prompts and sampling")
@@ -62,6 +63,7 @@ class GenerateSettings:
     system: str | None = None
     dtype: str = "fp32"
     quantize: str = "none"
+    attention_window: int | None = None  # None: the checkpoint's; 0: all
 
 
 def unescape(s: str) -> str:
@@ -119,7 +121,7 @@ def settings(args: argparse.Namespace) -> GenerateSettings:
         sampling=sampling, prompts=prompts, interactive=args.interactive, max_new_tokens=args.max_new_tokens,
         num_samples=args.num_samples, stops=stops, truncate_prompt=args.truncate_prompt,
         speculative=args.speculative, draft_len=args.draft_len, chat=args.chat, system=args.system,
-        dtype=args.dtype, quantize=args.quantize)
+        dtype=args.dtype, quantize=args.quantize, attention_window=common.attention_window(args))
 
 
 def _stdin_prompts(s: GenerateSettings) -> list[str] | None:
@@ -261,7 +263,8 @@ def load_model(s: GenerateSettings):
     """The model as the settings ask (precision included), with a note when the CPU changes the dtype."""
     from ..pretrained import load_for_inference
 
-    model, tokenizer, info = load_for_inference(s.checkpoint, s.device, s.kernel, s.dtype, s.quantize)
+    model, tokenizer, info = load_for_inference(s.checkpoint, s.device, s.kernel, s.dtype, s.quantize,
+                                                s.attention_window)
     if info["note"]:
         print(info["note"], file=sys.stderr)
     return model, tokenizer, info

@@ -20,6 +20,7 @@ def add_arguments(parser) -> None:
     common.add_compile(parser, "by default: loaded from disk, or compiled in the background while the eager "
                                "step serves")
     common.add_precision(parser)
+    common.add_attention_window(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 opens it to the network)")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on")
     parser.add_argument("--max-concurrent", type=int, default=16, help="requests decoded together in one batch")
@@ -59,6 +60,7 @@ class ServeSettings:
     dtype: str = "fp32"
     in_process: bool = False
     quantize: str = "none"
+    attention_window: int | None = None  # None: the checkpoint's; 0: all
 
 
 def settings(args: argparse.Namespace) -> ServeSettings:
@@ -78,7 +80,8 @@ def settings(args: argparse.Namespace) -> ServeSettings:
     return ServeSettings(args.resume_from, args.host, args.port, args.max_concurrent, args.max_queue,
                          args.max_prompt_tokens, args.max_tokens, args.request_timeout, args.api_key, name,
                          args.device, common.kernel_name(args), args.compile,
-                         args.threads, args.dtype, bool(args.in_process), args.quantize)
+                         args.threads, args.dtype, bool(args.in_process), args.quantize,
+                         common.attention_window(args))
 
 
 def run(s: ServeSettings) -> int:
@@ -87,7 +90,8 @@ def run(s: ServeSettings) -> int:
     from ..serve.api import ServerSettings, create_app
     from ..serve.process import EngineProcess, ModelSource
 
-    source = ModelSource(s.checkpoint, s.device, s.kernel, s.dtype, s.compile, s.threads, s.quantize)
+    source = ModelSource(s.checkpoint, s.device, s.kernel, s.dtype, s.compile, s.threads, s.quantize,
+                         s.attention_window)
     if s.compile == "yes":
         print("loading or compiling the decoding step (minutes, once)...", file=sys.stderr, flush=True)
     if s.in_process:

@@ -17,7 +17,7 @@ HELP = "train a model on a prepared data directory (one device, or DDP/FSDP2 und
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     common.add_preset(p, "model preset, or auto: sized from the text and the time budget (the default of a fresh "
-                         "run; see the README's rule), or the resumed checkpoint's")
+                         "run; see docs/training.md), or the resumed checkpoint's")
     common.add_device(p)
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"),
                    help="compute dtype: auto = bf16 autocast where the hardware has bf16 (CUDA, CPUs with "

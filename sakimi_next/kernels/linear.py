@@ -3,8 +3,8 @@ batch), where the weights are read from memory at every step.
 
 The plain reference is `F.linear`. On x86 CPUs with AVX-512, oneDNN with the weight reordered once
 into its blocked layout (`torch.ops.mkldnn._reorder_linear_weight`, the packing inductor's CPU
-freezing uses) is measured faster in two cases (tiny_10m's weights, one thread; README "Serving,
-measured"):
+freezing uses) is measured faster in two cases (tiny_10m's weights, one thread; docs/benchmarks.md,
+"Serving"):
 
     float32, 2-16 rows      1.5-3x faster than F.linear (MKL): 8 rows x the 4,096 x 256 output layer
                             take 93 us instead of 267

@@ -37,6 +37,7 @@ class ModelSource:
     compile: str = "no"  # auto | yes | no: decoder.choose_decoder (auto: compiled in the background)
     threads: int | None = None
     quantize: str = "none"
+    attention_window: int | None = None  # None: the checkpoint's; 0: all
 
 
 class EngineProcess:
@@ -230,7 +231,7 @@ def load_model(source: ModelSource):
     if source.threads:
         torch.set_num_threads(source.threads)
     model, tokenizer, info = load_for_inference(source.checkpoint, source.device, source.kernel, source.dtype,
-                                                source.quantize)
+                                                source.quantize, source.attention_window)
     return model, tokenizer, info, choose_decoder(model, source.compile, 0, on_compile=log.warning, background=True)
 
 
