@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 
-.PHONY: setup demo chat-demo test lint bench bench-serve soak-serve quality compare clean
+.PHONY: setup demo chat-demo test lint bench bench-serve bench-llamacpp soak-serve quality compare clean
 .PHONY: install test-needs
 
 $(BIN)/python:
@@ -81,12 +81,18 @@ lint: setup
 	$(BIN)/ruff check .
 
 bench: setup
-	$(BIN)/sakimi-next --mode bench --config tiny_10m --compare transformers --compile
+	$(BIN)/sakimi-next --mode bench --config tiny_10m --compare transformers --compile --quantize int8
 
-# --mode serve: aggregate tokens/s with 1, 4, 8 and 16 streaming clients, time to first token
+# --mode serve: aggregate tokens/s with 1, 4, 8 and 16 streaming clients, time to first token; the default
+# (compiled) decoding step in float32 and in int8, then the eager step for comparison
 bench-serve: setup
-	$(BIN)/python scripts/bench_serve.py --threads 1 --temperature 0 --dtype fp32
-	$(BIN)/python scripts/bench_serve.py --threads 1 --temperature 0 --dtype bf16
+	$(BIN)/python scripts/bench_serve.py --threads 1 --temperature 0 --json bench_serve_fp32.json
+	$(BIN)/python scripts/bench_serve.py --threads 1 --temperature 0 --quantize int8 --json bench_serve_int8.json
+	$(BIN)/python scripts/bench_serve.py --threads 1 --temperature 0 --compile no --json bench_serve_eager.json
+
+# batch-1 greedy decoding beside llama.cpp (f32 and q8_0) on the same weights, each run in its own process
+bench-llamacpp: setup
+	$(BIN)/python scripts/bench_llamacpp.py --out bench_llamacpp.json
 
 # --mode serve under 10 minutes of mixed traffic: statuses, p50/p99 latency, memory of both processes
 soak-serve: install

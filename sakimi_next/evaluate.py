@@ -4,6 +4,8 @@ while training (`validate`), and of chat data's assistant replies (`assistant_lo
 Two ways to score a text longer than the model's training context:
 - `carry` (default): one pass, window after window, carrying the DeltaNet states and the attention
   K/V cache across windows: exactly one forward pass over the whole text, at the cost of windows.
+  Attention reaches as far back as the model's attention window (`set_attention_window`, by default
+  what it was trained on): keys further back only dilute what a model trained on shorter reaches.
 - `sliding`: independent windows of `window` tokens moving by `stride`, each token scored once with
   at least `window - stride` tokens of context (the usual recipe for models without a state).
 """

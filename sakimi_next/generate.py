@@ -8,6 +8,7 @@
 The prompt is read once (chunked kernel), then one token at a time: DeltaNet layers carry a fixed-size
 state, so their cost per token does not grow with the context. Prompts of different lengths are left
 padded and masked. `StreamDecoder` turns tokens into text without ever printing half a character.
+`decode_one_token` is the eager reference step; `decoder.CompiledDecoder` runs the same step compiled.
 """
 
 from __future__ import annotations
@@ -37,22 +38,6 @@ def decode_one_token(model: Qwen3NextForCausalLM, token: torch.Tensor, cache: Ca
 
 
 DecodeFn = Callable[[Qwen3NextForCausalLM, torch.Tensor, Cache], torch.Tensor]
-
-
-def compiled_decoder(model: Qwen3NextForCausalLM) -> DecodeFn:
-    """`decode_one_token` through torch.compile (inductor with its C++ wrapper, dynamic shapes): the
-    ~700 small operations of a step fused into a few kernels, about 2x the tokens/s on a CPU, after a
-    compile of about a minute on first use (worth it for long generations). The fused inference weights
-    are built first and compiled in as they are: make a new decoder after changing the weights."""
-    with torch.inference_mode():  # one eager step on a scratch cache builds every fused weight
-        model.decode_step(torch.zeros(1, dtype=torch.long, device=model.device), model.new_cache(1, capacity=1))
-    step = torch.compile(model.decode_step, dynamic=True, options={"cpp_wrapper": model.device.type == "cpu"})
-
-    @torch.inference_mode()
-    def decode(model: Qwen3NextForCausalLM, token: torch.Tensor, cache: Cache) -> torch.Tensor:
-        return step(token, cache)
-
-    return decode
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -110,7 +95,7 @@ def generate_tokens(
     decode: DecodeFn = decode_one_token,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row [B], `max_new_tokens` times (or until the caller stops).
-    Each prompt must hold at least one token. `decode`: decode_one_token, or a `compiled_decoder`."""
+    Each prompt must hold at least one token. `decode`: decode_one_token, or a `decoder.CompiledDecoder`."""
     device = model.device
     ids, mask = left_pad(prompts, pad_id, device)
     B = ids.shape[0]

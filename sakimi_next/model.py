@@ -21,7 +21,7 @@ from .cache import AttentionCache, Cache, LinearAttentionCache
 from .config import FULL, LINEAR, Config
 from .kernels import gated_delta_rule, recurrent_step, resolve_kernel
 from .kernels.conv import causal_conv1d, causal_conv1d_step, conv_taps, update_window
-from .kernels.linear import StepLinear
+from .kernels.linear import inference_linear, inference_weight
 from .moe import SparseMoeBlock
 
 
@@ -80,27 +80,6 @@ def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 def l2norm_small(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """l2norm for the tiny tensors of one decoding step."""
     return x * torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().add_(eps).rsqrt_()
-
-
-def inference_weight(module: nn.Module, name: str, params: tuple[torch.Tensor, ...], build) -> torch.Tensor:
-    """`build()` (weights fused for one-token decoding), cached on `module` until one of `params`
-    changes: in-place updates bump a tensor's version, moving it changes its storage. Inside a compiled
-    decoder (`generate.compiled_decoder`) the weights built eagerly before compiling are used as they are."""
-    if torch.compiler.is_compiling():
-        return module.__dict__[name][1]
-    key = tuple((p._version, p.data_ptr()) for p in params)
-    cached = module.__dict__.get(name)
-    if cached is None or cached[0] != key:
-        with torch.no_grad():
-            cached = (key, build())
-        module.__dict__[name] = cached
-    return cached[1]
-
-
-def inference_linear(module: nn.Module, name: str, params: tuple[torch.Tensor, ...], build=None) -> StepLinear:
-    """`inference_weight` for a matrix product of decoding: `build()` (default: the one weight in
-    `params`) as a `StepLinear`, which picks the faster matmul for the rows at hand."""
-    return inference_weight(module, name, params, lambda: StepLinear(build() if build else params[0]))
 
 
 # ----------------------------------------------------------------------------------------- attention
@@ -191,7 +170,9 @@ class GatedAttention(nn.Module):
 
     def step(self, x, rope, attn_mask, cache: AttentionCache, position: int) -> torch.Tensor:
         """A few decoding positions x [B, T, H] (inference only): one fused q/k/v matmul, then attention
-        over the cache. rope (cos, sin) [B, T, rot]; attn_mask [B, 1, T, L], or None for causal."""
+        over the cache. rope (cos, sin) [B, T, rot]; attn_mask [B, 1, T, L], or None for causal;
+        position: where the new keys go, an int (an `AttentionCache`) or a tensor of cache columns (a
+        `FixedAttentionCache`, whose whole capacity is attended through attn_mask: decoder.py)."""
         B, T = x.shape[:2]
         D, nH, nKV = self.head_dim, self.num_heads, self.num_kv_heads
         qkv = inference_linear(self, "_qkv", (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight),
@@ -381,7 +362,7 @@ class DecoderLayer(nn.Module):
         else:
             x = x + self.linear_attn.step(h, cache)
         h = self.post_attention_layernorm.step(x)
-        return x + (self.mlp.step(h) if isinstance(self.mlp, MLP) else self.mlp(h)[0])
+        return x + self.mlp.step(h)
 
 
 @dataclass
@@ -442,6 +423,7 @@ class Qwen3NextModel(nn.Module):
 
 class Qwen3NextForCausalLM(nn.Module):
     dropout = 0.0  # on the embedding output while training (see set_dropout)
+    attention_window: int | None = None  # of the caches it makes (see set_attention_window)
 
     def __init__(self, config: Config):
         super().__init__()
@@ -511,14 +493,24 @@ class Qwen3NextForCausalLM(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def set_attention_window(self, window: int | None) -> None:
+        """Let attention see at most the last `window` positions (itself included) in every cache made
+        from now on (`new_cache`), as in training, where no query saw more than the window and its lead-in;
+        None: all of them. The DeltaNet states still carry everything. A setting of use, not of the model."""
+        if window is not None and window < 1:
+            raise ValueError(f"attention window {window} must be at least 1")
+        self.attention_window = window
+
     def new_cache(self, batch_size: int, capacity: int = 256, dtype: torch.dtype | None = None) -> Cache:
         """`dtype`: of the keys, values and conv windows (default the weights'; bf16 under bf16 autocast)."""
-        return Cache(self.config, batch_size, self.device, dtype or self.model.embed_tokens.weight.dtype, capacity)
+        return Cache(self.config, batch_size, self.device, dtype or self.model.embed_tokens.weight.dtype, capacity,
+                     self.attention_window)
 
     def new_mtp_cache(self, batch_size: int, capacity: int = 256) -> Cache:
         """The MTP block's own cache: one full-attention layer."""
         one_layer = self.config.replace(num_hidden_layers=1, layer_types=[FULL], mlp_only_layers=[])
-        return Cache(one_layer, batch_size, self.device, self.model.embed_tokens.weight.dtype, capacity)
+        return Cache(one_layer, batch_size, self.device, self.model.embed_tokens.weight.dtype, capacity,
+                     self.attention_window)
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -602,8 +594,7 @@ class Qwen3NextForCausalLM(nn.Module):
         """RoPE, attention mask and start position for T new positions; advances the cache."""
         position = cache.next_position[:, None] + torch.arange(T, device=cache.next_position.device)
         rope = self.model.rotary_emb(position, dtype)
-        key_mask = cache.record(None, T)
-        attn_mask = _padded_causal_mask(key_mask, T) if key_mask is not None else None
+        attn_mask = _cached_mask(cache, cache.record(None, T), T)
         start = cache.length
         cache.length, cache.next_position = start + T, position[:, -1] + 1
         return rope, attn_mask, start
@@ -617,7 +608,6 @@ class Qwen3NextForCausalLM(nn.Module):
             pad_mask = attention_mask[:, -T:].to(torch.bool)
             if not torch.compiler.is_compiling() and bool(pad_mask.all()):
                 pad_mask = None
-        start = cache.length if cache is not None else 0
         if position_ids is None:
             if pad_mask is not None:  # left padding: the first real token is position 0 (as generate does)
                 offset = cache.next_position[:, None] if cache is not None else 0
@@ -626,11 +616,10 @@ class Qwen3NextForCausalLM(nn.Module):
                 position_ids = cache.next_position[:, None] + torch.arange(T, device=x.device)
             else:
                 position_ids = torch.arange(T, device=x.device).expand(B, T)
-        attn_mask = None
+        attn_mask, start = None, 0
         if cache is not None:
-            key_mask = cache.record(pad_mask, T)
-            if key_mask is not None:
-                attn_mask = _padded_causal_mask(key_mask, T)
+            attn_mask = _cached_mask(cache, cache.record(pad_mask, T), T)  # may drop old keys: length after
+            start = cache.length
             cache.next_position = position_ids[:, -1] + 1
             cache.length = start + T
         elif pad_mask is not None:
@@ -686,11 +675,25 @@ class Qwen3NextForCausalLM(nn.Module):
             raise ValueError(f"token id {bad} is outside the vocabulary (0..{self.config.vocab_size - 1})")
 
 
-def _padded_causal_mask(key_mask: torch.Tensor, T: int) -> torch.Tensor:
+def _cached_mask(cache: Cache, key_mask: torch.Tensor | None, T: int) -> torch.Tensor | None:
+    """The attention mask of T new positions after the cache's (`record`'s key_mask: None when nothing
+    is padding): None (plain causal) unless some key is padding or out of the cache's window."""
+    if cache.window is None or cache.length + T <= cache.window:  # the last new query still sees column 0
+        return _padded_causal_mask(key_mask, T) if key_mask is not None else None
+    if key_mask is None:
+        key_mask = torch.ones(1, cache.length + T, dtype=torch.bool, device=cache.key_mask.device)
+    return _padded_causal_mask(key_mask, T, cache.window)
+
+
+def _padded_causal_mask(key_mask: torch.Tensor, T: int, window: int | None = None) -> torch.Tensor:
     """key_mask [B, L] (False = padding) -> [B, 1, T, L]: causal over the last T positions, padding
-    hidden. A padding query may always see itself, so no row is empty (an empty row gives NaN)."""
+    hidden, and with a window, keys `window` or more columns before the query too (a row's tokens
+    are contiguous columns, so columns count positions). A padding query may always see itself, so no
+    row is empty (an empty row gives NaN)."""
     L = key_mask.shape[1]
     causal = torch.ones(T, L, dtype=torch.bool, device=key_mask.device).tril(L - T)
+    if window is not None:
+        causal &= ~torch.ones(T, L, dtype=torch.bool, device=key_mask.device).tril(L - T - window)
     diagonal = torch.zeros(T, L, dtype=torch.bool, device=key_mask.device)
     diagonal[torch.arange(T), torch.arange(L - T, L)] = True
     return ((causal & key_mask[:, None, :]) | diagonal)[:, None]

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import Config
+from .kernels.linear import inference_linear, inference_weight, int8_linear, is_int8, quantize_rows
 
 
 class TopKRouter(nn.Module):
@@ -69,6 +70,41 @@ class Experts(nn.Module):
         return x.new_zeros(x.shape).index_add(0, token, out.to(x.dtype))
 
 
+    def step(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """`forward` for the few rows of a decoding step (inference only), without looping over the E
+        experts: for each row and each of its k choices, the chosen expert's weights are selected (views,
+        no copy) and multiplied. The same operations whatever the routing, so a compiled step never
+        recompiles for it (the expert ids are read as data, one host read per step). Sums in the order
+        of the choices: equal to `forward` up to float32 rounding."""
+        N, k = experts.shape
+        gate_up, down = self._step_weights()
+        chosen = experts.tolist()
+        rows = []
+        for n in range(N):
+            out = None
+            for j in range(k):
+                e = chosen[n][j]
+                torch._check(e >= 0)  # for torch.export: a valid index, read as data
+                torch._check(e < self.num_experts)
+                gate, up = gate_up(x[n:n + 1], e).chunk(2, dim=-1)
+                y = down(F.silu(gate) * up, e) * weights[n, j].to(x.dtype)
+                out = y if out is None else out + y
+            rows.append(out)
+        return torch.cat(rows)
+
+    def _step_weights(self):
+        """(gate_up(x, e), down(x, e)): expert e's products, on float weights or on their int8 copy."""
+        params = (self.gate_up_proj, self.down_proj)
+        if not is_int8(params):
+            return (lambda x, e: F.linear(x, self.gate_up_proj[e])), (lambda x, e: F.linear(x, self.down_proj[e]))
+
+        def build():
+            (q_gu, s_gu), (q_d, s_d) = quantize_rows(self.gate_up_proj), quantize_rows(self.down_proj)
+            return q_gu, s_gu.to(torch.bfloat16), q_d, s_d.to(torch.bfloat16)
+        q_gu, s_gu, q_d, s_d = inference_weight(self, "_int8", params, build)
+        return (lambda x, e: int8_linear(x, q_gu[e], s_gu[e])), (lambda x, e: int8_linear(x, q_d[e], s_d[e]))
+
+
 class SharedExpert(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
@@ -78,6 +114,13 @@ class SharedExpert(nn.Module):
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        """The same for decoding (inference only), gate and up as one matmul."""
+        gate_up = inference_linear(self, "_gate_up", (self.gate_proj.weight, self.up_proj.weight),
+                                   lambda: torch.cat([self.gate_proj.weight, self.up_proj.weight]))
+        gate, up = gate_up(x).chunk(2, dim=-1)
+        return inference_linear(self, "_down", (self.down_proj.weight,))(F.silu(gate) * up)
 
 
 class SparseMoeBlock(nn.Module):
@@ -101,6 +144,16 @@ class SparseMoeBlock(nn.Module):
         out = self.experts(flat, experts, weights)
         out = out + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
         return out.reshape(B, T, H), logits
+
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        """`forward` for a decoding step, x [B, T, H] -> [B, T, H], as a fixed sequence of operations
+        (`Experts.step`); no router logits. Inference only."""
+        B, T, H = x.shape
+        flat = x.reshape(-1, H)
+        _, weights, experts = self.gate(flat)
+        out = self.experts.step(flat, experts, weights)
+        out = out + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert.step(flat)
+        return out.reshape(B, T, H)
 
 
 def load_balancing_loss(router_logits: list[torch.Tensor], config: Config,

@@ -84,11 +84,24 @@ def tokenizer_file(path: str | Path) -> Path | None:
     return p / ckpt.TOKENIZER_FILE if (p / ckpt.TOKENIZER_FILE).is_file() else None
 
 
-def load_for_inference(path: str | Path, device: str = "auto", kernel: str = "auto", dtype: str = "fp32"):
+def trained_context(state: dict) -> int | None:
+    """The most positions a training run's attention saw (its window and the lead-in read before it),
+    from trainer_state.json; None when the state does not say."""
+    args = state.get("args") or {}
+    return args["seq_len"] + (args.get("lead_in") or 0) if args.get("seq_len") else None
+
+
+def load_for_inference(path: str | Path, device: str = "auto", kernel: str = "auto", dtype: str = "fp32",
+                       quantize: str = "none", attention_window: int | None = None):
     """A model ready to generate or evaluate, from a training checkpoint or a Hugging Face directory.
     dtype "bf16" keeps the weights in bfloat16 (half the memory; faster where the hardware multiplies
-    bf16; the DeltaNet state stays float32). Returns (model in eval mode on the device, tokenizer, info dict)."""
+    bf16; the DeltaNet state stays float32), or float32 where the CPU would emulate it (info["note"]
+    says so). quantize "int8": int8 weights for every matrix product (`quantize.py`). attention_window:
+    the positions attention sees of a long text (`set_attention_window`); None: a checkpoint's trained
+    context (all for a Hugging Face directory); 0: all. Returns (model in eval mode on the device,
+    tokenizer, info dict)."""
     from .model import Qwen3NextForCausalLM
+    from .quantize import quantize_int8, resolve_dtype
     from .util import resolve_device
 
     files = read_model(path)
@@ -96,11 +109,19 @@ def load_for_inference(path: str | Path, device: str = "auto", kernel: str = "au
     if files.kind == CHECKPOINT:
         info.update(step=files.state.get("step"), preset=files.state.get("preset"),
                     seq_len=(files.state.get("args") or {}).get("seq_len"))
+    window = attention_window
+    if window is None and files.kind == CHECKPOINT:
+        window = trained_context(files.state)
     dev = resolve_device(device)
     model = Qwen3NextForCausalLM(files.config)
     ckpt.load_weights(model, files.tensors, path)
     tokenizer = files.tokenizer()
+    dtype, note = resolve_dtype(dtype, dev)
+    if quantize == "int8":
+        quantize_int8(model)
     model.to(dev, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32).eval()
     model.set_kernel(kernel, dev)
-    info.update(device=str(dev), kernel=model.kernel, parameters=model.num_parameters(), dtype=dtype)
+    model.set_attention_window(window or None)
+    info.update(device=str(dev), kernel=model.kernel, parameters=model.num_parameters(), dtype=dtype,
+                quantize=quantize, note=note, attention_window=model.attention_window)
     return model, tokenizer, info

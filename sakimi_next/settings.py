@@ -21,6 +21,8 @@ GGUF_TYPES = ("f32", "f16", "q8_0")  # the weight types of a GGUF export's matri
 # --hf-layout: how a transformers export lays the model out (config.Config.to_hf_dict, huggingface.py):
 # qwen3_5 = Qwen3_5ForCausalLM (dense only), qwen3_next = Qwen3NextForCausalLM (dense or MoE)
 HF_LAYOUTS = ("qwen3_5", "qwen3_next")
+INFERENCE_DTYPES = ("fp32", "bf16")  # --dtype of generate, eval, serve, bench (quantize.resolve_dtype)
+QUANTIZE = ("none", "int8")  # --quantize: the matrices' format for inference (quantize.quantize_int8)
 
 
 @dataclass(frozen=True)

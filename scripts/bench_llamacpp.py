@@ -1,19 +1,27 @@
-"""Single-stream greedy decoding: ours (eager and --compile) beside llama.cpp (f32 and q8_0), same weights.
+"""Single-stream greedy decoding, ours beside llama.cpp on the same weights, each engine in a process of its own.
 
     python scripts/bench_llamacpp.py [--presets tiny_10m tiny_10m_moe] [--prompt-len 32] [--new-tokens 256]
-                                     [--repeats 5] [--no-compile] [--resume-from CHECKPOINT] [--out FILE.json]
+                                     [--repeats 5] [--threads N] [--engines ...] [--resume-from CHECKPOINT]
+                                     [--out bench_llamacpp.json]
+    make bench-llamacpp
 
-For each preset the model is built from its seeded initialisation (or read from --resume-from), saved as
-a checkpoint with a tokenizer trained on the embedded CPython docs, and exported with
-`--mode export --format gguf` as f32 and q8_0. Then, on the CPU with the same thread count
-(torch.get_num_threads()), greedy decoding of --new-tokens tokens after a --prompt-len token prompt,
-timed from the prompt to the last token, the runs of all engines interleaved, median of --repeats:
+For each preset the model is built from its seeded initialisation (or read from --resume-from), saved as a
+checkpoint with a tokenizer trained on the embedded CPython docs, and exported with `--mode export
+--format gguf` as f32 and q8_0. Our compiled decoding steps are compiled (or found on disk) first, so no
+timed run compiles. Then every engine decodes greedily --new-tokens tokens after the same --prompt-len
+token prompt, timed from the prompt to the last token:
 
-- ours, eager: `generate` with `decode_one_token` (float32);
-- ours, compiled: `generate` with `compiled_decoder` (torch.compile of the decoding step);
-- llama.cpp through llama-cpp-python (`Llama.eval` of one token, argmax of its logits), f32 and q8_0.
+- ours fp32 eager:   `generate` with the eager reference step (`decode_one_token`);
+- ours fp32:         `generate` with the compiled step (`decoder.CompiledDecoder`): the default path;
+- ours int8:         the same with `--quantize int8` (int8 weights, bf16 activations in the products);
+- ours int8 eager:   the eager step with int8 weights (not run by default);
+- llama.cpp f32 / q8_0: llama-cpp-python (`Llama.eval` of one token, argmax of its logits).
 
-Prints a table and writes the figures as JSON. Needs llama-cpp-python (`pip install -e '.[test]'`).
+Fairness: each timed run is a fresh process (`--worker`) that loads its engine, decodes once to warm up,
+then `--rounds` times timed, alone on the machine (llama.cpp's threads spin between calls; they never
+share the cores with one of our runs). Every engine gets the same thread count (torch's and llama.cpp's
+n_threads). The processes of all engines are interleaved (A B C ... A B C ...) `--repeats` times; the
+figure is the median of all timed runs. Prints the table and writes JSON. Needs llama-cpp-python.
 """
 
 from __future__ import annotations
@@ -21,26 +29,97 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-from sakimi_next.checkpoint import save_checkpoint
-from sakimi_next.pretrained import load_for_inference
-from sakimi_next.config import preset
-from sakimi_next.data import builtin_topics
-from sakimi_next.generate import compiled_decoder, decode_one_token, generate
-from sakimi_next.export.gguf import export_gguf
-from sakimi_next.model import Qwen3NextForCausalLM
-from sakimi_next.tokenizer import train_tokenizer
-from sakimi_next.util import format_table
+ENGINES = ("ours fp32 eager", "ours fp32", "ours int8", "llama.cpp f32", "llama.cpp q8_0", "ours int8 eager")
+DEFAULT_ENGINES = ENGINES[:5]
 
 
+# --------------------------------------------------------------------------------- one timed process
+def worker(spec: dict) -> dict:
+    """Load one engine, warm it up, time `rounds` greedy generations: seconds to the first new token and
+    to the last, and the tokens of the last run."""
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    torch.set_flush_denormal(True)
+    decode = load_llama(spec) if spec["engine"].startswith("llama.cpp") else load_ours(spec)
+    prompt, n = spec["prompt"], spec["new_tokens"]
+    decode(prompt, n)
+    firsts, totals, tokens = [], [], []
+    for _ in range(spec["rounds"]):
+        t0 = time.perf_counter()
+        tokens, first = decode(prompt, n)
+        totals.append(time.perf_counter() - t0)
+        firsts.append(first - t0)
+    return {"seconds": totals, "first_token_seconds": firsts, "tokens": tokens}
+
+
+def load_ours(spec: dict):
+    import torch
+
+    from sakimi_next.decoder import CompiledDecoder
+    from sakimi_next.generate import SamplingSettings, decode_one_token, generate_tokens
+    from sakimi_next.pretrained import load_for_inference
+
+    quantize = "int8" if "int8" in spec["engine"] else "none"
+    model, tok, _ = load_for_inference(spec["checkpoint"], "cpu", quantize=quantize)
+    step = decode_one_token if spec["engine"].endswith("eager") else CompiledDecoder(model)
+    greedy = SamplingSettings(temperature=0)
+
+    def run(prompt: list[int], n: int):
+        out, first = [], None
+        with torch.inference_mode():
+            for token in generate_tokens(model, [prompt], n, greedy, tok.pad_id, decode=step):
+                out.append(int(token))
+                first = first or time.perf_counter()
+        return out, first
+
+    return run
+
+
+def load_llama(spec: dict):
+    import numpy as np
+    from llama_cpp import Llama
+
+    n_ctx = len(spec["prompt"]) + spec["new_tokens"] + 8
+    llm = Llama(model_path=spec["gguf"], n_ctx=n_ctx, n_batch=n_ctx, n_threads=spec["threads"],
+                n_threads_batch=spec["threads"], verbose=False)
+    n_vocab = llm.n_vocab()
+
+    def run(prompt: list[int], n: int):
+        llm.reset()
+        llm.eval(prompt)
+        out, first = [], None
+        for _ in range(n):
+            logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))
+            out.append(int(logits.argmax()))
+            first = first or time.perf_counter()
+            if len(out) < n:
+                llm.eval(out[-1:])
+        return out, first
+
+    return run
+
+
+# ------------------------------------------------------------------------------------- the orchestra
 def checkpoint_for(name: str, work: Path, seed: int) -> Path:
     """A checkpoint of preset `name` at its seeded initialisation, with a docs-trained tokenizer."""
+    import torch
+
+    from sakimi_next.checkpoint import save_checkpoint
+    from sakimi_next.config import preset
+    from sakimi_next.data import builtin_topics
+    from sakimi_next.model import Qwen3NextForCausalLM
+    from sakimi_next.tokenizer import train_tokenizer
+
     torch.manual_seed(seed)
     config = preset(name)
     tok = train_tokenizer(builtin_topics(), min(config.vocab_size, 4096))
@@ -50,97 +129,135 @@ def checkpoint_for(name: str, work: Path, seed: int) -> Path:
     return save_checkpoint(work / "run", 0, model, None, state, model.config, tok.path)
 
 
-def llama_decoder(path: Path, threads: int, n_ctx: int):
-    """A function prompt -> None that decodes greedily with llama.cpp, and the llama.cpp version."""
-    import llama_cpp
-    from llama_cpp import Llama
-
-    llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads, n_threads_batch=threads,
-                verbose=False)
-    n_vocab = llm.n_vocab()
-
-    def run(prompt: list[int], new_tokens: int) -> list[int]:
-        llm.reset()
-        llm.eval(prompt)
-        out = []
-        for _ in range(new_tokens):
-            logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))
-            out.append(int(logits.argmax()))
-            llm.eval(out[-1:])
-        return out
-
-    return run, llama_cpp.__version__
+def prepare(checkpoint: Path, engines: list[str], threads: int) -> dict[str, str]:
+    """Compile (or find on disk) our programs, in a process of their own with the timed runs' thread
+    count (part of a program's key); returns a note per engine."""
+    compiled = [e for e in engines if e in ("ours fp32", "ours int8")]
+    return run_worker({"prepare": compiled, "checkpoint": str(checkpoint), "threads": threads})
 
 
-def measure(engines: dict, prompt: list[int], new_tokens: int, repeats: int) -> dict[str, float]:
-    """tokens/s of each engine: one warm-up each, then `repeats` rounds of all engines in turn."""
-    times: dict[str, list[float]] = {k: [] for k in engines}
-    for fn in engines.values():
-        fn(prompt, new_tokens)
-    for _ in range(repeats):
-        for k, fn in engines.items():
-            t = time.perf_counter()
-            fn(prompt, new_tokens)
-            times[k].append(time.perf_counter() - t)
-    return {k: new_tokens / statistics.median(v) for k, v in times.items()}
+def prepare_programs(spec: dict) -> dict[str, str]:
+    import torch
+
+    from sakimi_next.decoder import CompiledDecoder
+    from sakimi_next.pretrained import load_for_inference
+
+    torch.set_num_threads(spec["threads"])
+    notes = {}
+    for engine in spec["prepare"]:
+        quantize = "int8" if "int8" in engine else "none"
+        model, _, _ = load_for_inference(spec["checkpoint"], "cpu", quantize=quantize)
+        decoder = CompiledDecoder(model, on_compile=lambda m: print(m, file=sys.stderr, flush=True))
+        decoder.program(1)
+        notes[engine] = (f"compiled in {decoder.compile_seconds:.0f} s" if decoder.compiled
+                         else "program found on disk")
+    return notes
 
 
-def bench_preset(name: str, args, work: Path) -> dict:
+def _env() -> dict:
+    import os
+
+    return {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def run_worker(spec: dict) -> dict:
+    r = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)], cwd=ROOT,
+                       capture_output=True, text=True, env=_env(), timeout=3600)
+    if r.returncode != 0:
+        raise SystemExit(f"{spec.get('engine', 'compiling our decoding step')} failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def bench_preset(name: str | None, args, work: Path) -> dict:
+    import torch
+
+    from sakimi_next.export.gguf import export_gguf
+    from sakimi_next.pretrained import load_pretrained_config
+
     ckpt = Path(args.resume_from) if args.resume_from else checkpoint_for(name, work, args.seed)
-    model, _, _ = load_for_inference(ckpt, "cpu")
-    threads = torch.get_num_threads()
-    n_ctx = args.prompt_len + args.new_tokens + 8
-    prompt = torch.randint(0, model.config.vocab_size, (args.prompt_len,),
-                           generator=torch.Generator().manual_seed(0)).tolist()
+    vocab = load_pretrained_config(ckpt).vocab_size
+    prompt = torch.randint(0, vocab, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
+    ggufs = {wt: str(export_gguf(ckpt, work / f"model-{wt}.gguf", wt).path) for wt in ("f32", "q8_0")}
+    print(f"{name or ckpt}: our compiled decoding steps, compiled now or found on disk (minutes, once)...", flush=True)
+    notes = prepare(ckpt, args.engines, args.threads)
+    runs = {e: {"seconds": [], "first_token_seconds": []} for e in args.engines}
+    tokens = {}
+    for r in range(args.repeats):
+        for engine in args.engines:
+            spec = {"engine": engine, "checkpoint": str(ckpt), "gguf": ggufs.get(engine.split()[-1], ""),
+                    "threads": args.threads, "prompt": prompt, "new_tokens": args.new_tokens, "rounds": args.rounds}
+            out = run_worker(spec)
+            runs[engine]["seconds"] += out["seconds"]
+            runs[engine]["first_token_seconds"] += out["first_token_seconds"]
+            tokens[engine] = out["tokens"]
+            print(f"  {name or ckpt} round {r + 1}/{args.repeats}: {engine} "
+                  f"{args.new_tokens / statistics.median(out['seconds']):,.0f} tokens/s", flush=True)
+    rates = {e: args.new_tokens / statistics.median(v["seconds"]) for e, v in runs.items()}
+    same = {}
+    for ours, theirs in (("ours fp32", "llama.cpp f32"), ("ours fp32 eager", "llama.cpp f32"),
+                         ("ours int8", "llama.cpp q8_0"), ("ours int8 eager", "llama.cpp q8_0")):
+        if ours in tokens and theirs in tokens:
+            same[f"{ours} = {theirs}"] = sum(a == b for a, b in zip(tokens[ours], tokens[theirs]))
+    import llama_cpp
 
-    def ours(decode):
-        def run(p, n):
-            with torch.inference_mode():
-                return generate(model, [p], n, decode=decode)[0]
-        return run
+    return {"preset": name, "checkpoint": None if name else str(ckpt), "threads": args.threads,
+            "llama_cpp_python": llama_cpp.__version__, "torch": torch.__version__, "prompt_len": args.prompt_len,
+            "new_tokens": args.new_tokens, "tokens_per_s": rates,
+            "first_token_ms": {e: 1000 * statistics.median(v["first_token_seconds"]) for e, v in runs.items()},
+            "runs": runs, "same_greedy_tokens": same, "notes": notes}
 
-    engines = {"ours eager": ours(decode_one_token)}
-    if args.compile:
-        engines["ours --compile"] = ours(compiled_decoder(model))
-    version = None
-    for wt in ("f32", "q8_0"):
-        path = export_gguf(ckpt, work / f"{name}-{wt}.gguf", wt).path
-        engines[f"llama.cpp {wt}"], version = llama_decoder(path, threads, n_ctx)
-    same = engines["llama.cpp f32"](prompt, 32) == engines["ours eager"](prompt, 32)
-    rates = measure(engines, prompt, args.new_tokens, args.repeats)
-    return {"preset": name, "threads": threads, "llama_cpp_python": version, "torch": torch.__version__,
-            "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "tokens_per_s": rates,
-            "f32_greedy_identical_32": same}
+
+def table(results: list[dict]) -> list[tuple]:
+    rows = []
+    for r in results:
+        rates = r["tokens_per_s"]
+        for engine, rate in rates.items():
+            base = rates.get("llama.cpp q8_0" if "int8" in engine or "q8_0" in engine else "llama.cpp f32")
+            rows.append((r["preset"] or r["checkpoint"], engine, f"{rate:,.0f}",
+                         f"{rate / base:.2f}x" if base else "-", f"{r['first_token_ms'][engine]:.1f}",
+                         r["notes"].get(engine, "")))
+    return rows
 
 
 def main() -> None:
+    import torch
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--presets", nargs="+", default=["tiny_10m", "tiny_10m_moe"])
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=5, help="processes per engine, interleaved")
+    p.add_argument("--rounds", type=int, default=3, help="timed generations per process (after one warm-up)")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="for every engine")
+    p.add_argument("--engines", nargs="+", default=list(DEFAULT_ENGINES), choices=ENGINES)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the compiled decoder")
     p.add_argument("--resume-from", default=None, help="a checkpoint to use instead of the seeded presets")
     p.add_argument("--out", default="bench_llamacpp.json")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
-    torch.set_flush_denormal(True)
-    results, rows = [], []
+    if args.worker:
+        spec = json.loads(args.worker)
+        print(json.dumps(prepare_programs(spec) if "prepare" in spec else worker(spec)))
+        return
+    from sakimi_next.util import format_table
+
+    results = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in ([None] if args.resume_from else args.presets):
             work = Path(tmp) / (name or "checkpoint")
             work.mkdir()
-            r = bench_preset(name, args, work)
-            results.append(r)
-            base = r["tokens_per_s"]["llama.cpp f32"]
-            for engine, rate in r["tokens_per_s"].items():
-                rows.append((name or args.resume_from, engine, f"{rate:,.0f}", f"{rate / base:.2f}x"))
-            print(f"{name}: f32 greedy identical to ours over 32 tokens: {r['f32_greedy_identical_32']}", flush=True)
-    print(f"\ngreedy decoding, {args.prompt_len}-token prompt + {args.new_tokens} new tokens, "
-          f"{results[0]['threads']} threads, llama-cpp-python {results[0]['llama_cpp_python']}, "
-          f"torch {results[0]['torch']}")
-    print(format_table(rows, ("model", "engine", "tokens/s", "vs llama.cpp f32")))
+            results.append(bench_preset(name, args, work))
+    r0 = results[0]
+    print(f"\ngreedy decoding, batch 1, {args.prompt_len}-token prompt + {args.new_tokens} new tokens, "
+          f"{args.threads} threads for every engine, each run in a process of its own, median of "
+          f"{args.repeats} x {args.rounds} runs; llama-cpp-python {r0['llama_cpp_python']}, torch {r0['torch']}")
+    print(format_table(table(results), ("model", "engine", "tokens/s", "vs llama.cpp (same precision)",
+                                        "first token ms", "note")))
+    for r in results:
+        print(f"{r['preset'] or r['checkpoint']}: greedy tokens in common (of {args.new_tokens}): "
+              + ", ".join(f"{k}: {v}" for k, v in r["same_greedy_tokens"].items()))
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -144,7 +144,10 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3, help="runs of each level, interleaved; the best is reported")
     p.add_argument("--threads", type=int, default=None, help="the server's --threads")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="the server's --dtype")
-    p.add_argument("--compile", action="store_true", help="the server's --compile")
+    p.add_argument("--quantize", default="none", choices=("none", "int8"), help="the server's --quantize")
+    p.add_argument("--compile", default="yes", choices=("yes", "no"),
+                   help="yes (default): the server's default decoding step, the compiled one, made or loaded "
+                        "before serving (--compile); no: the eager step (--no-compile)")
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--json", default=None, help="also write the results here")
     a = p.parse_args()
@@ -155,12 +158,12 @@ def main() -> int:
         url = f"http://127.0.0.1:{a.port}"
         cmd = [sys.executable, "-m", "sakimi_next", "--mode", "serve", "--resume-from", ckpt, "--port", str(a.port),
                "--max-concurrent", str(max(levels)), "--device", "cpu",
-               "--dtype", a.dtype]
-        cmd += (["--threads", str(a.threads)] if a.threads else []) + (["--compile"] if a.compile else [])
+               "--dtype", a.dtype, "--quantize", a.quantize, "--compile" if a.compile == "yes" else "--no-compile"]
+        cmd += ["--threads", str(a.threads)] if a.threads else []
         proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
         try:
-            wait_ready(url, proc)
-            throughput(url, max(levels), 1, 8, proc.pid)  # warm-up (and, with --compile, the compiling)
+            wait_ready(url, proc, seconds=3600 if a.compile == "yes" else 300)  # compiling: minutes, once
+            throughput(url, max(levels), 1, 8, proc.pid)  # warm-up
             ttft = time_to_first_token(url, a.ttft_samples)
             runs = [[throughput(url, c, a.requests, a.max_tokens, proc.pid) for c in levels] for _ in range(a.repeats)]
         finally:
@@ -171,7 +174,8 @@ def main() -> int:
     base, cpu_base = best[0]["tokens_per_s"], cpu_best[0]
     print(f"\n{a.checkpoint or a.preset + ' (seeded)'}: {a.requests} streamed requests of {a.max_tokens} tokens "
           f"per client, temperature {a.temperature}, top-p {a.top_p}, server threads {a.threads or 'default'}, "
-          f"{a.dtype}{', compiled' if a.compile else ''}; "
+          f"{a.dtype}{', int8' if a.quantize == 'int8' else ''}, "
+          f"{'compiled step' if a.compile == 'yes' else 'eager step'}; "
           f"best of {a.repeats} interleaved runs\n")
     print("| concurrent clients | aggregate tokens/s | vs 1 client | all runs (tokens/s) "
           "| tokens per server CPU-second | vs 1 client | server cores busy | client cores busy |")

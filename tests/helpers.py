@@ -97,9 +97,13 @@ def train_briefly(model, vocab_limit: int, steps: int = 3, seed: int = 0):
     return opt
 
 
-def make_checkpoint(out_dir: Path, model, tokenizer, step: int = 3, optimizer=None, preset_name="custom"):
-    """Save `model` as a training checkpoint with `tokenizer`, as --mode train would."""
+def make_checkpoint(out_dir: Path, model, tokenizer, step: int = 3, optimizer=None, preset_name="custom",
+                    args: dict | None = None):
+    """Save `model` as a training checkpoint with `tokenizer`, as --mode train would. By default as if
+    trained on 32-token windows after a lead-in long enough that attention's default reach (the trained
+    context, 4,096 positions) covers every text the tests read."""
     from sakimi_next.checkpoint import save_checkpoint
 
-    state = {"preset": preset_name, "tokens_seen": 0, "args": {"seq_len": 32}, "tokenizer_sha256": tokenizer.sha256}
+    state = {"preset": preset_name, "tokens_seen": 0, "args": args or {"seq_len": 32, "lead_in": 4064},
+             "tokenizer_sha256": tokenizer.sha256}
     return save_checkpoint(out_dir, step, model, optimizer, state, model.config, tokenizer.path)

@@ -108,33 +108,3 @@ def test_settings_validation():
     for bad in (dict(temperature=-1), dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5)):
         with pytest.raises(UserError):
             SamplingSettings(**bad).validate()
-
-
-@pytest.mark.slow
-def test_compiled_decoder_equals_eager(model):
-    """--compile's decoding step (torch.compile, C++ wrapper) computes what the eager step does, for a
-    left-padded batch."""
-    import shutil
-
-    if not shutil.which("c++") and not shutil.which("g++"):
-        pytest.skip("torch.compile on the CPU needs a C++ compiler")
-    from torch._dynamo.utils import counters
-
-    from sakimi_next.generate import compiled_decoder, decode_one_token, prefill
-
-    counters.clear()
-    decode = compiled_decoder(model)
-    gen = torch.Generator().manual_seed(2)
-    ids = torch.randint(1, model.config.vocab_size, (2, 9), generator=gen)
-    mask = torch.ones_like(ids)
-    mask[0, :4] = 0
-    caches = [model.new_cache(2, capacity=24) for _ in range(2)]
-    token = prefill(model, ids, mask, caches[0]).argmax(-1)
-    prefill(model, ids, mask, caches[1])
-    for _ in range(10):
-        eager, compiled = decode_one_token(model, token, caches[0]), decode(model, token, caches[1])
-        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
-        token = eager.argmax(-1)
-    assert counters["stats"]["unique_graphs"] >= 1  # it really went through torch.compile
-    prompts = [ids[0, 4:].tolist(), ids[1].tolist()]
-    assert generate(model, prompts, 12, decode=decode) == generate(model, prompts, 12)

@@ -192,3 +192,17 @@ def test_bad_generation_input(zh_checkpoint, tmp_path, capsys):
     assert "--truncate-prompt" in bad([*g[:-2], "--prompt", long_prompt, "--max-new-tokens", "2"], capsys)
     assert main([*g[:-2], "--prompt", long_prompt, "--max-new-tokens", "2", "--truncate-prompt",
                  "--temperature", "0"]) == 0
+
+
+def test_precision_flags(zh_checkpoint, capsys, monkeypatch):
+    """--quantize int8 decodes; --dtype bf16 on a CPU without bf16 says so in one line and uses float32."""
+    ckpt, _, _ = zh_checkpoint
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    args = ["--mode", "generate", "--resume-from", str(ckpt), "--prompt", "却说", "--max-new-tokens", "8",
+            "--temperature", "0", "--device", "cpu", "--no-compile"]
+    assert main([*args, "--quantize", "int8", "--dtype", "bf16"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("却说") and sum("no bfloat16" in line for line in err.splitlines()) == 1
+    assert main([*args, "--compile", "--speculative", "mtp"]) == 2
+    assert "does not apply to --speculative" in capsys.readouterr().err

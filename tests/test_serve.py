@@ -355,7 +355,8 @@ def test_serve_command(checkpoint, capsys, tmp_path):
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         proc = subprocess.Popen([sys.executable, "-m", "sakimi_next", "--mode", "serve", "--resume-from",
-                                 str(checkpoint), "--port", str(port), "--model-name", MODEL, "--threads", "1", *extra],
+                                 str(checkpoint), "--port", str(port), "--model-name", MODEL, "--threads", "1",
+                                 "--no-compile", *extra],
                                 cwd=ROOT, stderr=subprocess.PIPE, text=True)
         try:
             url = f"http://127.0.0.1:{port}"

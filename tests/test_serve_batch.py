@@ -218,16 +218,3 @@ def test_engine_deadlines(model):
     assert events[0] == [Event(error="the request timed out waiting for a free slot", code="timeout", prompt_tokens=2)]
     assert events[1][-1].code == "timeout" and 0 < events[1][-1].completion_tokens < 20
     assert events[2][-1].finish_reason == "length" and events[2][-1].completion_tokens == 6
-
-
-@pytest.mark.slow
-def test_engine_with_the_compiled_decoding_step(model):
-    """`--mode serve --compile`: the compiled step (dynamic shapes) follows the batch as it grows and
-    shrinks, and the replies are the eager engine's."""
-    from sakimi_next.generate import compiled_decoder
-
-    greedy = SamplingSettings(temperature=0)
-    reqs = [dict(prompt=p, max_tokens=6 + 4 * i, sampling=greedy) for i, p in enumerate(prompts(5, seed=4))]
-    eager = run_engine(model, reqs, max_concurrent=3)
-    compiled = run_engine(model, reqs, max_concurrent=3, decode=compiled_decoder(model))
-    assert ["".join(e.text for e in ev) for ev in compiled] == ["".join(e.text for e in ev) for ev in eager]

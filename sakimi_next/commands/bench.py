@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import preset
+from ..settings import INFERENCE_DTYPES, QUANTIZE
 from ..util import UserError, atomic_write_text, format_table, new_figure, save_png
 from . import common
 
@@ -28,6 +29,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also measure transformers' Qwen3NextForCausalLM on the same weights")
     p.add_argument("--quick", action="store_true", help="smaller sizes and fewer repeats (a smoke run)")
     p.add_argument("--compile", action="store_true", help="add the --compile figures (minutes of compiling)")
+    p.add_argument("--quantize", default="none", choices=QUANTIZE,
+                   help="int8: add the decoding figures of the int8 model (see --mode generate --quantize)")
+    p.add_argument("--dtype", default="fp32", choices=INFERENCE_DTYPES,
+                   help="bf16: add the decoding figures in bfloat16 (where the CPU has it; see --mode generate)")
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,8 @@ class BenchSettings:
     compare: str | None
     quick: bool
     compile: bool
+    quantize: str = "none"
+    dtype: str = "fp32"
 
 
 def settings(args: argparse.Namespace) -> BenchSettings:
@@ -49,7 +56,8 @@ def settings(args: argparse.Namespace) -> BenchSettings:
     out_dir = common.writable_dir("--out-dir", args.out_dir or ".")
     return BenchSettings(preset=common.preset_name(args.config), kernel=common.kernel_name(args),
                          seed=common.seed(args.seed) or 0, out_json=out_dir / "bench.json", compare=args.compare,
-                         quick=args.quick, compile=args.compile)
+                         quick=args.quick, compile=args.compile, quantize=args.quantize,
+                         dtype=args.dtype)
 
 
 class Figures:
@@ -113,15 +121,19 @@ def _decoding(s: BenchSettings, model, hf, figs: Figures) -> None:
     ours_tps, theirs_tps = bench.decode_tokens_per_s(model, 32, new_tokens, hf)
     figs.add("decode_256", f"greedy decode, {new_tokens} tokens after 32", ours_tps, theirs_tps, target=target)
     if s.compile:
-        from ..generate import compiled_decoder
-
-        t0 = time.perf_counter()
-        decode = compiled_decoder(model)
-        bench.decode_tokens_per_s(model, 32, 2, decode=decode)  # compiles here
-        note = f"torch.compile took {time.perf_counter() - t0:.0f} s; transformers not compiled"
-        ours_tps, theirs_tps = bench.decode_tokens_per_s(model, 32, new_tokens, hf, decode)
+        ours_tps, theirs_tps, note = _compiled_decoding(model, hf, new_tokens)
         figs.add("decode_256_compiled", f"greedy decode, {new_tokens} tokens after 32, --compile", ours_tps,
                  theirs_tps, target=target, note=note)
+    lowered = _lowered(model, s)
+    if lowered is not None:
+        label = ", ".join([f"--dtype {s.dtype}"] * (s.dtype != "fp32")
+                          + [f"--quantize {s.quantize}"] * (s.quantize != "none"))
+        figs.add("decode_256_lowered", f"greedy decode, {new_tokens} tokens after 32, {label}",
+                 bench.decode_tokens_per_s(lowered, 32, new_tokens)[0])
+        if s.compile:
+            ours_tps, _, note = _compiled_decoding(lowered, None, new_tokens)
+            figs.add("decode_256_lowered_compiled", f"greedy decode, {new_tokens} tokens after 32, {label}, --compile",
+                     ours_tps, note=note)
     if not model.config.num_experts:  # an MoE step's products depend on its routing
         floor = bench.decode_matmul_floor(model)
         figs.add("decode_matmul_floor", "decode: its matrix-vector products alone", 1 / floor,
@@ -130,6 +142,37 @@ def _decoding(s: BenchSettings, model, hf, figs: Figures) -> None:
     lat_short, lat_long = bench.decode_latency(model, 256), bench.decode_latency(model, long_context)
     figs.add("decode_latency_ratio", f"decode latency at context {long_context} / at 256", lat_long / lat_short,
              unit="x", target="<= 1.5x", note=f"{lat_short * 1e3:.2f} ms vs {lat_long * 1e3:.2f} ms per token")
+
+
+def _lowered(model, s: BenchSettings):
+    """A copy of the model in the precision --dtype / --quantize ask for (None: float32 asked)."""
+    import torch
+
+    from ..quantize import quantize_int8, resolve_dtype
+
+    dtype, note = resolve_dtype(s.dtype, model.device)
+    if note:
+        print(note)
+    if dtype == "fp32" and s.quantize == "none":
+        return None
+    twin = copy.deepcopy(model)
+    if s.quantize == "int8":
+        quantize_int8(twin)
+    return twin.to(torch.bfloat16 if dtype == "bf16" else torch.float32)
+
+
+def _compiled_decoding(model, hf, new_tokens: int) -> tuple[float, float | None, str]:
+    """Our tokens/s through the compiled step (and transformers' eager, when given), with a note on what
+    making the step cost."""
+    from .. import bench
+    from ..decoder import CompiledDecoder
+
+    decode = CompiledDecoder(model)
+    decode.program(1)
+    note = (f"compiled in {decode.compile_seconds:.0f} s (kept on disk)" if decode.compiled
+            else f"program loaded from disk in {decode.load_seconds:.2f} s")
+    ours, theirs = bench.decode_tokens_per_s(model, 32, new_tokens, hf, decode)
+    return ours, theirs, note + ("; transformers not compiled" if hf is not None else "")
 
 
 def _prefill(s: BenchSettings, model, hf, figs: Figures) -> float:

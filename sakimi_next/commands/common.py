@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from ..config import PRESETS, RECOMMENDED_PRESET
-from ..settings import AUTO_PRESET, KERNELS
+from ..settings import AUTO_PRESET, INFERENCE_DTYPES, KERNELS, QUANTIZE
 from ..util import UserError
 
 
@@ -97,6 +97,38 @@ def add_device(p, kernel: bool = True) -> None:
                        help="gated delta rule kernel: auto = fla on CUDA when installed, else chunk")
     p.add_argument("--disable-fast-kernels", action="store_true",
                    help="use the plain recurrent kernel everywhere (same as --kernel recurrent)")
+
+
+def add_precision(p) -> None:
+    """--dtype and --quantize: the precision a model is loaded in for inference (`quantize.py`)."""
+    p.add_argument("--dtype", default="fp32", choices=INFERENCE_DTYPES,
+                   help="weights and activations: bf16 halves the memory and is faster on GPUs and on CPUs "
+                        "with AVX512-BF16/AMX (elsewhere: a note, and float32; the DeltaNet state stays fp32)")
+    p.add_argument("--quantize", default="none", choices=QUANTIZE,
+                   help="int8: the weights of every matrix product as int8 with one scale per output row "
+                        "(a quarter of float32's bytes to read per token; --mode eval reports its cost in "
+                        "bits/byte)")
+
+
+def add_compile(p, what: str) -> None:
+    """--compile / --no-compile, default auto (`what`: what auto does there; decoder.choose_decoder)."""
+    p.add_argument("--compile", dest="compile", action="store_const", const="yes", default="auto",
+                   help=f"run the compiled decoding step ({what}), compiling it first if needed "
+                        "(minutes, once: kept on disk)")
+    p.add_argument("--no-compile", dest="compile", action="store_const", const="no",
+                   help="decode with the plain eager step")
+
+
+def add_attention_window(p) -> None:
+    p.add_argument("--attention-window", type=int, default=None, metavar="N",
+                   help="attention sees the last N positions of a long text or conversation, the DeltaNet "
+                        "states all of it (default: what the checkpoint was trained on, --seq-len + "
+                        "--lead-in; a Hugging Face directory: all; 0 = all)")
+
+
+def attention_window(args) -> int | None:
+    """--attention-window: None (the checkpoint's default) or a count, 0 meaning every key."""
+    return count("--attention-window", args.attention_window, minimum=0)
 
 
 def add_seed(p, help_text: str = "random seed") -> None:

@@ -19,7 +19,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     common.add_checkpoint(p, "the model: a checkpoint directory (or its run directory) or a Hugging Face directory")
     common.add_device(p)
     common.add_seed(p, "sampling seed")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decoding step (about a minute, once)")
+    common.add_attention_window(p)
+    common.add_compile(p, "by default when it is on disk already, or for runs of 10,000 tokens or more")
+    common.add_precision(p)
     g = p.add_argument_group("prompts and sampling")
     g.add_argument("--prompt", default=None, help="prompt text (default: standard input, or empty)")
     g.add_argument("--prompt-file", default=None, help="one prompt per line")
@@ -47,7 +49,7 @@ class GenerateSettings:
     device: str
     kernel: str
     seed: int
-    compile: bool
+    compile: str  # auto | yes | no (decoder.choose_decoder)
     sampling: SamplingSettings
     prompts: tuple[str, ...] | None  # None: standard input (read when running), or --interactive
     interactive: bool
@@ -59,6 +61,9 @@ class GenerateSettings:
     draft_len: int
     chat: bool = False
     system: str | None = None
+    dtype: str = "fp32"
+    quantize: str = "none"
+    attention_window: int | None = None  # None: the checkpoint's; 0: all
 
 
 def unescape(s: str) -> str:
@@ -92,7 +97,7 @@ def settings(args: argparse.Namespace) -> GenerateSettings:
             raise UserError("--speculative mtp decodes greedily: pass --temperature 0")
         if args.num_samples != 1:
             raise UserError("--speculative mtp decodes greedily, so --num-samples must be 1")
-        if args.compile:
+        if args.compile == "yes":
             raise UserError("--compile compiles the plain decoding step; it does not apply to --speculative mtp")
     if args.system is not None and not args.chat:
         raise UserError("--system is the system message of a chat: add --chat")
@@ -115,7 +120,8 @@ def settings(args: argparse.Namespace) -> GenerateSettings:
         device=args.device, kernel=common.kernel_name(args), seed=common.seed(args.seed) or 0, compile=args.compile,
         sampling=sampling, prompts=prompts, interactive=args.interactive, max_new_tokens=args.max_new_tokens,
         num_samples=args.num_samples, stops=stops, truncate_prompt=args.truncate_prompt,
-        speculative=args.speculative, draft_len=args.draft_len, chat=args.chat, system=args.system)
+        speculative=args.speculative, draft_len=args.draft_len, chat=args.chat, system=args.system,
+        dtype=args.dtype, quantize=args.quantize, attention_window=common.attention_window(args))
 
 
 def _stdin_prompts(s: GenerateSettings) -> list[str] | None:
@@ -160,7 +166,7 @@ class PrintedRow(TextRow):
 class Session:
     """A loaded model answering prompts: plain (batched) or speculative decoding, with a timing line."""
 
-    def __init__(self, s: GenerateSettings, model, tokenizer):
+    def __init__(self, s: GenerateSettings, model, tokenizer, rows: int):
         import torch
 
         from .. import generate
@@ -168,9 +174,8 @@ class Session:
         self.s, self.model, self.tokenizer, self.lib = s, model, tokenizer, generate
         self.generator = torch.Generator(device=model.device).manual_seed(s.seed)
         self.decode = generate.decode_one_token
-        if s.compile:
-            print("compiling the decoding step (about a minute, once)...", file=sys.stderr, flush=True)
-            self.decode = generate.compiled_decoder(model)
+        if not s.speculative:
+            self.decode = decoder_for(s, model, rows)
 
     def budget(self, rows: list[list[int]]) -> int:
         room = self.model.config.max_position_embeddings - max(len(r) for r in rows)
@@ -183,7 +188,7 @@ class Session:
         s = self.s
         ids = [encode_prompt(self.tokenizer, t, self.model.config.max_position_embeddings, s.truncate_prompt)
                for t in texts for _ in range(s.num_samples)]
-        t0 = time.perf_counter()
+        t0 = self.first_token = time.perf_counter()
         if s.speculative:
             rows, note = self._speculative(texts, ids, echo)
         else:
@@ -191,7 +196,8 @@ class Session:
         sys.stdout.flush()
         seconds = time.perf_counter() - t0
         n = sum(r.tokens for r in rows)
-        print(f"[{n} tokens in {seconds:.2f} s, {n / max(seconds, 1e-9):.1f} tokens/s{note}]", file=sys.stderr)
+        first = f"; first token after {1000 * (self.first_token - t0):.0f} ms" if not s.speculative and n else ""
+        print(f"[{n} tokens in {seconds:.2f} s, {n / max(seconds, 1e-9):.1f} tokens/s{first}{note}]", file=sys.stderr)
 
     def _speculative(self, texts: list[str], ids: list[list[int]], echo: bool) -> tuple[list[TextRow], str]:
         rows, stats = [], []
@@ -215,8 +221,10 @@ class Session:
         if echo and stream:
             sys.stdout.write(texts[0])
         rows = [PrintedRow(self.tokenizer, self.s.stops, stream) for _ in ids]
-        for token in self.lib.generate_tokens(self.model, ids, self.budget(ids), self.s.sampling,
-                                              self.tokenizer.pad_id, self.generator, self.decode):
+        for i, token in enumerate(self.lib.generate_tokens(self.model, ids, self.budget(ids), self.s.sampling,
+                                                           self.tokenizer.pad_id, self.generator, self.decode)):
+            if i == 0:
+                self.first_token = time.perf_counter()
             finished = [row.add(t) for row, t in zip(rows, token.tolist())]
             if all(finished):
                 break
@@ -233,15 +241,13 @@ class Session:
 
 
 def run(s: GenerateSettings) -> int:
-    from ..pretrained import load_for_inference
-
     if s.chat:
         return run_chat(s)
     prompts = _stdin_prompts(s)
-    model, tokenizer, info = load_for_inference(s.checkpoint, s.device, s.kernel)
+    model, tokenizer, info = load_model(s)
     if s.speculative and not hasattr(model, "mtp"):
         raise UserError(f"{s.checkpoint} has no MTP block; train with --mtp-weight to use --speculative mtp")
-    session = Session(s, model, tokenizer)
+    session = Session(s, model, tokenizer, rows=len(prompts) * s.num_samples if prompts else s.num_samples)
     if prompts is not None:
         session.answer(prompts, echo=True)
         return 0
@@ -251,6 +257,30 @@ def run(s: GenerateSettings) -> int:
         if line.strip():
             session.answer([line], echo=False)
     return 0
+
+
+def load_model(s: GenerateSettings):
+    """The model as the settings ask (precision included), with a note when the CPU changes the dtype."""
+    from ..pretrained import load_for_inference
+
+    model, tokenizer, info = load_for_inference(s.checkpoint, s.device, s.kernel, s.dtype, s.quantize,
+                                                s.attention_window)
+    if info["note"]:
+        print(info["note"], file=sys.stderr)
+    return model, tokenizer, info
+
+
+def decoder_for(s: GenerateSettings, model, rows: int):
+    """The decoding step --compile asks for (decoder.choose_decoder), saying what a first compile cost."""
+    from ..decoder import CompiledDecoder, choose_decoder
+
+    def say(message: str) -> None:
+        print(message + "...", file=sys.stderr, flush=True)
+
+    decode = choose_decoder(model, s.compile, rows * s.max_new_tokens, rows, on_compile=say)
+    if isinstance(decode, CompiledDecoder) and decode.compiled:
+        print(f"compiled in {decode.compile_seconds:.0f} s", file=sys.stderr, flush=True)
+    return decode
 
 
 def _typed_lines():
@@ -268,13 +298,11 @@ def run_chat(s: GenerateSettings) -> int:
     import torch
 
     from ..chat import ChatSession, marker_ids
-    from ..generate import compiled_decoder, decode_one_token
-    from ..pretrained import load_for_inference
     from ..text import StreamDecoder
 
-    model, tokenizer, info = load_for_inference(s.checkpoint, s.device, s.kernel)
+    model, tokenizer, info = load_model(s)
     marker_ids(tokenizer)
-    decode = compiled_decoder(model) if s.compile else decode_one_token
+    decode = decoder_for(s, model, rows=1)
     generator = torch.Generator(device=model.device).manual_seed(s.seed)
     session = ChatSession(model, tokenizer, s.system, s.sampling, generator, decode)
     print(f"chat: {info['source']} ({info['parameters']:,} parameters, {info['device']}). Type a message and "

@@ -18,10 +18,10 @@ def add_arguments(parser) -> None:
     common.add_checkpoint(parser,
                           "the model: a checkpoint directory (or its run directory) or a Hugging Face directory")
     common.add_device(parser)
-    parser.add_argument("--compile", action="store_true", help="torch.compile the decoding step (about a minute, once)")
-    parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"),
-                        help="weights and activations: bf16 halves the memory and is faster on GPUs and on CPUs "
-                             "with AVX512-BF16/AMX (the DeltaNet state stays fp32)")
+    common.add_compile(parser, "by default: loaded from disk, or compiled in the background while the eager "
+                               "step serves")
+    common.add_precision(parser)
+    common.add_attention_window(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 opens it to the network)")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on")
     parser.add_argument("--max-concurrent", type=int, default=16, help="requests decoded together in one batch")
@@ -61,12 +61,14 @@ class ServeSettings:
     model_name: str
     device: str = "auto"
     kernel: str = "auto"
-    compile: bool = False
+    compile: str = "auto"  # auto | yes | no (decoder.choose_decoder; auto compiles in the background)
     threads: int | None = None
     dtype: str = "fp32"
     in_process: bool = False
     shutdown_timeout: float = 5.0
     max_restarts: int = 3
+    quantize: str = "none"
+    attention_window: int | None = None  # None: the checkpoint's; 0: all
 
 
 def settings(args: argparse.Namespace) -> ServeSettings:
@@ -87,8 +89,9 @@ def settings(args: argparse.Namespace) -> ServeSettings:
     name = args.model_name or (path.parent.name if path.name == "latest" else path.name) or "sakimi-next"
     return ServeSettings(args.resume_from, args.host, args.port, args.max_concurrent, args.max_queue,
                          args.max_prompt_tokens, args.max_tokens, args.request_timeout, args.api_key, name,
-                         args.device, common.kernel_name(args), bool(args.compile),
-                         args.threads, args.dtype, bool(args.in_process), args.shutdown_timeout, args.max_restarts)
+                         args.device, common.kernel_name(args), args.compile,
+                         args.threads, args.dtype, bool(args.in_process), args.shutdown_timeout, args.max_restarts,
+                         args.quantize, common.attention_window(args))
 
 
 class _Stopped(BaseException):
@@ -112,18 +115,22 @@ def run(s: ServeSettings) -> int:
     previous = {sig: signal.signal(sig, _stop) for sig in signals}  # uvicorn has its own while it serves
     engine, outcome = None, "stopped"
     try:
-        source = ModelSource(s.checkpoint, s.device, s.kernel, s.dtype, s.compile, s.threads)
-        if s.compile:
-            print("compiling the decoding step (about a minute, once)...", file=sys.stderr, flush=True)
+        source = ModelSource(s.checkpoint, s.device, s.kernel, s.dtype, s.compile, s.threads, s.quantize,
+                             s.attention_window)
+        if s.compile == "yes":
+            print("loading or compiling the decoding step (minutes, once)...", file=sys.stderr, flush=True)
         if s.in_process:
             engine, info = _engine_in_process(source, s.max_concurrent, s.max_queue)
         else:
-            engine = EngineProcess(source, s.max_concurrent, s.max_queue, max_restarts=s.max_restarts)
+            engine = EngineProcess(source, s.max_concurrent, s.max_queue,  # --compile: minutes, the first time
+                                   start_seconds=3600.0 if s.compile == "yes" else 600.0, max_restarts=s.max_restarts)
             engine.start()  # loads the model in the child: a bad checkpoint is a UserError here
             info = engine.info
         context = engine.config.max_position_embeddings
         max_prompt = min(s.max_prompt_tokens or context - 1, context - 1)
         app = create_app(engine, ServerSettings(s.model_name, max_prompt, s.max_tokens, s.request_timeout, s.api_key))
+        if info.get("note"):
+            print(info["note"], file=sys.stderr)
         print(f"serving {info['source']} as {s.model_name!r} ({info['parameters']:,} parameters, {info['device']}, "
               f"{info['dtype']}) on http://{s.host}:{s.port}/  (chat page at /, API at /v1)", file=sys.stderr,
               flush=True)

@@ -36,8 +36,10 @@ class ModelSource:
     device: str = "auto"
     kernel: str = "auto"
     dtype: str = "fp32"
-    compile: bool = False
+    compile: str = "no"  # auto | yes | no: decoder.choose_decoder (auto: compiled in the background)
     threads: int | None = None
+    quantize: str = "none"
+    attention_window: int | None = None  # None: the checkpoint's; 0: all
 
 
 class EngineProcess:
@@ -306,13 +308,14 @@ def load_model(source: ModelSource):
     """(model, tokenizer, info, decoding step) as `source` says; sets this thread's torch threads."""
     import torch
 
-    from ..generate import compiled_decoder, decode_one_token
+    from ..decoder import choose_decoder
     from ..pretrained import load_for_inference
 
     if source.threads:
         torch.set_num_threads(source.threads)
-    model, tokenizer, info = load_for_inference(source.checkpoint, source.device, source.kernel, source.dtype)
-    return model, tokenizer, info, compiled_decoder(model) if source.compile else decode_one_token
+    model, tokenizer, info = load_for_inference(source.checkpoint, source.device, source.kernel, source.dtype,
+                                                source.quantize, source.attention_window)
+    return model, tokenizer, info, choose_decoder(model, source.compile, 0, on_compile=log.warning, background=True)
 
 
 def _serve_commands(engine, commands, outbox: _Outbox) -> None:
