@@ -17,6 +17,7 @@ AUTO_PRESET = "auto"  # --config auto: the model sized from the text, the run fr
 DEFAULT_DATA_DIR = "data"  # where prepare_data writes and train reads, unless --out-dir / --data-dir say
 DOC_SPLITS = ("auto", "file", "blank-line", "line")  # what a document is (data.sources.iter_documents)
 ENCODING_ERRORS = ("strict", "replace")  # what to do with bytes that are not UTF-8
+DEFAULT_TEXT_FIELD = "text"  # the field of a JSONL record / the column of a Parquet file holding its text
 GGUF_TYPES = ("f32", "f16", "q8_0")  # the weight types of a GGUF export's matrices
 
 

@@ -46,7 +46,7 @@ class Scan:
 
 def scan_sources(sources: list[Source], doc_split: str, errors: str) -> Scan:
     scan = Scan([], [], [])
-    with progress(sum(s.size for s in sources), "reading", leave=False) as bar:
+    with progress(sum(s.text_size for s in sources), "reading", leave=False) as bar:
         for src in sources:
             n_docs = n_bytes = n_chars = unshown = 0
             for piece, last in iter_documents(src, doc_split, errors):
