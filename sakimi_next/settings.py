@@ -91,6 +91,8 @@ class TrainSettings:
     early_stop_min_delta: float = 0.0
     skip_nonfinite: bool = False
     max_minutes: float | None = None
+    tensorboard: bool = False  # also write metrics.jsonl's records as TensorBoard scalars (rank 0)
+    tensorboard_dir: Path | None = None  # where; None: OUT_DIR/tensorboard
 
     def record(self, hyper) -> dict:
         """The settings as trainer_state.json keeps them ("args"), with the resolved hyperparameters."""
