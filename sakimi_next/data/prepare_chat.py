@@ -18,7 +18,7 @@ from ..util import UserError, say
 from .prepared import FORMAT, check_vocab, publish_prepared, rel_or_abs, token_dtype, write_meta
 from .split import choose_val_docs
 
-WRITE_BATCH_TOKENS = 1 << 20  # tokens gathered before a write to a split's files
+WRITE_BATCH_TOKENS = 1 << 12  # tokens gathered (as Python ints, ~60 bytes each) before a write to a split's files
 
 
 def _count_conversations(sources) -> list[int]:

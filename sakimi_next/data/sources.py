@@ -21,6 +21,7 @@ TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")  # what a directory or glob contr
 # is always read, as text unless its name ends in .jsonl or .parquet)
 BLOCK_BYTES = 4 << 20  # read size; also how much of a .txt file `auto` looks at
 PARQUET_BATCH_ROWS = 1024  # rows of a Parquet file decoded at a time
+PARQUET_BUFFER_BYTES = 1 << 20  # a Parquet file is read in pieces this size (not a row group at once)
 MAX_PIECE_CHARS = 1 << 20  # a longer document is tokenized in pieces (same tokens, bounded memory)
 
 _SEPARATORS = {
@@ -183,7 +184,8 @@ def _open_parquet(path: Path, field: str):
     import pyarrow as pa
 
     try:
-        parquet = pq.ParquetFile(path)
+        # pyarrow's default pre-buffers every row group asked for, the whole file for iter_batches
+        parquet = pq.ParquetFile(path, pre_buffer=False, buffer_size=PARQUET_BUFFER_BYTES)
     except (pa.ArrowException, OSError) as e:
         raise UserError(f"{path} is not a readable Parquet file ({e})") from None
     schema = parquet.schema_arrow
