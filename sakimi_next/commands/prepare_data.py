@@ -27,8 +27,8 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
                    help="the part of the training text held out for validation (0.1; --config auto: 0.02 of "
                         "the text, but at least 20 KB and at most 0.1)")
     p.add_argument("--doc-split", default="auto", choices=DOC_SPLITS,
-                   help="what a document is: auto = a .txt file exactly as written, a JSONL record; file also "
-                        "joins a JSONL file's records; blank-line paragraphs or lines on request")
+                   help="what a document is: auto = a .txt file exactly as written, a JSONL record or Parquet row; "
+                        "file also joins a JSONL or Parquet file's records; blank-line paragraphs or lines on request")
     p.add_argument("--text-field", default=DEFAULT_TEXT_FIELD, metavar="NAME",
                    help="the field of each JSONL record / the column of a Parquet file that holds the text (text)")
     p.add_argument("--encoding-errors", default="strict", choices=ENCODING_ERRORS,

@@ -93,9 +93,11 @@ def _write_chat_splits(directory: Path, tok: Tokenizer, conversations: Iterator[
     try:
         for split, conv in conversations:
             writers[split].add(conv)
+        return {split: w.close() for split, w in writers.items()}
     finally:
-        splits = {split: w.close() for split, w in writers.items()}
-    return splits
+        for w in writers.values():  # closed already, unless reading failed
+            w.ids_file.close()
+            w.mask_file.close()
 
 
 def prepare_chat_data(sources, out_dir: Path, tok_path: Path, vocab_size: int, val_fraction: float, seed: int,
