@@ -17,6 +17,7 @@ AUTO_PRESET = "auto"  # --config auto: the model sized from the text, the run fr
 DEFAULT_DATA_DIR = "data"  # where prepare_data writes and train reads, unless --out-dir / --data-dir say
 DOC_SPLITS = ("auto", "file", "blank-line", "line")  # what a document is (data.sources.iter_documents)
 ENCODING_ERRORS = ("strict", "replace")  # what to do with bytes that are not UTF-8
+DEFAULT_TEXT_FIELD = "text"  # the field of a JSONL record / the column of a Parquet file holding its text
 GGUF_TYPES = ("f32", "f16", "q8_0")  # the weight types of a GGUF export's matrices
 # --hf-layout: how a transformers export lays the model out (config.Config.to_hf_dict, huggingface.py):
 # qwen3_5 = Qwen3_5ForCausalLM (dense only), qwen3_next = Qwen3NextForCausalLM (dense or MoE)
@@ -95,6 +96,8 @@ class TrainSettings:
     early_stop_min_delta: float = 0.0
     skip_nonfinite: bool = False
     max_minutes: float | None = None
+    tensorboard: bool = False  # also write metrics.jsonl's records as TensorBoard scalars (rank 0)
+    tensorboard_dir: Path | None = None  # where; None: OUT_DIR/tensorboard
 
     def record(self, hyper) -> dict:
         """The settings as trainer_state.json keeps them ("args"), with the resolved hyperparameters."""

@@ -53,9 +53,12 @@ def run_training(s: TrainSettings, prepare: Callable[[], object] | None = None) 
     ddp = setup_distributed(s.device)
     try:
         run = build_run(s, ddp, prepare)
-        step, exit_code = run.loop()
-        if exit_code != 1:
-            run.finish(step)
+        try:
+            step, exit_code = run.loop()
+            if exit_code != 1:
+                run.finish(step)
+        finally:
+            run.metrics.close()  # TensorBoard's last events reach the disk, also when interrupted
         return exit_code
     finally:
         teardown_distributed(ddp)
@@ -94,8 +97,9 @@ class TrainingRun:
         self.elapsed_before = state.get("elapsed_s", 0.0)
         self.record = self.s.record(self.h)
         self.t_start = time.perf_counter()
+        tensorboard = (self.s.tensorboard_dir or self.out_dir / "tensorboard") if self.s.tensorboard else None
         self.metrics = MetricsLog(self.out_dir / "metrics.jsonl", self.ddp.is_main,
-                                  self.start_step if self.start.state else None)
+                                  self.start_step if self.start.state else None, tensorboard)
 
     def loop(self) -> tuple[int, int]:
         """Train to the last step (or a stop). Returns (step reached, exit code)."""
@@ -205,6 +209,7 @@ class TrainingRun:
             self.console.say(f"step {step:>6}/{self.h.steps}  loss {losses.loss:.4f}{extra}  lr {lr:.2e}  "
                              f"grad {grad_norm:.2f}  {tok_s:,.0f} tok/s")
             self.window_t, self.window_tokens = now, 0
+            self.metrics.flush()
 
     def stop_nonfinite(self, step: int, what: str) -> None:
         prev = ckpt.find_latest(self.out_dir) if self.ddp.is_main else None
@@ -235,6 +240,7 @@ class TrainingRun:
         self.metrics.add({"step": step, **ev})
         bpb = f"  bpb {ev['val_bpb']:.4f}" if "val_bpb" in ev else ""
         self.console.say(f"eval {step:>6}: val loss {ev['val_loss']:.4f}  ppl {ev['val_ppl']:.2f}{bpb}")
+        self.metrics.flush()
         self.write_loss_curve()
         if ev["val_loss"] < self.best["loss"] - self.s.early_stop_min_delta:
             self.best.update(loss=ev["val_loss"], step=step)

@@ -9,7 +9,7 @@ from pathlib import Path
 from ..auto import WHOLE_CHARACTERS
 from ..config import preset
 from ..data import prepare_data
-from ..settings import AUTO_PRESET, DEFAULT_DATA_DIR, DOC_SPLITS, ENCODING_ERRORS
+from ..settings import AUTO_PRESET, DEFAULT_DATA_DIR, DEFAULT_TEXT_FIELD, DOC_SPLITS, ENCODING_ERRORS
 from ..tokenizer import CHAR_COVERAGE, MIN_CHAR_COUNT, MIN_VOCAB, SPECIAL_TOKENS
 from ..util import UserError, say
 from . import common
@@ -21,15 +21,17 @@ MAX_VOCAB = 1 << 24
 def add_data_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of data preparation (train takes them too, to prepare first with --train-data)."""
     p.add_argument("--train-data", nargs="+", action="extend", default=None, metavar="PATH",
-                   help="text: .txt/.jsonl files, directories or globs (default: the embedded CPython docs)")
+                   help="text: .txt/.jsonl/.parquet files, directories or globs (default: the embedded CPython docs)")
     p.add_argument("--val-data", nargs="+", action="extend", default=None, metavar="PATH",
                    help="validation text (default: a held-out fraction of the training documents)")
     p.add_argument("--val-fraction", type=float, default=None,
                    help="the part of the training text held out for validation (0.1; --config auto: 0.02 of "
                         "the text, but at least 20 KB and at most 0.1)")
     p.add_argument("--doc-split", default="auto", choices=DOC_SPLITS,
-                   help="what a document is: auto = a .txt file exactly as written, a JSONL record; file also "
-                        "joins a JSONL file's records; blank-line paragraphs or lines on request")
+                   help="what a document is: auto = a .txt file exactly as written, a JSONL record or Parquet row; "
+                        "file also joins a JSONL or Parquet file's records; blank-line paragraphs or lines on request")
+    p.add_argument("--text-field", default=DEFAULT_TEXT_FIELD, metavar="NAME",
+                   help="the field of each JSONL record / the column of a Parquet file that holds the text (text)")
     p.add_argument("--encoding-errors", default="strict", choices=ENCODING_ERRORS,
                    help="what to do with bytes that are not UTF-8")
     p.add_argument("--tokenizer", default=None,
@@ -74,6 +76,7 @@ class PrepareDataSettings:
     allow_vocab_mismatch: bool
     chat: bool | None = None  # None: detect JSONL conversations
     whole_characters: bool | None = None  # None: --config auto's choice (auto.WHOLE_CHARACTERS), else off
+    text_field: str = DEFAULT_TEXT_FIELD
 
 
 def data_settings(args: argparse.Namespace, out_dir: str | Path, seed: int) -> PrepareDataSettings:
@@ -86,6 +89,8 @@ def data_settings(args: argparse.Namespace, out_dir: str | Path, seed: int) -> P
         raise UserError(f"--tokenizer {args.tokenizer} is a directory; give the path of a tokenizer.json")
     if args.tokenizer is not None:
         common.writable_dir("--tokenizer", Path(args.tokenizer).parent)
+    if not args.text_field:
+        raise UserError("--text-field must name a field (the default is text)")
     return PrepareDataSettings(
         preset=common.preset_name(args.config, AUTO_PRESET, allow_auto=True),
         out_dir=common.writable_dir("--out-dir", out_dir),
@@ -94,7 +99,7 @@ def data_settings(args: argparse.Namespace, out_dir: str | Path, seed: int) -> P
         tokenizer=args.tokenizer, vocab_size=args.vocab_size, val_fraction=args.val_fraction,
         doc_split=args.doc_split, encoding_errors=args.encoding_errors, rebuild_tokenizer=args.rebuild_tokenizer,
         seed=seed, allow_vocab_mismatch=args.allow_vocab_mismatch, chat=args.chat,
-        whole_characters=args.whole_characters)
+        whole_characters=args.whole_characters, text_field=args.text_field)
 
 
 def settings(args: argparse.Namespace) -> PrepareDataSettings:
@@ -113,7 +118,7 @@ def prepare(s: PrepareDataSettings) -> Path:
                         rebuild_tokenizer=s.rebuild_tokenizer, seed=s.seed,
                         config=_auto_config(s.vocab_size) if auto else preset(s.preset),
                         allow_vocab_mismatch=s.allow_vocab_mismatch, chat=s.chat, auto_vocab=auto,
-                        whole_characters=s.whole_characters)
+                        whole_characters=s.whole_characters, text_field=s.text_field)
 
 
 def _auto_config(vocab_size: int | None):

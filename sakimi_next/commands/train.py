@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+from ..metrics import require_tensorboard
 from ..settings import AUTO_PRESET, DEFAULT_DATA_DIR, OPTIMIZERS, Hyperparameters, TrainSettings
 from ..util import UserError
 from . import common
@@ -27,6 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "where a compiler is at hand; ~30 s once, then ~15%% faster steps on a CPU)")
     p.add_argument("--out-dir", default=None, help="run directory: checkpoints, metrics.jsonl, loss_curve.png "
                                                    "(default runs/PRESET, or the resumed checkpoint's)")
+    p.add_argument("--tensorboard", nargs="?", const="", default=None, metavar="DIR",
+                   help="also write the logged numbers (loss, lr, grad norm, tokens/s, validation loss and bits/byte) "
+                        "as TensorBoard event files, in DIR (default OUT_DIR/tensorboard); needs tensorboard")
     common.add_checkpoint(p, "auto (latest valid checkpoint in --out-dir) or a checkpoint directory")
     p.add_argument("--init-from", default=None, help="start from these weights (checkpoint or Hugging Face dir)")
     d = p.add_argument_group("data (with --train-data, the data directory is prepared first)")
@@ -138,9 +142,17 @@ def settings(args: argparse.Namespace) -> TrainCommandSettings:
         device=args.device, kernel=common.kernel_name(args), dtype=args.dtype, compile=args.compile,
         fsdp=args.fsdp, keep_last=args.keep_last, print_every=args.print_every,
         early_stop_patience=args.early_stop_patience, early_stop_min_delta=args.early_stop_min_delta,
-        skip_nonfinite=args.skip_nonfinite, max_minutes=args.max_minutes)
+        skip_nonfinite=args.skip_nonfinite, max_minutes=args.max_minutes, **_tensorboard(args.tensorboard))
     prep = data_settings(args, data_dir, 0 if hyper.seed is None else hyper.seed) if args.train_data else None
     return TrainCommandSettings(training, prep)
+
+
+def _tensorboard(flag: str | None) -> dict:
+    """--tensorboard [DIR] as TrainSettings fields; the package missing is an error now, not after the data."""
+    if flag is None:
+        return {}
+    require_tensorboard()
+    return {"tensorboard": True, "tensorboard_dir": common.writable_dir("--tensorboard", flag) if flag else None}
 
 
 def run(s: TrainCommandSettings) -> int:

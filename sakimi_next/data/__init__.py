@@ -1,13 +1,14 @@
 """From text to training data (`--mode prepare_data`), and the prepared data training reads.
 
-    sources.py       .txt / .jsonl files, directories, globs, or the embedded CPython docs -> documents: a
-                     .txt file exactly as written, or a JSONL record (blank-line paragraphs or lines only
-                     with --doc-split)
+    sources.py       .txt / .jsonl / .parquet files, directories, globs, or the embedded CPython docs ->
+                     documents, streamed: a .txt file exactly as written, or a JSONL record / Parquet row's
+                     --text-field (blank-line paragraphs or lines only with --doc-split)
     split.py         train / val split: whole documents (seeded, exact fraction); a corpus that is one
                      document gives contiguous stretches cut at line boundaries; the tokenizer's sample
     prepare.py       plain text -> a byte-level BPE tokenizer and token files, each document followed by
                      one end-of-text token
-    prepare_chat.py  conversations -> token files and loss masks (only the assistant replies count)
+    prepare_chat.py  conversations (JSONL, streamed) -> token files and loss masks (only the assistant replies
+                     count)
     prepared.py      the prepared directory: its format (meta.json, train.bin, val.bin), reading it
                      (`load_meta`, `open_split`, `load_tokenizer`, `open_loss_mask`), publishing a new one
 """

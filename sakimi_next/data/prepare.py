@@ -22,7 +22,7 @@ import numpy as np
 from .. import auto
 from ..chat import is_chat_jsonl
 from ..config import RECOMMENDED_PRESET, preset
-from ..settings import DEFAULT_DATA_DIR, DOC_SPLITS, ENCODING_ERRORS
+from ..settings import DEFAULT_DATA_DIR, DEFAULT_TEXT_FIELD, DOC_SPLITS, ENCODING_ERRORS
 from ..tokenizer import Tokenizer, train_tokenizer
 from ..util import UserError, format_table, progress, say, sha256_file, umask
 from .prepare_chat import prepare_chat_data
@@ -190,9 +190,9 @@ def _check_settings(doc_split: str, encoding_errors: str, val_data, val_fraction
         raise UserError(f"--val-fraction ({val_fraction}) must be between 0 and 1; or give --val-data")
 
 
-def _training_sources(train_data: list[str] | None) -> list[Source]:
+def _training_sources(train_data: list[str] | None, text_field: str) -> list[Source]:
     if train_data:
-        return resolve_sources(train_data, "train")
+        return resolve_sources(train_data, "train", text_field)
     source = builtin_source()
     say(f"training data: the embedded CPython documentation, {source.name}, {source.size:,} bytes "
         "(pass --train-data to use your own text)")
@@ -228,7 +228,8 @@ def prepare_data(train_data: list[str] | None, val_data: list[str] | None, out_d
                  tokenizer_path=None, vocab_size: int | None = None, val_fraction: float | None = None,
                  doc_split: str = "auto", encoding_errors: str = "strict", rebuild_tokenizer: bool = False,
                  seed: int = 0, config=None, allow_vocab_mismatch: bool = False, chat: bool | None = None,
-                 auto_vocab: bool = False, whole_characters: bool | None = None) -> Path:
+                 auto_vocab: bool = False, whole_characters: bool | None = None,
+                 text_field: str = DEFAULT_TEXT_FIELD) -> Path:
     """Tokenize `train_data` (and `val_data`, else a held-out `val_fraction` of the training documents)
     into `out_dir`; returns `out_dir`. Unchanged inputs and settings: nothing is done.
 
@@ -243,6 +244,7 @@ def prepare_data(train_data: list[str] | None, val_data: list[str] | None, out_d
     `whole_characters`: the tokenizer gives each frequent character a token before it learns merges
     (tokenizer.py), and --config auto's vocabulary grows by those tokens; None: auto.WHOLE_CHARACTERS
     under `auto_vocab`, else off.
+    `text_field`: the field of a JSONL record / the column of a Parquet file that holds its text.
     """
     t0 = time.perf_counter()
     config = config if config is not None else preset(RECOMMENDED_PRESET)
@@ -262,15 +264,15 @@ def prepare_data(train_data: list[str] | None, val_data: list[str] | None, out_d
     if tok_path.is_dir():
         raise UserError(f"{tok_path} is not a tokenizer.json but a directory")
 
-    sources = _training_sources(train_data)
-    train_bytes = sum(s.size for s in sources)
+    sources = _training_sources(train_data, text_field)
+    train_bytes = sum(s.text_size for s in sources)
     if auto_vocab and not vocab_explicit:
         vocab_size = auto.vocab_size(train_bytes)
         config = auto.model_config(vocab_size)
         if not chars_decide_vocab:  # else once the characters are counted (_prepare_text)
             say(f"--config auto: a vocabulary of {vocab_size:,} for {train_bytes:,} bytes of training text")
     if val_data:
-        sources += resolve_sources(val_data, "val")
+        sources += resolve_sources(val_data, "val", text_field)
     is_chat = chat or (chat is None and any(s.path is not None and is_chat_jsonl(s.path) for s in sources))
     if val_fraction is None:
         val_fraction = auto.val_fraction(train_bytes) if auto_vocab and not is_chat else 0.1
@@ -281,6 +283,8 @@ def prepare_data(train_data: list[str] | None, val_data: list[str] | None, out_d
     settings = {"doc_split": doc_split, "text": "as written", "val_fraction": None if val_data else val_fraction,
                 "seed": seed, "encoding_errors": encoding_errors, "vocab_size": vocab_size,
                 **({"whole_characters": True} if whole_characters else {})}
+    if text_field != DEFAULT_TEXT_FIELD:  # only then, so that directories prepared before --text-field stay current
+        settings["text_field"] = text_field
     _prepare_text(sources, out_dir, tok_path, settings, config, allow_vocab_mismatch, vocab_explicit,
                   rebuild_tokenizer, t0, chars_decide_vocab)
     return out_dir
@@ -307,7 +311,7 @@ def _prepare_text(sources: list[Source], out_dir: Path, tok_path: Path, settings
     # 2. read everything once: validates every file and counts documents before anything is written
     scan, n_train_docs = _scan(sources, doc_split, errors, settings["val_fraction"] is None, chars_decide_vocab)
     if chars_decide_vocab:
-        train_bytes = sum(s.size for s in sources if s.role == "train")
+        train_bytes = sum(s.text_size for s in sources if s.role == "train")
         vocab_size = auto.vocab_size(train_bytes, scan.characters)
         config = auto.model_config(vocab_size)
         say(f"--config auto: a vocabulary of {vocab_size:,} for {train_bytes:,} bytes of training text and its "

@@ -1,5 +1,6 @@
-"""Sources of text and the documents in them: files, directories and globs of .txt and .jsonl, or the
-CPython documentation every Python ships with (`builtin_source`), read in bounded blocks."""
+"""Sources of text and the documents in them: files, directories and globs of .txt, .jsonl and .parquet, or
+the CPython documentation every Python ships with (`builtin_source`), all streamed: text in bounded blocks,
+JSON Lines a line at a time, Parquet a batch of rows at a time."""
 
 from __future__ import annotations
 
@@ -13,10 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from ..util import UserError, read_jsonl, say, sha256_file
+from ..settings import DEFAULT_TEXT_FIELD
+from ..util import UserError, json_kind, read_jsonl, say, sha256_file
 
-TEXT_SUFFIXES = (".txt", ".jsonl")  # what a directory or glob contributes (a file named explicitly is always read)
+TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")  # what a directory or glob contributes (a file named explicitly
+# is always read, as text unless its name ends in .jsonl or .parquet)
 BLOCK_BYTES = 4 << 20  # read size; also how much of a .txt file `auto` looks at
+PARQUET_BATCH_ROWS = 1024  # rows of a Parquet file decoded at a time
+PARQUET_BUFFER_BYTES = 1 << 20  # a Parquet file is read in pieces this size (not a row group at once)
 MAX_PIECE_CHARS = 1 << 20  # a longer document is tokenized in pieces (same tokens, bounded memory)
 
 _SEPARATORS = {
@@ -34,8 +39,14 @@ class Source:
     role: str  # "train" or "val"
     size: int
     sha256: str
-    kind: str  # "txt", "jsonl" or "builtin"
+    kind: str  # "txt", "jsonl", "parquet" or "builtin"
     doc_split: str = ""  # what a document was, once read ("auto" resolved)
+    text_field: str = DEFAULT_TEXT_FIELD  # of a JSONL record or a Parquet row
+    text_size: int = -1  # about how many bytes of text it holds: `size`, but more for a compressed Parquet file
+
+    def __post_init__(self):
+        if self.text_size < 0:
+            self.text_size = self.size
 
     def describe(self) -> dict:
         return {"path": self.name, "role": self.role, "size": self.size, "sha256": self.sha256,
@@ -65,11 +76,12 @@ def _files_under(directory: Path) -> list[Path]:
                   and not any(part.startswith(".") for part in p.relative_to(directory).parts))
 
 
-def resolve_sources(specs: list[str], role: str) -> list[Source]:
+def resolve_sources(specs: list[str], role: str, text_field: str = DEFAULT_TEXT_FIELD) -> list[Source]:
     """Files named by `specs`, in a stable order, each hashed: a file (read whatever its name); a
-    directory (its .txt and .jsonl files, recursively); a glob (the files it matches, and the .txt and
-    .jsonl files of the directories it matches). A missing path, an empty file, a folder without text
-    or a glob without matches is a UserError; empty files found through a directory or glob are skipped."""
+    directory (its .txt, .jsonl and .parquet files, recursively); a glob (the files it matches, and those
+    of the directories it matches). A missing path, an empty file, a folder without text, a glob without
+    matches, or a .parquet file without pyarrow is a UserError; empty files found through a directory or
+    glob are skipped. `text_field`: the JSONL field / Parquet column of the text."""
     found: list[tuple[str, Path, bool]] = []  # (spec, file, named explicitly)
     for spec in specs:
         if any(c in spec for c in "*?["):
@@ -85,7 +97,7 @@ def resolve_sources(specs: list[str], role: str) -> list[Source]:
         if p.is_dir():
             files = _files_under(p)
             if not files:
-                raise UserError(f"directory {spec} contains no .txt or .jsonl files")
+                raise UserError(f"directory {spec} contains no .txt, .jsonl or .parquet files")
             found += [(spec, f, False) for f in files]
         else:
             found.append((spec, p, True))
@@ -106,8 +118,9 @@ def resolve_sources(specs: list[str], role: str) -> list[Source]:
             digest = sha256_file(f)
         except OSError as e:
             raise UserError(f"cannot read {f}: {e.strerror}") from None
-        kind = "jsonl" if f.suffix.lower() == ".jsonl" else "txt"
-        sources.append(Source(str(f), f, role, size, digest, kind))
+        kind = {".jsonl": "jsonl", ".parquet": "parquet"}.get(f.suffix.lower(), "txt")
+        text_size = _parquet_text_size(f, text_field) if kind == "parquet" else size
+        sources.append(Source(str(f), f, role, size, digest, kind, text_field=text_field, text_size=text_size))
     for spec, files in skipped.items():
         say(f"note: skipping {len(files)} empty file(s) in {spec}, e.g. {files[0]}")
     if not sources:
@@ -138,14 +151,83 @@ def _read_blocks(path: Path, errors: str) -> Iterator[str]:
                 return
 
 
-def _jsonl_records(path: Path, errors: str) -> Iterator[str]:
-    """The `text` field of each line of a JSONL file; blank lines are skipped."""
-    must = 'of a .jsonl file must be a JSON object with a "text" field'
+def _jsonl_records(path: Path, errors: str, field: str) -> Iterator[str]:
+    """The `field` string of each line of a JSONL file, a line at a time; blank lines are skipped."""
+    must = f'of a .jsonl file must be a JSON object with a "{field}" string'
     for where, record in read_jsonl(path, must, errors, hint=" or pass --encoding-errors replace"):
-        text = record.get("text") if isinstance(record, dict) else None
-        if not isinstance(text, str):
-            raise UserError(f'{where}: no "text" string in this record; each line {must}')
-        yield text
+        if not isinstance(record, dict):
+            raise UserError(f"{where}: {json_kind(record)}, not a JSON object; each line {must}")
+        if field not in record:
+            has = ", ".join(list(record)[:8]) + (", ..." if len(record) > 8 else "") or "nothing"
+            raise UserError(f'{where}: no "{field}" field in this record (it has: {has}); '
+                            "name the text field with --text-field")
+        yield _text(record[field], where, field)
+
+
+def _text(value, where: str, field: str) -> str:
+    if not isinstance(value, str):
+        raise UserError(f'{where}: "{field}" is {json_kind(value)}, not a string')
+    return value
+
+
+def _parquet_module():
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UserError("reading .parquet files needs pyarrow: pip install 'sakimi-next[parquet]'") from None
+    return pq
+
+
+def _open_parquet(path: Path, field: str):
+    """The pyarrow ParquetFile at `path`, checked to have a text column `field`."""
+    pq = _parquet_module()
+    import pyarrow as pa
+
+    try:
+        # pyarrow's default pre-buffers every row group asked for, the whole file for iter_batches
+        parquet = pq.ParquetFile(path, pre_buffer=False, buffer_size=PARQUET_BUFFER_BYTES)
+    except (pa.ArrowException, OSError) as e:
+        raise UserError(f"{path} is not a readable Parquet file ({e})") from None
+    schema = parquet.schema_arrow
+    if field not in schema.names:
+        raise UserError(f'{path} has no column "{field}" (it has: {", ".join(schema.names)}); '
+                        "name the text column with --text-field")
+    kind = schema.field(field).type
+    if not _is_text_type(pa, kind):
+        raise UserError(f'{path}: column "{field}" holds {kind}, not strings; name the text column with --text-field')
+    return parquet
+
+
+def _parquet_text_size(path: Path, field: str) -> int:
+    """The uncompressed size of the text column, from the file's footer (what sizes --config auto's vocabulary)."""
+    meta = _open_parquet(path, field).metadata
+    column = [meta.schema.column(i).path for i in range(meta.num_columns)].index(field)
+    return sum(meta.row_group(g).column(column).total_uncompressed_size for g in range(meta.num_row_groups))
+
+
+def _parquet_records(path: Path, field: str) -> Iterator[str]:
+    """The `field` column of a Parquet file, PARQUET_BATCH_ROWS rows at a time; a null is a UserError
+    naming the row (counted from 1)."""
+    batches = _open_parquet(path, field).iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[field])
+    from pyarrow import ArrowException
+
+    row = 0
+    while True:
+        try:
+            batch = next(batches, None)
+        except (ArrowException, OSError) as e:
+            raise UserError(f"{path}: cannot read the rows after row {row} ({e})") from None
+        if batch is None:
+            return
+        for value in batch.column(0).to_pylist():
+            row += 1
+            yield _text(value, f"{path}, row {row}", field)
+
+
+def _is_text_type(pa, kind) -> bool:
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)
 
 
 def _cut_point(text: str, limit: int) -> int:
@@ -215,16 +297,22 @@ def _joined(records: Iterable[str], sep: str) -> Iterator[str]:
 def iter_documents(src: Source, doc_split: str, errors: str) -> Iterator[tuple[str, bool]]:
     """(piece, last) pairs of `src`'s documents (see `split_documents`); sets `src.doc_split`.
 
-    `auto`: a .txt file is one document, exactly as written; a JSONL record (or an embedded topic) is
-    a document, as written. `file` also joins the records of a JSONL file, with a blank line between.
+    `auto`: a .txt file is one document, exactly as written; a JSONL record, a Parquet row (or an
+    embedded topic) is a document, as written. `file` also joins the records of a JSONL or Parquet file,
+    with a blank line between.
     """
     if src.kind == "txt":
         mode = "file" if doc_split == "auto" else doc_split
         src.doc_split = mode
         yield from split_documents(_read_blocks(src.path, errors), mode)
         return
-    records = builtin_topics() if src.kind == "builtin" else _jsonl_records(src.path, errors)
-    unit = "topic" if src.kind == "builtin" else "record"
+    if src.kind == "builtin":
+        records = builtin_topics()
+    elif src.kind == "parquet":
+        records = _parquet_records(src.path, src.text_field)
+    else:
+        records = _jsonl_records(src.path, errors, src.text_field)
+    unit = {"builtin": "topic", "parquet": "row"}.get(src.kind, "record")
     src.doc_split = unit if doc_split == "auto" else doc_split
     if doc_split == "file":
         yield from split_documents(_joined(records, "\n\n"), "file")

@@ -48,7 +48,7 @@ class Scan:
 
 def scan_sources(sources: list[Source], doc_split: str, errors: str, count_characters: bool = False) -> Scan:
     scan = Scan([], [], [], characters=Counter() if count_characters else None)
-    with progress(sum(s.size for s in sources), "reading", leave=False) as bar:
+    with progress(sum(s.text_size for s in sources), "reading", leave=False) as bar:
         for src in sources:
             n_docs = n_bytes = n_chars = unshown = 0
             for piece, last in iter_documents(src, doc_split, errors):
