@@ -179,7 +179,9 @@ class GatedAttention(nn.Module):
         if cache is not None:
             k, v = cache.append(k, v, cache_start)
         # with a cache and several new tokens, SDPA's is_causal would align the wrong corner
-        is_causal = attn_mask is None and bool(T > 1)  # bool: a symbolic T would break the compiled graph
+        is_causal = False
+        if attn_mask is None and T > 1:  # a branch: a symbolic T (torch.compile) must not reach SDPA as a SymBool
+            is_causal = True
         if is_causal and k.shape[2] != T:
             attn_mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - T)
             is_causal = False
