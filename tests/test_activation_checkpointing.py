@@ -169,3 +169,37 @@ def test_two_processes_with_it_equal_one_without(data_dir, tmp_path, strategy): 
     assert one.keys() == two.keys()
     for s in one:
         assert abs(one[s] - two[s]) <= 1e-4 * abs(one[s]), (s, one[s], two[s])
+
+
+@pytest.mark.slow
+def test_compiled_with_it_equals_eager(data_dir, tmp_path):  # noqa: F811
+    """--compile with --activation-checkpointing: torch.compile traces the checkpoint of each (dense) layer
+    into its graph, and the run follows the eager one."""
+    import shutil
+
+    if not shutil.which("c++") and not shutil.which("g++"):
+        pytest.skip("torch.compile on the CPU needs a C++ compiler")
+    common = ["--steps", "3", "--eval-every", "3", "--save-every", "3", "--mtp-weight", "0.3"]
+    assert train(data_dir, tmp_path / "eager", *common) == 0
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    assert train(data_dir, tmp_path / "compiled", *common, "--compile", "--activation-checkpointing") == 0
+    assert counters["stats"]["unique_graphs"] >= 2 and not counters["graph_break"]
+    eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    assert eager.keys() == compiled.keys()
+    for s in eager:
+        assert compiled[s] == pytest.approx(eager[s], rel=1e-4)
+
+
+def test_memory_script(tmp_path):
+    """scripts/activation_memory.py runs both settings, each in its own process, and reports them."""
+    out = tmp_path / "memory.json"
+    r = subprocess.run([sys.executable, "scripts/activation_memory.py", "--preset", "tiny_5m", "--seq-len", "32",
+                        "--steps", "1", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    results = json.loads(out.read_text())["results"]
+    assert [x["checkpointing"] for x in results] == [False, True]
+    assert all(x["peak_rss_mb"] >= x["rss_before_mb"] > 0 and x["step_s"] > 0 for x in results)
+    assert "checkpointing" in r.stdout and "peak RSS MB" in r.stdout
