@@ -82,18 +82,18 @@ def test_layers_recomputed_and_fewer_tensors_kept(monkeypatch):
     config = small_config(**CONFIGS["moe-mtp-attention-dropout"])
     runs, plain_layer = [], DecoderLayer._layer
     monkeypatch.setattr(DecoderLayer, "_layer", lambda self, *a, **k: runs.append(1) or plain_layer(self, *a, **k))
-    kept, counts = {}, {}
+    kept, counts, saved = {}, {}, []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
     for on in (False, True):
         torch.manual_seed(0)
         model = Qwen3NextForCausalLM(config)
         model.set_activation_checkpointing(on)
         x = torch.randint(0, config.vocab_size, (2, 64))
-        saved, runs[:] = [], []
-
-        def pack(t):
-            saved.append(t.numel() * t.element_size())
-            return t
-
+        saved[:], runs[:] = [], []
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):  # sees what checkpointing keeps
             out = model(x, targets=x, mtp_weight=0.3)
         forward_runs = len(runs)
