@@ -341,7 +341,8 @@ def _training(**values) -> Hyperparameters:
     --steps for short runs (hyperparameters.resolve)."""
     shared = dict(save_every=250, eval_every=200, eval_batches=16, grad_accum=1, weight_decay=0.1,
                   no_decay_norms=False, beta1=0.9, beta2=0.95, grad_clip=1.0, seed=0, mtp_weight=0.0,
-                  document_masking=False, min_lr=None, dropout=0.0, optimizer="adamw", lead_in=0, ema=0.0)
+                  document_masking=False, min_lr=None, dropout=0.0, optimizer="adamw", lead_in=0, ema=0.0,
+                  activation_checkpointing=False)
     return Hyperparameters(**{**shared, **values})
 
 

@@ -46,6 +46,7 @@ class ResolvedHyperparameters:
     optimizer: str  # a name in settings.OPTIMIZERS
     lead_in: int
     ema: float  # 0 = off
+    activation_checkpointing: bool
 
     @property
     def max_grad_norm(self) -> float:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .cache import AttentionCache, Cache, LinearAttentionCache
 from .config import FULL, LINEAR, Config
@@ -157,7 +158,9 @@ class GatedAttention(nn.Module):
         if cache is not None:
             k, v = cache.append(k, v, cache_start)
         # with a cache and several new tokens, SDPA's is_causal would align the wrong corner
-        is_causal = attn_mask is None and T > 1
+        is_causal = False
+        if attn_mask is None and T > 1:  # a branch: a symbolic T (torch.compile) must not reach SDPA as a SymBool
+            is_causal = True
         if is_causal and k.shape[2] != T:
             attn_mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - T)
             is_causal = False
@@ -325,6 +328,7 @@ class MLP(nn.Module):
 
 class DecoderLayer(nn.Module):
     dropout = 0.0  # on each residual branch while training; set with Qwen3NextForCausalLM.set_dropout
+    checkpointing = False  # recompute the layer in the backward pass (set_activation_checkpointing)
 
     def __init__(self, config: Config, layer_idx: int, layer_type: str | None = None, moe: bool | None = None):
         super().__init__()
@@ -339,17 +343,30 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(self, x, ctx: "_ForwardContext", cache=None):
+        if self.checkpointing and self.training and torch.is_grad_enabled():
+            # keep only x; the backward runs _layer again, with the same RNG state (the same dropout masks)
+            x, router_logits = checkpoint(self._layer, x, ctx, cache, True, use_reentrant=False)
+        else:
+            x, router_logits = self._layer(x, ctx, cache)
+        if router_logits is not None:  # appended here, so that a recomputation does not count them twice
+            ctx.router_logits.append(router_logits)
+        return x
+
+    def _layer(self, x, ctx: "_ForwardContext", cache=None, rerun: bool = False):
+        """-> (output, the MoE router's logits or None). `rerun`: a recomputation will run it again, so a
+        DeltaNet cache (a lead-in's state) is left as it was, each run continuing from a copy of it."""
+        if rerun and isinstance(cache, LinearAttentionCache):  # attention caches rewrite the same keys/values
+            cache = LinearAttentionCache(cache.conv_window.clone(), cache.recurrent_state.clone())
         h = self.input_layernorm(x)
         if self.layer_type == FULL:
             h = self.self_attn(h, ctx.rope, ctx.attn_mask, cache, ctx.cache_start)
         else:
             h = self.linear_attn(h, ctx.pad_mask, cache, ctx.doc_starts)
         x = x + self._drop(h)
-        h = self.mlp(self.post_attention_layernorm(x))
+        h, router_logits = self.mlp(self.post_attention_layernorm(x)), None
         if isinstance(h, tuple):  # MoE returns (output, router_logits)
             h, router_logits = h
-            ctx.router_logits.append(router_logits)
-        return x + self._drop(h)
+        return x + self._drop(h), router_logits
 
     def _drop(self, h: torch.Tensor) -> torch.Tensor:
         return F.dropout(h, self.dropout, training=True) if self.dropout and self.training else h
@@ -481,6 +498,14 @@ class Qwen3NextForCausalLM(nn.Module):
         for m in self.modules():
             if isinstance(m, DecoderLayer):
                 m.dropout = p
+
+    def set_activation_checkpointing(self, on: bool) -> None:
+        """Keep only each decoder layer's input in the forward pass and recompute the layer in the
+        backward (the MTP block's too): less memory for longer windows, the same gradients, ~1/3 more
+        compute. A training setting, like dropout: the maths do not change."""
+        for m in self.modules():
+            if isinstance(m, DecoderLayer):
+                m.checkpointing = on
 
     @property
     def device(self) -> torch.device:

@@ -72,6 +72,7 @@ class Hyperparameters:
     optimizer: str | None = None  # a name in OPTIMIZERS
     lead_in: int | None = None  # tokens read (no gradient) before each training window: its context
     ema: float | None = None  # share of the run over which the averaged weights halve a step (0 = off)
+    activation_checkpointing: bool | None = None  # recompute each decoder layer in the backward (same maths)
 
 
 @dataclass(frozen=True)

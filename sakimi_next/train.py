@@ -364,7 +364,7 @@ def build_run(s: TrainSettings, ddp: Distributed, prepare: Callable[[], object] 
     # a resume keeps its choice
     s = replace(s, compile=use_compile(asked, s.max_minutes, s.hyper.steps, ddp.device, h.lead_in))
 
-    model, kernel, n_params = _build_model(s, start, h.seed, ddp.device, h.dropout)
+    model, kernel, n_params = _build_model(s, start, h.seed, ddp.device, h.dropout, h.activation_checkpointing)
     train_model = wrap_model(model, ddp, s.fsdp, s.compile)
     # the average starts from the weights the checkpoint hands out (with --ema, its average); training
     # goes on from its training weights
@@ -507,7 +507,8 @@ def _hyperparameters(s: TrainSettings, start: Start, data: TrainingData, ddp: Di
     return h
 
 
-def _build_model(s: TrainSettings, start: Start, seed: int, device: torch.device, dropout: float = 0.0):
+def _build_model(s: TrainSettings, start: Start, seed: int, device: torch.device, dropout: float = 0.0,
+                 activation_checkpointing: bool = False):
     """The model on its device with its kernel, from the checkpoint or --init-from when given.
     Returns (model, kernel, number of parameters)."""
     torch.manual_seed(seed)
@@ -517,7 +518,8 @@ def _build_model(s: TrainSettings, start: Start, seed: int, device: torch.device
     if start.resume_path is not None:
         ckpt.load_weights(model, ckpt.load_tensors(start.resume_path / ckpt.MODEL_FILE), start.resume_path)
     model.to(device)
-    model.set_dropout(dropout)  # a training setting, never saved with the model
+    model.set_dropout(dropout)  # training settings, never saved with the model
+    model.set_activation_checkpointing(activation_checkpointing)
     kernel = model.set_kernel(s.kernel, device)
     model.train()
     return model, kernel, model.num_parameters()  # counted before FSDP turns parameters into shards

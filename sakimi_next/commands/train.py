@@ -81,6 +81,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="hand out an average of the weights along the run instead of the last step's (evaluated, "
                         "kept as best and saved as the model): a power-function EMA in which a step weighs half as "
                         "much as one H of the run later; in [0, 1), 0 = off (0; --config auto picks 0.1)")
+    t.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep only each decoder layer's input in the forward pass and recompute the layer in the "
+                        "backward: less memory for longer windows (--seq-len), ~1/3 more compute, the same "
+                        "gradients; a resumed run keeps its choice unless told (off)")
     t.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 under torchrun")
     t.add_argument("--document-masking", action="store_true", default=None,
                    help="packed documents do not see each other: attention, conv and DeltaNet state restart "
@@ -115,7 +119,8 @@ def hyperparameters(args: argparse.Namespace) -> Hyperparameters:
         seed=common.seed(args.seed), mtp_weight=f("--mtp-weight", args.mtp_weight, lo=0),
         document_masking=args.document_masking,
         dropout=f("--dropout", args.dropout, lo=0, hi=1, hi_open=True), optimizer=args.optimizer,
-        lead_in=c("--lead-in", args.lead_in, minimum=0), ema=f("--ema", args.ema, lo=0, hi=1, hi_open=True))
+        lead_in=c("--lead-in", args.lead_in, minimum=0), ema=f("--ema", args.ema, lo=0, hi=1, hi_open=True),
+        activation_checkpointing=args.activation_checkpointing)
 
 
 def settings(args: argparse.Namespace) -> TrainCommandSettings:
