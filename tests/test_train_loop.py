@@ -7,8 +7,6 @@ import json
 import math
 import os
 import re
-from dataclasses import replace
-from datetime import timedelta
 
 import pytest
 import torch
