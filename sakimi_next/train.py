@@ -102,9 +102,9 @@ class TrainingRun:
     def loop(self) -> tuple[int, int]:
         """Train to the last step (or a stop). Returns (step reached, exit code).
 
-        The steps' losses and gradient norms stay on the device, and are read, logged and checked at
-        the steps where the host looks anyway (`host_step`): a non-finite step found there stops the run
-        before anything after it is evaluated or saved. --skip-nonfinite reads each step before its update."""
+        The steps' losses and gradient norms stay on the device until a step that prints, evaluates,
+        saves or stops (`report`): a non-finite step found there stops the run before anything after it
+        is evaluated or saved. --skip-nonfinite reads each step before its update."""
         h, say = self.h, self.console.say
         stop = _StopRequest(agreed=self.ddp.enabled)
         stop.install()
@@ -165,6 +165,8 @@ class TrainingRun:
                 if time_up:
                     say(f"--max-minutes {self.s.max_minutes:g} reached at step {step}")
                     break
+            if pending:  # --skip-nonfinite skipped the last step
+                self.report(pending, bar)
             if exit_code != 1 and last_saved != step:
                 self.save(step, "final")
         finally:
