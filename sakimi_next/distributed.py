@@ -156,10 +156,10 @@ def autocast_for(dtype: str, device: torch.device) -> tuple[str, object]:
 
 
 def allow_tf32(dtype: str, device: torch.device) -> bool:
-    """Training in float32 on CUDA: let float32 matrix products use TensorFloat-32 (10 mantissa bits
-    in the products, float32 sums: Ampere and later, several times faster), as nanoGPT and torchtitan
-    do; torch leaves it off by default. Returns whether it is on (for the run's description)."""
-    if dtype != "fp32" or device.type != "cuda":
+    """Training in float32 on a CUDA GPU that has TensorFloat-32 (Ampere and later): let float32 matrix
+    products use it (10 mantissa bits in the products, float32 sums; several times faster), as nanoGPT
+    and torchtitan do; torch leaves it off by default. Returns whether it is on (for the run's description)."""
+    if dtype != "fp32" or device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 8:
         return False
     torch.set_float32_matmul_precision("high")
     return True

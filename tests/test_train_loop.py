@@ -236,8 +236,11 @@ def test_bf16_is_native_only_on_gpus_that_have_it(monkeypatch):
 def test_tf32_for_float32_training_on_cuda_only(monkeypatch):
     from sakimi_next.distributed import allow_tf32
 
-    calls = []
+    calls, capability = [], [(7, 0)]  # a V100
     monkeypatch.setattr(torch, "set_float32_matmul_precision", calls.append)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[0])
+    assert not allow_tf32("fp32", torch.device("cuda"))  # it has no TF32
+    capability[0] = (9, 0)  # an H100
     assert not allow_tf32("bf16", torch.device("cuda")) and not allow_tf32("fp32", torch.device("cpu"))
     assert calls == []
     assert allow_tf32("fp32", torch.device("cuda")) and calls == ["high"]
