@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from .distributed import reshard_fsdp
-from .model import Qwen3NextForCausalLM
+from .model import Qwen3NextForCausalLM, check_id_range
 
 
 class WindowSampler:
@@ -15,15 +15,18 @@ class WindowSampler:
     numpy's generator seeded with (seed, s, m); rank r takes rows [r*B, (r+1)*B). So the sampler has no
     state besides the step, a resumed run sees the same windows, and N processes with batch B see the
     windows one process with batch N*B would. With `lead_in` L, every window has at least L tokens of
-    text before it (`lead` returns them), so the text's first L tokens are only ever read as lead-in."""
+    text before it (`lead` returns them), so the text's first L tokens are only ever read as lead-in.
+    With `vocab_size`, every batch is checked against the vocabulary here, on the host, so that the model
+    need not read its ids back from the device (`window_loss(..., ids_checked=True)`)."""
 
     def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, rank: int, world: int,
-                 loss_mask: np.ndarray | None = None, lead_in: int = 0):
+                 loss_mask: np.ndarray | None = None, lead_in: int = 0, vocab_size: int | None = None):
         self.tokens, self.seq_len, self.batch_size = tokens, seq_len, batch_size
         self.seed, self.rank, self.world = seed, rank, world
         self.max_start = len(tokens) - seq_len - 1
         self.loss_mask = loss_mask  # chat data: targets where it is 0 become -100 (not in the loss)
         self.lead_in = lead_in
+        self.vocab_size = vocab_size
 
     def starts(self, step: int, micro: int) -> np.ndarray:
         rng = np.random.default_rng([self.seed, step, micro])
@@ -32,7 +35,7 @@ class WindowSampler:
 
     def batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
         starts = self.starts(step, micro)
-        rows = np.stack([self.tokens[s:s + self.seq_len + 1] for s in starts]).astype(np.int64)
+        rows = self._checked(np.stack([self.tokens[s:s + self.seq_len + 1] for s in starts]).astype(np.int64))
         t = torch.from_numpy(rows)
         if self.loss_mask is not None:
             return t[:, :-1], masked_targets(t[:, 1:], [self.loss_mask[s + 1:s + self.seq_len + 1] for s in starts])
@@ -43,19 +46,29 @@ class WindowSampler:
         if not self.lead_in:
             return None
         rows = [self.tokens[s - self.lead_in:s] for s in self.starts(step, micro)]
-        return torch.from_numpy(np.stack(rows).astype(np.int64))
+        return torch.from_numpy(self._checked(np.stack(rows).astype(np.int64)))
+
+    def _checked(self, rows: np.ndarray) -> np.ndarray:
+        if self.vocab_size is not None and rows.size:
+            check_id_range(int(rows.min()), int(rows.max()), self.vocab_size)
+        return rows
 
 
-def window_loss(train_model, model, x, y, lead, mtp_weight: float, autocast, eot_id: int | None):
+def window_loss(train_model, model, x, y, lead, mtp_weight: float, autocast, eot_id: int | None,
+                ids_checked: bool = False):
     """One training micro-batch's forward pass (the backward is the caller's): with its lead-in read
-    first when there is one, else with packed documents masked when `eot_id` is given."""
-    cache = read_lead_in(train_model, model, lead.to(x.device), autocast, x.shape[1]) if lead is not None else None
+    first when there is one, else with packed documents masked when `eot_id` is given. `ids_checked`:
+    the sampler checked x and lead against the vocabulary on the host; the model does not read them back."""
+    check = not ids_checked
+    cache = (read_lead_in(train_model, model, lead.to(x.device), autocast, x.shape[1], check)
+             if lead is not None else None)
     starts = document_starts(x, eot_id) if eot_id is not None else None
     with autocast:
-        return train_model(x, y, mtp_weight=mtp_weight, doc_starts=starts, cache=cache)
+        return train_model(x, y, mtp_weight=mtp_weight, doc_starts=starts, cache=cache, check_ids=check)
 
 
-def read_lead_in(train_model, model: Qwen3NextForCausalLM, lead: torch.Tensor, autocast, room: int):
+def read_lead_in(train_model, model: Qwen3NextForCausalLM, lead: torch.Tensor, autocast, room: int,
+                 check_ids: bool = True):
     """The decoding state after reading `lead` [B, L] in evaluation mode without gradient: the DeltaNet
     states and attention keys and values a training window then continues from (the window's gradient
     stops there, as in Transformer-XL), with `room` for the window's positions."""
@@ -66,7 +79,7 @@ def read_lead_in(train_model, model: Qwen3NextForCausalLM, lead: torch.Tensor, a
     was_training = model.training
     model.eval()
     with torch.no_grad(), autocast:
-        train_model(lead, cache=cache)
+        train_model(lead, cache=cache, check_ids=check_ids)
     model.train(was_training)
     reshard_fsdp(model)
     return cache

@@ -84,6 +84,20 @@ def plain_module(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
+def clip_gradients(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+    """Scale the gradients down to a total norm of at most `max_norm` (torch's clip_grad_norm_) and return
+    their norm before clipping, on the device (reading it would wait for the backward pass). Under FSDP2
+    the norm of sharded gradients is a DTensor holding this process's part: its full value (summed over
+    the processes, as torchtitan does) is what every process clips with and reports, so that all of
+    them agree about a non-finite step."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if hasattr(norm, "full_tensor"):  # a DTensor
+        norm = norm.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
+
+
 def reshard_fsdp(model) -> None:
     """FSDP2 keeps the root's parameters gathered after a forward without backward; shard them again,
     or the optimiser and the checkpoint would see other parameter objects."""
@@ -123,11 +137,11 @@ def compile_layers(model: torch.nn.Module) -> None:
 
 # -------------------------------------------------------------------------------------- precision
 def native_bf16(device: torch.device) -> bool:
-    """Whether the device multiplies bf16 in hardware: CUDA, or a CPU with AVX512-BF16 or AMX, where
-    bf16 autocast trains ~1.5x faster than fp32 (README "Quality in a fixed time"). Elsewhere bf16 is
-    emulated and slower."""
+    """Whether the device multiplies bf16 in hardware: a CUDA GPU from Ampere on (T4 and V100 only
+    emulate it), or a CPU with AVX512-BF16 or AMX, where bf16 autocast trains ~1.5x faster than fp32
+    (README "Quality in a fixed time"). Elsewhere bf16 is emulated and slower."""
     if device.type == "cuda":
-        return True
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu":
         checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None),
                   getattr(torch.cpu, "_is_amx_tile_supported", None))
@@ -139,3 +153,13 @@ def autocast_for(dtype: str, device: torch.device) -> tuple[str, object]:
     """(the dtype --dtype means on `device`: "auto" resolved, the context to compute in)."""
     dtype = dtype if dtype != "auto" else ("bf16" if native_bf16(device) else "fp32")
     return dtype, (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext())
+
+
+def allow_tf32(dtype: str, device: torch.device) -> bool:
+    """Training in float32 on a CUDA GPU that has TensorFloat-32 (Ampere and later): let float32 matrix
+    products use it (10 mantissa bits in the products, float32 sums; several times faster), as nanoGPT
+    and torchtitan do; torch leaves it off by default. Returns whether it is on (for the run's description)."""
+    if dtype != "fp32" or device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 8:
+        return False
+    torch.set_float32_matmul_precision("high")
+    return True

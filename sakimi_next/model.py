@@ -550,6 +550,7 @@ class Qwen3NextForCausalLM(nn.Module):
         mtp_weight: float = 0.0,
         labels: torch.Tensor | None = None,
         doc_starts: torch.Tensor | None = None,
+        check_ids: bool = True,
     ) -> CausalLMOutput:
         """input_ids [B, T] -> logits [B, T, V].
 
@@ -561,12 +562,15 @@ class Qwen3NextForCausalLM(nn.Module):
         labels [B, T]: transformers' convention instead of targets: position t predicts labels[t+1].
         doc_starts [B, T] bool: several documents packed in one row; where one starts, attention, the
         conv and the DeltaNet state do not reach back into the previous one (no cache, no padding).
+        check_ids: check that input_ids are in the vocabulary (reading them waits for the device); False
+        when the caller checked them on the host already (training: `batches.WindowSampler`).
         """
         if labels is not None:
             if targets is not None:
                 raise ValueError("give targets (already shifted) or labels (shifted here), not both")
             targets = F.pad(labels[:, 1:], (0, 1), value=-100)
-        self._check_ids(input_ids)
+        if check_ids:
+            self._check_ids(input_ids)
         x = self.model.embed_tokens(input_ids)
         if self.dropout and self.training:
             x = F.dropout(x, self.dropout, training=True)
@@ -694,10 +698,14 @@ class Qwen3NextForCausalLM(nn.Module):
     def _check_ids(self, input_ids: torch.Tensor) -> None:
         if torch.compiler.is_compiling() or input_ids.numel() == 0:
             return
-        lo, hi = int(input_ids.min()), int(input_ids.max())
-        if lo < 0 or hi >= self.config.vocab_size:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"token id {bad} is outside the vocabulary (0..{self.config.vocab_size - 1})")
+        check_id_range(int(input_ids.min()), int(input_ids.max()), self.config.vocab_size)
+
+
+def check_id_range(lo: int, hi: int, vocab_size: int) -> None:
+    """Token ids from `lo` to `hi` must be in the vocabulary."""
+    if lo < 0 or hi >= vocab_size:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"token id {bad} is outside the vocabulary (0..{vocab_size - 1})")
 
 
 def _cached_mask(cache: Cache, key_mask: torch.Tensor | None, T: int) -> torch.Tensor | None:

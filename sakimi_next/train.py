@@ -34,17 +34,19 @@ from . import pretrained
 from .average import WeightAverage
 from .batches import WindowSampler, window_loss
 from .config import CUSTOM, Config, fmt_count, preset
-from .distributed import (Distributed, autocast_for, setup_distributed, teardown_distributed, use_compile,
-                          wrap_model)
+from .distributed import (Distributed, allow_tf32, autocast_for, clip_gradients, setup_distributed,
+                          teardown_distributed, use_compile, wrap_model)
 from .evaluate import bytes_per_token, validate
 from .hyperparameters import ResolvedHyperparameters, resolve_hyperparameters, validate_hyperparameters
 from .metrics import MetricsLog, save_loss_curve
 from .model import Qwen3NextForCausalLM
 from .optim import build_optimizer, lr_at
 from .settings import OPTIMIZERS, TrainSettings
+from .step_values import PendingStep, read_steps
 from .tokenizer import Tokenizer, check_same_tokenizer
 from .util import UserError
 
+AGREE_EVERY = 10  # steps: how often the processes of a torchrun agree on --max-minutes and signals
 
 # ------------------------------------------------------------------------------------- entry point
 def run_training(s: TrainSettings, prepare: Callable[[], object] | None = None) -> int:
@@ -102,33 +104,34 @@ class TrainingRun:
                                   self.start_step if self.start.state else None, tensorboard)
 
     def loop(self) -> tuple[int, int]:
-        """Train to the last step (or a stop). Returns (step reached, exit code)."""
+        """Train to the last step (or a stop). Returns (step reached, exit code).
+
+        The steps' losses and gradient norms stay on the device until a step that prints, evaluates,
+        saves or stops (`report`): a non-finite step found there stops the run before anything after it
+        is evaluated or saved. --skip-nonfinite reads each step before its update."""
         h, say = self.h, self.console.say
-        stop = _StopRequest()
+        stop = _StopRequest(agreed=self.ddp.enabled)
         stop.install()
         self.t_start = time.perf_counter()
         bar = tqdm(total=h.steps, initial=self.start_step, disable=not self.ddp.is_main, unit="step",
                    dynamic_ncols=True, file=sys.stderr)
         step, exit_code, last_saved = self.start_step, 0, self.start_step if self.start.state else None
         self.window_t, self.window_tokens = time.perf_counter(), 0
+        pending: list[PendingStep] = []  # issued, not read yet
         try:
             while step < h.steps:
                 lr = lr_at(step, h.learning_rate, h.min_lr, h.warmup_steps, h.steps)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
-                losses = self.forward_backward(step)
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), h.max_grad_norm))
-                if not (losses.finite and math.isfinite(grad_norm)):
-                    self.optimizer.zero_grad(set_to_none=True)
-                    what = f"loss {losses.loss}" if not losses.finite else f"gradient norm {grad_norm}"
-                    if self.s.skip_nonfinite:
-                        say(f"step {step}: non-finite {what}; step skipped (--skip-nonfinite)")
+                done = PendingStep(step, lr, *self.forward_backward(step))
+                if self.s.skip_nonfinite:  # whether to update is the host's decision: read the step now
+                    [values] = read_steps([done], self.ddp)
+                    if not values.finite:
+                        self.optimizer.zero_grad(set_to_none=True)
+                        say(f"step {step}: non-finite {values.what}; step skipped (--skip-nonfinite)")
                         step += 1
                         bar.update(1)
                         continue
-                    self.stop_nonfinite(step, what)
-                    exit_code = 1
-                    break
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 step += 1
@@ -136,11 +139,21 @@ class TrainingRun:
                     self.average.update(step)
                 self.tokens_seen += self.tokens_per_step
                 self.window_tokens += self.tokens_per_step
+                done.tokens_seen = self.tokens_seen
+                done.elapsed_s = self.elapsed_before + time.perf_counter() - self.t_start
+                pending.append(done)
                 bar.update(1)
-                self.report_step(step, lr, losses, grad_norm, bar)
 
-                time_up = self.time_up(stop)
-                if step % h.eval_every == 0 or step == h.steps or time_up:  # a run cut short is still measured
+                time_up = self.time_up(stop, step)
+                evaluate = step % h.eval_every == 0 or step == h.steps or time_up  # a run cut short is still measured
+                if evaluate or step % h.save_every == 0 or stop.signal is not None or step % self.s.print_every == 0:
+                    bad = self.report(pending, bar)
+                    pending = []
+                    if bad is not None:
+                        self.stop_nonfinite(bad.index, bad.values.what)
+                        exit_code = 1
+                        break
+                if evaluate:
                     saved, early_stop = self.evaluate(step)
                     last_saved = step if saved else last_saved
                     if early_stop:
@@ -156,6 +169,8 @@ class TrainingRun:
                 if time_up:
                     say(f"--max-minutes {self.s.max_minutes:g} reached at step {step}")
                     break
+            if pending:  # --skip-nonfinite skipped the last step
+                self.report(pending, bar)
             if exit_code != 1 and last_saved != step:
                 self.save(step, "final")
         finally:
@@ -164,52 +179,58 @@ class TrainingRun:
         return step, exit_code
 
     # --- one optimizer step
-    def forward_backward(self, step: int) -> StepLosses:
-        """The micro-batches of `step`: forward, backward, and their mean losses (all ranks)."""
+    def forward_backward(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The micro-batches of `step`: forward, backward, the gradients clipped. Returns, on the device,
+        ([micro-batches, 3]: each one's loss, MTP loss and auxiliary loss (0 where the model has none),
+        the gradient norm before clipping)."""
         h, ddp, device = self.h, self.ddp, self.ddp.device
-        out_losses = StepLosses()
+        losses = []
         for micro in range(h.grad_accum):
-            x, y = self.sampler.batch(step, micro)
+            x, y = self.sampler.batch(step, micro)  # checked against the vocabulary here, on the host
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             sync = nullcontext()
             if ddp.enabled and not self.s.fsdp and micro < h.grad_accum - 1:
                 sync = self.train_model.no_sync()
             with sync:
                 out = window_loss(self.train_model, self.model, x, y, self.sampler.lead(step, micro), h.mtp_weight,
-                                  self.autocast, self.eot_id)
+                                  self.autocast, self.eot_id, ids_checked=True)
                 (out.loss / h.grad_accum).backward()  # outside autocast, as torch recommends
-            value = out.loss.item()
-            out_losses.finite = out_losses.finite and math.isfinite(value)
-            out_losses.loss += value / h.grad_accum
-            if out.mtp_loss is not None:
-                out_losses.mtp += out.mtp_loss.item() / h.grad_accum
-            if out.aux_loss is not None:
-                out_losses.aux += out.aux_loss.item() / h.grad_accum
-        if ddp.enabled:
-            t = torch.tensor([out_losses.loss, float(not out_losses.finite)], device=device)
-            dist.all_reduce(t)
-            out_losses.loss, out_losses.finite = t[0].item() / ddp.world_size, t[1].item() == 0
-        return out_losses
+            zero = out.loss.new_zeros(())
+            losses.append(torch.stack([v.detach().float() if v is not None else zero
+                                       for v in (out.loss, out.mtp_loss, out.aux_loss)]))
+        return torch.stack(losses), clip_gradients(self.model, h.max_grad_norm)
 
-    def report_step(self, step: int, lr: float, losses: StepLosses, grad_norm: float, bar) -> None:
+    def report(self, pending: list[PendingStep], bar) -> PendingStep | None:
+        """Read the steps issued since the last report (one wait for the device), log them, and at
+        --print-every say the last; tokens/s is measured over the print interval. Returns the first
+        non-finite step (it and those after it are not logged), or None."""
+        values = read_steps(pending, self.ddp)
+        bad = next((p for p, v in zip(pending, values) if not v.finite), None)
         now = time.perf_counter()
-        tok_s = self.window_tokens / max(now - self.window_t, 1e-9)
-        record = {"step": step, "loss": losses.loss, "lr": lr, "grad_norm": grad_norm, "tokens": self.tokens_seen,
-                  "tokens_per_s": round(tok_s, 1), "elapsed_s": round(self.elapsed_before + now - self.t_start, 2)}
+        tok_s = round(self.window_tokens / max(now - self.window_t, 1e-9), 1)
         mtp_weight, is_moe = self.h.mtp_weight, self.start.config.is_moe
-        if mtp_weight:
-            record["mtp_loss"] = losses.mtp
-        if is_moe:
-            record["aux_loss"] = losses.aux
-        self.metrics.add(record)
-        bar.set_postfix(loss=f"{losses.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", refresh=False)
+        for p, v in zip(pending, values):
+            if p is bad:
+                return bad
+            record = {"step": p.index + 1, "loss": v.loss, "lr": p.lr, "grad_norm": v.grad_norm,
+                      "tokens": p.tokens_seen, "tokens_per_s": tok_s, "elapsed_s": round(p.elapsed_s, 2)}
+            if mtp_weight:
+                record["mtp_loss"] = v.mtp
+            if is_moe:
+                record["aux_loss"] = v.aux
+            self.metrics.add(record)
+        if not pending:
+            return None
+        step, last, v = pending[-1].index + 1, pending[-1], values[-1]
+        bar.set_postfix(loss=f"{v.loss:.4f}", lr=f"{last.lr:.2e}", tok_s=f"{tok_s:,.0f}", refresh=False)
         if step % self.s.print_every == 0 or step == self.h.steps:
-            extra = f" mtp {losses.mtp:.4f}" if mtp_weight else ""
-            extra += f" aux {losses.aux:.4f}" if is_moe else ""
-            self.console.say(f"step {step:>6}/{self.h.steps}  loss {losses.loss:.4f}{extra}  lr {lr:.2e}  "
-                             f"grad {grad_norm:.2f}  {tok_s:,.0f} tok/s")
+            extra = f" mtp {v.mtp:.4f}" if mtp_weight else ""
+            extra += f" aux {v.aux:.4f}" if is_moe else ""
+            self.console.say(f"step {step:>6}/{self.h.steps}  loss {v.loss:.4f}{extra}  lr {last.lr:.2e}  "
+                             f"grad {v.grad_norm:.2f}  {tok_s:,.0f} tok/s")
             self.window_t, self.window_tokens = now, 0
             self.metrics.flush()
+        return None
 
     def stop_nonfinite(self, step: int, what: str) -> None:
         prev = ckpt.find_latest(self.out_dir) if self.ddp.is_main else None
@@ -217,15 +238,17 @@ class TrainingRun:
                          f"{prev or 'none (nothing saved yet)'}. Lower --learning-rate, or --skip-nonfinite.",
                          file=sys.stderr)
 
-    def time_up(self, stop: _StopRequest) -> bool:
+    def time_up(self, stop: _StopRequest, step: int) -> bool:
         """--max-minutes reached; under torchrun every rank takes the same decision (and signal), or the
-        others would wait forever."""
+        others would wait forever: they agree every AGREE_EVERY steps (and at the last), not at each."""
         # a budgeted run follows its plan (so that a resumed run is the uninterrupted one); without a plan,
         # --max-minutes cuts the run short
         time_up = bool(self.s.max_minutes and self.plan is None
                        and (time.perf_counter() - self.t_start) / 60 >= self.s.max_minutes)
         if self.ddp.enabled:
-            flags = torch.tensor([stop.signal or 0, int(time_up)], device=self.ddp.device)
+            if step % AGREE_EVERY and step != self.h.steps:
+                return False
+            flags = torch.tensor([stop.received or 0, int(time_up)], device=self.ddp.device)
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
             stop.signal, time_up = (int(flags[0]) or None), bool(flags[1])
         return time_up
@@ -320,19 +343,14 @@ class TrainingRun:
                              f"loss curve {self.out_dir / 'loss_curve.png'}")
 
 
-@dataclass
-class StepLosses:
-    loss: float = 0.0
-    mtp: float = 0.0
-    aux: float = 0.0
-    finite: bool = True
-
-
 class _StopRequest:
-    """SIGINT/SIGTERM set a flag the loop checks after each step; a second SIGINT stops at once."""
+    """SIGINT/SIGTERM set a flag the loop checks after each step; a second SIGINT stops at once. With
+    `agreed` (torchrun), the loop acts on a signal once all processes know of it (`time_up`)."""
 
-    def __init__(self):
-        self.signal: int | None = None
+    def __init__(self, agreed: bool = False):
+        self.received: int | None = None  # by this process
+        self.signal: int | None = None  # the one the loop acts on
+        self.agreed = agreed
         self._old = {}
 
     def install(self):
@@ -344,9 +362,11 @@ class _StopRequest:
             signal.signal(s, h)
 
     def _handle(self, signum, frame):
-        if self.signal is not None and signum == signal.SIGINT:
+        if self.received is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.signal = signum
+        self.received = signum
+        if not self.agreed:
+            self.signal = signum
 
 
 # --------------------------------------------------------------------------------- building the run
@@ -371,8 +391,10 @@ def build_run(s: TrainSettings, ddp: Distributed, prepare: Callable[[], object] 
     average = WeightAverage(model, h.ema) if h.ema else None
     optimizer = _optimizer(model, h, s, start)
     dtype, autocast = autocast_for(s.dtype, ddp.device)
+    if allow_tf32(dtype, ddp.device):
+        dtype += " (TF32 matmuls)"
     sampler = WindowSampler(data.train, h.seq_len, h.batch_size, h.seed, ddp.rank, ddp.world_size,
-                            data.train_mask, h.lead_in)
+                            data.train_mask, h.lead_in, start.config.vocab_size)
     # with --max-minutes and no --steps, the measured speed fixes steps, warm-up and evaluation interval
     cap = auto.max_steps(len(data.train), h.tokens_per_step(ddp.world_size)) if start.preset == auto.NAME else None
     plan = _budget_plan(s, h, start.state, (model, train_model, optimizer), sampler, data, autocast, ddp,
@@ -562,9 +584,10 @@ def _budget_plan(s: TrainSettings, h: ResolvedHyperparameters, state: dict | Non
     def train_step():
         for micro in range(h.grad_accum):
             x, y = (t.to(device) for t in sampler.batch(0, micro))
-            loss = window_loss(train_model, model, x, y, sampler.lead(0, micro), h.mtp_weight, autocast, eot).loss
+            loss = window_loss(train_model, model, x, y, sampler.lead(0, micro), h.mtp_weight, autocast, eot,
+                               ids_checked=True).loss
             (loss / h.grad_accum).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), h.max_grad_norm)
+        clip_gradients(model, h.max_grad_norm)
         optimizer.step()  # timed too: Muon's orthogonalisation is a fair share of a step on a CPU
         optimizer.zero_grad(set_to_none=True)
 

@@ -198,6 +198,9 @@ def test_two_processes_equal_one(data_dir, tmp_path, strategy):
     assert one.keys() == two.keys()
     for s in one:
         assert abs(one[s] - two[s]) <= 1e-4 * abs(one[s]), (s, one[s], two[s])
+    norms = [[json.loads(x)["grad_norm"] for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()
+              if "grad_norm" in x] for d in ("one", "two")]  # FSDP2: the whole norm, not one shard's
+    assert all(abs(a - b) <= 1e-4 * a for a, b in zip(*norms)), norms
     val = [json.loads(x)["val_loss"] for d in ("one", "two")
            for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines() if "val_loss" in x]
     assert abs(val[0] - val[1]) <= 1e-4 * val[0]

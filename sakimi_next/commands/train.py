@@ -58,12 +58,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--keep-last", type=int, default=3, help="periodic checkpoints to keep (0 = all)")
     t.add_argument("--eval-every", type=int, default=None, help="validate every N steps (200)")
     t.add_argument("--eval-batches", type=int, default=None, help="validation batches per evaluation (16)")
-    t.add_argument("--print-every", type=int, default=10, help="log a line every N steps")
+    t.add_argument("--print-every", type=int, default=10,
+                   help="log a line every N steps; the steps' losses are read from the device then, not at each")
     t.add_argument("--early-stop-patience", type=int, default=0,
                    help="stop after N evaluations without improvement (0 = never)")
     t.add_argument("--early-stop-min-delta", type=float, default=0.0, help="smallest improvement that counts")
     t.add_argument("--skip-nonfinite", action="store_true",
-                   help="skip a step with a non-finite loss instead of stopping")
+                   help="skip a step with a non-finite loss instead of stopping (reads each step's loss "
+                   "before its update: a GPU waits once a step)")
     t.add_argument("--max-minutes", type=float, default=None,
                    help="a time budget: without --steps the run measures its speed and plans steps, warm-up, decay "
                         "and evaluations to end in M minutes; with --steps it stops (and saves) after M minutes")
