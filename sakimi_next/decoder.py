@@ -29,8 +29,10 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -303,12 +305,23 @@ def compile_twin(spec: dict) -> None:
     from .config import Config
     from .quantize import quantize_int8
 
+    _end_with_parent(spec["parent"])
     torch.set_num_threads(spec["threads"])
     model = Qwen3NextForCausalLM(Config(**spec["config"]))
     if spec["int8"]:
         quantize_int8(model)
     model.to(getattr(torch, spec["dtype"])).eval()
     compile_program(model, spec["batch_size"], spec["tokens_per_step"], Path(spec["path"]))
+
+
+def _end_with_parent(parent: int) -> None:
+    """A compile outlives nobody: once the process that asked for it is gone (a server stopped or
+    killed), end this process group (this process and the compiler it runs)."""
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os.killpg(os.getpgid(0), signal.SIGKILL)
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def _start_twin_compile(spec: dict) -> subprocess.Popen:
@@ -320,8 +333,8 @@ def _start_twin_compile(spec: dict) -> subprocess.Popen:
     log = Path(spec["path"]).with_suffix(".log")  # what went wrong, if anything
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as err:
-        return subprocess.Popen([sys.executable, "-c", code, json.dumps(spec)], env=env, stdout=subprocess.DEVNULL,
-                                stderr=err)
+        return subprocess.Popen([sys.executable, "-c", code, json.dumps({**spec, "parent": os.getpid()})], env=env,
+                                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
 
 
 class CompiledDecoder:

@@ -5,7 +5,10 @@ argument), another checkpoint of the same shape (the weights are arguments), and
 compiled in the background (one program whatever the routing)."""
 
 import contextlib
+import json
 import shutil
+import subprocess
+import sys
 import time
 
 import pytest
@@ -18,6 +21,7 @@ from sakimi_next.moe import SparseMoeBlock
 from sakimi_next.quantize import quantize_int8
 
 from .helpers import small_config, train_briefly
+from .serve_support import running
 
 needs_compiler = pytest.mark.skipif(not shutil.which("g++"), reason="AOTInductor on a CPU needs a C++ compiler")
 MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32)
@@ -237,3 +241,25 @@ def compare_steps_one_row(model, decode, steps: int = 12) -> None:
         eager, other = decode_one_token(model, token, caches[0]), decode(model, token, caches[1])
         torch.testing.assert_close(other, eager, rtol=0.05, atol=0.05 * float(eager.abs().max()))
         token = eager.argmax(-1)
+
+
+def test_a_background_compile_ends_with_the_process_that_asked_for_it(tmp_path):
+    """A server killed mid-compile leaves no compiler behind (it would hold the cores for minutes)."""
+    code = ("import sys, time; from pathlib import Path; from sakimi_next.config import Config; "
+            "from sakimi_next.model import Qwen3NextForCausalLM; from sakimi_next.decoder import CompiledDecoder; "
+            "d = CompiledDecoder(Qwen3NextForCausalLM(Config(**__import__('json').loads(sys.argv[1]))), "
+            "directory=Path(sys.argv[2]), background=True); d.ready(1); "
+            "print(next(iter(d.compiling.values())).pid, flush=True); time.sleep(600)")
+    config = json.dumps(small_config().to_dict())
+    parent = subprocess.Popen([sys.executable, "-c", code, config, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        compiler = int(parent.stdout.readline())
+        assert running(compiler)
+    finally:
+        parent.kill()
+        parent.wait()
+    for _ in range(100):  # bounded: the compile's watchdog looks once a second
+        if not running(compiler):
+            break
+        time.sleep(0.2)
+    assert not running(compiler)

@@ -134,7 +134,8 @@ def serve(checkpoint, *flags: str) -> tuple[subprocess.Popen, str]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "sakimi_next", "--mode", "serve", "--resume-from", str(checkpoint),
-                             "--port", str(port), "--model-name", MODEL, "--threads", "1", "--device", "cpu", *flags],
+                             "--port", str(port), "--model-name", MODEL, "--threads", "1", "--device", "cpu",
+                             "--no-compile", *flags],
                             cwd=ROOT, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     for _ in range(1200):  # bounded: loading the model
