@@ -78,7 +78,7 @@ class TrainingRun:
     average: WeightAverage | None  # --ema
     sampler: WindowSampler
     autocast: object
-    plan: budget.Plan | None  # the time budget's schedule, kept in every checkpoint
+    pacer: budget.Pacer | None  # a time budget's plan and clock, kept in every checkpoint
     metrics: MetricsLog = field(init=False)
 
     def __post_init__(self):
@@ -109,7 +109,7 @@ class TrainingRun:
         self.window_t, self.window_tokens = time.perf_counter(), 0
         try:
             while step < h.steps:
-                lr = lr_at(step, h.learning_rate, h.min_lr, h.warmup_steps, h.steps)
+                lr = self.learning_rate(step)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 losses = self.forward_backward(step)
@@ -136,6 +136,8 @@ class TrainingRun:
                 self.report_step(step, lr, losses, grad_norm, bar)
 
                 time_up = self.time_up(stop)
+                if self.pacer is not None and self.pacer.due(step):
+                    h = self.replan(step, bar)  # before this step's evaluation and save: they keep it
                 if step % h.eval_every == 0 or step == h.steps or time_up:  # a run cut short is still measured
                     saved, early_stop = self.evaluate(step)
                     last_saved = step if saved else last_saved
@@ -206,6 +208,21 @@ class TrainingRun:
                              f"grad {grad_norm:.2f}  {tok_s:,.0f} tok/s")
             self.window_t, self.window_tokens = now, 0
 
+    def learning_rate(self, step: int) -> float:
+        h, plan = self.h, self.pacer.plan if self.pacer is not None else None
+        anchor = (plan.anchor_step, plan.anchor_progress) if plan is not None else (None, 0.0)
+        return lr_at(step, h.learning_rate, h.min_lr, h.warmup_steps, h.steps, *anchor)
+
+    def replan(self, step: int, bar) -> ResolvedHyperparameters:
+        """The time budget re-planned at `step` from the speed measured since the last re-plan (budget.py)."""
+        before, plan = self.h.steps, self.pacer.replan(step, self.ddp)
+        if plan.steps != before:
+            self.h = replace(self.h, steps=plan.steps)
+            bar.total = plan.steps
+            self.console.say(f"budget: {plan.step_s:.2f} s a step and {plan.eval_s:.1f} s an evaluation at step "
+                             f"{step}: the run ends at step {plan.steps:,} (was {before:,})")
+        return self.h
+
     def stop_nonfinite(self, step: int, what: str) -> None:
         prev = ckpt.find_latest(self.out_dir) if self.ddp.is_main else None
         self.console.log(f"error: non-finite {what} at step {step}; stopping. The last good checkpoint is "
@@ -215,9 +232,9 @@ class TrainingRun:
     def time_up(self, stop: _StopRequest) -> bool:
         """--max-minutes reached; under torchrun every rank takes the same decision (and signal), or the
         others would wait forever."""
-        # a budgeted run follows its plan (so that a resumed run is the uninterrupted one); without a plan,
-        # --max-minutes cuts the run short
-        time_up = bool(self.s.max_minutes and self.plan is None
+        # a budgeted run follows its plan (re-planned as it goes, budget.Pacer); without a plan, --max-minutes
+        # cuts the run short
+        time_up = bool(self.s.max_minutes and self.pacer is None
                        and (time.perf_counter() - self.t_start) / 60 >= self.s.max_minutes)
         if self.ddp.enabled:
             flags = torch.tensor([stop.signal or 0, int(time_up)], device=self.ddp.device)
@@ -228,6 +245,10 @@ class TrainingRun:
     # --- evaluation
     def evaluate(self, step: int) -> tuple[bool, bool]:
         """Validate, keep the best checkpoint. Returns (saved a checkpoint, stop early)."""
+        with self.pacer.overhead(evaluation=True) if self.pacer is not None else nullcontext():
+            return self._evaluate(step)
+
+    def _evaluate(self, step: int) -> tuple[bool, bool]:
         h, data = self.h, self.data
         with self.average.applied() if self.average is not None else nullcontext():  # the model a checkpoint holds
             ev = validate(self.train_model, data.val, h.seq_len, h.batch_size, h.eval_batches, self.ddp.device,
@@ -258,6 +279,10 @@ class TrainingRun:
     # --- saving
     def save(self, step: int, reason: str) -> Path | None:
         """Rank 0 writes; a failure (full disk, ...) keeps the previous checkpoints and training goes on."""
+        with self.pacer.overhead(evaluation=False) if self.pacer is not None else nullcontext():
+            return self._save(step, reason)
+
+    def _save(self, step: int, reason: str) -> Path | None:
         path = None
         ddp = self.ddp
         gathered = self.gather() if self.s.fsdp or ddp.is_main else None  # FSDP: all ranks
@@ -286,13 +311,15 @@ class TrainingRun:
 
     def trainer_state(self, step: int) -> dict:
         h = self.h
+        elapsed, plan = (self.pacer.state() if self.pacer is not None
+                         else (self.elapsed_before + (time.perf_counter() - self.t_start), None))
         return {"preset": self.start.preset, "tokens_seen": self.tokens_seen, "best_val_loss": self.best["loss"],
                 "best_step": self.best["step"], "evals_without_improvement": self.stale_evals,
-                "elapsed_s": self.elapsed_before + (time.perf_counter() - self.t_start),
+                "elapsed_s": elapsed,
                 "sampler": {"kind": "WindowSampler", "seed": h.seed, "next_step": step},
                 "scheduler": {"kind": "warmup_cosine", "learning_rate": h.learning_rate, "min_lr": h.min_lr,
                               "warmup_steps": h.warmup_steps, "steps": h.steps},
-                "budget": self.plan.to_dict() if self.plan else None,
+                "budget": plan,
                 "args": self.record, "tokenizer_sha256": self.data.tokenizer.sha256,
                 "data_dir": str(self.data.directory), "world_size": self.ddp.world_size,
                 "tokens_per_step": self.tokens_per_step}
@@ -350,7 +377,7 @@ def build_run(s: TrainSettings, ddp: Distributed, prepare: Callable[[], object] 
     # a resume keeps its choice
     s = replace(s, compile=use_compile(asked, s.max_minutes, s.hyper.steps, ddp.device, h.lead_in))
 
-    model, kernel, n_params = _build_model(s, start, h.seed, ddp.device, h.dropout)
+    model, kernel, n_params = _build_model(s, start, h.seed, ddp, h.dropout)
     train_model = wrap_model(model, ddp, s.fsdp, s.compile)
     # the average starts from the weights the checkpoint hands out (with --ema, its average); training
     # goes on from its training weights
@@ -363,15 +390,31 @@ def build_run(s: TrainSettings, ddp: Distributed, prepare: Callable[[], object] 
     cap = auto.max_steps(len(data.train), h.tokens_per_step(ddp.world_size)) if start.preset == auto.NAME else None
     plan = _budget_plan(s, h, start.state, (model, train_model, optimizer), sampler, data, autocast, ddp,
                         t_launch, console.log, cap)
+    pacer = None
     if plan is not None:
         h = replace(h, steps=plan.steps, warmup_steps=plan.warmup_steps, eval_every=plan.eval_every)
+        state = start.state or {}
+        pacer = budget.Pacer(plan, t_launch, state.get("elapsed_s", 0.0), (state.get("budget") or {}).get("pace"),
+                             state.get("step", 0))
+        if start.preset == auto.NAME and start.state is None:  # the passes the measured speed allows
+            chosen = auto.measured_choices(len(data.train), plan.steps * h.tokens_per_step(ddp.world_size))
+            chosen = {k: v for k, v in chosen.items() if getattr(s.hyper, k) is None and getattr(h, k) != v}
+            if chosen:
+                h = replace(h, **chosen)
+                model.set_dropout(h.dropout, (ddp.rank, ddp.world_size))
+                optimizer = _optimizer(model, h, s, start)  # fresh: the measurement's steps left no state
+    if start.preset == auto.NAME and start.state is None:
+        console.log(f"--config auto: {auto.TRUNK}'s trunk with vocab {start.config.vocab_size:,}; batch "
+                    f"{h.batch_size} x {h.seq_len}, lr {h.learning_rate:g}, dropout {h.dropout:g}, weight decay "
+                    f"{h.weight_decay:g}, optimizer {h.optimizer}, lead-in {h.lead_in}, ema {h.ema:g} (see the "
+                    "README's rule)")
     _describe(s, h, ddp, start, data, n_params, kernel, dtype, console.log)
     if ddp.is_main:
         start.out_dir.mkdir(parents=True, exist_ok=True)
         if not os.access(start.out_dir, os.W_OK):
             raise UserError(f"output directory {start.out_dir} is not writable")
     return TrainingRun(s, h, ddp, console, start, data, model, train_model, optimizer, average, sampler, autocast,
-                       plan)
+                       pacer)
 
 
 @dataclass
@@ -485,17 +528,14 @@ def _hyperparameters(s: TrainSettings, start: Start, data: TrainingData, ddp: Di
         hyper = replace(hyper, document_masking=True)
     resumed = (start.state or {}).get("args", {}) if start.state else None
     h = resolve_hyperparameters(hyper, resumed, start.preset, len(data.train), s.max_minutes, ddp.device.type, s.fsdp)
-    if start.preset == auto.NAME and start.state is None:
-        console.log(f"--config auto: {auto.TRUNK}'s trunk with vocab {start.config.vocab_size:,}; batch {h.batch_size} "
-                    f"x {h.seq_len}, lr {h.learning_rate:g}, dropout {h.dropout:g}, weight decay {h.weight_decay:g}, "
-                    f"optimizer {h.optimizer}, lead-in {h.lead_in}, ema {h.ema:g} (see the README's rule)")
     validate_hyperparameters(h, start.config, len(data.train))
     return h
 
 
-def _build_model(s: TrainSettings, start: Start, seed: int, device: torch.device, dropout: float = 0.0):
+def _build_model(s: TrainSettings, start: Start, seed: int, ddp: Distributed, dropout: float = 0.0):
     """The model on its device with its kernel, from the checkpoint or --init-from when given.
     Returns (model, kernel, number of parameters)."""
+    device = ddp.device
     torch.manual_seed(seed)
     model = Qwen3NextForCausalLM(start.config)
     if s.init_from and start.resume_path is None:
@@ -503,7 +543,7 @@ def _build_model(s: TrainSettings, start: Start, seed: int, device: torch.device
     if start.resume_path is not None:
         ckpt.load_weights(model, ckpt.load_tensors(start.resume_path / ckpt.MODEL_FILE), start.resume_path)
     model.to(device)
-    model.set_dropout(dropout)  # a training setting, never saved with the model
+    model.set_dropout(dropout, (ddp.rank, ddp.world_size))  # a training setting, never saved with the model
     kernel = model.set_kernel(s.kernel, device)
     model.train()
     return model, kernel, model.num_parameters()  # counted before FSDP turns parameters into shards
