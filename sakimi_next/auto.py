@@ -48,8 +48,9 @@ NAME = AUTO_PRESET
 TRUNK = "tiny_10m"
 BYTES_PER_VOCAB_ENTRY = 1000
 VOCAB_RANGE = (512, 8192)
-# the prior before measuring: trained tokens/s of the tiny_10m trunk at 2,048 a step (README "Measured": 1,480 on the 2-core CPU at
-# 8 x 256 without a lead-in, ~1,700 at 4 x 512 after a 1,024-token lead-in; a GPU is far faster)
+# the prior before measuring (a budgeted run then uses its own measured plan, `measured_choices`): trained
+# tokens/s of the tiny_10m trunk at 2,048 a step (README "Measured": 1,480 on the 2-core CPU at 8 x 256
+# without a lead-in, ~1,700 at 4 x 512 after a 1,024-token lead-in; a GPU is far faster)
 TOKENS_PER_S = {"cpu": 1500, "mps": 5000, "cuda": 100_000}
 DEFAULTS = dict(learning_rate=2e-3, warmup_steps=100, steps=5000, ema=0.1)
 # (batch, window, lead-in): windows that continue a longer text (LONG_CONTEXT) where the text has tokens to
@@ -134,6 +135,13 @@ def optimizer(fsdp: bool = False) -> str:
     import torch
 
     return "muon" if hasattr(torch.optim, "Muon") and not fsdp else "adamw"
+
+
+def describe(h, vocab: int) -> str:
+    """The line a fresh --config auto run prints: what the rule chose (`h`: ResolvedHyperparameters)."""
+    return (f"--config auto: {TRUNK}'s trunk with vocab {vocab:,}; batch {h.batch_size} x {h.seq_len}, lr "
+            f"{h.learning_rate:g}, dropout {h.dropout:g}, weight decay {h.weight_decay:g}, optimizer {h.optimizer}, "
+            f"lead-in {h.lead_in}, ema {h.ema:g} (see the README's rule)")
 
 
 def context(train_tokens: int) -> dict:

@@ -76,6 +76,9 @@ class Plan:
                 f"{self.eval_s:.1f} s an evaluation -> {self.steps:,} steps, warm-up {self.warmup_steps}, "
                 f"evaluation every {self.eval_every}")
 
+    def describe_pace(self) -> str:
+        return f"{self.step_s:.2f} s a step and {self.eval_s:.1f} s an evaluation: the run ends at step {self.steps:,}"
+
 
 def check_minutes(minutes: float) -> None:
     if not (math.isfinite(minutes) and minutes > 0):
@@ -184,7 +187,8 @@ def measured_plan(minutes: float, train_step: Callable[[], None], evaluate: Call
         times = times.to(device)
         dist.all_reduce(times, op=dist.ReduceOp.MAX)
     step_s, eval_s, setup_s = times.tolist()
-    result = replace(plan(minutes, setup_s, step_s, eval_s, warmup_steps, eval_every, max_steps), save_s=round(save_s, 3))
+    result = replace(plan(minutes, setup_s, step_s, eval_s, warmup_steps, eval_every, max_steps),
+                     save_s=round(save_s, 3))
     log(f"eval      0: val loss {ev['val_loss']:.4f}" + (f"  bpb {ev['val_bpb']:.4f}" if "val_bpb" in ev else ""))
     log(result.describe())
     return result
@@ -203,6 +207,13 @@ class Pacer:
         self.overhead_s, self.evals_s, self.evals = pace.get("overhead_s", 0.0), pace.get("evals_s", 0.0), pace.get(
             "evals", 0)
         self.episode: tuple[float, bool] | None = None  # (when the current evaluation or save began, is evaluation)
+
+    @classmethod
+    def for_run(cls, plan: Plan, t_launch: float, state: dict | None) -> "Pacer":
+        """The pacer of a fresh run (`state` None) or of one resumed from a checkpoint's `state`."""
+        state = state or {}
+        return cls(plan, t_launch, state.get("elapsed_s", 0.0), (state.get("budget") or {}).get("pace"),
+                   state.get("step", 0))
 
     def elapsed(self, now: float | None = None) -> float:
         return self.elapsed_before + (clock() if now is None else now) - self.t0

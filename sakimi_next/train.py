@@ -217,10 +217,8 @@ class TrainingRun:
         """The time budget re-planned at `step` from the speed measured since the last re-plan (budget.py)."""
         before, plan = self.h.steps, self.pacer.replan(step, self.ddp)
         if plan.steps != before:
-            self.h = replace(self.h, steps=plan.steps)
-            bar.total = plan.steps
-            self.console.say(f"budget: {plan.step_s:.2f} s a step and {plan.eval_s:.1f} s an evaluation at step "
-                             f"{step}: the run ends at step {plan.steps:,} (was {before:,})")
+            self.h, bar.total = replace(self.h, steps=plan.steps), plan.steps
+            self.console.say(f"budget: at step {step}, {plan.describe_pace()} (was {before:,})")
         return self.h
 
     def stop_nonfinite(self, step: int, what: str) -> None:
@@ -390,24 +388,18 @@ def build_run(s: TrainSettings, ddp: Distributed, prepare: Callable[[], object] 
     cap = auto.max_steps(len(data.train), h.tokens_per_step(ddp.world_size)) if start.preset == auto.NAME else None
     plan = _budget_plan(s, h, start.state, (model, train_model, optimizer), sampler, data, autocast, ddp,
                         t_launch, console.log, cap)
-    pacer = None
+    pacer = budget.Pacer.for_run(plan, t_launch, start.state) if plan is not None else None
     if plan is not None:
         h = replace(h, steps=plan.steps, warmup_steps=plan.warmup_steps, eval_every=plan.eval_every)
-        state = start.state or {}
-        pacer = budget.Pacer(plan, t_launch, state.get("elapsed_s", 0.0), (state.get("budget") or {}).get("pace"),
-                             state.get("step", 0))
-        if start.preset == auto.NAME and start.state is None:  # the passes the measured speed allows
-            chosen = auto.measured_choices(len(data.train), plan.steps * h.tokens_per_step(ddp.world_size))
-            chosen = {k: v for k, v in chosen.items() if getattr(s.hyper, k) is None and getattr(h, k) != v}
-            if chosen:
-                h = replace(h, **chosen)
-                model.set_dropout(h.dropout, (ddp.rank, ddp.world_size))
-                optimizer = _optimizer(model, h, s, start)  # fresh: the measurement's steps left no state
+        # --config auto: the dropout and weight decay for the passes the measured speed allows
+        chosen = auto.measured_choices(len(data.train), plan.steps * h.tokens_per_step(ddp.world_size))
+        chosen = {k: v for k, v in chosen.items() if getattr(s.hyper, k) is None and getattr(h, k) != v}
+        if chosen and start.preset == auto.NAME and start.state is None:
+            h = replace(h, **chosen)
+            model.set_dropout(h.dropout, (ddp.rank, ddp.world_size))
+            optimizer = _optimizer(model, h, s, start)  # fresh: the measurement's steps left no state
     if start.preset == auto.NAME and start.state is None:
-        console.log(f"--config auto: {auto.TRUNK}'s trunk with vocab {start.config.vocab_size:,}; batch "
-                    f"{h.batch_size} x {h.seq_len}, lr {h.learning_rate:g}, dropout {h.dropout:g}, weight decay "
-                    f"{h.weight_decay:g}, optimizer {h.optimizer}, lead-in {h.lead_in}, ema {h.ema:g} (see the "
-                    "README's rule)")
+        console.log(auto.describe(h, start.config.vocab_size))
     _describe(s, h, ddp, start, data, n_params, kernel, dtype, console.log)
     if ddp.is_main:
         start.out_dir.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,7 @@ bit; a time budget's ranks agree on one plan however their speeds differ."""
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -13,11 +14,10 @@ import torch
 
 from sakimi_next import checkpoint as ckpt
 from sakimi_next.cli import main
-from sakimi_next.data import prepare_data
 
 from .helpers import ROOT, english_text
 
-TIMEOUT_S = 300
+TIMEOUT_S = 600
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,9 @@ def data_dir(tmp_path_factory):
     """~60 KB of the CPython docs, prepared as --config auto prepares them."""
     root = tmp_path_factory.mktemp("data")
     (root / "text.txt").write_text(english_text(60_000))
-    return prepare_data([str(root / "text.txt")], None, root / "prepared")
+    out = root / "prepared"
+    assert main(["--mode", "prepare_data", "--train-data", str(root / "text.txt"), "--out-dir", str(out)]) == 0
+    return out
 
 
 def free_port() -> str:
@@ -34,14 +36,21 @@ def free_port() -> str:
         return str(s.getsockname()[1])
 
 
-def torchrun(*args: str, module: str = "sakimi_next") -> subprocess.CompletedProcess:
-    """2 processes on 127.0.0.1, one thread each; bounded in time."""
+def torchrun(*args: str, module: str = "sakimi_next") -> str:
+    """2 processes on 127.0.0.1, one thread each, bounded in time (past it, the launcher and its workers are
+    killed together). Returns the standard output."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
-                        "127.0.0.1", "--master-port", free_port(), "-m", module, *args],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return r
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+                             "127.0.0.1", "--master-port", free_port(), "-m", module, *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, err[-3000:]
+    return out
 
 
 def records(run_dir) -> list[dict]:
@@ -54,18 +63,18 @@ def losses(run_dir) -> dict[int, float]:
 
 @pytest.mark.slow
 def test_the_defaults_in_two_processes_equal_one_and_resume_exactly(data_dir, tmp_path):
-    """--config auto as a fresh run resolves it, only the steps given: 2 processes with half the default batch
-    each give the losses (to reduction order) and validation of 1 process with the default batch; dropout
-    masks included. Interrupted after 2 steps and resumed under torchrun, the run is the uninterrupted one
-    bit for bit."""
+    """--config auto as a fresh run resolves it (Muon, dropout, weight decay, weight averaging, windows after a
+    lead-in), at a quarter of its window and lead-in to keep the test short: 2 processes with half the
+    default batch each give the losses (to reduction order) and validation of 1 process with the default
+    batch, dropout masks included. Interrupted after 2 steps and resumed under torchrun, the run is the
+    uninterrupted one bit for bit."""
     common = ["--mode", "train", "--data-dir", str(data_dir), "--device", "cpu", "--steps", "4", "--eval-every", "2",
-              "--save-every", "2", "--eval-batches", "2", "--keep-last", "5"]
+              "--save-every", "2", "--eval-batches", "1", "--keep-last", "5", "--seq-len", "128", "--lead-in", "256"]
     assert main([*common, "--out-dir", str(tmp_path / "one")]) == 0
     state = json.loads((ckpt.find_latest(tmp_path / "one") / ckpt.STATE_FILE).read_text())["args"]
     assert state["optimizer"] == "muon" and state["dropout"] > 0 and state["ema"] > 0 and state["lead_in"] > 0
     half = str(state["batch_size"] // 2)
-    r = torchrun(*common, "--out-dir", str(tmp_path / "two"), "--batch-size", half)
-    assert "world size: 2 (DDP)" in r.stdout
+    assert "world size: 2 (DDP)" in torchrun(*common, "--out-dir", str(tmp_path / "two"), "--batch-size", half)
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert one.keys() == two.keys() == {1, 2, 3, 4}
     for s in one:
