@@ -38,8 +38,11 @@ corpus and the time budget, by a rule measured on this project's runs (README, "
     length       a time budget (--max-minutes without --steps) stops at 5.5 passes over the text: more
                  passes, a wider model or more dropout all scored worse on held-out text
 
-The budget enters through the number of passes: minutes x the speed this rule assumes for the device
-(TOKENS_PER_S) / training tokens. Everything it picks can still be set on the command line.
+The budget enters through the number of passes: the steps a budgeted run plans from the speed it measures
+on this machine (budget.py) x the tokens of a step / training tokens (`measured_choices`). Before that
+measurement (the model is built with a dropout), and for a run whose steps are given, the passes come from
+the speed this rule assumes for the device (TOKENS_PER_S, a prior). Everything it picks can still be set on
+the command line.
 """
 
 from __future__ import annotations
@@ -57,8 +60,9 @@ VOCAB_RANGE = (512, 8192)
 # The tokenizer of --config auto: whole characters first (tokenizer.py), or byte-level BPE alone
 WHOLE_CHARACTERS = False
 VOCAB_ROUNDING, MAX_VOCAB_WITH_CHARACTERS = 256, 16384
-# trained tokens/s of the tiny_10m trunk at 2,048 a step (README "Measured": 1,480 on the 2-core CPU at
-# 8 x 256 without a lead-in, ~1,700 at 4 x 512 after a 1,024-token lead-in; a GPU is far faster)
+# the prior before measuring (a budgeted run then uses its own measured plan, `measured_choices`): trained
+# tokens/s of the tiny_10m trunk at 2,048 a step (README "Measured": 1,480 on the 2-core CPU at 8 x 256
+# without a lead-in, ~1,700 at 4 x 512 after a 1,024-token lead-in; a GPU is far faster)
 TOKENS_PER_S = {"cpu": 1500, "mps": 5000, "cuda": 100_000}
 DEFAULTS = dict(learning_rate=2e-3, warmup_steps=100, steps=5000, ema=0.1)
 # (batch, window, lead-in): windows that continue a longer text (LONG_CONTEXT) where the text has tokens to
@@ -113,19 +117,34 @@ def model_config(vocab: int) -> Config:
 
 
 def passes(train_tokens: int, minutes: float | None, device_type: str) -> float:
-    """The passes over the training tokens that `minutes` allow (no budget: the default step count's)."""
+    """The passes over the training tokens that `minutes` allow at the prior speed TOKENS_PER_S (no
+    budget: the default step count's)."""
     tokens = (minutes * 60 * TOKENS_PER_S.get(device_type, TOKENS_PER_S["cpu"]) if minutes
               else DEFAULTS["steps"] * TOKENS_PER_STEP)
     return tokens / max(1, train_tokens)
 
 
 def dropout(train_tokens: int, minutes: float | None, device_type: str) -> float:
-    n = passes(train_tokens, minutes, device_type)
-    return next(p for limit, p in DROPOUT_BY_PASSES if n <= limit)
+    return dropout_for(passes(train_tokens, minutes, device_type))
 
 
 def weight_decay(train_tokens: int, minutes: float | None, device_type: str) -> float:
-    return WD_ONE_PASS if passes(train_tokens, minutes, device_type) <= 1 else WD_MANY
+    return weight_decay_for(passes(train_tokens, minutes, device_type))
+
+
+def dropout_for(n_passes: float) -> float:
+    return next(p for limit, p in DROPOUT_BY_PASSES if n_passes <= limit)
+
+
+def weight_decay_for(n_passes: float) -> float:
+    return WD_ONE_PASS if n_passes <= 1 else WD_MANY
+
+
+def measured_choices(train_tokens: int, planned_tokens: int) -> dict:
+    """Dropout and weight decay for the passes a measured budget plan makes (`planned_tokens`: its steps x
+    the tokens of a step), the machine's own speed in place of the prior TOKENS_PER_S."""
+    n = planned_tokens / max(1, train_tokens)
+    return {"dropout": dropout_for(n), "weight_decay": weight_decay_for(n)}
 
 
 def optimizer(fsdp: bool = False) -> str:
@@ -133,6 +152,13 @@ def optimizer(fsdp: bool = False) -> str:
     import torch
 
     return "muon" if hasattr(torch.optim, "Muon") and not fsdp else "adamw"
+
+
+def describe(h, vocab: int) -> str:
+    """The line a fresh --config auto run prints: what the rule chose (`h`: ResolvedHyperparameters)."""
+    return (f"--config auto: {TRUNK}'s trunk with vocab {vocab:,}; batch {h.batch_size} x {h.seq_len}, lr "
+            f"{h.learning_rate:g}, dropout {h.dropout:g}, weight decay {h.weight_decay:g}, optimizer {h.optimizer}, "
+            f"lead-in {h.lead_in}, ema {h.ema:g} (see the README's rule)")
 
 
 def context(train_tokens: int) -> dict:

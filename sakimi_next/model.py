@@ -326,9 +326,23 @@ class MLP(nn.Module):
         return inference_linear(self, "_down", (self.down_proj.weight,))(F.silu(gate) * up)
 
 
+def dropout(x: torch.Tensor, p: float, rows: tuple[int, int]) -> torch.Tensor:
+    """F.dropout in training. `rows` (rank, world): under torchrun this process holds rows [rank B, (rank+1) B)
+    of the global batch; its mask is drawn for the whole global batch and its rows kept, so that N processes
+    drop what one process with the global batch drops (every rank's generator is in the same state: same seed,
+    same draws) and the ranks' masks differ. It draws N times the random numbers."""
+    rank, world = rows
+    if world == 1:
+        return F.dropout(x, p, training=True)
+    b = x.shape[0]
+    noise = x.new_empty((world * b, *x.shape[1:])).bernoulli_(1 - p)[rank * b:(rank + 1) * b]
+    return x * noise.div_(1 - p)  # F.dropout's own arithmetic (on a CPU): the same numbers
+
+
 class DecoderLayer(nn.Module):
     dropout = 0.0  # on each residual branch while training; set with Qwen3NextForCausalLM.set_dropout
     checkpointing = False  # recompute the layer in the backward pass (set_activation_checkpointing)
+    dropout_rows = (0, 1)  # (rank, world size): see `dropout`
 
     def __init__(self, config: Config, layer_idx: int, layer_type: str | None = None, moe: bool | None = None):
         super().__init__()
@@ -369,7 +383,7 @@ class DecoderLayer(nn.Module):
         return x + self._drop(h), router_logits
 
     def _drop(self, h: torch.Tensor) -> torch.Tensor:
-        return F.dropout(h, self.dropout, training=True) if self.dropout and self.training else h
+        return dropout(h, self.dropout, self.dropout_rows) if self.dropout and self.training else h
 
     def step(self, x: torch.Tensor, rope, attn_mask, cache, position: int) -> torch.Tensor:
         """A few decoding positions x [B, T, H] (inference only)."""
@@ -441,6 +455,7 @@ class Qwen3NextModel(nn.Module):
 class Qwen3NextForCausalLM(nn.Module):
     dropout = 0.0  # on the embedding output while training (see set_dropout)
     attention_window: int | None = None  # of the caches it makes (see set_attention_window)
+    dropout_rows = (0, 1)
 
     def __init__(self, config: Config):
         super().__init__()
@@ -488,16 +503,17 @@ class Qwen3NextForCausalLM(nn.Module):
                 m.kernel = self.kernel
         return self.kernel
 
-    def set_dropout(self, p: float) -> None:
+    def set_dropout(self, p: float, rows: tuple[int, int] = (0, 1)) -> None:
         """Dropout with probability `p` on the embedding output and on every residual branch, in
         training mode only. A training setting, not part of the model: not in the Config, config.json
-        or the weights, so evaluation, generation and exported models never drop."""
+        or the weights, so evaluation, generation and exported models never drop. `rows`: (rank, world
+        size) under torchrun, so that the processes drop what one process would (`dropout`)."""
         if not 0.0 <= p < 1.0:
             raise ValueError(f"dropout {p} must be in [0, 1)")
-        self.dropout = p
+        self.dropout, self.dropout_rows = p, rows
         for m in self.modules():
             if isinstance(m, DecoderLayer):
-                m.dropout = p
+                m.dropout, m.dropout_rows = p, rows
 
     def set_activation_checkpointing(self, on: bool) -> None:
         """Keep only each decoder layer's input in the forward pass and recompute the layer in the
@@ -573,7 +589,7 @@ class Qwen3NextForCausalLM(nn.Module):
             self._check_ids(input_ids)
         x = self.model.embed_tokens(input_ids)
         if self.dropout and self.training:
-            x = F.dropout(x, self.dropout, training=True)
+            x = dropout(x, self.dropout, self.dropout_rows)
         ctx = self._context(x, attention_mask, position_ids, cache, doc_starts)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, ctx, cache.layers[i] if cache is not None else None)

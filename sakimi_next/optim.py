@@ -106,9 +106,23 @@ class MuonWithAdamW:
 
 
 # ------------------------------------------------------------------------------------------ schedule
-def lr_at(step: int, lr: float, min_lr: float, warmup: int, total: int) -> float:
-    """Linear warm-up over `warmup` steps, then cosine decay to `min_lr` at `total` (step counts from 0)."""
+def lr_at(step: int, lr: float, min_lr: float, warmup: int, total: int, anchor_step: int | None = None,
+          anchor_progress: float = 0.0) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay to `min_lr` at `total` (step counts from 0);
+    `anchor_*`: a time budget moved `total` (see `decay_progress`)."""
     if step < warmup:
         return lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    progress = decay_progress(step, warmup, total, anchor_step, anchor_progress)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+def decay_progress(step: int, warmup: int, total: int, anchor_step: int | None = None,
+                   anchor_progress: float = 0.0) -> float:
+    """How far the decay has gone at `step` (0 at the end of warm-up, 1 at `total`), linear in the step.
+    A time budget's re-plan (budget.replan) moves `total` at `anchor_step`, where the decay had gone
+    `anchor_progress` of the way: the rest of the way is then spread over the steps up to the new total,
+    so the learning rate stays continuous (only its slope changes) and still ends at the minimum."""
+    start = warmup if anchor_step is None else max(anchor_step, warmup)
+    if step <= start:
+        return anchor_progress if anchor_step is not None else 0.0
+    return min(1.0, anchor_progress + (step - start) * (1.0 - anchor_progress) / max(1, total - start))

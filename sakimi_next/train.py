@@ -83,7 +83,7 @@ class TrainingRun:
     average: WeightAverage | None  # --ema
     sampler: WindowSampler
     autocast: object
-    plan: budget.Plan | None  # the time budget's schedule, kept in every checkpoint
+    pacer: budget.Pacer | None  # a time budget's plan and clock, kept in every checkpoint
     metrics: MetricsLog = field(init=False)
 
     def __post_init__(self):
@@ -120,7 +120,7 @@ class TrainingRun:
         pending: list[PendingStep] = []  # issued, not read yet
         try:
             while step < h.steps:
-                lr = lr_at(step, h.learning_rate, h.min_lr, h.warmup_steps, h.steps)
+                lr = self.learning_rate(step)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 done = PendingStep(step, lr, *self.forward_backward(step))
@@ -145,6 +145,8 @@ class TrainingRun:
                 bar.update(1)
 
                 time_up = self.time_up(stop, step)
+                if self.pacer is not None and self.pacer.due(step):
+                    h = self.replan(step, bar)  # before this step's evaluation and save: they keep it
                 evaluate = step % h.eval_every == 0 or step == h.steps or time_up  # a run cut short is still measured
                 if evaluate or step % h.save_every == 0 or stop.signal is not None or step % self.s.print_every == 0:
                     bad = self.report(pending, bar)
@@ -232,6 +234,19 @@ class TrainingRun:
             self.metrics.flush()
         return None
 
+    def learning_rate(self, step: int) -> float:
+        h, plan = self.h, self.pacer.plan if self.pacer is not None else None
+        anchor = (plan.anchor_step, plan.anchor_progress) if plan is not None else (None, 0.0)
+        return lr_at(step, h.learning_rate, h.min_lr, h.warmup_steps, h.steps, *anchor)
+
+    def replan(self, step: int, bar) -> ResolvedHyperparameters:
+        """The time budget re-planned at `step` from the speed measured since the last re-plan (budget.py)."""
+        before, plan = self.h.steps, self.pacer.replan(step, self.ddp)
+        if plan.steps != before:
+            self.h, bar.total = replace(self.h, steps=plan.steps), plan.steps
+            self.console.say(f"budget: at step {step}, {plan.describe_pace()} (was {before:,})")
+        return self.h
+
     def stop_nonfinite(self, step: int, what: str) -> None:
         prev = ckpt.find_latest(self.out_dir) if self.ddp.is_main else None
         self.console.log(f"error: non-finite {what} at step {step}; stopping. The last good checkpoint is "
@@ -241,9 +256,9 @@ class TrainingRun:
     def time_up(self, stop: _StopRequest, step: int) -> bool:
         """--max-minutes reached; under torchrun every rank takes the same decision (and signal), or the
         others would wait forever: they agree every AGREE_EVERY steps (and at the last), not at each."""
-        # a budgeted run follows its plan (so that a resumed run is the uninterrupted one); without a plan,
-        # --max-minutes cuts the run short
-        time_up = bool(self.s.max_minutes and self.plan is None
+        # a budgeted run follows its plan (re-planned as it goes, budget.Pacer); without a plan, --max-minutes
+        # cuts the run short
+        time_up = bool(self.s.max_minutes and self.pacer is None
                        and (time.perf_counter() - self.t_start) / 60 >= self.s.max_minutes)
         if self.ddp.enabled:
             if step % AGREE_EVERY and step != self.h.steps:
@@ -256,6 +271,10 @@ class TrainingRun:
     # --- evaluation
     def evaluate(self, step: int) -> tuple[bool, bool]:
         """Validate, keep the best checkpoint. Returns (saved a checkpoint, stop early)."""
+        with self.pacer.overhead(evaluation=True) if self.pacer is not None else nullcontext():
+            return self._evaluate(step)
+
+    def _evaluate(self, step: int) -> tuple[bool, bool]:
         h, data = self.h, self.data
         with self.average.applied() if self.average is not None else nullcontext():  # the model a checkpoint holds
             ev = validate(self.train_model, data.val, h.seq_len, h.batch_size, h.eval_batches, self.ddp.device,
@@ -289,6 +308,10 @@ class TrainingRun:
         """Rank 0 writes. A write the system refuses (a full disk, ...) stops the run, every rank, with
         one line (exit code 2): the checkpoints written before are intact, and --resume-from auto goes on
         from the last of them once there is room."""
+        with self.pacer.overhead(evaluation=False) if self.pacer is not None else nullcontext():
+            return self._save(step, reason)
+
+    def _save(self, step: int, reason: str) -> Path | None:
         path = failure = None
         ddp = self.ddp
         gathered = self.gather() if self.s.fsdp or ddp.is_main else None  # FSDP: all ranks
@@ -323,13 +346,15 @@ class TrainingRun:
 
     def trainer_state(self, step: int) -> dict:
         h = self.h
+        elapsed, plan = (self.pacer.state() if self.pacer is not None
+                         else (self.elapsed_before + (time.perf_counter() - self.t_start), None))
         return {"preset": self.start.preset, "tokens_seen": self.tokens_seen, "best_val_loss": self.best["loss"],
                 "best_step": self.best["step"], "evals_without_improvement": self.stale_evals,
-                "elapsed_s": self.elapsed_before + (time.perf_counter() - self.t_start),
+                "elapsed_s": elapsed,
                 "sampler": {"kind": "WindowSampler", "seed": h.seed, "next_step": step},
                 "scheduler": {"kind": "warmup_cosine", "learning_rate": h.learning_rate, "min_lr": h.min_lr,
                               "warmup_steps": h.warmup_steps, "steps": h.steps},
-                "budget": self.plan.to_dict() if self.plan else None,
+                "budget": plan,
                 "args": self.record, "tokenizer_sha256": self.data.tokenizer.sha256,
                 "data_dir": str(self.data.directory), "world_size": self.ddp.world_size,
                 "tokens_per_step": self.tokens_per_step}
@@ -384,7 +409,7 @@ def build_run(s: TrainSettings, ddp: Distributed, prepare: Callable[[], object] 
     # a resume keeps its choice
     s = replace(s, compile=use_compile(asked, s.max_minutes, s.hyper.steps, ddp.device, h.lead_in))
 
-    model, kernel, n_params = _build_model(s, start, h.seed, ddp.device, h.dropout, h.activation_checkpointing)
+    model, kernel, n_params = _build_model(s, start, h.seed, ddp, h.dropout, h.activation_checkpointing)
     train_model = wrap_model(model, ddp, s.fsdp, s.compile)
     # the average starts from the weights the checkpoint hands out (with --ema, its average); training
     # goes on from its training weights
@@ -399,15 +424,25 @@ def build_run(s: TrainSettings, ddp: Distributed, prepare: Callable[[], object] 
     cap = auto.max_steps(len(data.train), h.tokens_per_step(ddp.world_size)) if start.preset == auto.NAME else None
     plan = _budget_plan(s, h, start.state, (model, train_model, optimizer), sampler, data, autocast, ddp,
                         t_launch, console.log, cap)
+    pacer = budget.Pacer.for_run(plan, t_launch, start.state) if plan is not None else None
     if plan is not None:
         h = replace(h, steps=plan.steps, warmup_steps=plan.warmup_steps, eval_every=plan.eval_every)
+        # --config auto: the dropout and weight decay for the passes the measured speed allows
+        chosen = auto.measured_choices(len(data.train), plan.steps * h.tokens_per_step(ddp.world_size))
+        chosen = {k: v for k, v in chosen.items() if getattr(s.hyper, k) is None and getattr(h, k) != v}
+        if chosen and start.preset == auto.NAME and start.state is None:
+            h = replace(h, **chosen)
+            model.set_dropout(h.dropout, (ddp.rank, ddp.world_size))
+            optimizer = _optimizer(model, h, s, start)  # fresh: the measurement's steps left no state
+    if start.preset == auto.NAME and start.state is None:
+        console.log(auto.describe(h, start.config.vocab_size))
     _describe(s, h, ddp, start, data, n_params, kernel, dtype, console.log)
     if ddp.is_main:
         start.out_dir.mkdir(parents=True, exist_ok=True)
         if not os.access(start.out_dir, os.W_OK):
             raise UserError(f"output directory {start.out_dir} is not writable")
     return TrainingRun(s, h, ddp, console, start, data, model, train_model, optimizer, average, sampler, autocast,
-                       plan)
+                       pacer)
 
 
 @dataclass
@@ -521,18 +556,15 @@ def _hyperparameters(s: TrainSettings, start: Start, data: TrainingData, ddp: Di
         hyper = replace(hyper, document_masking=True)
     resumed = (start.state or {}).get("args", {}) if start.state else None
     h = resolve_hyperparameters(hyper, resumed, start.preset, len(data.train), s.max_minutes, ddp.device.type, s.fsdp)
-    if start.preset == auto.NAME and start.state is None:
-        console.log(f"--config auto: {auto.TRUNK}'s trunk with vocab {start.config.vocab_size:,}; batch {h.batch_size} "
-                    f"x {h.seq_len}, lr {h.learning_rate:g}, dropout {h.dropout:g}, weight decay {h.weight_decay:g}, "
-                    f"optimizer {h.optimizer}, lead-in {h.lead_in}, ema {h.ema:g} (see the README's rule)")
     validate_hyperparameters(h, start.config, len(data.train))
     return h
 
 
-def _build_model(s: TrainSettings, start: Start, seed: int, device: torch.device, dropout: float = 0.0,
+def _build_model(s: TrainSettings, start: Start, seed: int, ddp: Distributed, dropout: float = 0.0,
                  activation_checkpointing: bool = False):
     """The model on its device with its kernel, from the checkpoint or --init-from when given.
     Returns (model, kernel, number of parameters)."""
+    device = ddp.device
     torch.manual_seed(seed)
     model = Qwen3NextForCausalLM(start.config)
     if s.init_from and start.resume_path is None:
@@ -540,7 +572,7 @@ def _build_model(s: TrainSettings, start: Start, seed: int, device: torch.device
     if start.resume_path is not None:
         ckpt.load_weights(model, ckpt.load_tensors(start.resume_path / ckpt.MODEL_FILE), start.resume_path)
     model.to(device)
-    model.set_dropout(dropout)  # training settings, never saved with the model
+    model.set_dropout(dropout, (ddp.rank, ddp.world_size))  # training settings, never saved with the model
     model.set_activation_checkpointing(activation_checkpointing)
     kernel = model.set_kernel(s.kernel, device)
     model.train()

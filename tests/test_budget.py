@@ -3,6 +3,7 @@ is bit-identical to the uninterrupted run, and bad budgets."""
 
 import itertools
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -12,6 +13,8 @@ from sakimi_next import checkpoint as ckpt
 from sakimi_next.cli import main
 from sakimi_next.optim import optimizer_parts
 from sakimi_next.util import UserError
+
+from .fake_machine import FakeMachine
 
 TRAIN = ["--mode", "train", "--config", "tiny_5m", "--batch-size", "2", "--seq-len", "32", "--eval-batches", "2",
          "--print-every", "1", "--device", "cpu", "--learning-rate", "3e-3"]
@@ -122,6 +125,9 @@ def test_config_auto_stops_a_long_budget_at_its_passes(data_dir, tmp_path, monke
 
 
 def test_budgeted_run_resumes_bit_identically(data_dir, tmp_path, monkeypatch, capsys):
+    """On a machine that slows down (the run re-plans), a run resumed half-way on the same fake clock replays
+    the re-plans its checkpoint holds and takes the later ones as the uninterrupted run did: the same losses,
+    learning rates, evaluations, plan and weights, bit for bit."""
     stepped, forget = [], budget.forget_step
 
     def forget_and_note(model, optimizer, initial):  # a throw-away step took an optimiser step if it left state
@@ -129,34 +135,142 @@ def test_budgeted_run_resumes_bit_identically(data_dir, tmp_path, monkeypatch, c
         forget(model, optimizer, initial)
 
     monkeypatch.setattr(budget, "forget_step", forget_and_note)
-    fake_clock(monkeypatch, 0.2)  # 0.2 s a step and an evaluation (+ ~0.5 s for its checkpoint), 2.2 s of setup
-    common = [*TRAIN, "--data-dir", str(data_dir), "--dropout", "0.1", "--save-every", "4", "--keep-last", "10"]
-    assert main([*common, "--out-dir", str(tmp_path / "whole"), "--max-minutes", "0.1"]) == 0
+
+    def machine():  # 2 s a step, 3 s from step 4 on, 4 s from step 10 on; 1.5 s an evaluation
+        return FakeMachine(lambda step: 2.0 if step < 4 else 3.0 if step < 10 else 4.0,
+                           eval_s=1.5).install(monkeypatch.setattr)
+
+    common = [*TRAIN, "--data-dir", str(data_dir), "--dropout", "0.1", "--save-every", "4", "--keep-last", "20",
+              "--max-minutes", "1", "--eval-every", "5"]
+    clock = machine()
+    assert main([*common, "--out-dir", str(tmp_path / "whole")]) == 0
     out = capsys.readouterr().out
     state = json.loads((ckpt.find_latest(tmp_path / "whole") / ckpt.STATE_FILE).read_text())
     plan = state["budget"]
-    assert plan["steps"] == state["step"] == state["scheduler"]["steps"] > 8
-    assert plan["warmup_steps"] == state["scheduler"]["warmup_steps"] and plan["eval_every"] <= plan["steps"]
+    assert plan["steps"] == state["step"] == state["scheduler"]["steps"] and plan["replans"]  # re-planned
+    assert plan["warmup_steps"] == state["scheduler"]["warmup_steps"] and plan["eval_every"] == 5
+    assert clock.now <= 60  # within the budget
     whole = metrics(tmp_path / "whole")
     lrs = [r["lr"] for r in whole if "lr" in r]
-    assert lrs[-1] == pytest.approx(3e-4, rel=0.2) and max(lrs) == pytest.approx(3e-3)  # decayed to --min-lr by the end
+    assert lrs[-1] == last_lr(plan) and max(lrs) == pytest.approx(3e-3)  # on the way to --min-lr at the end
     assert [r["step"] for r in whole if "val_loss" in r][-1] == plan["steps"]  # evaluated at the end
-    assert (tmp_path / "whole" / "best").exists() and "budget 0.1 min" in out
+    assert (tmp_path / "whole" / "best").exists() and "budget 1 min" in out
     assert stepped == [True] * (budget.WARM_STEPS + budget.TIMED_STEPS)  # the optimiser's step is timed too
 
-    # resume from step 4 on a clock three times slower: the plan comes from the checkpoint, not from a new measurement
-    fake_clock(monkeypatch, 0.6)
-    resume = ["--resume-from", str(tmp_path / "whole" / "step_000004"), "--out-dir", str(tmp_path / "resumed")]
-    assert main([*common, *resume, "--max-minutes", "0.1"]) == 0
+    # resumed from step 8 (after re-plans) on the same machine: its plan and clock come from the checkpoint
+    assert plan["replans"][0][0] < 8 < plan["replans"][-1][0]
+    machine()
+    resume = ["--resume-from", str(tmp_path / "whole" / "step_000008"), "--out-dir", str(tmp_path / "resumed")]
+    assert main([*common, *resume]) == 0
     resumed = metrics(tmp_path / "resumed")
-    assert [r for r in whole if r["step"] > 4 and "loss" in r] != []
-    def strip(rs):
-        return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s")} for r in rs if r["step"] > 4]
 
-    assert strip(resumed) == strip(whole)  # the same losses, learning rates and evaluations, bit for bit
+    def strip(rs):
+        return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s")} for r in rs if r["step"] > 8]
+
+    assert strip(whole) != [] and strip(resumed) == strip(whole)  # the same losses, learning rates and evaluations
+    a, b = (json.loads((ckpt.find_latest(tmp_path / d) / ckpt.STATE_FILE).read_text()) for d in ("whole", "resumed"))
+    assert a["budget"] == b["budget"] and a["elapsed_s"] == b["elapsed_s"]
     a = (ckpt.find_latest(tmp_path / "whole") / "model.safetensors").read_bytes()
     b = (ckpt.find_latest(tmp_path / "resumed") / "model.safetensors").read_bytes()
     assert a == b
+
+
+def last_lr(plan: dict, lr: float = 3e-3) -> float:
+    """The learning rate of a budgeted run's last step, as its last plan has it (--min-lr a tenth of `lr`)."""
+    from sakimi_next.optim import lr_at
+
+    return lr_at(plan["steps"] - 1, lr, lr / 10, plan["warmup_steps"], plan["steps"], plan["anchor_step"],
+                 plan["anchor_progress"])
+
+
+def budgeted_run(data_dir, run_dir, monkeypatch, step_s) -> tuple[FakeMachine, dict, list[dict]]:
+    """A 1-minute budget on a fake machine whose steps take step_s(machine) seconds (~20 steps), evaluations 1 s:
+    (the machine, the last checkpoint's state, the metrics)."""
+    clock = FakeMachine(lambda step: step_s(clock), eval_s=1.0).install(monkeypatch.setattr)
+    assert main([*TRAIN, "--data-dir", str(data_dir), "--out-dir", str(run_dir), "--max-minutes", "1"]) == 0
+    state = json.loads((ckpt.find_latest(run_dir) / ckpt.STATE_FILE).read_text())
+    return clock, state, metrics(run_dir)
+
+
+def test_a_machine_that_slows_down_keeps_the_budget(data_dir, tmp_path, monkeypatch, capsys):
+    """Steps take twice as long after half the budget: the run re-plans to fewer steps and still ends,
+    with its last evaluation and checkpoint, within the minute; the learning rate decays without a jump
+    and reaches --min-lr at the new end."""
+    clock, state, records = budgeted_run(data_dir, tmp_path / "run", monkeypatch,
+                                         lambda m: 2.0 if m.now < 30 else 4.0)
+    plan = state["budget"]
+    first = budget.plan(1, plan["setup_s"], 2.0, 1.0 + plan["save_s"]).steps  # the plan fixed at the start
+    assert plan["steps"] == state["step"] < first and plan["replans"]
+    assert 60 - 2 * 4.0 <= clock.now <= 60, clock.now  # within the budget, and not much before its end
+    assert "budget: " in capsys.readouterr().err
+    lrs = [r["lr"] for r in records if "lr" in r]
+    assert lrs[-1] == last_lr(plan)  # the decay's end moved with the plan
+    assert all(a >= b for a, b in zip(lrs[plan["warmup_steps"]:], lrs[plan["warmup_steps"] + 1:]))
+
+
+def test_a_faster_machine_uses_the_time(data_dir, tmp_path, monkeypatch):
+    clock, state, _ = budgeted_run(data_dir, tmp_path / "run", monkeypatch, lambda m: 4.0 if m.now < 30 else 2.0)
+    plan = state["budget"]
+    first = budget.plan(1, plan["setup_s"], 4.0, 1.0 + plan["save_s"]).steps
+    assert plan["steps"] == state["step"] > first
+    assert 60 - 2 * 4.0 <= clock.now <= 60, clock.now
+
+
+def test_replan_moves_the_end_and_keeps_the_learning_rate_continuous():
+    from sakimi_next.optim import lr_at
+
+    p = budget.plan(10, setup_s=30, step_s=1.0, eval_s=5.0)  # 525 steps, an evaluation every 59
+    assert p.replan_every == 525 // budget.REPLANS
+
+    def lr(plan, step):
+        return lr_at(step, 1e-3, 1e-4, plan.warmup_steps, plan.steps, plan.anchor_step, plan.anchor_progress)
+
+    # at step 200, 230 s in, steps now take 2 s: (600 - 230 - 5 (last evaluation)) / (2 + 5 / 59) more steps
+    slow = budget.replan(p, 200, elapsed_s=230, step_s=2.0, eval_s=5.0)
+    assert slow.steps == 200 + int((600 - 230 - 5 - 0) / (2 + 5 / 59)) and slow.replans == ((200, slow.steps),)
+    assert lr(slow, 200) == pytest.approx(lr(p, 200), rel=1e-12) and lr(slow, slow.steps) == pytest.approx(1e-4)
+    assert lr(slow, 201) < lr(p, 201)  # the rest of the decay is steeper
+    fast = budget.replan(p, 200, elapsed_s=230, step_s=0.5, eval_s=5.0)
+    assert fast.steps > p.steps and lr(fast, fast.steps) == pytest.approx(1e-4)
+    assert budget.replan(p, 200, elapsed_s=230, step_s=0.5, eval_s=5.0).to_dict() == fast.to_dict()
+    # a cap holds however fast the machine; with no time left the run ends at once
+    assert budget.replan(replace(p, max_steps=600), 200, 230, 0.1, 5.0).steps == 600
+    assert budget.replan(p, 200, elapsed_s=599, step_s=1.0, eval_s=5.0).steps == 200
+    # during warm-up the decay has not started: its start stays where it was
+    early = budget.replan(p, 10, elapsed_s=50, step_s=2.0, eval_s=5.0)
+    assert (early.anchor_step, early.anchor_progress) == (None, 0.0) and lr(early, 10) == lr(p, 10)
+    # a checkpoint's plan from before re-planning still reads
+    old = {k: v for k, v in p.to_dict().items() if k in ("minutes", "setup_s", "step_s", "eval_s", "steps",
+                                                          "warmup_steps", "eval_every")}
+    assert budget.Plan.from_dict(old).replan_every == 0 and budget.Plan.from_dict(json.loads(
+        json.dumps(slow.to_dict()))) == slow
+
+
+def test_the_pacer_counts_evaluations_and_saves_apart_from_steps(monkeypatch):
+    """10 steps of 1 s with an evaluation of 3 s (its checkpoint inside it) and a save of 2 s: 1 s a step, 3 s an
+    evaluation. A checkpoint written during the evaluation holds the time up to then, as the resumed run's
+    clock starts there."""
+    from sakimi_next.distributed import Distributed
+
+    now = [0.0]
+    monkeypatch.setattr(budget, "clock", lambda: now[0])
+    p = replace(budget.plan(2, setup_s=5, step_s=1.0, eval_s=3.0), replan_every=10)
+    pacer = budget.Pacer(p, t0=0.0)
+    now[0] = 5 + 4
+    with pacer.overhead(evaluation=True):
+        now[0] += 2
+        with pacer.overhead(evaluation=False):  # the evaluation's best checkpoint
+            elapsed, state = pacer.state()
+            now[0] += 1
+    assert elapsed == 11 and state["pace"] == {"step": 0, "start_s": 5, "overhead_s": 2, "evals_s": 2, "evals": 1}
+    with pacer.overhead(evaluation=False):
+        now[0] += 2
+    now[0] += 6
+    assert pacer.due(10) and not pacer.due(5)
+    new = pacer.replan(10, Distributed(0, 1, 0, torch.device("cpu")))
+    assert (new.step_s, new.eval_s) == (1.0, 3.0) and not pacer.due(10)
+    resumed = budget.Pacer(new, t0=100.0, elapsed_before=elapsed, pace=state["pace"])
+    assert resumed.window_start_s == 5 and resumed.evals == 1
 
 
 @pytest.mark.parametrize("args, needle", [
