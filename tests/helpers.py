@@ -107,3 +107,12 @@ def make_checkpoint(out_dir: Path, model, tokenizer, step: int = 3, optimizer=No
     state = {"preset": preset_name, "tokens_seen": 0, "args": args or {"seq_len": 32, "lead_in": 4064},
              "tokenizer_sha256": tokenizer.sha256}
     return save_checkpoint(out_dir, step, model, optimizer, state, model.config, tokenizer.path)
+
+
+def free_port() -> str:
+    """A port of 127.0.0.1 that nothing listens on now (for torchrun's rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])

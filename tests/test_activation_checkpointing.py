@@ -15,7 +15,7 @@ from sakimi_next import checkpoint as ckpt
 from sakimi_next.batches import window_loss
 from sakimi_next.model import DecoderLayer, Qwen3NextForCausalLM
 
-from .helpers import ROOT, small_config
+from .helpers import ROOT, free_port, small_config
 from .test_train import TRAIN, losses, train
 from .test_train import data_dir  # noqa: F401 (the module's prepared data, a fixture)
 
@@ -158,10 +158,11 @@ def test_two_processes_with_it_equal_one_without(data_dir, tmp_path, strategy): 
 
     assert main([*common, "--out-dir", str(tmp_path / "one"), "--batch-size", "4"]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    port = "29543" if strategy == "ddp" else "29544"
+    port = free_port()
     extra = ["--fsdp"] if strategy == "fsdp" else []
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                        port, "-m", "sakimi_next", *common, "--out-dir", str(tmp_path / "two"), "--batch-size", "2",
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                        "--master-addr", "127.0.0.1", "--master-port", port, "-m", "sakimi_next", *common,
+                        "--out-dir", str(tmp_path / "two"), "--batch-size", "2",
                         "--activation-checkpointing", *extra], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -16,7 +16,7 @@ from sakimi_next import checkpoint as ckpt
 from sakimi_next.cli import main
 from sakimi_next.data import prepare_data
 
-from .helpers import ROOT, english_text
+from .helpers import ROOT, english_text, free_port
 
 TRAIN = ["--mode", "train", "--config", "tiny_5m", "--batch-size", "4", "--seq-len", "64", "--learning-rate", "3e-3",
          "--warmup-steps", "2", "--eval-batches", "2", "--print-every", "1", "--device", "cpu"]
@@ -187,10 +187,11 @@ def test_two_processes_equal_one(data_dir, tmp_path, strategy):
               "--lead-in", "16", "--ema", "0.2"]  # each rank reads its rows' lead-in (FSDP: reshards after it)
     assert main([*common, "--out-dir", str(tmp_path / "one"), "--batch-size", "4"]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    port = "29533" if strategy == "ddp" else "29534"
+    port = free_port()
     extra = ["--fsdp"] if strategy == "fsdp" else []
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                        port, "-m", "sakimi_next", *common, "--out-dir", str(tmp_path / "two"), "--batch-size", "2",
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                        "--master-addr", "127.0.0.1", "--master-port", port, "-m", "sakimi_next", *common,
+                        "--out-dir", str(tmp_path / "two"), "--batch-size", "2",
                         *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"world size: 2 ({'FSDP2' if extra else 'DDP'})" in r.stdout
@@ -206,8 +207,9 @@ def test_two_processes_equal_one(data_dir, tmp_path, strategy):
     assert abs(val[0] - val[1]) <= 1e-4 * val[0]
     # its step-2 checkpoint resumes in 2 processes (each takes its part of the training weights and of
     # the average) as the uninterrupted run went on, and here, single process, with its optimiser state
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                        port, "-m", "sakimi_next", *common, "--out-dir", str(tmp_path / "resumed"), "--batch-size",
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                        "--master-addr", "127.0.0.1", "--master-port", port, "-m", "sakimi_next", *common,
+                        "--out-dir", str(tmp_path / "resumed"), "--batch-size",
                         "2", "--resume-from", str(tmp_path / "two" / "step_000002"), *extra],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
