@@ -39,6 +39,28 @@ def test_dropout_only_in_training_mode():
         model.set_dropout(1.0)
 
 
+def test_processes_drop_what_one_process_drops():
+    """Under torchrun each process draws the masks of the whole global batch and keeps its rows: two processes
+    with 2 rows each (their generators in the same state) compute what one process with the 4 rows computes,
+    and their masks differ (the same seed would otherwise give every rank the same masks)."""
+    torch.manual_seed(0)
+    model = Qwen3NextForCausalLM(small_config())
+    x = torch.randint(0, 160, (4, 24))
+    model.set_dropout(0.3)
+    torch.manual_seed(1)
+    whole = model(x).logits
+    halves = []
+    for rank in (0, 1):
+        model.set_dropout(0.3, (rank, 2))
+        torch.manual_seed(1)
+        halves.append(model(x[2 * rank:2 * rank + 2]).logits)
+    assert torch.equal(torch.cat(halves), whole)
+    model.set_dropout(0.3)
+    torch.manual_seed(1)
+    same_seed = model(x[2:]).logits  # rank 1 drawing only its own rows: rank 0's masks
+    assert not torch.allclose(same_seed, whole[2:])
+
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("data") / "prepared"
