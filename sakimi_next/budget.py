@@ -204,8 +204,8 @@ class Pacer:
         self.plan, self.t0, self.elapsed_before = plan, t0, elapsed_before
         pace = pace or {"step": step, "start_s": plan.setup_s if step == 0 else elapsed_before}
         self.window_step, self.window_start_s = pace["step"], pace["start_s"]
-        self.overhead_s, self.evals_s, self.evals = pace.get("overhead_s", 0.0), pace.get("evals_s", 0.0), pace.get(
-            "evals", 0)
+        self.overhead_s = pace.get("overhead_s", 0.0)
+        self.evals_s, self.evals = pace.get("evals_s", 0.0), pace.get("evals", 0)
         self.episode: tuple[float, bool] | None = None  # (when the current evaluation or save began, is evaluation)
 
     @classmethod
@@ -215,8 +215,8 @@ class Pacer:
         return cls(plan, t_launch, state.get("elapsed_s", 0.0), (state.get("budget") or {}).get("pace"),
                    state.get("step", 0))
 
-    def elapsed(self, now: float | None = None) -> float:
-        return self.elapsed_before + (clock() if now is None else now) - self.t0
+    def elapsed(self) -> float:
+        return self.elapsed_before + clock() - self.t0
 
     @contextmanager
     def overhead(self, evaluation: bool):
