@@ -13,6 +13,7 @@ This file reads top to bottom: the entry point, the run and its loop, then how t
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import signal
@@ -53,6 +54,7 @@ def run_training(s: TrainSettings, prepare: Callable[[], object] | None = None) 
     """Train as `s` says, on one device or under torchrun; `prepare` (rank 0, first) makes the data
     directory when it is to be prepared from text. Returns the exit code."""
     ddp = setup_distributed(s.device)
+    run = None
     try:
         run = build_run(s, ddp, prepare)
         try:
@@ -63,6 +65,10 @@ def run_training(s: TrainSettings, prepare: Callable[[], object] | None = None) 
             run.metrics.close()  # TensorBoard's last events reach the disk, also when interrupted
         return exit_code
     finally:
+        # the run (its DDP reducer holds the process group) goes first: freed after the group is destroyed,
+        # gloo's destructor waits on a worker thread that waits for the GIL, and the process never exits
+        run = None
+        gc.collect()
         teardown_distributed(ddp)
 
 
