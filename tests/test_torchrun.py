@@ -3,11 +3,6 @@ after a lead-in) give in 2 processes the losses of 1 process with the same globa
 bit; a time budget's ranks agree on one plan however their speeds differ."""
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,10 +10,7 @@ import torch
 from sakimi_next import checkpoint as ckpt
 from sakimi_next.cli import main
 
-from .helpers import ROOT, english_text
-
-TIMEOUT_S = 600
-
+from .helpers import english_text, torchrun
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
@@ -27,29 +19,6 @@ def data_dir(tmp_path_factory):
     (root / "text.txt").write_text(english_text(60_000))
     out = root / "prepared"
     assert main(["--mode", "prepare_data", "--train-data", str(root / "text.txt"), "--out-dir", str(out)]) == 0
-    return out
-
-
-def free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
-def torchrun(*args: str, module: str = "sakimi_next") -> str:
-    """2 processes on 127.0.0.1, one thread each, bounded in time (past it, the launcher and its workers are
-    killed together). Returns the standard output."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
-                             "127.0.0.1", "--master-port", free_port(), "-m", module, *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    assert proc.returncode == 0, err[-3000:]
     return out
 
 

@@ -16,7 +16,7 @@ from sakimi_next import checkpoint as ckpt
 from sakimi_next.cli import main
 from sakimi_next.data import prepare_data
 
-from .helpers import ROOT, english_text, free_port
+from .helpers import ROOT, english_text, torchrun
 
 TRAIN = ["--mode", "train", "--config", "tiny_5m", "--batch-size", "4", "--seq-len", "64", "--learning-rate", "3e-3",
          "--warmup-steps", "2", "--eval-batches", "2", "--print-every", "1", "--device", "cpu"]
@@ -186,15 +186,9 @@ def test_two_processes_equal_one(data_dir, tmp_path, strategy):
     common = [*TRAIN, "--data-dir", str(data_dir), "--steps", "4", "--eval-every", "4", "--save-every", "2",
               "--lead-in", "16", "--ema", "0.2"]  # each rank reads its rows' lead-in (FSDP: reshards after it)
     assert main([*common, "--out-dir", str(tmp_path / "one"), "--batch-size", "4"]) == 0
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    port = free_port()
     extra = ["--fsdp"] if strategy == "fsdp" else []
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                        "--master-addr", "127.0.0.1", "--master-port", port, "-m", "sakimi_next", *common,
-                        "--out-dir", str(tmp_path / "two"), "--batch-size", "2",
-                        *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert f"world size: 2 ({'FSDP2' if extra else 'DDP'})" in r.stdout
+    out = torchrun(*common, "--out-dir", str(tmp_path / "two"), "--batch-size", "2", *extra)
+    assert f"world size: 2 ({'FSDP2' if extra else 'DDP'})" in out
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert one.keys() == two.keys()
     for s in one:
@@ -207,12 +201,8 @@ def test_two_processes_equal_one(data_dir, tmp_path, strategy):
     assert abs(val[0] - val[1]) <= 1e-4 * val[0]
     # its step-2 checkpoint resumes in 2 processes (each takes its part of the training weights and of
     # the average) as the uninterrupted run went on, and here, single process, with its optimiser state
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                        "--master-addr", "127.0.0.1", "--master-port", port, "-m", "sakimi_next", *common,
-                        "--out-dir", str(tmp_path / "resumed"), "--batch-size",
-                        "2", "--resume-from", str(tmp_path / "two" / "step_000002"), *extra],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    torchrun(*common, "--out-dir", str(tmp_path / "resumed"), "--batch-size", "2", "--resume-from",
+             str(tmp_path / "two" / "step_000002"), *extra)
     resumed = losses(tmp_path / "resumed")
     assert resumed == {s: two[s] for s in (3, 4)}
     a = ckpt.load_tensors(tmp_path / "two" / "step_000004" / ckpt.MODEL_FILE)
