@@ -24,3 +24,15 @@ def _denormals_as_ieee_says():
     leave that state to the tests after it (hypothesis, for one, refuses to draw floats under it)."""
     yield
     torch.set_flush_denormal(False)
+
+
+@pytest.fixture
+def run(capsys):
+    """`--mode prepare_data` in this process: run(*args) -> (exit code, stdout, stderr)."""
+    from sakimi_next.cli import main
+
+    def _run(*args):
+        rc = main(["--mode", "prepare_data", *map(str, args)])
+        out, err = capsys.readouterr()
+        return rc, out, err
+    return _run

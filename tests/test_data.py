@@ -9,7 +9,6 @@ import pytest
 from sakimi_next import data
 from sakimi_next.data import prepare, sources
 from sakimi_next.data.split import VAL_STRETCHES
-from sakimi_next.cli import main
 from sakimi_next.config import preset
 from sakimi_next.data import check_vocab, load_meta, load_tokenizer, open_split, split_documents
 from sakimi_next.tokenizer import Tokenizer, train_tokenizer
@@ -40,16 +39,6 @@ def chinese_docs(text=CHINESE):
 def paragraph_docs():
     """The corpus fixture's documents with --doc-split blank-line (zh.txt has no blank lines)."""
     return english_docs() + [CHINESE.rstrip("\n")]
-
-
-@pytest.fixture
-def run(capsys):
-    """main([...]) -> (exit code, stdout, stderr)."""
-    def _run(*args):
-        rc = main(["--mode", "prepare_data", *map(str, args)])
-        out, err = capsys.readouterr()
-        return rc, out, err
-    return _run
 
 
 @pytest.fixture

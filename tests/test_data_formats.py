@@ -11,7 +11,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from sakimi_next import chat
-from sakimi_next.cli import main
 from sakimi_next.data import iter_documents, load_meta, load_tokenizer, open_loss_mask, open_split, resolve_sources
 from sakimi_next.data import prepare_chat, sources
 from sakimi_next.data.split import choose_val_docs
@@ -57,16 +56,6 @@ def write_parquet(path, column: str, rows: list[str], row_group_size: int = 16, 
 def write_jsonl(path, records):
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     return path
-
-
-@pytest.fixture
-def run(capsys):
-    """main([...]) -> (exit code, stdout, stderr)."""
-    def _run(*args):
-        rc = main(["--mode", "prepare_data", *map(str, args)])
-        out, err = capsys.readouterr()
-        return rc, out, err
-    return _run
 
 
 # ---------------------------------------------------------------------------------------- round trips
