@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .distributed import plain_module
+from .distributed import native_bf16, plain_module
 from .model import GatedDeltaNet, RMSNorm
 from .settings import OPTIMIZERS
 from .util import UserError
@@ -74,10 +74,56 @@ def muon_with_adamw(model: torch.nn.Module, groups: list[dict], lr: float, weigh
     layers = [module.model.layers] + ([module.mtp] if getattr(module, "mtp", None) is not None else [])
     matrices = {id(p) for part in layers for p in part.parameters() if p.ndim == 2}
     decayed = groups[0]["params"]
-    muon = torch.optim.Muon([p for p in decayed if id(p) in matrices], lr=lr, weight_decay=weight_decay,
-                            adjust_lr_fn="match_rms_adamw")
+    device = next(iter(decayed)).device if decayed else torch.device("cpu")
+    kind = torch.optim.Muon if native_bf16(device) else Float32Muon
+    muon = kind([p for p in decayed if id(p) in matrices], lr=lr, weight_decay=weight_decay,
+                adjust_lr_fn="match_rms_adamw")
     rest = [{**groups[0], "params": [p for p in decayed if id(p) not in matrices]}, groups[1]]
     return MuonWithAdamW(muon, adamw(model, rest, lr, weight_decay, betas))
+
+
+def newton_schulz(update: torch.Tensor, coefficients: tuple[float, float, float], steps: int,
+                  eps: float) -> torch.Tensor:
+    """Muon's orthogonalisation of a 2-D update: torch's quintic Newton-Schulz iteration
+    (`torch.optim._muon`), in float32 instead of bfloat16."""
+    a, b, c = coefficients
+    x = update.float()
+    tall = x.size(0) > x.size(1)
+    if tall:
+        x = x.T
+    x = x / x.norm().clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return (x.T if tall else x).to(update.dtype)
+
+
+class Float32Muon(torch.optim.Muon):
+    """`torch.optim.Muon` with its Newton-Schulz iterations in float32, for a CPU without bfloat16
+    arithmetic (AVX2, no AVX512-BF16 or AMX), which torch's bfloat16 iterations run emulated: on such a
+    2-core EPYC they took 20 of the 21 s of a tiny_10m training step. The same state (a momentum buffer
+    a matrix) and the same update otherwise, as torch's `_single_tensor_muon` makes it."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            params, grads, buffers = [], [], []
+            self._init_group(group, params, grads, buffers)
+            momentum = group["momentum"]
+            for p, grad, buffer in zip(params, grads, buffers):
+                buffer.lerp_(grad, 1 - momentum)
+                update = grad.lerp(buffer, momentum) if group["nesterov"] else buffer
+                update = newton_schulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(update, alpha=-group["lr"] * muon_lr_ratio(group["adjust_lr_fn"], p.shape))
+
+
+def muon_lr_ratio(adjust_lr_fn: str | None, shape: torch.Size) -> float:
+    """Muon's step size relative to the learning rate, as torch's `_adjust_lr` makes it."""
+    rows, cols = shape[:2]
+    if adjust_lr_fn == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(rows, cols))
+    return math.sqrt(max(1, rows / cols))
 
 
 class MuonWithAdamW:
