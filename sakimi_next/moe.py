@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import Config
-from .kernels.linear import inference_linear, inference_weight, int8_linear, is_int8, quantize_rows
+from .kernels.linear import inference_linear, inference_weight, int8_linear, is_int8, quantize_rows, step_linear
 
 
 class TopKRouter(nn.Module):
@@ -96,7 +96,7 @@ class Experts(nn.Module):
         """(gate_up(x, e), down(x, e)): expert e's products, on float weights or on their int8 copy."""
         params = (self.gate_up_proj, self.down_proj)
         if not is_int8(params):
-            return (lambda x, e: F.linear(x, self.gate_up_proj[e])), (lambda x, e: F.linear(x, self.down_proj[e]))
+            return (lambda x, e: step_linear(x, self.gate_up_proj[e])), (lambda x, e: step_linear(x, self.down_proj[e]))
 
         def build():
             (q_gu, s_gu), (q_d, s_d) = quantize_rows(self.gate_up_proj), quantize_rows(self.down_proj)

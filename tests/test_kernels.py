@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from sakimi_next.kernels import chunk_gated_delta_rule, recurrent_gated_delta_rule, recurrent_step
 from sakimi_next.kernels.conv import causal_conv1d, causal_conv1d_step, conv_taps, update_window
-from sakimi_next.kernels.linear import StepLinear
+from sakimi_next.kernels.linear import StepLinear, step_linear
 
 
 def make_inputs(B, T, Hk, H, K, V, gate, seed=0, dtype=torch.float64):
@@ -248,6 +248,35 @@ def test_step_linear_matches_f_linear(dtype, rows):
     avx512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512") and torch.backends.mkldnn.is_available()
     if wants_onednn and avx512:
         assert step.__dict__["packed"] is not None
+
+
+def _exported_products(x: torch.Tensor, w: torch.Tensor, dynamic_rows: bool):
+    """(the ATen operations of `step_linear(x, w)` exported, the exported program), x's rows fixed or
+    symbolic."""
+    class Product(torch.nn.Module):
+        def forward(self, x, w):
+            return step_linear(x, w)
+    shapes = ({0: torch.export.Dim("rows", min=2, max=64)}, None) if dynamic_rows else None
+    exported = torch.export.export(Product(), (x, w), dynamic_shapes=shapes)
+    ops = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
+    return ops, exported
+
+
+def test_a_traced_step_of_one_row_multiplies_as_a_reduction():
+    """Traced for one sequence (a compiled decoding step of batch 1), a float32 product of one row is a
+    product summed over the inputs (inductor's own kernel, threaded over the weight's rows) and computes
+    F.linear to float32 rounding; a program for any batch keeps the matmul. Eagerly it is F.linear."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(384, 256, generator=gen)
+    one = torch.randn(1, 1, 256, generator=gen)
+    assert torch.equal(step_linear(one, w), F.linear(one, w))
+    ops, exported = _exported_products(one, w, dynamic_rows=False)
+    assert "aten.sum.dim_IntList" in ops and not any("mm" in op or "linear" in op for op in ops)
+    torch.testing.assert_close(exported.module()(one, w), F.linear(one, w), rtol=1e-5, atol=1e-5)
+    rows = torch.randn(4, 1, 256, generator=gen)
+    ops, exported = _exported_products(rows, w, dynamic_rows=True)
+    assert any("linear" in op or "mm" in op for op in ops) and "aten.sum.dim_IntList" not in ops
+    torch.testing.assert_close(exported.module()(rows, w), F.linear(rows, w), rtol=1e-5, atol=1e-5)
 
 
 def test_step_linear_keeps_autograd_and_copies():

@@ -22,11 +22,20 @@ step. On a CPU it multiplies with `torch.ops.aten._weight_int8pack_mm`, which wa
 reference is `int8_linear_reference`. Measured on an AVX2-only EPYC, one thread, tiny_10m's step weights
 one after another: 1.0 ms per token against 4.5 ms for float32 `F.linear` (9.4 MB of int8 stay in the
 last-level cache; 37.6 MB of float32 do not).
+
+In a compiled step for one sequence (`decoder.py`: the weights are the program's arguments, so inductor
+cannot pack them), a product of one row is written as `traced_matvec`, a broadcast product summed over
+the inputs: inductor makes it a reduction kernel of its own that splits the weight's rows over the
+threads, where its `mm` of one row runs MKL's on one core whatever the threads. tiny_10m's step matrices,
+one row each, on the AVX2 EPYC: 4.4 ms as `F.linear` at 1 or 2 threads, 4.8 ms as inductor's `mm`, 3.5 ms
+as this reduction at 1 thread and 2.2 ms at 2 (17 GB/s; llama.cpp's f32 streams ~16). For int8 the same
+reduction was 6.5 ms against `_weight_int8pack_mm`'s 1.0, so int8 keeps the op.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import torch.nn as nn
@@ -45,6 +54,26 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = (w.abs().amax(dim=-1) / 127).to(torch.bfloat16).float()
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     return torch.round(w / scale[..., None]).clamp_(-127, 127).to(torch.int8), scale
+
+
+def one_traced_row(x: torch.Tensor) -> bool:
+    """Whether `x` [..., in] is one row, known as a constant while it is traced (a program for one
+    sequence; a dynamic batch's rows are symbolic)."""
+    lead = x.shape[:-1]
+    return all(isinstance(d, int) for d in lead) and math.prod(lead) == 1
+
+
+def traced_matvec(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [..., in] (one row) @ weight.T -> [..., out], as inductor should compile it (see above)."""
+    return (x.unsqueeze(-2) * weight).sum(-1)
+
+
+def step_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.linear(x, weight), as `traced_matvec` in a compiled float32 CPU step of one row."""
+    if (torch.compiler.is_compiling() and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+            and one_traced_row(x)):
+        return traced_matvec(x, weight)
+    return F.linear(x, weight)
 
 
 def int8_linear_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -97,7 +126,7 @@ class StepLinear:
                 and not x.requires_grad and not torch.compiler.is_compiling()
                 and not torch.is_autocast_enabled("cpu") and self.packed is not None):
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
-        return F.linear(x, self.weight)
+        return step_linear(x, self.weight)
 
 
 class Int8StepLinear:
