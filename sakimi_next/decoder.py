@@ -7,9 +7,11 @@ reads the whole capacity through a mask, so the shapes never change while the ca
 exported (`torch.export`) and compiled by AOTInductor into one C++ function, called once per token.
 
 - **One program per model, batch size and tokens per step**: the capacity is a dynamic dimension (a
-  growing cache does not recompile); a dense model's batch size is one too, so a server compiles once.
-  An MoE model's step reads its chosen experts' ids as data (`moe.Experts.step`) with one product per
-  (row, choice), so its batch size is fixed per program.
+  growing cache does not recompile). A dense model has two: one for a single sequence, whose products
+  of one row are traced as matrix-vector reductions (`kernels.linear.traced_matvec`, ~2x MKL's `mm` of
+  one row), and one whose batch size is dynamic too, for every other batch (a server's). An MoE
+  model's step reads its chosen experts' ids as data (`moe.Experts.step`) with one product per (row,
+  choice), so its batch size is fixed per program.
 - **Kept on disk** (`~/.cache/sakimi-next/decode`, or $SAKIMI_CACHE_DIR): the next run loads it in well
   under a second. The key holds everything that shapes the code (the config, the weights' format and
   dtype, batch size, torch, the thread count, the CPU's instruction set, this package's source), not the
@@ -358,8 +360,12 @@ class CompiledDecoder:
         self.compiled = 0  # programs compiled by this decoder (not loaded from disk)
         self.failed = False  # a background compile failed: decode eagerly from then on
 
+    def program_batch(self, batch_size: int) -> int | None:
+        """The batch size of the program that runs `batch_size` rows (None: any; see the docstring)."""
+        return batch_size if not self.dynamic_batch or batch_size == 1 else None
+
     def path(self, batch_size: int) -> Path:
-        b = None if self.dynamic_batch else batch_size
+        b = self.program_batch(batch_size)
         if b not in self._paths:
             self._paths[b] = self.directory / f"step-{program_key(self.model, b, self.tokens_per_step)}.pt2"
         return self._paths[b]
@@ -371,7 +377,7 @@ class CompiledDecoder:
     def ready(self, batch_size: int) -> bool:
         """Whether the program for this batch size runs now; in the background mode, starts compiling
         it when it is missing (and says False until it is done)."""
-        b = None if self.dynamic_batch else batch_size
+        b = self.program_batch(batch_size)
         if b in self.programs or not self.background or self.is_cached(batch_size):
             return True
         process = self.compiling.get(b)
@@ -403,7 +409,7 @@ class CompiledDecoder:
 
     def program(self, batch_size: int) -> LoadedProgram:
         """The program for this batch size, loading or compiling it on first use."""
-        b = None if self.dynamic_batch else batch_size
+        b = self.program_batch(batch_size)
         if b not in self.programs:
             path = self.path(batch_size)
             if not (path.exists() and path.with_suffix(".json").exists()):

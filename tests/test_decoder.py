@@ -140,7 +140,7 @@ def programs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def dense(programs):
-    """A dense model and its compiled decoder (compiled once here, for every batch size)."""
+    """A dense model and its compiled decoder (its program for one sequence compiled here)."""
     model = trained(0)
     decoder = CompiledDecoder(model, directory=programs)
     decoder.program(1)
@@ -156,7 +156,9 @@ def test_compiled_step_equals_eager(dense):
     prompts = [ids[0, 4:].tolist(), ids[1].tolist()]
     assert generate(model, prompts, 40, decode=decoder) == generate(model, prompts, 40)  # the cache grows
     assert generate(model, prompts[:1], 20, decode=decoder) == generate(model, prompts[:1], 20)
-    assert decoder.compiled == 1 and len(list(decoder.directory.glob("*.pt2"))) == 1  # one program, any batch
+    # two programs: one sequence (matrix-vector products), and any other batch
+    assert decoder.compiled == 2 and len(list(decoder.directory.glob("*.pt2"))) == 2
+    assert set(decoder.programs) == {1, None} and decoder.program_batch(7) is None
 
 
 @pytest.mark.slow
