@@ -449,9 +449,9 @@ def choose_decoder(model: Qwen3NextForCausalLM, compile: str, new_tokens: int, b
     """The decoding step for --compile yes | no | auto. auto: the compiled step where a C++ compiler is
     at hand and its program is on disk already, or the run is long enough to pay for compiling it
     (`new_tokens` >= COMPILE_MIN_TOKENS); else the eager step, or with `background` (a server) the
-    compiled step made in another process while the eager one serves. yes: compile now if needed (and
-    with `background`, an MoE model's other batch sizes aside). A compile that fails is a UserError
-    with yes, a note and the eager step with auto."""
+    compiled step made in another process while the eager one serves. yes: compile now if needed (with
+    `background`, a dense model's program for any batch too; an MoE model's other batch sizes aside). A
+    compile that fails is a UserError with yes, a note and the eager step with auto."""
     if compile == "no" or (compile == "auto" and not compiler_available(model.device)):
         return decode_one_token
     if not compiler_available(model.device):
@@ -461,6 +461,8 @@ def choose_decoder(model: Qwen3NextForCausalLM, compile: str, new_tokens: int, b
     if compile == "yes" or decoder.is_cached(batch_size) or new_tokens >= COMPILE_MIN_TOKENS:
         try:
             decoder.program(batch_size)
+            if compile == "yes" and background and decoder.program_batch(2) is None:
+                decoder.program(2)  # a server's batches of several rows
         except Exception as e:
             first = (str(e).strip().splitlines() or [""])[0]
             message = f"could not compile the decoding step: {type(e).__name__}: {first}"

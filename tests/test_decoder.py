@@ -187,6 +187,21 @@ def test_the_program_serves_another_checkpoint_of_the_same_shape(dense, programs
 
 @pytest.mark.slow
 @needs_compiler
+def test_a_server_makes_both_programs_of_a_dense_model_before_it_serves(dense, programs, monkeypatch):
+    """`--mode serve --compile`: the program for one client and the one for any other batch are both
+    ready (compiled or found on disk) before the server listens; `generate --compile` makes only the
+    one it runs."""
+    from sakimi_next import decoder as decoder_module
+    from sakimi_next.decoder import choose_decoder
+
+    model, _ = dense
+    monkeypatch.setattr(decoder_module, "cache_dir", lambda: programs)
+    assert set(choose_decoder(model, "yes", 0, background=True).programs) == {1, None}
+    assert set(choose_decoder(model, "yes", 10).programs) == {1}
+
+
+@pytest.mark.slow
+@needs_compiler
 def test_engine_with_the_compiled_step(dense):
     """`--mode serve`: 8 concurrent greedy requests through the compiled step (a batch that grows and
     shrinks) get what each gets alone from the eager step."""
@@ -233,16 +248,43 @@ def test_moe_int8_compiled_in_the_background(programs):
     assert len(list((programs / "moe").glob("*.pt2"))) == 1
 
 
+@contextlib.contextmanager
+def router_margins(model):
+    """A list that gets, for every routed step, the smallest gap in any layer between the k-th chosen
+    expert's router logit and the best one left out."""
+    margins = []
+
+    def record(router, inputs, out):
+        top = out[0].float().topk(router.top_k + 1, dim=-1).values
+        margins.append(float((top[:, -2] - top[:, -1]).min()))
+    hooks = [m.gate.register_forward_hook(record) for m in model.modules() if isinstance(m, SparseMoeBlock)]
+    try:
+        yield margins
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 @torch.inference_mode()
-def compare_steps_one_row(model, decode, steps: int = 12) -> None:
+def compare_steps_one_row(model, decode, steps: int = 12, near_tie: float = 0.05) -> None:
+    """As `compare_steps` for one row of an int8 MoE model: logits within bfloat16 rounding, except at a
+    step where the eager routing was a near tie (a gap under `near_tie` between the last chosen expert
+    and the next), which the compiled step's own rounding may break the other way."""
     ids = torch.randint(1, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(3))
     caches = [model.new_cache(1, capacity=8) for _ in range(2)]
     token = prefill(model, ids, None, caches[0]).argmax(-1)
     prefill(model, ids, None, caches[1])
-    for _ in range(steps):
-        eager, other = decode_one_token(model, token, caches[0]), decode(model, token, caches[1])
-        torch.testing.assert_close(other, eager, rtol=0.05, atol=0.05 * float(eager.abs().max()))
-        token = eager.argmax(-1)
+    compared = 0
+    with router_margins(model) as margins:
+        for _ in range(steps):
+            margins.clear()
+            eager = decode_one_token(model, token, caches[0])
+            other = decode(model, token, caches[1])
+            if min(margins) >= near_tie:
+                torch.testing.assert_close(other, eager, rtol=0.05, atol=0.05 * float(eager.abs().max()))
+                compared += 1
+            token = eager.argmax(-1)
+    assert compared >= steps * 2 // 3
 
 
 def test_a_background_compile_ends_with_the_process_that_asked_for_it(tmp_path):
