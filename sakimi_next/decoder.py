@@ -9,7 +9,8 @@ exported (`torch.export`) and compiled by AOTInductor into one C++ function, cal
 - **One program per model, batch size and tokens per step**: the capacity is a dynamic dimension (a
   growing cache does not recompile). A dense model has two: one for a single sequence, whose products
   of one row are traced as matrix-vector reductions (`kernels.linear.traced_matvec`, ~2x MKL's `mm` of
-  one row), and one whose batch size is dynamic too, for every other batch (a server's). An MoE
+  one row; so are an MoE program's, up to 8 rows), and one whose batch size is dynamic too, for every
+  other batch (a server's). An MoE
   model's step reads its chosen experts' ids as data (`moe.Experts.step`) with one product per (row,
   choice), so its batch size is fixed per program.
 - **Kept on disk** (`~/.cache/sakimi-next/decode`, or $SAKIMI_CACHE_DIR): the next run loads it in well

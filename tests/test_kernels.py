@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from sakimi_next.kernels import chunk_gated_delta_rule, recurrent_gated_delta_rule, recurrent_step
 from sakimi_next.kernels.conv import causal_conv1d, causal_conv1d_step, conv_taps, update_window
-from sakimi_next.kernels.linear import StepLinear, step_linear
+from sakimi_next.kernels.linear import TRACED_ROWS_MAX, StepLinear, step_linear
 
 
 def make_inputs(B, T, Hk, H, K, V, gate, seed=0, dtype=torch.float64):
@@ -262,17 +262,22 @@ def _exported_products(x: torch.Tensor, w: torch.Tensor, dynamic_rows: bool):
     return ops, exported
 
 
-def test_a_traced_step_of_one_row_multiplies_as_a_reduction():
-    """Traced for one sequence (a compiled decoding step of batch 1), a float32 product of one row is a
-    product summed over the inputs (inductor's own kernel, threaded over the weight's rows) and computes
-    F.linear to float32 rounding; a program for any batch keeps the matmul. Eagerly it is F.linear."""
+@pytest.mark.parametrize("rows", [1, 4])
+def test_a_traced_step_of_a_few_rows_multiplies_as_a_reduction(rows):
+    """Traced for one sequence (a compiled decoding step of batch 1, or a speculative verification pass
+    of a few tokens), a float32 product of a few rows is a product summed over the inputs (inductor's own
+    kernel, threaded over the weight's rows) and computes F.linear to float32 rounding; more rows, and a
+    program for any batch, keep the matmul. Eagerly it is F.linear."""
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(384, 256, generator=gen)
-    one = torch.randn(1, 1, 256, generator=gen)
-    assert torch.equal(step_linear(one, w), F.linear(one, w))
-    ops, exported = _exported_products(one, w, dynamic_rows=False)
+    few = torch.randn(1, rows, 256, generator=gen)
+    assert torch.equal(step_linear(few, w), F.linear(few, w))
+    ops, exported = _exported_products(few, w, dynamic_rows=False)
     assert "aten.sum.dim_IntList" in ops and not any("mm" in op or "linear" in op for op in ops)
-    torch.testing.assert_close(exported.module()(one, w), F.linear(one, w), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(exported.module()(few, w), F.linear(few, w), rtol=1e-5, atol=1e-5)
+    many = torch.randn(1, TRACED_ROWS_MAX + 1, 256, generator=gen)
+    ops, _ = _exported_products(many, w, dynamic_rows=False)
+    assert any("linear" in op or "mm" in op for op in ops) and "aten.sum.dim_IntList" not in ops
     rows = torch.randn(4, 1, 256, generator=gen)
     ops, exported = _exported_products(rows, w, dynamic_rows=True)
     assert any("linear" in op or "mm" in op for op in ops) and "aten.sum.dim_IntList" not in ops

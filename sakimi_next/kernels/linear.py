@@ -29,7 +29,10 @@ the inputs: inductor makes it a reduction kernel of its own that splits the weig
 threads, where its `mm` of one row runs MKL's on one core whatever the threads. tiny_10m's step matrices,
 one row each, on the AVX2 EPYC: 4.4 ms as `F.linear` at 1 or 2 threads, 4.8 ms as inductor's `mm`, 3.5 ms
 as this reduction at 1 thread and 2.2 ms at 2 (17 GB/s; llama.cpp's f32 streams ~16). For int8 the same
-reduction was 6.5 ms against `_weight_int8pack_mm`'s 1.0, so int8 keeps the op.
+reduction was 6.5 ms against `_weight_int8pack_mm`'s 1.0, so int8 keeps the op. A few rows (a
+verification pass of speculative decoding) take the same kernel: MKL's `mm` of 2 to 8 rows was slower
+still than its one row (e.g. 9.2 ms against 2.8 on 2 rows of matrices that stay in the cache, where the
+reduction took 0.74 ms).
 """
 
 from __future__ import annotations
@@ -56,22 +59,25 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(w / scale[..., None]).clamp_(-127, 127).to(torch.int8), scale
 
 
-def one_traced_row(x: torch.Tensor) -> bool:
-    """Whether `x` [..., in] is one row, known as a constant while it is traced (a program for one
-    sequence; a dynamic batch's rows are symbolic)."""
+TRACED_ROWS_MAX = 8  # a speculative verification pass of one sequence: the draft and the token before it
+
+
+def few_traced_rows(x: torch.Tensor) -> bool:
+    """Whether `x` [..., in] has at most TRACED_ROWS_MAX rows, known as a constant while it is traced (a
+    program for one sequence; a dynamic batch's rows are symbolic)."""
     lead = x.shape[:-1]
-    return all(isinstance(d, int) for d in lead) and math.prod(lead) == 1
+    return all(isinstance(d, int) for d in lead) and math.prod(lead) <= TRACED_ROWS_MAX
 
 
 def traced_matvec(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [..., in] (one row) @ weight.T -> [..., out], as inductor should compile it (see above)."""
+    """x [..., in] (a few rows) @ weight.T -> [..., out], as inductor should compile it (see above)."""
     return (x.unsqueeze(-2) * weight).sum(-1)
 
 
 def step_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """F.linear(x, weight), as `traced_matvec` in a compiled float32 CPU step of one row."""
+    """F.linear(x, weight), as `traced_matvec` in a compiled float32 CPU step of a few rows."""
     if (torch.compiler.is_compiling() and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
-            and one_traced_row(x)):
+            and few_traced_rows(x)):
         return traced_matvec(x, weight)
     return F.linear(x, weight)
 
