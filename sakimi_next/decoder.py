@@ -9,10 +9,10 @@ exported (`torch.export`) and compiled by AOTInductor into one C++ function, cal
 - **One program per model, batch size and tokens per step**: the capacity is a dynamic dimension (a
   growing cache does not recompile). A dense model has two: one for a single sequence, whose products
   of one row are traced as matrix-vector reductions (`kernels.linear.traced_matvec`, ~2x MKL's `mm` of
-  one row; so are an MoE program's, up to 8 rows), and one whose batch size is dynamic too, for every
-  other batch (a server's). An MoE
-  model's step reads its chosen experts' ids as data (`moe.Experts.step`) with one product per (row,
-  choice), so its batch size is fixed per program.
+  one row; so are those of any program with up to 8 fixed rows: a verification pass of several tokens,
+  an MoE program's small batch), and one whose batch size is dynamic too, for every other batch (a
+  server's). An MoE model's step reads its chosen experts' ids as data (`moe.Experts.step`) with one
+  product per (row, choice), so its batch size is fixed per program.
 - **Kept on disk** (`~/.cache/sakimi-next/decode`, or $SAKIMI_CACHE_DIR): the next run loads it in well
   under a second. The key holds everything that shapes the code (the config, the weights' format and
   dtype, batch size, torch, the thread count, the CPU's instruction set, this package's source), not the
@@ -462,7 +462,7 @@ def choose_decoder(model: Qwen3NextForCausalLM, compile: str, new_tokens: int, b
     if compile == "yes" or decoder.is_cached(batch_size) or new_tokens >= COMPILE_MIN_TOKENS:
         try:
             decoder.program(batch_size)
-            if compile == "yes" and background and decoder.program_batch(2) is None:
+            if compile == "yes" and background and decoder.dynamic_batch:
                 decoder.program(2)  # a server's batches of several rows
         except Exception as e:
             first = (str(e).strip().splitlines() or [""])[0]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.optim._muon import _adjust_lr  # Muon's step size for a matrix's shape
 
 from .distributed import native_bf16, plain_module
 from .model import GatedDeltaNet, RMSNorm
@@ -106,6 +107,10 @@ class Float32Muon(torch.optim.Muon):
 
     @torch.no_grad()
     def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         for group in self.param_groups:
             params, grads, buffers = [], [], []
             self._init_group(group, params, grads, buffers)
@@ -115,15 +120,8 @@ class Float32Muon(torch.optim.Muon):
                 update = grad.lerp(buffer, momentum) if group["nesterov"] else buffer
                 update = newton_schulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"])
                 p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(update, alpha=-group["lr"] * muon_lr_ratio(group["adjust_lr_fn"], p.shape))
-
-
-def muon_lr_ratio(adjust_lr_fn: str | None, shape: torch.Size) -> float:
-    """Muon's step size relative to the learning rate, as torch's `_adjust_lr` makes it."""
-    rows, cols = shape[:2]
-    if adjust_lr_fn == "match_rms_adamw":
-        return 0.2 * math.sqrt(max(rows, cols))
-    return math.sqrt(max(1, rows / cols))
+                p.add_(update, alpha=-_adjust_lr(group["lr"], group["adjust_lr_fn"], p.shape))
+        return loss
 
 
 class MuonWithAdamW:

@@ -187,6 +187,26 @@ def test_the_program_serves_another_checkpoint_of_the_same_shape(dense, programs
 
 @pytest.mark.slow
 @needs_compiler
+def test_a_program_of_several_tokens_a_step_equals_the_eager_pass(dense, programs):
+    """A speculative verification pass compiled (one sequence, 3 tokens a step, so its products of 3 rows
+    are traced as reductions): the eager pass's logits for every position, as the cache grows."""
+    model, _ = dense
+    decoder = CompiledDecoder(model, tokens_per_step=3, directory=programs)
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(1, model.config.vocab_size, (1, 6), generator=gen)
+    caches = [model.new_cache(1, capacity=8) for _ in range(2)]
+    with torch.inference_mode():
+        for cache in caches:
+            prefill(model, ids, None, cache)
+        for _ in range(4):
+            tokens = torch.randint(1, model.config.vocab_size, (1, 3), generator=gen)
+            eager = model.step_logits(model.decode_hidden(tokens, caches[0]))
+            torch.testing.assert_close(decoder(model, tokens.view(-1), caches[1]), eager, rtol=1e-5, atol=1e-5)
+    assert caches[1].length == caches[0].length == 6 + 4 * 3 and set(decoder.programs) == {1}
+
+
+@pytest.mark.slow
+@needs_compiler
 def test_a_server_makes_both_programs_of_a_dense_model_before_it_serves(dense, programs, monkeypatch):
     """`--mode serve --compile`: the program for one client and the one for any other batch are both
     ready (compiled or found on disk) before the server listens; `generate --compile` makes only the
