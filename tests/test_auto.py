@@ -66,7 +66,11 @@ def test_prepare_with_whole_characters(tmp_path, capsys):
     assert main(["--mode", "prepare_data", "--train-data", str(corpus), "--out-dir", str(data),
                  "--whole-characters"]) == 0
     assert "up to date" in capsys.readouterr().out
+    assert auto.WHOLE_CHARACTERS  # --config auto's default: the same folder, the same settings
     assert main(["--mode", "prepare_data", "--train-data", str(corpus), "--out-dir", str(data)]) == 0
+    assert "up to date" in capsys.readouterr().out
+    assert main(["--mode", "prepare_data", "--train-data", str(corpus), "--out-dir", str(data),
+                 "--no-whole-characters"]) == 0
     assert "training byte-level BPE, vocab 512 (the training data or settings changed" in capsys.readouterr().out
     assert load_meta(data)["vocab_size"] == 512 and "whole_characters" not in load_meta(data)["settings"]
 
