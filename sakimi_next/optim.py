@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.optim._muon import _adjust_lr  # Muon's step size for a matrix's shape
 
 from .distributed import native_bf16, plain_module
 from .model import GatedDeltaNet, RMSNorm
@@ -99,7 +98,15 @@ def newton_schulz(update: torch.Tensor, coefficients: tuple[float, float, float]
     return (x.T if tall else x).to(update.dtype)
 
 
-class Float32Muon(torch.optim.Muon):
+# torch < 2.9 has no Muon (muon_with_adamw refuses it, auto.optimizer picks AdamW): the class below is
+# then defined on Optimizer only so that this module imports, and is never built
+try:
+    from torch.optim._muon import _adjust_lr  # Muon's step size for a matrix's shape
+except ImportError:
+    _adjust_lr = None
+
+
+class Float32Muon(getattr(torch.optim, "Muon", torch.optim.Optimizer)):
     """`torch.optim.Muon` with its Newton-Schulz iterations in float32, for a CPU without bfloat16
     arithmetic (AVX2, no AVX512-BF16 or AMX), which torch's bfloat16 iterations run emulated: on such a
     2-core EPYC they took 17.6 of the 20.9 s of a tiny_10m training step. The same state (a momentum buffer

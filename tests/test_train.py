@@ -370,9 +370,38 @@ def test_muon_orthogonalises_in_float32_where_bf16_is_emulated(monkeypatch, bf16
         torch.testing.assert_close(a, b, rtol=0, atol=2e-3)
     theirs_opt.load_state_dict(ours_opt.state_dict())
     ours_opt.load_state_dict(theirs_opt.state_dict())
+    before = [p.detach().clone() for p in ours]
+    assert ours_opt.step(lambda: torch.tensor(7.0)) == 7.0  # a closure's loss comes back, as from any optimizer
+    assert all(not torch.equal(a, b) for a, b in zip(ours, before))
     g = torch.randn(40, 24, dtype=torch.float64)
     singular = torch.linalg.svdvals(optim.newton_schulz(g, (3.4445, -4.7750, 2.0315), 5, 1e-7))
     assert singular.dtype == torch.float64 and 0.5 < singular.min() and singular.max() < 1.3
+
+
+NO_MUON = """
+import sys, torch, torch.optim
+del torch.optim.Muon
+sys.modules["torch.optim._muon"] = None  # what torch < 2.9 lacks
+from sakimi_next import auto, cli, optim, train
+from sakimi_next.config import preset
+from sakimi_next.model import Qwen3NextForCausalLM
+from sakimi_next.util import UserError
+model = Qwen3NextForCausalLM(preset("tiny_5m"))
+assert auto.optimizer() == "adamw"
+optim.build_optimizer(model, 1e-3, 0.1, (0.9, 0.95), kind="adamw").step()
+try:
+    optim.build_optimizer(model, 1e-3, 0.1, (0.9, 0.95), kind="muon")
+except UserError as e:
+    print(e)
+"""
+
+
+def test_a_torch_without_muon_imports_trains_with_adamw_and_refuses_muon_in_one_line():
+    """pyproject allows torch >= 2.5; torch.optim.Muon came in 2.9: the package imports without it, --config
+    auto takes AdamW, and --optimizer muon is one clear error."""
+    run = subprocess.run([sys.executable, "-c", NO_MUON], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == f"--optimizer muon needs torch >= 2.9 (torch.optim.Muon); this is {torch.__version__}"
 
 
 def test_every_optimizer_of_the_registry_builds_and_steps():
