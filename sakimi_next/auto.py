@@ -1,5 +1,6 @@
 """`--config auto` (the default of prepare_data and of a fresh training run): sizes the run from the
-corpus and the time budget, by a rule measured on this project's runs (README, "Choosing the size").
+corpus and the time budget, by a rule measured on this project's runs (docs/training.md, "Sized from the
+text"; docs/log.md, "How `--config auto` was chosen").
 
     validation   prepare_data holds out 2% of a text, but at least 20 KB and at most 10% (10% up to 200 KB,
                  2% from 1 MB): every byte held out is one the model does not learn from, and 20 KB still
@@ -16,7 +17,11 @@ corpus and the time budget, by a rule measured on this project's runs (README, "
                  or none of those merges (curly quotes: 2 to 4), which the rounding absorbs: Tiny
                  Shakespeare, the King James Bible and WikiText-2 get the same vocabulary and the very
                  same tokenizer
-    model        tiny_10m's trunk (8 layers, hidden 256), its vocabulary the tokenizer's
+    model        tiny_10m's trunk (8 layers, hidden 256), its vocabulary the tokenizer's, where the budget
+                 lets it read the text 5.5 times at the prior speed (or no budget is given); else 4 of
+                 its layers (three Gated DeltaNet, one attention), which take ~1.9x the steps. 20 minutes,
+                 the same day, 8 -> 4 layers held out: 红楼梦 1.909 -> 1.869, cmn_eng 1.874 -> 1.845,
+                 Tiny Shakespeare 2.077 -> 2.061 (a 1 MB text: 8 layers read it 3.5 times here)
     batch        2,048 tokens a step: 4 windows of 512 tokens, each after a 1,024-token lead-in (read
                  without gradient), where the text can spare them; 8 x 256 and no lead-in for a text under
                  ~15,000 tokens. The model is used on long texts read in one pass (eval's carried state,
@@ -38,7 +43,8 @@ corpus and the time budget, by a rule measured on this project's runs (README, "
                  0.05-0.15 on the validation split (a 3e-3 run's saved weights, averaged afterwards)
 
     length       a time budget (--max-minutes without --steps) stops at 5.5 passes over the text: more
-                 passes, a wider model or more dropout all scored worse on held-out text
+                 passes, a wider model or more dropout all scored worse on held-out text; 10 passes for
+                 4 layers (Tiny Shakespeare: 2.086 stopped at 5.5, 2.061 at 6.8 when the 20 minutes ended)
 
 The budget enters through the number of passes: the steps a budgeted run plans from the speed it measures
 on this machine (budget.py) x the tokens of a step / training tokens (`measured_choices`). Before that
@@ -56,7 +62,7 @@ from .settings import AUTO_PRESET
 from .tokenizer import character_tokens, frequent_characters
 
 NAME = AUTO_PRESET
-TRUNK = "tiny_10m"
+TRUNK, TRUNK_LAYERS = "tiny_10m", 8
 BYTES_PER_VOCAB_ENTRY = 1000
 VOCAB_RANGE = (512, 8192)
 # The tokenizer of --config auto: whole characters first (tokenizer.py), or byte-level BPE alone
@@ -70,18 +76,24 @@ DEFAULTS = dict(learning_rate=2e-3, warmup_steps=100, steps=5000, ema=0.1)
 # (batch, window, lead-in): windows that continue a longer text (LONG_CONTEXT) where the text has tokens to
 # spare (10 x a window with its lead-in), cold 8 x 256 windows otherwise. Both are 2,048 tokens a step.
 # A model trained on cold 256-token windows does worse on a long text read in one pass (eval's carried
-# state) than on short windows: its attention never saw more than 256 keys (README, "Quality in a fixed time")
+# state) than on short windows: its attention never saw more than 256 keys (docs/log.md)
 LONG_CONTEXT = dict(batch_size=4, seq_len=512, lead_in=1024)
 SHORT_CONTEXT = dict(batch_size=8, seq_len=256, lead_in=0)
 TOKENS_PER_STEP = 2048
 DROPOUT_BY_PASSES = ((1.0, 0.0), (4.0, 0.1), (float("inf"), 0.2))  # (passes up to, dropout)
 # AdamW's decoupled weight decay (each step shrinks the matrices by learning rate x decay): with several
-# passes, far stronger than the usual 0.1 (README, "Quality in a fixed time")
+# passes, far stronger than the usual 0.1 (docs/log.md)
 WD_ONE_PASS, WD_MANY = 0.1, 2.0
 # A budget that allows more passes over the text ends early: on Tiny Shakespeare 5.5 passes gave a
-# better held-out loss than 9 or 10 (with dropout 0.2 or 0.3) or a wider model (README, "Quality in a
-# fixed time")
+# better held-out loss than 9 or 10 (with dropout 0.2 or 0.3) or a wider model (docs/log.md)
 MAX_PASSES = 5.5
+# A budget too short for the whole trunk to read the text the MAX_PASSES times it stops at (at the prior
+# speed) trains half of its layers (three Gated DeltaNet, one attention): they train SHALLOW_SPEEDUP x
+# the tokens a second, read the text about twice as often, and stop at SHALLOW_MAX_PASSES. 20 minutes,
+# held out: 红楼梦 1.909 -> 1.869, Chinese-English pairs 1.874 -> 1.845, Tiny Shakespeare 2.077 -> 2.061
+# (2.086 when the half trunk also stopped at 5.5 passes; docs/benchmarks.md, "Half the trunk")
+SHALLOW_LAYERS, SHALLOW_SPEEDUP, SHALLOW_MAX_PASSES = 4, 1.9, 10.0
+DEEP_MIN_PASSES = MAX_PASSES
 
 
 VAL_SHARE, VAL_MIN_BYTES, VAL_MAX_SHARE = 0.02, 20_000, 0.1
@@ -93,9 +105,11 @@ def val_fraction(train_bytes: int) -> float:
     return min(VAL_MAX_SHARE, max(VAL_SHARE, VAL_MIN_BYTES / max(1, train_bytes)))
 
 
-def max_steps(train_tokens: int, tokens_per_step: int) -> int:
-    """The steps of a time-budgeted run stop at MAX_PASSES over the training tokens."""
-    return max(1, int(MAX_PASSES * train_tokens / tokens_per_step))
+def max_steps(train_tokens: int, tokens_per_step: int, depth: int = TRUNK_LAYERS) -> int:
+    """The steps of a time-budgeted run stop at MAX_PASSES over the training tokens (a trunk of fewer
+    layers than TRUNK_LAYERS: SHALLOW_MAX_PASSES)."""
+    cap = MAX_PASSES if depth >= TRUNK_LAYERS else SHALLOW_MAX_PASSES
+    return max(1, int(cap * train_tokens / tokens_per_step))
 
 
 def vocab_size(train_bytes: int, characters: Mapping[str, int] | None = None) -> int:
@@ -114,16 +128,25 @@ def vocab_size(train_bytes: int, characters: Mapping[str, int] | None = None) ->
     return v
 
 
-def model_config(vocab: int) -> Config:
-    return preset(TRUNK, vocab_size=vocab)
+def model_config(vocab: int, layers: int = TRUNK_LAYERS) -> Config:
+    return preset(TRUNK, vocab_size=vocab, num_hidden_layers=layers)
 
 
-def passes(train_tokens: int, minutes: float | None, device_type: str) -> float:
-    """The passes over the training tokens that `minutes` allow at the prior speed TOKENS_PER_S (no
-    budget: the default step count's)."""
-    tokens = (minutes * 60 * TOKENS_PER_S.get(device_type, TOKENS_PER_S["cpu"]) if minutes
-              else DEFAULTS["steps"] * TOKENS_PER_STEP)
-    return tokens / max(1, train_tokens)
+def layers(train_tokens: int, minutes: float | None, device_type: str) -> int:
+    """The trunk's depth: all TRUNK_LAYERS where the budget lets them read the text DEEP_MIN_PASSES times
+    (or without a budget: the steps are the user's), else SHALLOW_LAYERS."""
+    deep_enough = not minutes or passes(train_tokens, minutes, device_type, TRUNK_LAYERS) >= DEEP_MIN_PASSES
+    return TRUNK_LAYERS if deep_enough else SHALLOW_LAYERS
+
+
+def passes(train_tokens: int, minutes: float | None, device_type: str, depth: int | None = None) -> float:
+    """The passes over the training tokens that `minutes` allow a trunk of `depth` layers (None: the one
+    `layers` picks) at the prior speed TOKENS_PER_S (no budget: the default step count's)."""
+    if not minutes:
+        return DEFAULTS["steps"] * TOKENS_PER_STEP / max(1, train_tokens)
+    depth = depth or layers(train_tokens, minutes, device_type)
+    speed = TOKENS_PER_S.get(device_type, TOKENS_PER_S["cpu"]) * (SHALLOW_SPEEDUP if depth < TRUNK_LAYERS else 1)
+    return minutes * 60 * speed / max(1, train_tokens)
 
 
 def dropout(train_tokens: int, minutes: float | None, device_type: str) -> float:
@@ -156,11 +179,13 @@ def optimizer(fsdp: bool = False) -> str:
     return "muon" if hasattr(torch.optim, "Muon") and not fsdp else "adamw"
 
 
-def describe(h, vocab: int) -> str:
+def describe(h, config: Config) -> str:
     """The line a fresh --config auto run prints: what the rule chose (`h`: ResolvedHyperparameters)."""
-    return (f"--config auto: {TRUNK}'s trunk with vocab {vocab:,}; batch {h.batch_size} x {h.seq_len}, lr "
+    depth = config.num_hidden_layers
+    trunk = f"{TRUNK}'s trunk" + (f" at {depth} of its {TRUNK_LAYERS} layers" if depth != TRUNK_LAYERS else "")
+    return (f"--config auto: {trunk} with vocab {config.vocab_size:,}; batch {h.batch_size} x {h.seq_len}, lr "
             f"{h.learning_rate:g}, dropout {h.dropout:g}, weight decay {h.weight_decay:g}, optimizer {h.optimizer}, "
-            f"lead-in {h.lead_in}, ema {h.ema:g} (see the README's rule)")
+            f"lead-in {h.lead_in}, ema {h.ema:g} (docs/training.md)")
 
 
 def context(train_tokens: int) -> dict:

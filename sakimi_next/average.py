@@ -10,7 +10,7 @@ so step tau weighs tau ** gamma. It averages the same share of the run at every 
 length: no start step, no warm-up, and no state besides the step and the average. H sets that share:
 a step weighs half as much as the current one H of the run before it (gamma = ln 2 / -ln(1 - H)).
 
-Measured on Tiny Shakespeare (README, "Quality in a fixed time"): weights saved every 20 steps of the
+Measured on Tiny Shakespeare (docs/log.md, "Tiny Shakespeare in 20 minutes"): weights saved every 20 steps of the
 20-minute run, averaged this way with H = 0.1, scored 2.054 bits/byte held out against 2.066 for the best
 single checkpoint; a plain mean of the last 5, 10 or 20 saved steps 2.062, 2.058, 2.057.
 """

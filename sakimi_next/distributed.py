@@ -139,7 +139,7 @@ def compile_layers(model: torch.nn.Module) -> None:
 def native_bf16(device: torch.device) -> bool:
     """Whether the device multiplies bf16 in hardware: a CUDA GPU from Ampere on (T4 and V100 only
     emulate it), or a CPU with AVX512-BF16 or AMX, where bf16 autocast trains ~1.5x faster than fp32
-    (README "Quality in a fixed time"). Elsewhere bf16 is emulated and slower."""
+    (docs/log.md, "Tiny Shakespeare in 20 minutes"). Elsewhere bf16 is emulated and slower."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu":

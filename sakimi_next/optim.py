@@ -136,8 +136,8 @@ class MuonWithAdamW:
     iterations) for the 2-D weights of the decoder layers and the MTP block, AdamW for the embedding, the
     output layer, norms, gates' vectors and the conv; one optimiser to the training loop. Muon's step is
     scaled to AdamW's update size (Moonlight's `match_rms_adamw`), so --learning-rate and --weight-decay
-    mean the same for both (README "Quality in a fixed time": Tiny Shakespeare held out 2.118 -> 2.107 at
-    the same weight decay, 2.087-2.101 at the decay of 2.0 it takes).
+    mean the same for both (docs/log.md: Tiny Shakespeare held out 2.118 -> 2.107 at the same weight decay,
+    2.087-2.101 at the decay of 2.0 it takes).
     The checkpoint holds both states (`parts`)."""
 
     def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.AdamW):

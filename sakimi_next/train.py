@@ -408,8 +408,8 @@ def build_run(s: TrainSettings, ddp: Distributed, prepare: Callable[[], object] 
     t_launch = budget.clock()  # a time budget counts from here
     console = Console(ddp.is_main)
     meta, tokenizer = _load_data(s, ddp, prepare)
-    start = _starting_point(s, tokenizer, console)
     data = _open_splits(s.data_dir, meta, tokenizer)
+    start = _starting_point(s, tokenizer, console, len(data.train), ddp.device.type)
     h = _hyperparameters(s, start, data, ddp, console)
     asked = s.compile if s.compile is not None else ((start.state or {}).get("args") or {}).get("compile")
     # a resume keeps its choice
@@ -427,7 +427,8 @@ def build_run(s: TrainSettings, ddp: Distributed, prepare: Callable[[], object] 
     sampler = WindowSampler(data.train, h.seq_len, h.batch_size, h.seed, ddp.rank, ddp.world_size,
                             data.train_mask, h.lead_in, start.config.vocab_size)
     # with --max-minutes and no --steps, the measured speed fixes steps, warm-up and evaluation interval
-    cap = auto.max_steps(len(data.train), h.tokens_per_step(ddp.world_size)) if start.preset == auto.NAME else None
+    cap = (auto.max_steps(len(data.train), h.tokens_per_step(ddp.world_size), start.config.num_hidden_layers)
+           if start.preset == auto.NAME else None)
     plan = _budget_plan(s, h, start.state, (model, train_model, optimizer), sampler, data, autocast, ddp,
                         t_launch, console.log, cap)
     pacer = budget.Pacer.for_run(plan, t_launch, start.state) if plan is not None else None
@@ -441,7 +442,7 @@ def build_run(s: TrainSettings, ddp: Distributed, prepare: Callable[[], object] 
             model.set_dropout(h.dropout, (ddp.rank, ddp.world_size))
             optimizer = _optimizer(model, h, s, start)  # fresh: the measurement's steps left no state
     if start.preset == auto.NAME and start.state is None:
-        console.log(auto.describe(h, start.config.vocab_size))
+        console.log(auto.describe(h, start.config))
     _describe(s, h, ddp, start, data, n_params, kernel, dtype, console.log)
     if ddp.is_main:
         start.out_dir.mkdir(parents=True, exist_ok=True)
@@ -512,8 +513,10 @@ class Start:
     state: dict | None = None
 
 
-def _starting_point(s: TrainSettings, tokenizer: Tokenizer, console: Console) -> Start:
-    """A resumed checkpoint, --init-from weights, or a fresh preset; the model's vocabulary checked."""
+def _starting_point(s: TrainSettings, tokenizer: Tokenizer, console: Console, train_tokens: int,
+                    device_type: str) -> Start:
+    """A resumed checkpoint, --init-from weights, or a fresh preset (--config auto's sized for
+    `train_tokens` and the budget on `device_type`); the model's vocabulary checked."""
     from .data import check_vocab
 
     preset_name = s.preset
@@ -541,7 +544,8 @@ def _starting_point(s: TrainSettings, tokenizer: Tokenizer, console: Console) ->
                                  f"{s.data_dir} was tokenized with another tokenizer than the model at {s.init_from}",
                                  f"; prepare the data with --tokenizer {init_tok}")
     elif preset_name in (None, auto.NAME):  # --config auto, the default of a fresh run
-        start = Start(auto.NAME, auto.model_config(tokenizer.vocab_size), out_dir)
+        layers = auto.layers(train_tokens, s.max_minutes, device_type)
+        start = Start(auto.NAME, auto.model_config(tokenizer.vocab_size, layers), out_dir)
     else:
         start = Start(preset_name, check_vocab(preset(preset_name), tokenizer, s.allow_vocab_mismatch), out_dir)
     if start.config.vocab_size < tokenizer.vocab_size:

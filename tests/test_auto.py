@@ -76,20 +76,44 @@ def test_prepare_with_whole_characters(tmp_path, capsys):
 
 
 def test_dropout_follows_the_passes_the_budget_allows():
+    assert [auto.dropout_for(p) for p in (0.5, 1.0, 3.0, 4.0, 6.0)] == [0.0, 0.0, 0.1, 0.1, 0.2]
     cpu = auto.TOKENS_PER_S["cpu"]
-    assert auto.dropout(10 * 60 * cpu, 10, "cpu") == 0.0  # one pass
-    assert auto.dropout(10 * 60 * cpu // 3, 10, "cpu") == 0.1  # three
-    assert auto.dropout(10 * 60 * cpu // 6, 10, "cpu") == 0.2  # six
+    tokens = int(60 * 60 * cpu / 3)  # an hour: the whole trunk reads them three times, half of it ~5.7
+    assert auto.dropout(tokens, 60, "cpu") == auto.dropout_for(3 * auto.SHALLOW_SPEEDUP) == 0.2
+    assert auto.dropout(tokens, 600, "cpu") == 0.2  # thirty: all the layers, and the most dropout
+    assert auto.dropout(tokens * 100, 60, "cpu") == 0.0  # well under one pass
     assert auto.dropout(100_000_000, None, "cpu") == 0.0  # no budget: the default steps, under one pass
     assert auto.training_defaults(1000, 1, "cpu")["learning_rate"] == 2e-3
 
 
 def test_weight_decay_follows_the_passes_the_budget_allows():
+    assert [auto.weight_decay_for(p) for p in (0.5, 1.0, 1.5, 6.0)] == [0.1, 0.1, auto.WD_MANY, auto.WD_MANY]
     cpu = auto.TOKENS_PER_S["cpu"]
-    assert auto.weight_decay(10 * 60 * cpu, 10, "cpu") == 0.1  # one pass: the usual
-    assert auto.weight_decay(10 * 60 * cpu // 3, 10, "cpu") == auto.WD_MANY > 0.1  # three
-    assert auto.training_defaults(10 * 60 * cpu // 6, 10, "cpu")["weight_decay"] == auto.WD_MANY
+    tokens = int(60 * 60 * cpu / 3)
+    assert auto.weight_decay(tokens * 100, 60, "cpu") == 0.1  # well under one pass: the usual
+    assert auto.weight_decay(tokens, 60, "cpu") == auto.WD_MANY > 0.1  # several
+    assert auto.training_defaults(tokens, 600, "cpu")["weight_decay"] == auto.WD_MANY
     assert auto.weight_decay(100_000_000, None, "cpu") == 0.1
+
+
+def test_depth_follows_the_passes_the_budget_allows():
+    """All of the trunk's layers where the budget lets them read the text DEEP_MIN_PASSES times at the
+    prior speed, else half of them, which read it SHALLOW_SPEEDUP times as often."""
+    cpu = auto.TOKENS_PER_S["cpu"]
+    enough = int(20 * 60 * cpu / auto.DEEP_MIN_PASSES)  # the most tokens 20 minutes read often enough
+    assert auto.layers(enough, 20, "cpu") == auto.TRUNK_LAYERS == 8
+    assert auto.layers(enough + 1, 20, "cpu") == auto.SHALLOW_LAYERS == 4
+    assert auto.layers(enough + 1, 40, "cpu") == 8  # a longer budget: the whole trunk
+    assert auto.layers(10**9, None, "cpu") == 8  # no budget: the steps are the user's
+    assert auto.layers(enough * 60, 20, "cuda") == 8  # a GPU reads far more in the same minutes
+    shallow = auto.DEEP_MIN_PASSES / 2 * auto.SHALLOW_SPEEDUP
+    assert auto.passes(2 * enough, 20, "cpu") == pytest.approx(shallow, rel=1e-4)
+    assert auto.passes(2 * enough, 20, "cpu", depth=8) == pytest.approx(auto.DEEP_MIN_PASSES / 2, rel=1e-4)
+    # dropout and weight decay follow the passes of the trunk that trains
+    assert auto.dropout(2 * enough, 20, "cpu") == auto.dropout_for(auto.DEEP_MIN_PASSES / 2 * auto.SHALLOW_SPEEDUP)
+    config = auto.model_config(1024, 4)
+    assert (config.num_hidden_layers, config.hidden_size, config.vocab_size) == (4, 256, 1024)
+    assert config.layer_types == ["linear_attention"] * 3 + ["full_attention"]  # still 3:1
 
 
 def test_default_run_is_auto(tmp_path, capsys):
@@ -117,6 +141,13 @@ def test_default_run_is_auto(tmp_path, capsys):
                  "--optimizer", "adamw"]) == 0
     state = json.loads((ckpt.find_latest(tmp_path / "run2") / ckpt.STATE_FILE).read_text())
     assert (state["args"]["dropout"], state["args"]["weight_decay"], state["args"]["optimizer"]) == (0.0, 0.1, "adamw")
+    # a budget too short for the whole trunk to read the text often: half of its layers, and resuming keeps them
+    budget = [*args, "--out-dir", str(tmp_path / "run3"), "--max-minutes", "1"]
+    assert main(budget) == 0
+    assert "--config auto: tiny_10m's trunk at 4 of its 8 layers with vocab 512" in capsys.readouterr().out
+    assert json.loads((ckpt.find_latest(tmp_path / "run3") / "config.json").read_text())["num_hidden_layers"] == 4
+    assert main([*budget, "--steps", "2", "--resume-from", "auto"]) == 0
+    assert json.loads((ckpt.find_latest(tmp_path / "run3") / "config.json").read_text())["num_hidden_layers"] == 4
 
 
 def test_the_pass_cap_in_steps():
@@ -124,6 +155,7 @@ def test_the_pass_cap_in_steps():
 
     assert auto.max_steps(345_299, 8 * 256) == 927  # Tiny Shakespeare at 8 x 256 (the README's run)
     assert auto.max_steps(10, 2048) == 1  # at least one step
+    assert auto.max_steps(376_059, 2048, depth=4) == 1836  # half the trunk: 10 passes
 
 
 def test_long_windows_and_lead_in_need_text_to_spare():
