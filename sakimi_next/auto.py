@@ -94,7 +94,6 @@ MAX_PASSES = 5.5
 # held out: 红楼梦 1.909 -> 1.869, Chinese-English pairs 1.874 -> 1.845, Tiny Shakespeare 2.077 -> 2.061
 # (2.086 when the half trunk also stopped at 5.5 passes; docs/benchmarks.md, "Half the trunk")
 SHALLOW_LAYERS, SHALLOW_SPEEDUP, SHALLOW_MAX_PASSES = 4, 1.9, 10.0
-DEEP_MIN_PASSES = MAX_PASSES
 
 
 VAL_SHARE, VAL_MIN_BYTES, VAL_MAX_SHARE = 0.02, 20_000, 0.1
@@ -134,9 +133,9 @@ def model_config(vocab: int, layers: int = TRUNK_LAYERS) -> Config:
 
 
 def layers(train_tokens: int, minutes: float | None, device_type: str) -> int:
-    """The trunk's depth: all TRUNK_LAYERS where the budget lets them read the text DEEP_MIN_PASSES times
+    """The trunk's depth: all TRUNK_LAYERS where the budget lets them read the text MAX_PASSES times
     (or without a budget: the steps are the user's), else SHALLOW_LAYERS."""
-    deep_enough = not minutes or passes(train_tokens, minutes, device_type, TRUNK_LAYERS) >= DEEP_MIN_PASSES
+    deep_enough = not minutes or passes(train_tokens, minutes, device_type, TRUNK_LAYERS) >= MAX_PASSES
     return TRUNK_LAYERS if deep_enough else SHALLOW_LAYERS
 
 

@@ -97,20 +97,20 @@ def test_weight_decay_follows_the_passes_the_budget_allows():
 
 
 def test_depth_follows_the_passes_the_budget_allows():
-    """All of the trunk's layers where the budget lets them read the text DEEP_MIN_PASSES times at the
+    """All of the trunk's layers where the budget lets them read the text MAX_PASSES times at the
     prior speed, else half of them, which read it SHALLOW_SPEEDUP times as often."""
     cpu = auto.TOKENS_PER_S["cpu"]
-    enough = int(20 * 60 * cpu / auto.DEEP_MIN_PASSES)  # the most tokens 20 minutes read often enough
+    enough = int(20 * 60 * cpu / auto.MAX_PASSES)  # the most tokens 20 minutes read often enough
     assert auto.layers(enough, 20, "cpu") == auto.TRUNK_LAYERS == 8
     assert auto.layers(enough + 1, 20, "cpu") == auto.SHALLOW_LAYERS == 4
     assert auto.layers(enough + 1, 40, "cpu") == 8  # a longer budget: the whole trunk
     assert auto.layers(10**9, None, "cpu") == 8  # no budget: the steps are the user's
     assert auto.layers(enough * 60, 20, "cuda") == 8  # a GPU reads far more in the same minutes
-    shallow = auto.DEEP_MIN_PASSES / 2 * auto.SHALLOW_SPEEDUP
+    shallow = auto.MAX_PASSES / 2 * auto.SHALLOW_SPEEDUP
     assert auto.passes(2 * enough, 20, "cpu") == pytest.approx(shallow, rel=1e-4)
-    assert auto.passes(2 * enough, 20, "cpu", depth=8) == pytest.approx(auto.DEEP_MIN_PASSES / 2, rel=1e-4)
+    assert auto.passes(2 * enough, 20, "cpu", depth=8) == pytest.approx(auto.MAX_PASSES / 2, rel=1e-4)
     # dropout and weight decay follow the passes of the trunk that trains
-    assert auto.dropout(2 * enough, 20, "cpu") == auto.dropout_for(auto.DEEP_MIN_PASSES / 2 * auto.SHALLOW_SPEEDUP)
+    assert auto.dropout(2 * enough, 20, "cpu") == auto.dropout_for(shallow) == 0.2
     config = auto.model_config(1024, 4)
     assert (config.num_hidden_layers, config.hidden_size, config.vocab_size) == (4, 256, 1024)
     assert config.layer_types == ["linear_attention"] * 3 + ["full_attention"]  # still 3:1
