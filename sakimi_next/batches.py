@@ -78,8 +78,8 @@ def read_lead_in(train_model, model: Qwen3NextForCausalLM, lead: torch.Tensor, a
                             dtype=autocast.fast_dtype if isinstance(autocast, torch.autocast) else None)
     was_training = model.training
     model.eval()
-    with torch.no_grad(), autocast:
-        train_model(lead, cache=cache, check_ids=check_ids)
+    with torch.no_grad(), autocast:  # one position's logits: the lead-in's own are never read
+        train_model(lead, cache=cache, check_ids=check_ids, logits_to_keep=1)
     model.train(was_training)
     reshard_fsdp(model)
     return cache
