@@ -23,12 +23,15 @@ text"; docs/log.md, "How `--config auto` was chosen").
                  the same day, 8 -> 4 layers held out: 红楼梦 1.909 -> 1.869, cmn_eng 1.874 -> 1.845,
                  Tiny Shakespeare 2.077 -> 2.061 (a 1 MB text: 8 layers read it 3.5 times here), the
                  King James Bible 1.665 -> 1.604
-    batch        2,048 tokens a step: 4 windows of 512 tokens, each after a 1,024-token lead-in (read
+    batch        2,048 tokens a step: 4 windows of 512 tokens, each after a 512-token lead-in (read
                  without gradient), where the text can spare them; 8 x 256 and no lead-in for a text under
-                 ~15,000 tokens. The model is used on long texts read in one pass (eval's carried state,
+                 ~10,000 tokens. The model is used on long texts read in one pass (eval's carried state,
                  generation): trained on windows that continue a longer text, with attention over up to
-                 1,536 keys, Tiny Shakespeare read in one pass lost 0.013 bits/byte to attention over more
-                 keys than it saw, against 0.024 with 8 x 256 after a 512-token lead-in
+                 1,536 keys (a 1,024-token lead-in), Tiny Shakespeare read in one pass lost 0.013 bits/byte
+                 to attention over more keys than it saw, against 0.024 with 8 x 256 after a 512-token
+                 lead-in. A 512-token lead-in instead of 1,024 takes ~0.8x the time a step: 20 minutes,
+                 4 layers, held out: 红楼梦 1.869 -> 1.846, Tiny Shakespeare 2.061 -> 2.041, Chinese-English
+                 pairs 1.845 -> 1.801
     learning     2e-3 peak, cosine to 2e-4
     dropout      from the passes over the text the budget allows: 0 for one pass or less, 0.1 up to
                  four, 0.2 beyond (the 9.4M-parameter model memorises a 1 MB text after ~3 passes)
@@ -71,14 +74,14 @@ WHOLE_CHARACTERS = True
 VOCAB_ROUNDING, MAX_VOCAB_WITH_CHARACTERS = 256, 16384
 # the prior before measuring (a budgeted run then uses its own measured plan, `measured_choices`): trained
 # tokens/s of the tiny_10m trunk at 2,048 a step (README "Measured": 1,480 on the 2-core CPU at 8 x 256
-# without a lead-in, ~1,700 at 4 x 512 after a 1,024-token lead-in; a GPU is far faster)
+# without a lead-in, ~1,700 at 4 x 512 after a 1,024-token lead-in, more after 512; a GPU is far faster)
 TOKENS_PER_S = {"cpu": 1500, "mps": 5000, "cuda": 100_000}
 DEFAULTS = dict(learning_rate=2e-3, warmup_steps=100, steps=5000, ema=0.1)
 # (batch, window, lead-in): windows that continue a longer text (LONG_CONTEXT) where the text has tokens to
 # spare (10 x a window with its lead-in), cold 8 x 256 windows otherwise. Both are 2,048 tokens a step.
 # A model trained on cold 256-token windows does worse on a long text read in one pass (eval's carried
 # state) than on short windows: its attention never saw more than 256 keys (docs/log.md)
-LONG_CONTEXT = dict(batch_size=4, seq_len=512, lead_in=1024)
+LONG_CONTEXT = dict(batch_size=4, seq_len=512, lead_in=512)
 SHORT_CONTEXT = dict(batch_size=8, seq_len=256, lead_in=0)
 TOKENS_PER_STEP = 2048
 DROPOUT_BY_PASSES = ((1.0, 0.0), (4.0, 0.1), (float("inf"), 0.2))  # (passes up to, dropout)

@@ -160,9 +160,9 @@ def test_the_pass_cap_in_steps():
 
 def test_long_windows_and_lead_in_need_text_to_spare():
     tiny_shakespeare = auto.context(345_299)
-    assert tiny_shakespeare == auto.LONG_CONTEXT == dict(batch_size=4, seq_len=512, lead_in=1024)
-    assert auto.context(15_370) == auto.LONG_CONTEXT
-    assert auto.context(15_369) == auto.SHORT_CONTEXT == dict(batch_size=8, seq_len=256, lead_in=0)
+    assert tiny_shakespeare == auto.LONG_CONTEXT == dict(batch_size=4, seq_len=512, lead_in=512)
+    assert auto.context(10_250) == auto.LONG_CONTEXT
+    assert auto.context(10_249) == auto.SHORT_CONTEXT == dict(batch_size=8, seq_len=256, lead_in=0)
     for c in (auto.LONG_CONTEXT, auto.SHORT_CONTEXT):
         assert c["batch_size"] * c["seq_len"] == auto.TOKENS_PER_STEP  # the passes the rule assumes
 

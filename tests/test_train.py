@@ -484,7 +484,7 @@ def test_old_checkpoints_resume_without_lead_in():
     from sakimi_next.settings import Hyperparameters
 
     fresh = resolve_hyperparameters(Hyperparameters(), None, auto.NAME, 400_000, 20, "cpu")
-    assert (fresh.batch_size, fresh.seq_len, fresh.lead_in) == (4, 512, 1024)  # auto.LONG_CONTEXT
+    assert (fresh.batch_size, fresh.seq_len, fresh.lead_in) == (4, 512, 512)  # auto.LONG_CONTEXT
     short = resolve_hyperparameters(Hyperparameters(), None, auto.NAME, 10_000, 20, "cpu")
     assert (short.batch_size, short.seq_len, short.lead_in) == (8, 256, 0)  # too short to spare a lead-in
     old = {k: v for k, v in vars(fresh).items() if k not in ("lead_in", "ema")}
