@@ -435,7 +435,8 @@ def build_run(s: TrainSettings, ddp: Distributed, prepare: Callable[[], object] 
     if plan is not None:
         h = replace(h, steps=plan.steps, warmup_steps=plan.warmup_steps, eval_every=plan.eval_every)
         # --config auto: the dropout and weight decay for the passes the measured speed allows
-        chosen = auto.measured_choices(len(data.train), plan.steps * h.tokens_per_step(ddp.world_size))
+        chosen = auto.measured_choices(len(data.train), plan.steps * h.tokens_per_step(ddp.world_size),
+                                       start.config.num_hidden_layers)
         chosen = {k: v for k, v in chosen.items() if getattr(s.hyper, k) is None and getattr(h, k) != v}
         if chosen and start.preset == auto.NAME and start.state is None:
             h = replace(h, **chosen)

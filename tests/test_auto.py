@@ -77,9 +77,14 @@ def test_prepare_with_whole_characters(tmp_path, capsys):
 
 def test_dropout_follows_the_passes_the_budget_allows():
     assert [auto.dropout_for(p) for p in (0.5, 1.0, 3.0, 4.0, 6.0)] == [0.0, 0.0, 0.1, 0.1, 0.2]
+    # the half trunk: 0.1 beyond one pass, up to the SHALLOW_MAX_PASSES it stops at
+    shallow = [auto.dropout_for(p, auto.SHALLOW_LAYERS) for p in (0.5, 1.0, 3.0, 6.0, auto.SHALLOW_MAX_PASSES)]
+    assert shallow == [0.0, 0.0, 0.1, 0.1, 0.1]
+    assert auto.measured_choices(1000, 6000)["dropout"] == 0.2  # a measured plan of 6 passes, each trunk its own
+    assert auto.measured_choices(1000, 6000, auto.SHALLOW_LAYERS)["dropout"] == 0.1
     cpu = auto.TOKENS_PER_S["cpu"]
     tokens = int(60 * 60 * cpu / 3)  # an hour: the whole trunk reads them three times, half of it ~5.7
-    assert auto.dropout(tokens, 60, "cpu") == auto.dropout_for(3 * auto.SHALLOW_SPEEDUP) == 0.2
+    assert auto.dropout(tokens, 60, "cpu") == auto.dropout_for(3 * auto.SHALLOW_SPEEDUP, auto.SHALLOW_LAYERS) == 0.1
     assert auto.dropout(tokens, 600, "cpu") == 0.2  # thirty: all the layers, and the most dropout
     assert auto.dropout(tokens * 100, 60, "cpu") == 0.0  # well under one pass
     assert auto.dropout(100_000_000, None, "cpu") == 0.0  # no budget: the default steps, under one pass
@@ -110,7 +115,8 @@ def test_depth_follows_the_passes_the_budget_allows():
     assert auto.passes(2 * enough, 20, "cpu") == pytest.approx(shallow, rel=1e-4)
     assert auto.passes(2 * enough, 20, "cpu", depth=8) == pytest.approx(auto.MAX_PASSES / 2, rel=1e-4)
     # dropout and weight decay follow the passes of the trunk that trains
-    assert auto.dropout(2 * enough, 20, "cpu") == auto.dropout_for(shallow) == 0.2
+    assert auto.dropout(2 * enough, 20, "cpu") == auto.dropout_for(shallow, auto.SHALLOW_LAYERS) == 0.1
+    assert auto.dropout(enough, 20, "cpu") == auto.dropout_for(auto.MAX_PASSES) == 0.2
     config = auto.model_config(1024, 4)
     assert (config.num_hidden_layers, config.hidden_size, config.vocab_size) == (4, 256, 1024)
     assert config.layer_types == ["linear_attention"] * 3 + ["full_attention"]  # still 3:1

@@ -127,7 +127,7 @@ def test_config_auto_stops_a_long_budget_at_its_passes(data_dir, tmp_path, monke
 def test_config_auto_stops_the_half_trunk_at_its_own_passes(data_dir, tmp_path, monkeypatch, capsys):
     """On a machine the prior finds too slow for the whole trunk, --config auto trains half of its layers,
     and a budget that allows more passes stops at the half trunk's cap (SHALLOW_MAX_PASSES), not the
-    whole trunk's."""
+    whole trunk's; its dropout is the half trunk's."""
     from sakimi_next import auto
     from sakimi_next.data import open_split
 
@@ -136,6 +136,7 @@ def test_config_auto_stops_the_half_trunk_at_its_own_passes(data_dir, tmp_path, 
     monkeypatch.setattr(auto, "TOKENS_PER_S", {"cpu": 1e-3})  # the prior: 30 minutes read almost nothing
     monkeypatch.setattr(auto, "MAX_PASSES", 3.5 * step_tokens / train_tokens)  # 3 steps for the whole trunk
     monkeypatch.setattr(auto, "SHALLOW_MAX_PASSES", 6.5 * step_tokens / train_tokens)  # 6 for half of it
+    monkeypatch.setattr(auto, "SHALLOW_DROPOUT_BY_PASSES", ((float("inf"), 0.05),))  # the half trunk's own
     fake_clock(monkeypatch, 0.2)  # the measured plan: thousands of steps in 30 minutes
     args = ["--mode", "train", "--config", "auto", *TRAIN[4:], "--data-dir", str(data_dir), "--no-compile",
             "--out-dir", str(tmp_path / "run"), "--max-minutes", "30"]
@@ -147,6 +148,7 @@ def test_config_auto_stops_the_half_trunk_at_its_own_passes(data_dir, tmp_path, 
     assert "at 4 of its 8 layers" in out
     assert state["budget"]["steps"] == state["step"] == state["scheduler"]["steps"] == 6
     assert "the run stops at 6 steps, before its budget" in out
+    assert state["args"]["dropout"] == 0.05
 
 
 def test_budgeted_run_resumes_bit_identically(data_dir, tmp_path, monkeypatch, capsys):

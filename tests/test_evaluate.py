@@ -53,3 +53,18 @@ def test_bits_per_byte_by_hand():
     assert math.isclose(r["loss"], 2.5)
     assert math.isclose(r["ppl"], math.exp(2.5))
     assert math.isclose(r["bpb"], 2.5 / math.log(2) * 400 / 1600)
+
+
+def test_validation_windows_cover_a_small_split_once():
+    """The training run's validation: windows spread evenly over the split, at most as many as cover it
+    once (more would score the same tokens again); a large split gets the windows asked for."""
+    from sakimi_next.batches import eval_windows
+
+    n_tokens, seq_len = 10_393, 512
+    starts = eval_windows(n_tokens, seq_len, 64)
+    assert len(starts) == 21 and starts[0] == 0 and starts[-1] == n_tokens - seq_len - 1
+    targets = [t for s in starts for t in range(s + 1, s + seq_len + 1)]
+    assert set(targets) == set(range(1, n_tokens))  # every target of the split, none missed
+    assert len(targets) < 1.1 * n_tokens  # and about once
+    assert len(eval_windows(10**6, seq_len, 64)) == 64
+    assert list(eval_windows(100, 512, 64)) == [0]  # a split shorter than a window: one, clipped by the caller
