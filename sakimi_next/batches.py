@@ -98,10 +98,12 @@ def document_starts(x: torch.Tensor, eot_id: int) -> torch.Tensor:
     return starts
 
 
-def eval_windows(n_tokens: int, seq_len: int, n_windows: int) -> np.ndarray:
-    """Start offsets spread evenly over the split: the same windows at every evaluation. At most as many
-    as cover the split once: more would only score the same tokens again (a 2% validation split of a few
-    MB holds ~20 windows of 512 tokens, not the 64 of --eval-batches 16 at batch 4)."""
+def eval_windows(n_tokens: int, seq_len: int, n_windows: int, multiple: int = 1) -> np.ndarray:
+    """Start offsets spread evenly over the split: the same windows at every evaluation. At most the
+    multiple of `multiple` (full batches on every process) that first covers the split once: more would
+    only score the same tokens again (a 2% validation split of a few MB holds ~20 windows of 512 tokens,
+    not the 64 of --eval-batches 16 at batch 4)."""
     last = max(0, n_tokens - seq_len - 1)
-    n_windows = min(n_windows, -(-(n_tokens - 1) // seq_len))
+    cover = -(-(n_tokens - 1) // seq_len)
+    n_windows = min(n_windows, -(-cover // multiple) * multiple)
     return np.unique(np.linspace(0, last, max(1, n_windows)).astype(np.int64))

@@ -101,7 +101,8 @@ def validate(model, tokens: np.ndarray, seq_len: int, batch_size: int, n_batches
     """Mean validation loss over fixed windows (sharded across ranks), perplexity and bits per byte.
     `loss_mask` (chat data): only the targets where it is 1 count."""
     seq_len = min(seq_len, len(tokens) - 1)
-    starts = eval_windows(len(tokens), seq_len, batch_size * ddp.world_size * n_batches)  # the global set
+    per_round = batch_size * ddp.world_size  # the global set, in whole batches for every process
+    starts = eval_windows(len(tokens), seq_len, per_round * n_batches, per_round)
     mine = starts[ddp.rank::ddp.world_size]
     total = torch.zeros(2, dtype=torch.float64, device=device)  # sum of losses, number of tokens
     was_training = model.training

@@ -57,7 +57,8 @@ def test_bits_per_byte_by_hand():
 
 def test_validation_windows_cover_a_small_split_once():
     """The training run's validation: windows spread evenly over the split, at most as many as cover it
-    once (more would score the same tokens again); a large split gets the windows asked for."""
+    once, in whole batches for every process (more would score the same tokens again); a large split gets
+    the windows asked for."""
     from sakimi_next.batches import eval_windows
 
     n_tokens, seq_len = 10_393, 512
@@ -67,4 +68,5 @@ def test_validation_windows_cover_a_small_split_once():
     assert set(targets) == set(range(1, n_tokens))  # every target of the split, none missed
     assert len(targets) < 1.1 * n_tokens  # and about once
     assert len(eval_windows(10**6, seq_len, 64)) == 64
+    assert len(eval_windows(n_tokens, seq_len, 64, multiple=8)) == 24  # whole batches of 4 on each of 2 processes
     assert list(eval_windows(100, 512, 64)) == [0]  # a split shorter than a window: one, clipped by the caller
