@@ -88,7 +88,7 @@ LONG_CONTEXT = dict(batch_size=4, seq_len=512, lead_in=512)
 SHORT_CONTEXT = dict(batch_size=8, seq_len=256, lead_in=0)
 TOKENS_PER_STEP = 2048
 DROPOUT_BY_PASSES = ((1.0, 0.0), (4.0, 0.1), (float("inf"), 0.2))  # (passes up to, dropout)
-# The half trunk (SHALLOW_LAYERS, below) learns more a step with less: measured at 5.4 and 8.4 passes, and
+# The half trunk (SHALLOW_LAYERS, below) learns more a step with less: measured at 5.4, 7.7 and 8.4 passes, and
 # it stops at SHALLOW_MAX_PASSES (docs/benchmarks.md, "Dropout on the half trunk")
 SHALLOW_DROPOUT_BY_PASSES = ((1.0, 0.0), (float("inf"), 0.1))
 # AdamW's decoupled weight decay (each step shrinks the matrices by learning rate x decay): with several
