@@ -73,6 +73,9 @@ def recurrent_step(
     out_dtype, dt = v.dtype, state.dtype
     if not q.dtype == k.dtype == v.dtype == g.dtype == beta.dtype == dt:  # casts only when needed
         q, k, v, g, beta = (x.to(dt) for x in (q, k, v, g, beta))
+    if torch.compiler.is_compiling():
+        o = traced_recurrent_step(q, k, v, g, beta, state, scale)
+        return o if o.dtype == out_dtype else o.to(out_dtype)
     S = state.view(B * H, K, V)
     S.mul_(g.exp().reshape(B * H, 1, 1))
     k = k.unsqueeze(2).expand(B, Hk, H // Hk, K).reshape(B * H, 1, K)  # each value head's key head
@@ -81,3 +84,20 @@ def recurrent_step(
     q = q.unsqueeze(2).expand(B, Hk, H // Hk, K).reshape(B * H, 1, K)
     o = torch.bmm(q, S).mul_(scale).view(B, H, V)
     return o if o.dtype == out_dtype else o.to(out_dtype)
+
+
+def traced_recurrent_step(q, k, v, g, beta, state, scale: float) -> torch.Tensor:
+    """`recurrent_step` as a compiler should see it: the old state read once for both of its products
+    (Sᵀk and Sᵀq, decayed afterwards: exp(g) Sᵀk = (exp(g) S)ᵀk), the new one written once, in place;
+    sums and elementwise products only, which inductor fuses into a loop or two over the state, where
+    in-place batched products would each be a library call on a copy of it."""
+    B, Hk, K = k.shape
+    H, V = v.shape[-2:]
+    r = H // Hk
+    k, q = (x.repeat_interleave(r, dim=1) if r > 1 else x for x in (k, q))  # [B, H, K]
+    decay = g.exp()[..., None]  # [B, H, 1]
+    Sk = (state * k[..., None]).sum(-2)  # [B, H, V]
+    Sq = (state * q[..., None]).sum(-2)
+    delta = (v - decay * Sk) * beta[..., None]
+    state.copy_(state * decay[..., None] + k[..., None] * delta[..., None, :])
+    return (decay * Sq + (k * q).sum(-1, keepdim=True) * delta) * scale
