@@ -44,6 +44,26 @@ def test_int8_linear_equals_its_reference():
                                    atol=1e-2)
 
 
+@pytest.mark.parametrize("rows", [1, 4])
+def test_a_traced_int8_product_of_a_few_rows_is_a_reduction(rows):
+    """In a compiled step for one sequence an int8 product of a few rows is summed by inductor's own
+    kernel (float32 activations; no library call per product, which cost more than its arithmetic):
+    the reference in float32."""
+    torch.manual_seed(0)
+    lin = Int8StepLinear(torch.randn(96, 64))
+    x = torch.randn(rows, 64)
+
+    class Product(torch.nn.Module):
+        def forward(self, x, q, scale):
+            return int8_linear(x, q, scale)
+
+    exported = torch.export.export(Product(), (x, lin.q, lin.scale))
+    ops = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
+    assert "aten.sum.dim_IntList" in ops and not any("int8pack" in op for op in ops)
+    ref = int8_linear_reference(x, lin.q, lin.scale.float())
+    torch.testing.assert_close(exported.module()(x, lin.q, lin.scale), ref, rtol=1e-5, atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     return make_served_checkpoint(tmp_path_factory.mktemp("quantize"), steps=40)

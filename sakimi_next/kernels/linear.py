@@ -28,9 +28,13 @@ cannot pack them), a product of one row is written as `traced_matvec`, a broadca
 the inputs: inductor makes it a reduction kernel of its own that splits the weight's rows over the
 threads, where its `mm` of one row runs MKL's on one core whatever the threads. tiny_10m's step matrices,
 one row each, on the AVX2 EPYC: 4.4 ms as `F.linear` at 1 or 2 threads, 4.8 ms as inductor's `mm`, 3.5 ms
-as this reduction at 1 thread and 2.2 ms at 2 (17 GB/s; llama.cpp's f32 streams ~16). For int8 the same
-reduction was 6.5 ms against `_weight_int8pack_mm`'s 1.0, so int8 keeps the op. A few rows (a
-verification pass of speculative decoding) take the same kernel: MKL's `mm` of 2 to 8 rows was slower
+as this reduction at 1 thread and 2.2 ms at 2 (17 GB/s; llama.cpp's f32 streams ~16). An int8 product
+of a few rows is the same reduction over the int8 weight (converted as it is read) times the row
+scales, in float32: on the AVX512 EPYC, 2 threads, tiny_10m's int8 matrices took 0.40 ms as reductions
+in one compiled graph against 0.49 ms as `_weight_int8pack_mm` calls, whose fixed cost (~15 us a call in
+the compiled step) outweighed their arithmetic; the whole int8 step went from 1.0 to 0.54 ms. (Before a
+product's input was computed once, see `traced_matvec`, the int8 reduction had measured 6.5 ms on the
+AVX2 EPYC.) A few rows (a verification pass of speculative decoding) take the same kernel: MKL's `mm` of 2 to 8 rows was slower
 still than its one row (e.g. 9.2 ms against 2.8 on 2 rows of matrices that stay in the cache, where the
 reduction took 0.74 ms; with one thread and 38 MB of weights, 8 rows took 20 ms as reductions and 22 ms
 as `mm`).
@@ -98,6 +102,8 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale_bf16: torch.Tensor) -> t
     (bfloat16 activations, float32 accumulation), the reference elsewhere."""
     if x.device.type != "cpu" or not hasattr(torch.ops.aten, "_weight_int8pack_mm"):
         return int8_linear_reference(x, q, scale_bf16)
+    if torch.compiler.is_compiling() and x.dtype == torch.float32 and few_traced_rows(x):
+        return traced_matvec(x, q) * scale_bf16.float()
     y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).to(torch.bfloat16), q, scale_bf16)
     return y.view(*x.shape[:-1], q.shape[0]).to(x.dtype)
 
