@@ -13,7 +13,7 @@ token prompt, timed from the prompt to the last token:
 
 - ours fp32 eager:   `generate` with the eager reference step (`decode_one_token`);
 - ours fp32:         `generate` with the compiled step (`decoder.CompiledDecoder`): the default path;
-- ours int8:         the same with `--quantize int8` (int8 weights, bf16 activations in the products);
+- ours int8:         the same with `--quantize int8` (int8 weights, float32 activations in the compiled products);
 - ours int8 eager:   the eager step with int8 weights (not run by default);
 - llama.cpp f32 / q8_0: llama-cpp-python (`Llama.eval` of one token, argmax of its logits).
 

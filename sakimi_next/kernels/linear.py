@@ -99,7 +99,8 @@ def int8_linear_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor)
 
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale_bf16: torch.Tensor) -> torch.Tensor:
     """x [..., in] @ (q * scale).T -> [..., out] in x's dtype, through `_weight_int8pack_mm` on a CPU
-    (bfloat16 activations, float32 accumulation), the reference elsewhere."""
+    (bfloat16 activations, float32 accumulation), a float32 reduction in a compiled step of a few float32
+    rows (see above), the reference elsewhere."""
     if x.device.type != "cpu" or not hasattr(torch.ops.aten, "_weight_int8pack_mm"):
         return int8_linear_reference(x, q, scale_bf16)
     if torch.compiler.is_compiling() and x.dtype == torch.float32 and few_traced_rows(x):
