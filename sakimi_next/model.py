@@ -244,7 +244,12 @@ class GatedDeltaNet(nn.Module):
             x = x * pad_mask[..., None].to(x.dtype)
         B, T, _ = x.shape
         Hk, Hv, dk, dv = self.num_k_heads, self.num_v_heads, self.head_k_dim, self.head_v_dim
-        qkv, z, b, a = F.linear(x, self.projection_weight()).split(self.proj_split, dim=-1)
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            weight = self.projection_weight()
+        else:  # a prompt's forward or an evaluation: the stacked weight made once, not every call
+            weight = inference_weight(self, "_proj_weight", (self.in_proj_qkvz.weight, self.in_proj_ba.weight),
+                                      self.projection_weight)
+        qkv, z, b, a = F.linear(x, weight).split(self.proj_split, dim=-1)
 
         if cache is not None and T == 1:
             qkv = causal_conv1d_step(qkv[:, 0], conv_taps(self.conv1d.weight), cache.conv_window)[:, None]
@@ -278,8 +283,9 @@ class GatedDeltaNet(nn.Module):
         a fixed amount of work per token whatever the context."""
         B, T = x.shape[:2]
         Hk, Hv, dk, dv = self.num_k_heads, self.num_v_heads, self.head_k_dim, self.head_v_dim
-        proj = inference_linear(self, "_proj", (self.in_proj_qkvz.weight, self.in_proj_ba.weight),
-                                self.projection_weight)
+        params = (self.in_proj_qkvz.weight, self.in_proj_ba.weight)
+        proj = inference_linear(self, "_proj", params,
+                                lambda: inference_weight(self, "_proj_weight", params, self.projection_weight))
         qkv, z, b, a = proj(x).split(self.proj_split, dim=-1)
         if cache.history is not None:
             cache.inputs = qkv

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from sakimi_next.config import PRESETS, preset
-from sakimi_next.generate import SamplingSettings, apply_repetition_penalty, generate, sample
+from sakimi_next.generate import (STEP_PREFILL_MAX, SamplingSettings, apply_repetition_penalty, generate, prefill,
+                                  sample)
 from sakimi_next.model import Qwen3NextForCausalLM
 
 from .helpers import small_config
@@ -46,6 +47,20 @@ def test_cached_greedy_equals_uncached(model, prompt_len):
     g = torch.Generator().manual_seed(prompt_len)
     prompt = torch.randint(0, model.config.vocab_size, (prompt_len,), generator=g).tolist()
     assert generate(model, [prompt], 40)[0] == greedy_without_cache(model, prompt, 40)
+
+
+@pytest.mark.parametrize("prompt_len", [STEP_PREFILL_MAX, STEP_PREFILL_MAX + 1])
+def test_prefill_paths_give_the_forward_and_its_cache(model, prompt_len):
+    """A short prompt is read token by token (the step path), a longer one by the chunked kernel: both
+    give the uncached forward's last logits and a cache that decodes on as the forward's would."""
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, model.config.vocab_size, (1, prompt_len + 1), generator=g)
+    with torch.no_grad():
+        full = model(ids).logits[0]
+    cache = model.new_cache(1, capacity=prompt_len + 1)
+    torch.testing.assert_close(prefill(model, ids[:, :-1], None, cache)[0], full[-2], rtol=1e-4, atol=1e-4)
+    with torch.inference_mode():
+        torch.testing.assert_close(model.decode_step(ids[:, -1], cache)[0], full[-1], rtol=1e-4, atol=1e-4)
 
 
 def test_batched_equals_one_by_one(model):

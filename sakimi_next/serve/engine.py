@@ -30,11 +30,6 @@ from .batch import BatchCache
 
 log = logging.getLogger("sakimi_next.serve")
 
-# Prompts up to this many tokens are prefilled through the lean decoding path (the recurrence token by
-# token): below it, the chunked kernel's fixed cost is the larger one (tiny_10m on a CPU: 12 tokens in
-# 12 ms instead of 20 ms), and the time to first token is mostly this prefill.
-STEP_PREFILL_MAX = 48
-
 
 @dataclass
 class Request:
@@ -233,10 +228,7 @@ class Engine:
         T = len(group[0].prompt)
         cache = self.model.new_cache(len(group), capacity=T + min(max(r.max_tokens for r in group), 256))
         ids = torch.tensor([r.prompt for r in group], device=self.model.device)
-        if T <= STEP_PREFILL_MAX:
-            logits = self.model.step_logits(self.model.decode_hidden(ids, cache)[:, -1])
-        else:
-            logits = prefill(self.model, ids, None, cache)
+        logits = prefill(self.model, ids, None, cache)
         return seqs, cache, self._sample(logits, seqs)
 
     def _join(self, seqs: list[_Sequence], cache: Cache, tokens: list[int]) -> None:
