@@ -27,9 +27,11 @@ from .util import UserError
 
 # ------------------------------------------------------------------------------------ model steps
 # Unpadded prompts up to this many tokens are read through the lean decoding path (the recurrence token
-# by token): below it, the chunked kernel's fixed cost is the larger one (tiny_10m on a CPU: 12 tokens in
-# 12 ms instead of 20 ms), and the time to the first token is mostly this prefill.
-STEP_PREFILL_MAX = 48
+# by token): below it, the chunked kernel's fixed cost is the larger one, and the time to the first token
+# is mostly this prefill. tiny_10m, 2 threads (AVX512 EPYC): 4 tokens in 7.9 ms instead of 14.7, 12 in
+# 10.9 instead of 14.7, 32 in 18.3 against 17.0; tiny_10m_moe: 12 in 23.9 against 26.6, 32 in 36.9
+# against 35.8.
+STEP_PREFILL_MAX = 24
 
 
 @torch.inference_mode()

@@ -75,8 +75,11 @@ class Experts(nn.Module):
         experts: for each row and each of its k choices, the chosen expert's weights are selected (views,
         no copy) and multiplied. The same operations whatever the routing, so a compiled step never
         recompiles for it (the expert ids are read as data, one host read per step). Sums in the order
-        of the choices: equal to `forward` up to float32 rounding."""
+        of the choices: equal to `forward` up to float32 rounding. Eagerly, with more (row, choice) pairs
+        than experts (a short prompt read through the step path, a large batch), `forward` is cheaper."""
         N, k = experts.shape
+        if N * k > self.num_experts and not torch.compiler.is_compiling():
+            return self.forward(x, experts, weights)  # a prompt read eagerly: a pair of products per expert
         gate_up, down = self._step_weights()
         chosen = experts.tolist()
         rows = []
