@@ -22,7 +22,7 @@ from .cache import AttentionCache, Cache, LinearAttentionCache
 from .config import FULL, LINEAR, Config
 from .kernels import gated_delta_rule, recurrent_step, resolve_kernel
 from .kernels.conv import causal_conv1d, causal_conv1d_step, conv_taps, update_window
-from .kernels.linear import inference_linear, inference_weight
+from .kernels.linear import few_traced_rows, inference_linear, inference_weight
 from .moe import SparseMoeBlock
 
 
@@ -119,12 +119,30 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     B, nH, T, D = q.shape
     nKV, L = keys.shape[1], keys.shape[2]
     f32 = torch.float32  # also for bf16: its small batched products are slower than float32's on a CPU
+    if torch.compiler.is_compiling() and q.device.type == "cpu" and few_traced_rows(q[:, 0, :, 0]):
+        return traced_decode_attention(q, keys, values, attn_mask, scale)
     scores = torch.matmul(q.reshape(B, nKV, nH // nKV * T, D).to(f32), keys.transpose(2, 3).to(f32)).mul_(scale)
     scores = scores.view(B, nH, T, L)
     if attn_mask is not None:
         scores.masked_fill_(~attn_mask, float("-inf"))
     probs = scores.softmax(dim=-1)
     return torch.matmul(probs.view(B, nKV, nH // nKV * T, L), values.to(f32)).view(B, nH, T, D).to(q.dtype)
+
+
+def traced_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                            attn_mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """`decode_attention` as a compiled step of one sequence should see it: both products as sums of
+    elementwise products, which inductor fuses with the mask and the softmax into its own loops over the
+    cache, where batched products of one row would each be a library call."""
+    B, nH, T, D = q.shape
+    nKV, L = keys.shape[1], keys.shape[2]
+    f32, dtype = torch.float32, q.dtype
+    q = q.reshape(B, nKV, nH // nKV * T, 1, D).to(f32)
+    scores = (q * keys[:, :, None].to(f32)).sum(-1).mul(scale).view(B, nH, T, L)
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    probs = scores.softmax(dim=-1).view(B, nKV, nH // nKV * T, L, 1)
+    return (probs * values[:, :, None].to(f32)).sum(-2).view(B, nH, T, D).to(dtype)
 
 
 class GatedAttention(nn.Module):

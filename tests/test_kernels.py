@@ -137,9 +137,9 @@ def test_conv_paths_agree():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("T", [1, 3])
 def test_decode_attention_equals_sdpa(dtype, T):
-    """The decoding step's attention (two batched products, GQA by blocks of query rows) against
-    SDPA with repeated key heads, with padded keys and, for several new tokens, a causal corner."""
-    from sakimi_next.model import _padded_causal_mask, decode_attention
+    """The decoding step's attention (two batched products, GQA by blocks of query rows; and the sums a
+    compiled step of one sequence takes instead) against SDPA with repeated key heads, with padded keys and, for several new tokens, a causal corner."""
+    from sakimi_next.model import _padded_causal_mask, decode_attention, traced_decode_attention
 
     gen = torch.Generator().manual_seed(0)
     B, nH, nKV, L, D = 3, 4, 2, 9, 8
@@ -149,12 +149,13 @@ def test_decode_attention_equals_sdpa(dtype, T):
     for mask in (None, _padded_causal_mask(key_mask, T)):
         if mask is None and T > 1:
             mask = torch.ones(T, L, dtype=torch.bool).tril(L - T)
-        ours = decode_attention(q, k, v, mask, D**-0.5)
         ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask, scale=D**-0.5,
                                              enable_gqa=True)
-        assert ours.dtype == dtype
-        tol = 1e-5 if dtype == torch.float32 else 2e-2
-        torch.testing.assert_close(ours.double(), ref, rtol=tol, atol=tol)
+        for attention in (decode_attention, traced_decode_attention):  # the second: a compiled step's form
+            ours = attention(q, k, v, mask, D**-0.5)
+            assert ours.dtype == dtype
+            tol = 1e-5 if dtype == torch.float32 else 2e-2
+            torch.testing.assert_close(ours.double(), ref, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("with_window", [False, True])
