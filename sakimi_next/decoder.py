@@ -11,8 +11,9 @@ exported (`torch.export`) and compiled by AOTInductor into one C++ function, cal
   of one row are traced as matrix-vector reductions (`kernels.linear.traced_matvec`, ~2x MKL's `mm` of
   one row; so are those of any program with up to 8 fixed rows: a verification pass of several tokens,
   an MoE program's small batch), and one whose batch size is dynamic too, for every other batch (a
-  server's). An MoE model's step reads its chosen experts' ids as data (`moe.Experts.step`) with one
-  product per (row, choice), so its batch size is fixed per program.
+  server's). An MoE model's step gathers each row's chosen experts inside its products (the ids read
+  by the kernel, not the host: `moe.Experts._traced_step`), one product per (row, choice), so its batch
+  size is fixed per program.
 - **Kept on disk** (`~/.cache/sakimi-next/decode`, or $SAKIMI_CACHE_DIR): the next run loads it in well
   under a second. The key holds everything that shapes the code (the config, the weights' format and
   dtype, batch size, torch, the thread count, the CPU's instruction set, this package's source), not the

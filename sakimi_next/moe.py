@@ -16,7 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import Config
-from .kernels.linear import inference_linear, inference_weight, int8_linear, is_int8, quantize_rows, step_linear
+from .kernels.linear import (computed_once, inference_linear, inference_weight, int8_linear, is_int8, quantize_rows,
+                             step_linear)
 
 
 class TopKRouter(nn.Module):
@@ -74,13 +75,16 @@ class Experts(nn.Module):
         """`forward` for the few rows of a decoding step (inference only), without looping over the E
         experts: for each row and each of its k choices, the chosen expert's weights are selected (views,
         no copy) and multiplied. The same operations whatever the routing, so a compiled step never
-        recompiles for it (the expert ids are read as data, one host read per step). Sums in the order
-        of the choices: equal to `forward` up to float32 rounding. Eagerly, with more (row, choice) pairs
-        than experts (a short prompt read through the step path, a large batch), `forward` is cheaper."""
+        recompiles for it: a float32 CPU step gathers the weights inside its products (`_traced_step`),
+        others read the expert ids as data (one host read per step). Sums in the order of the choices:
+        equal to `forward` up to float32 rounding. Eagerly, with more (row, choice) pairs than experts (a
+        short prompt read through the step path, a large batch), `forward` is cheaper."""
         N, k = experts.shape
-        if N * k > self.num_experts and not torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() and x.device.type == "cpu" and x.dtype == torch.float32:
+            return self._traced_step(x, experts, weights)
+        gate_up, down = self._step_weights()  # (eagerly: also makes the int8 copy a compiled step reads)
+        if N * k > self.num_experts:
             return self.forward(x, experts, weights)  # a prompt read eagerly: a pair of products per expert
-        gate_up, down = self._step_weights()
         chosen = experts.tolist()
         rows = []
         for n in range(N):
@@ -95,17 +99,44 @@ class Experts(nn.Module):
             rows.append(out)
         return torch.cat(rows)
 
-    def _step_weights(self):
-        """(gate_up(x, e), down(x, e)): expert e's products, on float weights or on their int8 copy."""
+    def _traced_step(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """`step` as a compiled CPU step computes it: each (row, choice) multiplies by its expert's
+        rows gathered in the product's own loop (the ids read as data by the kernel, not by the host:
+        no graph break), as float32 sums (see `kernels.linear.traced_matvec`; int8 weights times their
+        row scales)."""
+        N, k = experts.shape
+        chosen = experts.reshape(-1)
+        gate_up_w, gate_up_scale, down_w, down_scale = self._decoding_weights()
+
+        def product(rows: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+            y = (computed_once(rows)[:, None] * w[chosen]).sum(-1)  # row i times expert chosen[i]
+            return y if scale is None else y * scale[chosen].float()
+
+        gate, up = product(x.repeat_interleave(k, dim=0), gate_up_w, gate_up_scale).chunk(2, dim=-1)
+        y = product(F.silu(gate) * up, down_w, down_scale) * weights.reshape(-1, 1).to(x.dtype)
+        return y.view(N, k, -1).sum(1)
+
+    def _decoding_weights(self) -> tuple:
+        """(gate_up, its row scales, down, its row scales): the float weights and None, or their int8
+        copy (made once, eagerly)."""
         params = (self.gate_up_proj, self.down_proj)
+        if torch.compiler.is_compiling():  # the weights are a program's arguments, without their int8 mark
+            return self.__dict__["_int8"][1] if "_int8" in self.__dict__ else (*params[:1], None, *params[1:], None)
         if not is_int8(params):
-            return (lambda x, e: step_linear(x, self.gate_up_proj[e])), (lambda x, e: step_linear(x, self.down_proj[e]))
+            return self.gate_up_proj, None, self.down_proj, None
 
         def build():
             (q_gu, s_gu), (q_d, s_d) = quantize_rows(self.gate_up_proj), quantize_rows(self.down_proj)
             return q_gu, s_gu.to(torch.bfloat16), q_d, s_d.to(torch.bfloat16)
-        q_gu, s_gu, q_d, s_d = inference_weight(self, "_int8", params, build)
-        return (lambda x, e: int8_linear(x, q_gu[e], s_gu[e])), (lambda x, e: int8_linear(x, q_d[e], s_d[e]))
+        return inference_weight(self, "_int8", params, build)
+
+    def _step_weights(self):
+        """(gate_up(x, e), down(x, e)): expert e's products, on float weights or on their int8 copy."""
+        gate_up_w, gate_up_scale, down_w, down_scale = self._decoding_weights()
+        if gate_up_scale is None:
+            return (lambda x, e: step_linear(x, gate_up_w[e])), (lambda x, e: step_linear(x, down_w[e]))
+        return ((lambda x, e: int8_linear(x, gate_up_w[e], gate_up_scale[e])),
+                (lambda x, e: int8_linear(x, down_w[e], down_scale[e])))
 
 
 class SharedExpert(nn.Module):

@@ -266,6 +266,9 @@ def test_moe_int8_compiled_in_the_background(programs):
         hook.remove()
     assert len({tuple(map(tuple, r)) for r in routes}) > 1  # the routing changed from step to step
     assert len(list((programs / "moe").glob("*.pt2"))) == 1
+    weights = json.loads(decoder.path(1).with_suffix(".json").read_text())["weights"]
+    assert any("experts._int8" in a for a in weights)  # the experts' int8 copy, not their float weights
+    assert not any(a.endswith("experts.gate_up_proj") or a.endswith("experts.down_proj") for a in weights)
 
 
 @contextlib.contextmanager

@@ -358,3 +358,24 @@ def test_import_transformers_moe_save_pretrained(tmp_path):
         ours, ref = model(x), hf(x, output_router_logits=True)
     assert (ours.logits - ref.logits).abs().max().item() <= 1e-4
     torch.testing.assert_close(ours.aux_loss, ref.aux_loss, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_the_traced_expert_step_equals_the_routed_forward(int8):
+    """The form a compiled step takes (each row's chosen experts gathered inside the products, no host
+    read of the ids), run eagerly: the grouped forward's output, float32 to rounding; int8 (its own
+    copy, float32 activations) to the forward on the rounded weights."""
+    from sakimi_next.quantize import quantize_int8
+
+    torch.manual_seed(0)
+    model = Qwen3NextForCausalLM(CONFIGS["E6_top3_raw_step2_mlp_only3"]).eval()
+    if int8:
+        quantize_int8(model)
+    block = next(m for m in model.modules() if isinstance(m, SparseMoeBlock))
+    x = torch.randn(5, model.config.hidden_size)
+    with torch.inference_mode():
+        _, weights, experts = block.gate(x)
+        ref = block.experts(x, experts, weights)
+        block.experts.step(x[:1], experts[:1], weights[:1])  # an eager step makes the int8 copy
+        ours = block.experts._traced_step(x, experts, weights)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
