@@ -228,5 +228,8 @@ def chunk_gated_delta_rule(
     initial_state [B, H, K, V]; doc_starts [B, T] bool (packed documents: the state is dropped where
     a document starts). Returns o [B, T, H, V] and the final state [B, H, K, V] (float32)."""
     scale = k.shape[-1] ** -0.5 if scale is None else scale
+    T = k.shape[1]
+    if isinstance(T, int) and T < chunk_size:  # a short input (a prompt): one chunk of T, not padded to C
+        chunk_size = max(16, 1 << (T - 1).bit_length())
     o, S = ChunkGatedDeltaRule.apply(q, k, v, g, beta, scale, initial_state, chunk_size, doc_starts)
     return o, (S if output_final_state else None)
