@@ -5,11 +5,10 @@
     sample(logits, settings, generator)   -> next token                                  [B]
     generate_tokens(...)                  -> yields the new token of every row, step by step
 
-The prompt is read once (the chunked kernel; a short one through the step path), then one token at a
-time: DeltaNet layers carry a fixed-size
-state, so their cost per token does not grow with the context. Prompts of different lengths are left
-padded and masked. `StreamDecoder` turns tokens into text without ever printing half a character.
-`decode_one_token` is the eager reference step; `decoder.CompiledDecoder` runs the same step compiled.
+The prompt is read once (up to STEP_PREFILL_MAX tokens through the decoding path, else the forward),
+then one token at a time: DeltaNet layers carry a fixed-size state, so their cost per token does not
+grow with the context. Prompts of different lengths are left padded and masked. `StreamDecoder` turns tokens into
+text without ever printing half a character. `decode_one_token` is the eager reference step; `decoder.CompiledDecoder` runs the same step compiled.
 """
 
 from __future__ import annotations
@@ -26,12 +25,11 @@ from .util import UserError
 
 
 # ------------------------------------------------------------------------------------ model steps
-# Unpadded prompts up to this many tokens are read through the lean decoding path (the recurrence token
-# by token): below it, the chunked kernel's fixed cost is the larger one, and the time to the first token
-# is mostly this prefill. tiny_10m, 2 threads (AVX512 EPYC): 4 tokens in 7.9 ms instead of 14.7, 12 in
-# 10.9 instead of 14.7, 32 in 18.3 against 17.0; tiny_10m_moe: 12 in 23.9 against 26.6, 32 in 36.9
-# against 35.8.
-STEP_PREFILL_MAX = 24
+# Unpadded prompts up to this many tokens are read through the decoding path (`decode_hidden`: fused
+# products, the chunked kernel from 8 tokens on, the recurrence token by token below): its fixed cost is
+# lower than the forward's. tiny_10m, 2 threads, AVX512 EPYC, both in one process: 4 tokens in 8.5 ms
+# against the forward's 12.9, 32 in 15.6 against 20.8, 96 in 33.4 against 40.2, 256 in 63.3 against 60.7.
+STEP_PREFILL_MAX = 128
 
 
 @torch.inference_mode()

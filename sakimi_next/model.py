@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .cache import AttentionCache, Cache, LinearAttentionCache
 from .config import FULL, LINEAR, Config
-from .kernels import gated_delta_rule, recurrent_step, resolve_kernel
+from .kernels import chunk_gated_delta_rule, gated_delta_rule, recurrent_step, resolve_kernel
 from .kernels.conv import causal_conv1d, causal_conv1d_step, conv_taps, update_window
 from .kernels.linear import few_traced_rows, inference_linear, inference_weight
 from .moe import SparseMoeBlock
@@ -76,6 +76,11 @@ def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """x * rsqrt(sum(x²) + eps), as one fused RMSNorm: rms_norm(x, eps/d) = sqrt(d) * l2norm(x)."""
     d = x.shape[-1]
     return F.rms_norm(x, (d,), None, eps / d) * d**-0.5
+
+
+# The step path reads this many tokens or more (a short prompt; not drafts being verified, whose every
+# state is kept) with the chunked kernel: tiny_10m, 12 tokens in 10.6 ms against 11.9 token by token.
+STEP_CHUNK_MIN = 8
 
 
 def l2norm_small(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -298,7 +303,8 @@ class GatedDeltaNet(nn.Module):
 
     def step(self, x: torch.Tensor, cache: LinearAttentionCache) -> torch.Tensor:
         """A few decoding positions x [B, T, H] (inference only): the recurrence one token at a time,
-        a fixed amount of work per token whatever the context."""
+        a fixed amount of work per token whatever the context; from STEP_CHUNK_MIN tokens on (a short
+        prompt), the chunked kernel."""
         B, T = x.shape[:2]
         Hk, Hv, dk, dv = self.num_k_heads, self.num_v_heads, self.head_k_dim, self.head_v_dim
         params = (self.in_proj_qkvz.weight, self.in_proj_ba.weight)
@@ -319,6 +325,11 @@ class GatedDeltaNet(nn.Module):
             a, q, k = a.float(), q.float(), k.float()
         g, beta = F.softplus(a + self.dt_bias).mul_(neg_A), b.sigmoid()
         q, k, v = l2norm_small(q.view(B, T, Hk, dk)), l2norm_small(k.view(B, T, Hk, dk)), v.view(B, T, Hv, dv)
+        if T >= STEP_CHUNK_MIN and cache.history is None and not torch.compiler.is_compiling():
+            o, final = chunk_gated_delta_rule(q, k, v, g, beta, dk**-0.5, cache.recurrent_state)
+            cache.recurrent_state.copy_(final)
+            out_proj = inference_linear(self, "_out", (self.out_proj.weight,))
+            return out_proj(self.norm.step(o.to(v.dtype), z.view(B, T, Hv, dv)).reshape(B, T, self.value_dim))
         outs = []
         for t in range(T):
             outs.append(recurrent_step(q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], cache.recurrent_state,
