@@ -7,8 +7,9 @@
 
 The prompt is read once (up to STEP_PREFILL_MAX tokens through the decoding path, else the forward),
 then one token at a time: DeltaNet layers carry a fixed-size state, so their cost per token does not
-grow with the context. Prompts of different lengths are left padded and masked. `StreamDecoder` turns tokens into
-text without ever printing half a character. `decode_one_token` is the eager reference step; `decoder.CompiledDecoder` runs the same step compiled.
+grow with the context. Prompts of different lengths are left padded and masked. `StreamDecoder` turns
+tokens into text without ever printing half a character. `decode_one_token` is the eager reference step;
+`decoder.CompiledDecoder` runs the same step compiled.
 """
 
 from __future__ import annotations
