@@ -379,3 +379,17 @@ def test_the_traced_expert_step_equals_the_routed_forward(int8):
         block.experts.step(x[:1], experts[:1], weights[:1])  # an eager step makes the int8 copy
         ours = block.experts._traced_step(x, experts, weights)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 4, 9, 40])
+def test_every_eager_step_path_equals_the_routed_forward(rows):
+    """The step's eager paths by the number of (row, choice) pairs: one product per pair (few), padded
+    batched products (a few per expert), the forward's grouping (many): the forward's output."""
+    torch.manual_seed(1)
+    model = Qwen3NextForCausalLM(CONFIGS["E6_top3_raw_step2_mlp_only3"]).eval()
+    block = next(m for m in model.modules() if isinstance(m, SparseMoeBlock))
+    x = torch.randn(rows, model.config.hidden_size)
+    with torch.inference_mode():
+        _, weights, experts = block.gate(x)
+        torch.testing.assert_close(block.experts.step(x, experts, weights), block.experts(x, experts, weights),
+                                   rtol=1e-5, atol=1e-5)
