@@ -28,7 +28,7 @@ class TopKRouter(nn.Module):
 
     def forward(self, x: torch.Tensor):
         """x [N, H] -> router logits [N, E], routing weights [N, k], chosen experts [N, k]."""
-        logits = F.linear(x, self.weight)
+        logits = step_linear(x, self.weight)  # F.linear; a sum in a compiled step of a few rows
         probs = F.softmax(logits, dim=-1, dtype=torch.float32)
         weights, experts = torch.topk(probs, self.top_k, dim=-1)
         if self.norm_topk_prob:
@@ -205,7 +205,8 @@ class SparseMoeBlock(nn.Module):
         flat = x.reshape(-1, H)
         _, weights, experts = self.gate(flat)
         out = self.experts.step(flat, experts, weights)
-        out = out + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert.step(flat)
+        shared_gate = torch.sigmoid(step_linear(flat, self.shared_expert_gate.weight))
+        out = out + shared_gate * self.shared_expert.step(flat)
         return out.reshape(B, T, H)
 
 
