@@ -140,7 +140,8 @@ class Experts(nn.Module):
         copy (made once, eagerly)."""
         params = (self.gate_up_proj, self.down_proj)
         if torch.compiler.is_compiling():  # the weights are a program's arguments, without their int8 mark
-            return self.__dict__["_int8"][1] if "_int8" in self.__dict__ else (*params[:1], None, *params[1:], None)
+            cached = self.__dict__.get("_int8")
+            return cached[1] if cached is not None else (self.gate_up_proj, None, self.down_proj, None)
         if not is_int8(params):
             return self.gate_up_proj, None, self.down_proj, None
 

@@ -9,9 +9,8 @@
   quantize_rows`). The model's own weights are replaced by their int8 values (q * scale, exact in
   float32), so the prompt's forward, `--mode eval` and the decoding step all compute the same model;
   the decoding step streams the int8 copy (`Int8StepLinear`: bfloat16 activations, or float32 ones in
-  a compiled step of one sequence). The router, the
-  shared expert's gate (one output each: they steer rather than compute), the conv and the norms stay
-  as they are.
+  a compiled step of one sequence). The router, the shared expert's gate (one output each: they steer
+  rather than compute), the conv and the norms stay as they are.
 """
 
 from __future__ import annotations

@@ -138,7 +138,8 @@ def test_conv_paths_agree():
 @pytest.mark.parametrize("T", [1, 3])
 def test_decode_attention_equals_sdpa(dtype, T):
     """The decoding step's attention (two batched products, GQA by blocks of query rows; and the sums a
-    compiled step of one sequence takes instead) against SDPA with repeated key heads, with padded keys and, for several new tokens, a causal corner."""
+    compiled step of one sequence takes instead) against SDPA with repeated key heads, with padded keys
+    and, for several new tokens, a causal corner."""
     from sakimi_next.model import _padded_causal_mask, decode_attention, traced_decode_attention
 
     gen = torch.Generator().manual_seed(0)
@@ -336,7 +337,8 @@ def test_a_compiled_product_of_one_row_normalises_its_input_once():
     from sakimi_next.model import rms_norm_small
 
     gen = torch.Generator().manual_seed(0)
-    x, scale, w = torch.randn(1, 1, 256, generator=gen), torch.randn(256, generator=gen), torch.randn(384, 256, generator=gen)
+    x, scale = torch.randn(1, 1, 256, generator=gen), torch.randn(256, generator=gen)
+    w = torch.randn(384, 256, generator=gen)
     torch._dynamo.reset()
     product = torch.compile(lambda x, scale, w: step_linear(rms_norm_small(x, scale, 1e-6), w), backend="inductor")
     with torch.no_grad():

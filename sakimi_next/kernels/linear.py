@@ -34,10 +34,10 @@ scales, in float32: on the AVX512 EPYC, 2 threads, tiny_10m's int8 matrices took
 in one compiled graph against 0.49 ms as `_weight_int8pack_mm` calls, whose fixed cost (~15 us a call in
 the compiled step) outweighed their arithmetic; the whole int8 step went from 1.0 to 0.54 ms. (Before a
 product's input was computed once, see `traced_matvec`, the int8 reduction had measured 6.5 ms on the
-AVX2 EPYC.) A few rows (a verification pass of speculative decoding) take the same kernel: MKL's `mm` of 2 to 8 rows was slower
-still than its one row (e.g. 9.2 ms against 2.8 on 2 rows of matrices that stay in the cache, where the
-reduction took 0.74 ms; with one thread and 38 MB of weights, 8 rows took 20 ms as reductions and 22 ms
-as `mm`).
+AVX2 EPYC.) A few rows (a verification pass of speculative decoding) take the same kernel: MKL's `mm` of
+2 to 8 rows was slower still than its one row (e.g. 9.2 ms against 2.8 on 2 rows of matrices that stay in
+the cache, where the reduction took 0.74 ms; with one thread and 38 MB of weights, 8 rows took 20 ms as
+reductions and 22 ms as `mm`).
 """
 
 from __future__ import annotations
