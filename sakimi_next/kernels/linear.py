@@ -167,7 +167,8 @@ class Int8StepLinear:
 # ------------------------------------------------------------------- weights made once for decoding
 def inference_weight(module: nn.Module, name: str, params: tuple[torch.Tensor, ...], build):
     """`build()` (weights fused for one-token decoding), cached on `module` until one of `params`
-    changes: in-place updates bump a tensor's version, moving it changes its storage. While the step is
+    changes: in-place updates bump a tensor's version, moving it changes its storage. (Not every update
+    does: torch's fused AdamW step leaves the version as it was, so nothing of training reads these.) While the step is
     compiled or exported (`decoder.py`) the weights built eagerly before are used as they are."""
     if torch.compiler.is_compiling():
         return module.__dict__[name][1]
