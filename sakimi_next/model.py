@@ -267,10 +267,12 @@ class GatedDeltaNet(nn.Module):
             x = x * pad_mask[..., None].to(x.dtype)
         B, T, _ = x.shape
         Hk, Hv, dk, dv = self.num_k_heads, self.num_v_heads, self.head_k_dim, self.head_v_dim
-        if not torch.is_inference_mode_enabled() or torch.compiler.is_compiling():
+        # The stacked weight is made once for inference (a prompt, `--mode eval`), never in training: a fused
+        # AdamW step does not bump the weights' versions, which tell the cache that they changed. (Compiling
+        # is asked first: dynamo cannot trace is_inference_mode_enabled.)
+        if torch.compiler.is_compiling() or not torch.is_inference_mode_enabled():
             weight = self.projection_weight()
-        else:  # a prompt's forward or `--mode eval` (not training: an optimiser's step may not bump the
-            # weights' versions, which tell the cache that they changed): the stacked weight made once
+        else:
             weight = inference_weight(self, "_proj_weight", (self.in_proj_qkvz.weight, self.in_proj_ba.weight),
                                       self.projection_weight)
         qkv, z, b, a = F.linear(x, weight).split(self.proj_split, dim=-1)
