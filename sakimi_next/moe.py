@@ -16,22 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import Config
-from .kernels.linear import (computed_once, few_traced_rows, inference_linear, inference_weight, int8_linear, is_int8,
-                             quantize_rows, step_linear)
-
-
-def traced_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch.topk(x, k, dim=-1) as a compiled step of a few rows should see it: k rounds of max over the
-    last dimension, each masking the one it took (inductor fuses these into one loop; its topk is a
-    library call of its own). Ties go to the lower index, as torch.topk's CPU kernel gives them."""
-    columns = torch.arange(x.shape[-1], device=x.device)
-    values, indices = [], []
-    for _ in range(k):
-        value, index = x.max(dim=-1, keepdim=True)
-        values.append(value)
-        indices.append(index)
-        x = x.masked_fill(columns == index, float("-inf"))
-    return torch.cat(values, dim=-1), torch.cat(indices, dim=-1)
+from .kernels.linear import (computed_once, inference_linear, inference_weight, int8_linear, is_int8, quantize_rows,
+                             step_linear)
 
 
 class TopKRouter(nn.Module):
@@ -44,10 +30,7 @@ class TopKRouter(nn.Module):
         """x [N, H] -> router logits [N, E], routing weights [N, k], chosen experts [N, k]."""
         logits = step_linear(x, self.weight)  # F.linear; a sum in a compiled step of a few rows
         probs = F.softmax(logits, dim=-1, dtype=torch.float32)
-        if torch.compiler.is_compiling() and x.device.type == "cpu" and few_traced_rows(x):
-            weights, experts = traced_topk(probs, self.top_k)
-        else:
-            weights, experts = torch.topk(probs, self.top_k, dim=-1)
+        weights, experts = torch.topk(probs, self.top_k, dim=-1)
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return logits, weights.to(logits.dtype), experts
