@@ -122,6 +122,8 @@ class StepProgram(nn.Module):
 def _cached_tensors(value, path: str):
     """(address, tensor) of the tensors in an `inference_weight` value: a tensor, a tuple of them, or
     a StepLinear / Int8StepLinear (their plain tensors; oneDNN's packed copy is never traced)."""
+    if value is None:  # a cache that holds nothing (an MoE's int8 copy of float weights)
+        return
     if isinstance(value, torch.Tensor):
         yield path, value
     elif isinstance(value, tuple):

@@ -137,18 +137,17 @@ class Experts(nn.Module):
 
     def _decoding_weights(self) -> tuple:
         """(gate_up, its row scales, down, its row scales): the float weights and None, or their int8
-        copy (made once, eagerly)."""
+        copy. Whether the weights are int8 is decided eagerly, with the copy (`inference_weight`): in a
+        compiled step they are the program's arguments, without their int8 mark."""
         params = (self.gate_up_proj, self.down_proj)
-        if torch.compiler.is_compiling():  # the weights are a program's arguments, without their int8 mark
-            cached = self.__dict__.get("_int8")
-            return cached[1] if cached is not None else (self.gate_up_proj, None, self.down_proj, None)
-        if not is_int8(params):
-            return self.gate_up_proj, None, self.down_proj, None
 
         def build():
+            if not is_int8(params):
+                return None
             (q_gu, s_gu), (q_d, s_d) = quantize_rows(self.gate_up_proj), quantize_rows(self.down_proj)
             return q_gu, s_gu.to(torch.bfloat16), q_d, s_d.to(torch.bfloat16)
-        return inference_weight(self, "_int8", params, build)
+        int8 = inference_weight(self, "_int8", params, build)
+        return (self.gate_up_proj, None, self.down_proj, None) if int8 is None else int8
 
     def _step_weights(self):
         """(gate_up(x, e), down(x, e)): expert e's products, on float weights or on their int8 copy."""

@@ -271,6 +271,20 @@ def test_moe_int8_compiled_in_the_background(programs):
     assert not any(a.endswith("experts.gate_up_proj") or a.endswith("experts.down_proj") for a in weights)
 
 
+@pytest.mark.slow
+@needs_compiler
+def test_moe_compiled_step_equals_eager(programs):
+    """A float MoE model's compiled step (each row's chosen experts gathered inside its products, the ids
+    never read by the host): the eager step's logits for a left-padded batch of two, as the cache grows;
+    the program multiplies by the experts' own float weights."""
+    model = trained(4, **MOE)
+    decoder = CompiledDecoder(model, directory=programs / "moe-fp32")
+    compare_steps(model, decoder)
+    assert set(decoder.programs) == {2}
+    weights = json.loads(decoder.path(2).with_suffix(".json").read_text())["weights"]
+    assert any(a.endswith("experts.gate_up_proj") for a in weights) and not any("_int8" in a for a in weights)
+
+
 @contextlib.contextmanager
 def router_margins(model):
     """A list that gets, for every routed step, the smallest gap in any layer between the k-th chosen
