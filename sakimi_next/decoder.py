@@ -343,6 +343,40 @@ def _start_twin_compile(spec: dict) -> subprocess.Popen:
                                 stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
 
 
+def claim_compile(path: Path) -> bool:
+    """Whether this process may compile the program at `path` in the background: True once it holds the
+    lock file beside it, which it removes when the compile ends. A lock holds while the process that
+    wrote it lives (a server's engines share the programs on disk: one compiles, the others wait)."""
+    lock = path.with_suffix(".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                holder = int(lock.read_text())
+            except (OSError, ValueError):  # being written, or just removed: ask again at the next step
+                return False
+            if _alive(holder):
+                return False
+            lock.unlink(missing_ok=True)  # its process is gone
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+    return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
 class CompiledDecoder:
     """A `DecodeFn` (model, token [B], cache) -> logits [B, V] that runs the compiled step: loaded from
     disk, or compiled once (minutes on a small CPU) and kept. `compile_seconds` and `load_seconds` say
@@ -388,6 +422,8 @@ class CompiledDecoder:
         if process is None and self.compiling:  # one compile at a time (an MoE model's batch sizes)
             return False
         if process is None:
+            if not claim_compile(self.path(batch_size)):  # another engine of this server compiles it
+                return False
             if self.on_compile is not None:
                 self.on_compile(f"compiling the decoding step{'' if b is None else f' for batch {b}'} in the "
                                 f"background (once; kept in {self.directory}); decoding eagerly meanwhile")
@@ -401,6 +437,7 @@ class CompiledDecoder:
                 self._give_up(f": {e}")
         elif process.poll() is not None:
             del self.compiling[b]
+            self.path(batch_size).with_suffix(".lock").unlink(missing_ok=True)
             if process.returncode != 0:  # not compilable here
                 self._give_up(f" (see {self.path(batch_size).with_suffix('.log')})")
         return False

@@ -143,6 +143,7 @@ def main() -> int:
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--repeats", type=int, default=3, help="runs of each level, interleaved; the best is reported")
     p.add_argument("--threads", type=int, default=None, help="the server's --threads")
+    p.add_argument("--engines", type=int, default=1, help="the server's --engines (model processes)")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="the server's --dtype")
     p.add_argument("--quantize", default="none", choices=("none", "int8"), help="the server's --quantize")
     p.add_argument("--compile", default="yes", choices=("yes", "no"),
@@ -160,6 +161,7 @@ def main() -> int:
                "--max-concurrent", str(max(levels)), "--device", "cpu",
                "--dtype", a.dtype, "--quantize", a.quantize, "--compile" if a.compile == "yes" else "--no-compile"]
         cmd += ["--threads", str(a.threads)] if a.threads else []
+        cmd += ["--engines", str(a.engines)]
         proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
         try:
             wait_ready(url, proc, seconds=3600 if a.compile == "yes" else 300)  # compiling: minutes, once
@@ -174,6 +176,7 @@ def main() -> int:
     base, cpu_base = best[0]["tokens_per_s"], cpu_best[0]
     print(f"\n{a.checkpoint or a.preset + ' (seeded)'}: {a.requests} streamed requests of {a.max_tokens} tokens "
           f"per client, temperature {a.temperature}, top-p {a.top_p}, server threads {a.threads or 'default'}, "
+          f"{a.engines} engine{'s' if a.engines > 1 else ''}, "
           f"{a.dtype}{', int8' if a.quantize == 'int8' else ''}, "
           f"{'compiled step' if a.compile == 'yes' else 'eager step'}; "
           f"best of {a.repeats} interleaved runs\n")

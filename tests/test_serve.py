@@ -332,7 +332,8 @@ def test_queue_full_and_timeouts(checkpoint):
 
 def test_serve_command(checkpoint, capsys, tmp_path):
     """`--mode serve` itself: bad flags and a bad checkpoint are one line and exit code 2; the server
-    starts, answers and stops, with the model in its own process (the default) and with --in-process."""
+    starts, answers and stops, with the model in its own process (the default), with --in-process, and
+    with two model processes (--engines 2)."""
     import socket
     import subprocess
     import sys
@@ -346,11 +347,14 @@ def test_serve_command(checkpoint, capsys, tmp_path):
                                                    "--max-concurrent"),
                            (["--resume-from", str(checkpoint), "--request-timeout", "nan"], "--request-timeout"),
                            (["--resume-from", str(checkpoint), "--port", "70000"], "--port"),
+                           (["--resume-from", str(checkpoint), "--engines", "0"], "--engines"),
+                           (["--resume-from", str(checkpoint), "--engines", "3", "--max-concurrent", "2"], "--engines"),
+                           (["--resume-from", str(checkpoint), "--engines", "2", "--in-process"], "--in-process"),
                            (["--resume-from", str(tmp_path), "--port", "0"], "not a checkpoint")):
         assert main(["--mode", "serve", *flags]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1
-    for extra in ([], ["--in-process"]):
+    for extra, engine_processes in (([], 1), (["--in-process"], 0), (["--engines", "2"], 2)):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -371,7 +375,7 @@ def test_serve_command(checkpoint, capsys, tmp_path):
             assert r.usage.completion_tokens == 5
             children = child_pids(proc.pid)
             engines = [p for p in children if b"multiprocessing.spawn" in Path(f"/proc/{p}/cmdline").read_bytes()]
-            assert len(engines) == (0 if extra else 1)  # the model's own process (not the resource tracker)
+            assert len(engines) == engine_processes  # the model's own processes (not the resource tracker)
         finally:
             proc.terminate()
             _, err = proc.communicate(timeout=60)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from dataclasses import dataclass
@@ -40,7 +41,12 @@ def add_arguments(parser) -> None:
                         help="times the model's process is started again after it dies (out of memory, a kill)")
     parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
     parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for the model (default: torch's; 1 is best on a busy machine)")
+                        help="CPU threads for the model (default: torch's, or with --engines the cores shared "
+                             "out; 1 is best on a busy machine)")
+    parser.add_argument("--engines", type=int, default=1,
+                        help="model processes, each decoding its own batch of the requests (data parallel): "
+                             "on a CPU, 2 engines of one thread each serve several clients faster than one of two "
+                             "threads (docs/serving.md)")
     parser.add_argument("--model-name", default=None, help="the model id clients use (default: the checkpoint's name)")
     parser.add_argument("--in-process", action="store_true",
                         help="run the model in the web server's process (by default it runs in a process of its "
@@ -65,6 +71,7 @@ class ServeSettings:
     threads: int | None = None
     dtype: str = "fp32"
     in_process: bool = False
+    engines: int = 1
     shutdown_timeout: float = 5.0
     max_restarts: int = 3
     quantize: str = "none"
@@ -83,6 +90,13 @@ def settings(args: argparse.Namespace) -> ServeSettings:
     common.finite_float("--shutdown-timeout", args.shutdown_timeout, lo=0)
     common.count("--max-restarts", args.max_restarts, minimum=0)
     common.count("--threads", args.threads)
+    common.count("--engines", args.engines)
+    if args.engines > args.max_concurrent:
+        raise UserError(f"--engines ({args.engines}) must not exceed --max-concurrent ({args.max_concurrent}): "
+                        "each engine decodes at least one request")
+    if args.engines > 1 and args.in_process:
+        raise UserError("--in-process runs one engine: leave out --engines")
+    threads = args.threads or (max(1, (os.cpu_count() or 1) // args.engines) if args.engines > 1 else None)
     if args.api_key is not None and not args.api_key.strip():
         raise UserError("--api-key must not be empty")
     path = Path(args.resume_from)
@@ -90,7 +104,8 @@ def settings(args: argparse.Namespace) -> ServeSettings:
     return ServeSettings(args.resume_from, args.host, args.port, args.max_concurrent, args.max_queue,
                          args.max_prompt_tokens, args.max_tokens, args.request_timeout, args.api_key, name,
                          args.device, common.kernel_name(args), args.compile,
-                         args.threads, args.dtype, bool(args.in_process), args.shutdown_timeout, args.max_restarts,
+                         threads, args.dtype, bool(args.in_process), args.engines, args.shutdown_timeout,
+                         args.max_restarts,
                          args.quantize, common.attention_window(args))
 
 
@@ -108,6 +123,7 @@ def run(s: ServeSettings) -> int:
     import uvicorn
 
     from ..serve.api import ServerSettings, create_app
+    from ..serve.pool import EnginePool
     from ..serve.process import EngineProcess, ModelSource
     from ..serve.server import Server
 
@@ -121,9 +137,11 @@ def run(s: ServeSettings) -> int:
             print("loading or compiling the decoding step (minutes, once)...", file=sys.stderr, flush=True)
         if s.in_process:
             engine, info = _engine_in_process(source, s.max_concurrent, s.max_queue)
-        else:
-            engine = EngineProcess(source, s.max_concurrent, s.max_queue,  # --compile: minutes, the first time
-                                   start_seconds=3600.0 if s.compile == "yes" else 600.0, max_restarts=s.max_restarts)
+        else:  # --compile: minutes, the first time
+            start_seconds = 3600.0 if s.compile == "yes" else 600.0
+            engine = (EngineProcess(source, s.max_concurrent, s.max_queue, start_seconds, s.max_restarts)
+                      if s.engines == 1 else
+                      EnginePool(source, s.engines, s.max_concurrent, s.max_queue, start_seconds, s.max_restarts))
             engine.start()  # loads the model in the child: a bad checkpoint is a UserError here
             info = engine.info
         context = engine.config.max_position_embeddings
@@ -131,8 +149,9 @@ def run(s: ServeSettings) -> int:
         app = create_app(engine, ServerSettings(s.model_name, max_prompt, s.max_tokens, s.request_timeout, s.api_key))
         if info.get("note"):
             print(info["note"], file=sys.stderr)
+        engines = f", {s.engines} engines" if s.engines > 1 else ""
         print(f"serving {info['source']} as {s.model_name!r} ({info['parameters']:,} parameters, {info['device']}, "
-              f"{info['dtype']}) on http://{s.host}:{s.port}/  (chat page at /, API at /v1)", file=sys.stderr,
+              f"{info['dtype']}{engines}) on http://{s.host}:{s.port}/  (chat page at /, API at /v1)", file=sys.stderr,
               flush=True)
         server = Server(uvicorn.Config(app, host=s.host, port=s.port, log_level="warning"), s.shutdown_timeout,
                         on_timeout=engine.stop)

@@ -141,7 +141,8 @@ class EngineProcess:
                 running = min(len(self._callbacks), self.max_concurrent)
                 raise QueueFull(f"{running} requests running and {len(self._callbacks) - running} waiting; "
                                 "try again later")
-            request.id = next(self._ids)
+            if not request.id:  # ids given by the caller (an EnginePool, unique over its engines) are kept
+                request.id = next(self._ids)
             self._send(("submit", dataclasses.replace(request, on_event=None)))
             self._callbacks[request.id] = request.on_event
             return request.id
@@ -157,6 +158,12 @@ class EngineProcess:
     def stats(self) -> dict:
         with self._lock:
             return {**self._stats, "max_queue": self.max_queue, "engine": self._state, "engine_restarts": self.restarts}
+
+    @property
+    def in_flight(self) -> int:
+        """Requests submitted and not yet ended (running or waiting in the child)."""
+        with self._lock:
+            return len(self._callbacks)
 
     def _send(self, message: tuple) -> None:
         try:
