@@ -88,6 +88,7 @@ bench: setup
 bench-serve: setup
 	$(BIN)/python scripts/bench_serve.py --threads 1 --temperature 0 --json bench_serve_fp32.json
 	$(BIN)/python scripts/bench_serve.py --threads 1 --temperature 0 --quantize int8 --json bench_serve_int8.json
+	$(BIN)/python scripts/bench_serve.py --threads 1 --temperature 0 --quantize int8 --engines 2 --json bench_serve_int8_engines2.json
 	$(BIN)/python scripts/bench_serve.py --threads 1 --temperature 0 --compile no --json bench_serve_eager.json
 
 # batch-1 greedy decoding beside llama.cpp (f32 and q8_0) on the same weights, each run in its own process
