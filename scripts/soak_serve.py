@@ -156,17 +156,21 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def model_pid(server_pid: int) -> int:
-    """The model's process: the server's child spawned by multiprocessing (not its resource tracker)."""
+def model_pids(server_pid: int) -> list[int]:
+    """The model's processes (one per engine): the server's children spawned by multiprocessing (not its
+    resource tracker)."""
+    found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             if stat.read_text().rsplit(")", 1)[1].split()[1] == str(server_pid):
                 if b"multiprocessing.spawn" in (stat.parent / "cmdline").read_bytes() and \
                         b"resource_tracker" not in (stat.parent / "cmdline").read_bytes():
-                    return int(stat.parent.name)
+                    found.append(int(stat.parent.name))
         except OSError:
             continue
-    raise SystemExit("the model's process was not found")
+    if not found:
+        raise SystemExit("the model's process was not found")
+    return found
 
 
 def traffic(url: str, clients: int, seconds: float, seed: int, tally: Tally) -> None:
@@ -193,6 +197,7 @@ def main() -> int:
     p.add_argument("--preset", default="tiny_10m")
     p.add_argument("--clients", type=int, default=6)
     p.add_argument("--threads", type=int, default=1, help="the server's --threads")
+    p.add_argument("--engines", type=int, default=1, help="the server's --engines (model processes)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--port", type=int, default=8766)
     a = p.parse_args()
@@ -203,21 +208,21 @@ def main() -> int:
         url = f"http://127.0.0.1:{a.port}"
         cmd = [sys.executable, "-m", "sakimi_next", "--mode", "serve", "--resume-from", ckpt, "--port", str(a.port),
                "--device", "cpu", "--threads", str(a.threads), "--max-concurrent", str(MAX_CONCURRENT),
-               "--max-queue", str(MAX_QUEUE), "--max-tokens", str(MAX_TOKENS)]
+               "--max-queue", str(MAX_QUEUE), "--max-tokens", str(MAX_TOKENS), "--engines", str(a.engines)]
         log = Path(tmp) / "server.log"
         with open(log, "w") as server_log:
             proc = subprocess.Popen(cmd, cwd=ROOT, stderr=server_log)
             try:
                 wait_ready(url, proc)
-                model = model_pid(proc.pid)
+                models = model_pids(proc.pid)
                 traffic(url, a.clients, warmup, a.seed + 1, Tally())
-                start = rss_mb(proc.pid), rss_mb(model)
+                start = rss_mb(proc.pid), sum(map(rss_mb, models))
                 tally = Tally()
                 t0 = time.monotonic()
                 traffic(url, a.clients, seconds, a.seed, tally)
                 elapsed = time.monotonic() - t0
                 health = idle_health(url)
-                end = rss_mb(proc.pid), rss_mb(model)
+                end = rss_mb(proc.pid), sum(map(rss_mb, models))
             finally:
                 proc.terminate()
                 proc.wait(timeout=120)
@@ -250,7 +255,7 @@ def report(clients: int, warmup: float, tally: Tally, elapsed: float, start, end
             print(f"latency of {kind} replies ({len(xs):,}): p50 {percentile(xs, 50) * 1000:.0f} ms, "
                   f"p99 {percentile(xs, 99) * 1000:.0f} ms")
     print(f"RSS after the warm-up -> at the end: web process {start[0]:.1f} -> {end[0]:.1f} MB "
-          f"({end[0] - start[0]:+.1f}), model process {start[1]:.1f} -> {end[1]:.1f} MB ({end[1] - start[1]:+.1f})")
+          f"({end[0] - start[0]:+.1f}), model process(es) {start[1]:.1f} -> {end[1]:.1f} MB ({end[1] - start[1]:+.1f})")
     traceback = "Traceback" in server_stderr
     print(f"server: exit code {exit_code} after SIGTERM; {'a' if traceback else 'no'} traceback in its log; "
           f"slots busy at the end: {health['active'] + health['queued']}")
