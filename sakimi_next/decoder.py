@@ -434,6 +434,7 @@ class CompiledDecoder:
             try:
                 self.compiling[b] = _start_twin_compile(spec)
             except OSError as e:
+                self.path(batch_size).with_suffix(".lock").unlink(missing_ok=True)
                 self._give_up(f": {e}")
         elif process.poll() is not None:
             del self.compiling[b]

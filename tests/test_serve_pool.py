@@ -8,7 +8,9 @@ import sys
 
 import pytest
 
-from sakimi_next.decoder import claim_compile
+from sakimi_next import decoder
+from sakimi_next.config import preset
+from sakimi_next.decoder import CompiledDecoder, claim_compile
 from sakimi_next.generate import SamplingSettings
 from sakimi_next.serve.engine import EngineStopped, QueueFull, Request
 from sakimi_next.serve.pool import EnginePool
@@ -101,3 +103,28 @@ def test_one_background_compile_per_program(tmp_path):
     assert claim_compile(path)  # its process is gone
     assert (tmp_path / "step-x.lock").read_text() == str(os.getpid())
     assert not claim_compile(path)  # now this process holds it
+
+
+def test_two_decoders_in_the_background_start_one_compile(tmp_path, monkeypatch):
+    """Two engines' decoders that both miss a program: the first starts the compile, the second decodes
+    eagerly without starting another; when the compile ends (here it fails), the lock is released."""
+    from sakimi_next.model import Qwen3NextForCausalLM
+
+    started = []
+
+    def fake_compile(spec):
+        started.append(spec["path"])
+        return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+
+    monkeypatch.setattr(decoder, "_start_twin_compile", fake_compile)
+    model = Qwen3NextForCausalLM(preset("tiny_5m", num_hidden_layers=2, vocab_size=256)).eval()
+    first, second = (CompiledDecoder(model, directory=tmp_path, background=True) for _ in range(2))
+    assert not first.ready(2) and not second.ready(2)
+    assert len(started) == 1 and first.compiling and not second.compiling
+    first.compiling[None].kill()
+    first.compiling[None].wait()
+    assert not first.ready(2) and first.failed  # the compile failed: eager from now on
+    assert not first.path(2).with_suffix(".lock").exists()
+    assert not second.ready(2) and len(started) == 2  # the lock is free: the other may try
+    second.compiling[None].kill()
+    second.compiling[None].wait()
