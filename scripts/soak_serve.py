@@ -227,7 +227,7 @@ def main() -> int:
                 proc.terminate()
                 proc.wait(timeout=120)
         server_stderr = log.read_text()
-    return report(a.clients, warmup, tally, elapsed, start, end, health, proc.returncode, server_stderr)
+    return report(a.clients, warmup, tally, elapsed, start, end, health, proc.returncode, server_stderr, len(models))
 
 
 def idle_health(url: str) -> dict:
@@ -243,7 +243,7 @@ def idle_health(url: str) -> dict:
 
 
 def report(clients: int, warmup: float, tally: Tally, elapsed: float, start, end, health: dict, exit_code: int,
-           server_stderr: str) -> int:
+           server_stderr: str, engines: int = 1) -> int:
     replies = [x for kind in ("stream", "whole") for x in tally.latency[kind]]
     print(f"soak: {elapsed / 60:.1f} minutes of traffic from {clients} clients (after {warmup:.0f} s of warm-up), "
           f"{tally.requests:,} requests; the server: {health['requests_served']:,} replies served in all, "
@@ -255,7 +255,8 @@ def report(clients: int, warmup: float, tally: Tally, elapsed: float, start, end
             print(f"latency of {kind} replies ({len(xs):,}): p50 {percentile(xs, 50) * 1000:.0f} ms, "
                   f"p99 {percentile(xs, 99) * 1000:.0f} ms")
     print(f"RSS after the warm-up -> at the end: web process {start[0]:.1f} -> {end[0]:.1f} MB "
-          f"({end[0] - start[0]:+.1f}), model process(es) {start[1]:.1f} -> {end[1]:.1f} MB ({end[1] - start[1]:+.1f})")
+          f"({end[0] - start[0]:+.1f}), model process{'es' if engines > 1 else ''} {start[1]:.1f} -> {end[1]:.1f} MB "
+          f"({end[1] - start[1]:+.1f})")
     traceback = "Traceback" in server_stderr
     print(f"server: exit code {exit_code} after SIGTERM; {'a' if traceback else 'no'} traceback in its log; "
           f"slots busy at the end: {health['active'] + health['queued']}")
