@@ -367,6 +367,11 @@ def claim_compile(path: Path) -> bool:
     return False
 
 
+def release_compile(path: Path) -> None:
+    """The compile that `claim_compile` allowed has ended (or never started)."""
+    path.with_suffix(".lock").unlink(missing_ok=True)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -434,11 +439,11 @@ class CompiledDecoder:
             try:
                 self.compiling[b] = _start_twin_compile(spec)
             except OSError as e:
-                self.path(batch_size).with_suffix(".lock").unlink(missing_ok=True)
+                release_compile(self.path(batch_size))
                 self._give_up(f": {e}")
         elif process.poll() is not None:
             del self.compiling[b]
-            self.path(batch_size).with_suffix(".lock").unlink(missing_ok=True)
+            release_compile(self.path(batch_size))
             if process.returncode != 0:  # not compilable here
                 self._give_up(f" (see {self.path(batch_size).with_suffix('.log')})")
         return False

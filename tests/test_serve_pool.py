@@ -37,6 +37,7 @@ def test_two_engines_give_the_replies_of_one_and_share_the_work(checkpoint):
     source = ModelSource(str(checkpoint), "cpu", threads=1)
     prompts = [[5 + i, 6, 7 + 2 * i] for i in range(5)]
     one = replies(EngineProcess(source, max_concurrent=4), prompts)
+    assert [(e.max_concurrent, e.max_queue) for e in EnginePool(source, 2, 5, 3).engines] == [(3, 2), (2, 1)]
     pool = EnginePool(source, 2, max_concurrent=4)
     assert [e.max_concurrent for e in pool.engines] == [2, 2]
     assert replies(pool, prompts) == one

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 import threading
 from collections.abc import Callable
 
@@ -27,16 +26,15 @@ SUMMED = ("active", "queued", "max_concurrent", "max_queue", "requests_served", 
 
 class EnginePool:
     """`Engine`'s interface (submit, cancel, stats, start, stop; tokenizer, config, info) over `engines`
-    model processes that share `max_concurrent` slots and `max_queue` places (each gets its share,
-    rounded up)."""
+    model processes that share `max_concurrent` slots and `max_queue` places out among them."""
 
     def __init__(self, source: ModelSource, engines: int, max_concurrent: int = 8, max_queue: int = 64,
                  start_seconds: float = 600.0, max_restarts: int = 3):
         if engines < 1:
             raise ValueError(f"engines must be at least 1, not {engines}")
-        share = lambda n: math.ceil(n / engines)  # noqa: E731
-        self.engines = [EngineProcess(source, share(max_concurrent), share(max_queue), start_seconds, max_restarts)
-                        for _ in range(engines)]
+        share = lambda n, i: n // engines + (i < n % engines)  # noqa: E731  (the first ones take the remainder)
+        self.engines = [EngineProcess(source, share(max_concurrent, i), share(max_queue, i), start_seconds,
+                                      max_restarts) for i in range(engines)]
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._owner: dict[int, EngineProcess] = {}  # requests in flight -> their engine
@@ -77,20 +75,17 @@ class EnginePool:
             request.id = next(self._ids)
         engines = sorted(self.engines, key=lambda e: e.in_flight)
         forwarded = dataclasses.replace(request, on_event=self._forget_when_done(request.id, request.on_event))
-        refusal: Exception = EngineStopped("the engine is not running")
-        for engine in engines:
+        refusals: list[Exception] = []
+        for engine in engines:  # one full (its share may be smaller) or restarting: the next may take it
             with self._lock:
                 self._owner[request.id] = engine
             try:
                 return engine.submit(forwarded)
-            except QueueFull as e:  # the least busy is full: so are the others
-                refusal = e
-                break
-            except EngineStopped as e:  # restarting: the next one may run
-                refusal = e
+            except (QueueFull, EngineStopped) as e:
+                refusals.append(e)
         with self._lock:
             self._owner.pop(request.id, None)
-        raise refusal
+        raise next((e for e in refusals if isinstance(e, QueueFull)), refusals[-1])
 
     def _forget_when_done(self, request_id: int, on_event: Callable[[Event], None]) -> Callable[[Event], None]:
         def deliver(event: Event) -> None:
