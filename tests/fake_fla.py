@@ -64,11 +64,16 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, out
     return o, (torch.cat(states).float() if output_final_state else None)
 
 
-def install(monkeypatch, version: str = "0.5.2", ops: bool = True) -> None:
+def install(monkeypatch, version: str = "0.5.2", ops: bool = True, hopper_old_triton: bool = False) -> None:
     """Make `import fla` find this fake (`fla.__version__ == version`; without `ops`, fla.ops does not
-    import) and CUDA look available, for the length of a test. `uninstall` undoes what monkeypatch can't."""
+    import; `hopper_old_triton`: fla.utils' flags of an H100 with Triton 3.6) and CUDA look available, for
+    the length of a test. `uninstall` undoes what monkeypatch can't."""
     fla = types.ModuleType("fla")
     fla.__version__ = version
+    fla.utils = types.ModuleType("fla.utils")
+    fla.utils.IS_NVIDIA_HOPPER = fla.utils.TRITON_ABOVE_3_4_0 = hopper_old_triton
+    fla.utils.TRITON_ABOVE_3_7_1 = False
+    monkeypatch.setitem(sys.modules, "fla.utils", fla.utils)
     gdr = types.ModuleType("fla.ops.gated_delta_rule")
     gdr.chunk_gated_delta_rule = chunk_gated_delta_rule
     monkeypatch.setitem(sys.modules, "fla", fla)

@@ -2,6 +2,7 @@
 passes to fla's `chunk_gated_delta_rule`, checked against the plain recurrence through a CPU fake of fla's
 contract (tests/fake_fla.py)."""
 
+import importlib.util
 import logging
 
 import pytest
@@ -155,3 +156,44 @@ def test_model_with_fla_equals_chunk(monkeypatch, packed):
     for a, b in zip(grads_fla, grads_chunk, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
     assert len(fake_fla.calls) == 3  # one per DeltaNet layer: the fla path really ran
+
+
+def test_hopper_with_an_old_triton_falls_back_to_chunk(monkeypatch, caplog):
+    """fla 0.5.2 raises in its first backward on an H100 whose Triton is below 3.7.1 (wrong gradients, fla
+    issue #640), as a run on an H100 with torch 2.11 and Triton 3.6.0 showed: auto trains with chunk and
+    says why; with tilelang installed (fla then routes that kernel to it) fla is taken."""
+    fake_fla.install(monkeypatch, hopper_old_triton=True)
+    with caplog.at_level(logging.WARNING, logger="sakimi_next.kernels"):
+        assert resolve_kernel("auto", "cuda") == "chunk"
+    assert "refuses to train on a Hopper GPU" in caplog.records[0].getMessage()
+    with pytest.raises(UserError, match="kernel 'fla' cannot run: fla 0.5.2 refuses"):
+        resolve_kernel("fla", "cuda")
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "tilelang" else find_spec(name, *a))
+    fake_fla.uninstall()
+    assert resolve_kernel("auto", "cuda") == "fla"
+
+
+def test_model_with_fla_continues_a_lead_in(monkeypatch):
+    """A training window that continues a lead-in's state (read without gradient into a cache, which each
+    layer then updates in place) gives the same loss and gradients through fla as through chunk: fla
+    keeps the initial state for its backward, so it must get a copy (on an H100 the in-place update
+    made the backward fail)."""
+    fake_fla.install(monkeypatch)
+    torch.manual_seed(0)
+    model = Qwen3NextForCausalLM(small_config())
+    x = torch.randint(0, model.config.vocab_size, (2, 41))
+    lead = torch.randint(0, model.config.vocab_size, (2, 24))
+    results = []
+    for kernel in ("chunk", "fla"):
+        model.set_kernel(kernel, "cuda")
+        model.zero_grad(set_to_none=True)
+        cache = model.new_cache(2, capacity=24 + 40)
+        with torch.no_grad():
+            model(lead, cache=cache)
+        model(x[:, :-1], x[:, 1:], cache=cache).loss.backward()
+        results.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+    assert len(fake_fla.calls) == 3 * 2  # the lead-in and the window, each through every DeltaNet layer

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 import re
 
@@ -50,7 +51,22 @@ def fla_problem() -> str | None:
         from . import fla as _  # noqa: F401  (imports fla.ops.gated_delta_rule, and with it Triton)
     except Exception as e:  # a broken install (no Triton, a mismatched torch) must not stop a run
         return f"fla {version} is installed but fla.ops.gated_delta_rule does not import: {type(e).__name__}: {e}"
-    return None
+    return _fla_backward_problem(version)
+
+
+def _fla_backward_problem(version: str) -> str | None:
+    """fla >= 0.5.2 refuses its backward on Hopper GPUs (H100, H200) under Triton 3.4.0 to 3.7.0, which
+    gives wrong gradients there (fla issue #640), unless tilelang takes that kernel. Found on an H100
+    with torch 2.11's Triton 3.6.0: the first backward raised. Read from fla's own flags, so a fla that
+    drops them (or the guard) is taken at its word."""
+    import fla.utils
+
+    hopper = getattr(fla.utils, "IS_NVIDIA_HOPPER", False)
+    affected = getattr(fla.utils, "TRITON_ABOVE_3_4_0", False) and not getattr(fla.utils, "TRITON_ABOVE_3_7_1", True)
+    if not (hopper and affected) or importlib.util.find_spec("tilelang") is not None:
+        return None
+    return (f"fla {version} refuses to train on a Hopper GPU with a Triton from 3.4.0 to 3.7.0 (wrong gradients, "
+            "fla issue #640); pip install tilelang, or a torch whose Triton is >= 3.7.1")
 
 
 def fla_available() -> bool:

@@ -53,7 +53,8 @@ def fla_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, outpu
     beta are cast to it), with the log-gates and the states in float32."""
     dtype = v.dtype
     q, k, beta, g = q.to(dtype), k.to(dtype), beta.to(dtype), g.float()
-    h0 = None if initial_state is None else initial_state.float()
+    # a copy: fla keeps the initial state for its backward, and a caller's cache is updated in place after
+    h0 = None if initial_state is None else initial_state.to(torch.float32, copy=True)
     if doc_starts is None:
         return _fla_chunk(q, k, v, g, beta, scale=scale, initial_state=h0, output_final_state=output_final_state,
                           use_qk_l2norm_in_kernel=False)
