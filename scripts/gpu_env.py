@@ -1,19 +1,21 @@
 """The checks of scripts/train_gpu.sh, in Python so that they are tested (tests/test_gpu_setup.py):
 
-    python3 scripts/gpu_env.py plan              # which torch the GPU venv gets (stdout), and why (stderr);
+    python3 scripts/gpu_env.py plan [--no-fla]   # which torch the GPU venv gets (stdout), and why (stderr);
                                                  # TORCH_INDEX=URL in the environment overrides the choice
     .venv-gpu/bin/python scripts/gpu_env.py verify [--no-fla]   # after installing: torch sees the GPU,
                                                                  # fla imports (one summary line)
 
 `plan` runs with the system's python3 before anything is installed, on the standard library alone (and
 the system's torch, if it has one). It prints `system` when that torch is a CUDA build that sees the GPU
-(the venv then reuses it: --system-site-packages), else the pip arguments of a pinned CUDA torch whose
-build the driver supports. Any problem is one `error: ...` line on stderr and exit code 2.
+(the venv then reuses it: --system-site-packages) and, unless --no-fla, comes with a Triton that fla
+trains with on this GPU; else the pip arguments of a pinned CUDA torch whose build the driver supports.
+Any problem is one `error: ...` line on stderr and exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import subprocess
 import sys
@@ -25,6 +27,8 @@ TORCH_PIN = "torch==2.13.0"
 CUDA_BUILDS = ((580, "cu130"), (525, "cu126"))  # (oldest driver, build), newest first
 WHEEL_INDEX = "https://download.pytorch.org/whl/{}"
 SYSTEM_TORCH_MIN = (2, 7)  # a system torch is reused from this version on (fla-core needs torch >= 2.7)
+# Tritons [from, to) under which fla refuses to train on a Hopper GPU; TORCH_PIN requires Triton 3.7.1
+TRITON_HOPPER_BAD = ((3, 4, 0), (3, 7, 1))
 DRIVER_FOR_CUDA = {13: 580, 12: 525}  # the oldest driver each CUDA major version runs on
 
 
@@ -51,23 +55,44 @@ def gpus() -> list[tuple[str, str]]:
 
 
 def system_torch() -> dict | None:
-    """The system python's torch: version, CUDA version (None for a CPU build), whether it sees a GPU."""
+    """The system python's torch: version, CUDA version (None for a CPU build), whether it sees a GPU, and
+    the installed Triton's version (None without one)."""
     try:
         import torch
     except Exception:  # absent, or broken: either way it is not reused
         return None
-    return {"version": torch.__version__, "cuda": torch.version.cuda, "available": bool(torch.cuda.is_available())}
+    try:
+        triton = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        triton = None
+    return {"version": torch.__version__, "cuda": torch.version.cuda, "available": bool(torch.cuda.is_available()),
+            "triton": triton}
 
 
-def plan(driver: str, torch_info: dict | None, index: str | None = None) -> tuple[str, str]:
+def fla_refuses(gpu_name: str, triton: str | None) -> bool:
+    """fla's backward is wrong on Hopper GPUs under Triton 3.4.0 to 3.7.0, and fla-core 0.5.2 refuses to
+    run it there (fla issue #640; an H100 with torch 2.11's Triton 3.6.0 showed it). fla's own test of
+    the GPU: 'NVIDIA H' in its name (H100, H200, H800, H20), or GH200."""
+    hopper = "NVIDIA H" in gpu_name or "GH200" in gpu_name
+    return hopper and triton is not None and TRITON_HOPPER_BAD[0] <= _numbers(triton, 3) < TRITON_HOPPER_BAD[1]
+
+
+def plan(driver: str, torch_info: dict | None, index: str | None = None, gpu_name: str = "",
+         with_fla: bool = True) -> tuple[str, str]:
     """('system', why) to reuse the system's torch, or (pip arguments of a pinned CUDA torch, why).
-    `index` (TORCH_INDEX) overrides the choice."""
+    `index` (TORCH_INDEX) overrides the choice. With fla on a Hopper GPU, a system torch whose Triton fla
+    refuses there is not reused: the pinned torch brings a Triton it takes."""
     if index:
         return f"{TORCH_PIN} --index-url {index}", f"TORCH_INDEX: {TORCH_PIN} from {index}"
     if torch_info and torch_info["cuda"] and torch_info["available"]:
-        if _numbers(torch_info["version"], 2) >= SYSTEM_TORCH_MIN:
+        triton = torch_info.get("triton")
+        if _numbers(torch_info["version"], 2) < SYSTEM_TORCH_MIN:
+            why = f"the system's torch {torch_info['version']} is older than {'.'.join(map(str, SYSTEM_TORCH_MIN))}"
+        elif with_fla and fla_refuses(gpu_name, triton):
+            why = (f"the system's torch {torch_info['version']} comes with Triton {triton}, under which fla's "
+                   f"backward is wrong on a Hopper GPU ({gpu_name}; fla issue #640)")
+        else:
             return "system", f"the system's torch {torch_info['version']} sees the GPU: the venv reuses it"
-        why = f"the system's torch {torch_info['version']} is older than {'.'.join(map(str, SYSTEM_TORCH_MIN))}"
     elif torch_info:
         cuda = f"CUDA {torch_info['cuda']}" if torch_info["cuda"] else "a CPU build"
         why = f"the system's torch {torch_info['version']} ({cuda}) does not see the GPU"
@@ -113,7 +138,8 @@ def verify(with_fla: bool) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="checks of scripts/train_gpu.sh")
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("plan", help="which torch the GPU venv gets")
+    which = sub.add_parser("plan", help="which torch the GPU venv gets")
+    which.add_argument("--no-fla", action="store_true", help="the venv will not use flash-linear-attention")
     check = sub.add_parser("verify", help="torch sees the GPU and fla imports")
     check.add_argument("--no-fla", action="store_true", help="do not check flash-linear-attention")
     args = p.parse_args(argv)
@@ -123,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
             if not found:
                 raise SetupError("nvidia-smi does not answer: this script is for machines with an NVIDIA GPU "
                                  "and its driver")
-            source, why = plan(found[0][1], system_torch(), os.environ.get("TORCH_INDEX"))
+            (name, driver), info = found[0], system_torch()
+            source, why = plan(driver, info, os.environ.get("TORCH_INDEX"), name, with_fla=not args.no_fla)
             print(f"note: {why}", file=sys.stderr)
             print(source)
         else:

@@ -12,7 +12,8 @@
 #                                                #   corpus without), 20,000 steps; re-running resumes
 #
 # The venv (.venv-gpu) reuses the system's torch when it is a CUDA build that sees the GPU (and is at
-# least 2.7); otherwise it gets torch 2.13.0 built for the newest CUDA the driver supports (CUDA 13.0
+# least 2.7; on a Hopper GPU with fla, its Triton must not be 3.4.0-3.7.0: fla trains wrongly there and
+# refuses); otherwise it gets torch 2.13.0 built for the newest CUDA the driver supports (CUDA 13.0
 # from driver 580, else CUDA 12.6). flash-linear-attention comes as fla-core, pinned in pyproject.toml's
 # `fla` extra. The choice is made and checked by scripts/gpu_env.py.
 #
@@ -51,8 +52,9 @@ nvidia-smi -L >/dev/null 2>&1 || { echo "error: nvidia-smi fails: is the NVIDIA 
 NGPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | wc -l)
 echo "== $NGPU GPU(s): $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | sort | uniq -c | xargs)"
 
+NO_FLA=(); [ "$FLA" = 1 ] || NO_FLA=(--no-fla)
 if [ "$DRY_RUN" = 1 ] || [ ! -x $VENV/bin/sakimi-next ]; then
-  SOURCE=$("$PY" scripts/gpu_env.py plan) || exit 2  # "system", or pip's arguments for a pinned CUDA torch
+  SOURCE=$("$PY" scripts/gpu_env.py plan "${NO_FLA[@]}") || exit 2  # "system", or pip's arguments for a pinned CUDA torch
   if [ "$SOURCE" = system ]; then
     run "$PY" -m venv --system-site-packages $VENV
   else
@@ -64,7 +66,6 @@ if [ "$DRY_RUN" = 1 ] || [ ! -x $VENV/bin/sakimi-next ]; then
   if [ "$FLA" = 1 ]; then run $VENV/bin/pip install -q -e '.[fla]'; else run $VENV/bin/pip install -q -e .; fi
 fi
 if [ "$DRY_RUN" = 1 ]; then echo "dry run: stopping before the checks"; exit 0; fi
-NO_FLA=(); [ "$FLA" = 1 ] || NO_FLA=(--no-fla)
 $VENV/bin/python scripts/gpu_env.py verify "${NO_FLA[@]}" || exit 2
 
 case "$MODE" in

@@ -52,6 +52,19 @@ def test_plan_picks_the_torch_the_driver_runs(driver, system, expected, why):
     assert source == expected and why in reason
 
 
+def test_plan_skips_a_system_triton_fla_refuses_on_hopper():
+    """fla refuses to train on a Hopper GPU under Triton 3.4.0-3.7.0 (seen on an H100 with torch 2.11's
+    Triton 3.6.0): the venv then gets the pinned torch (Triton 3.7.1), unless fla is not wanted."""
+    torch_211 = {**torch_info("2.11.0+cu130", "13.0", True), "triton": "3.6.0"}
+    source, why = gpu_env.plan("580.159.04", torch_211, gpu_name="NVIDIA H100 80GB HBM3")
+    assert source == CU130 and "comes with Triton 3.6.0, under which fla's backward is wrong on a Hopper GPU" in why
+    assert gpu_env.plan("580.159.04", torch_211, gpu_name="NVIDIA H100 80GB HBM3", with_fla=False)[0] == "system"
+    assert gpu_env.plan("580.159.04", torch_211, gpu_name="NVIDIA A100-SXM4-80GB")[0] == "system"
+    for triton in ("3.7.1", "3.3.1", None):
+        assert gpu_env.plan("580.159.04", {**torch_211, "triton": triton}, gpu_name="NVIDIA H200")[0] == "system"
+    assert gpu_env.fla_refuses("NVIDIA GH200 480GB", "3.4.0") and not gpu_env.fla_refuses("NVIDIA L4", "3.6.0")
+
+
 def test_plan_refuses_an_old_driver_and_takes_torch_index():
     with pytest.raises(gpu_env.SetupError, match="driver 470.256.02 is too old for torch==2.13.0"):
         gpu_env.plan("470.256.02", None)
@@ -59,8 +72,10 @@ def test_plan_refuses_an_old_driver_and_takes_torch_index():
         "torch==2.13.0 --index-url https://example.invalid/whl"
 
 
-def fake_machine(tmp_path, driver: str | None, torch_version: str | None, cuda: str | None, available: bool):
-    """A PATH with a fake nvidia-smi (none when driver is None) and a PYTHONPATH with a fake system torch."""
+def fake_machine(tmp_path, driver: str | None, torch_version: str | None, cuda: str | None, available: bool,
+                 triton: str | None = None):
+    """A PATH with a fake nvidia-smi of an H200 (none when driver is None) and a PYTHONPATH with a fake system
+    torch (and Triton's package metadata)."""
     bin_dir, site = tmp_path / "bin", tmp_path / "site"
     bin_dir.mkdir()
     site.mkdir()
@@ -76,6 +91,9 @@ def fake_machine(tmp_path, driver: str | None, torch_version: str | None, cuda: 
         (site / "torch" / "__init__.py").write_text(
             f"__version__ = {torch_version!r}\nclass version:\n    cuda = {cuda!r}\n"
             f"class cuda:\n    is_available = staticmethod(lambda: {available})\n")
+    if triton is not None:
+        (site / f"triton-{triton}.dist-info").mkdir()
+        (site / f"triton-{triton}.dist-info" / "METADATA").write_text(f"Name: triton\nVersion: {triton}\n")
     return {"PATH": f"{bin_dir}:/usr/bin:/bin", "PYTHONPATH": str(site), "PYTHON": sys.executable,
             "DRY_RUN": "1", "HOME": str(tmp_path)}
 
@@ -105,6 +123,16 @@ def test_train_gpu_reuses_a_system_cuda_torch(tmp_path):
     assert r.stdout.splitlines()[1:] == [f"+ {sys.executable} -m venv --system-site-packages .venv-gpu",
                                          "+ .venv-gpu/bin/pip install -q -e .",
                                          "dry run: stopping before the checks"]
+
+
+def test_train_gpu_on_hopper_does_not_reuse_a_triton_fla_refuses(tmp_path):
+    env = fake_machine(tmp_path, "580.159.03", "2.11.0+cu130", "13.0", True, triton="3.6.0")
+    r = train_gpu(env, "setup")
+    assert r.returncode == 0, r.stderr
+    assert f"+ .venv-gpu/bin/pip install -q {CU130}" in r.stdout.splitlines()
+    assert "comes with Triton 3.6.0, under which fla's backward is wrong on a Hopper GPU (NVIDIA H200" in r.stderr
+    r = train_gpu({**env, "FLA": "0"}, "setup")  # without fla the system's torch serves
+    assert f"+ {sys.executable} -m venv --system-site-packages .venv-gpu" in r.stdout.splitlines()
 
 
 @pytest.mark.parametrize("driver, args, message", [
