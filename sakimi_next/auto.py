@@ -22,7 +22,10 @@ text"; docs/log.md, "How `--config auto` was chosen").
                  its layers (three Gated DeltaNet, one attention), which take ~1.9x the steps. 20 minutes,
                  the same day, 8 -> 4 layers held out: 红楼梦 1.909 -> 1.869, cmn_eng 1.874 -> 1.845,
                  Tiny Shakespeare 2.077 -> 2.061 (a 1 MB text: 8 layers read it 3.5 times here), the
-                 King James Bible 1.665 -> 1.604
+                 King James Bible 1.665 -> 1.604. The 4 layers are 320 wide (MLP 960), not 256: ~1.15x
+                 the time a step, and 20 minutes, held out, 256 -> 320: 红楼梦 1.837 -> 1.828, Tiny
+                 Shakespeare 2.037 -> 2.028, cmn_eng 1.785 -> 1.767, the King James Bible 1.587 ->
+                 1.581, 三国演义 2.087 -> 2.093 (the one loss, within what two runs of one setting differ)
     batch        2,048 tokens a step: 4 windows of 512 tokens, each after a 512-token lead-in (read
                  without gradient), where the text can spare them; 8 x 256 and no lead-in for a text under
                  ~10,000 tokens. The model is used on long texts read in one pass (eval's carried state,
@@ -102,7 +105,11 @@ MAX_PASSES = 5.5
 # the tokens a second, read the text about twice as often, and stop at SHALLOW_MAX_PASSES. 20 minutes,
 # held out: 红楼梦 1.909 -> 1.869, Chinese-English pairs 1.874 -> 1.845, Tiny Shakespeare 2.077 -> 2.061
 # (2.086 when the half trunk also stopped at 5.5 passes; docs/benchmarks.md, "Half the trunk")
-SHALLOW_LAYERS, SHALLOW_SPEEDUP, SHALLOW_MAX_PASSES = 4, 1.9, 10.0
+SHALLOW_LAYERS, SHALLOW_SPEEDUP, SHALLOW_MAX_PASSES = 4, 1.65, 10.0
+# ... and wider than the whole trunk's 256 (its MLP 3x, as tiny_10m's): 4 layers 320 wide take ~1.15x the
+# time a step of 256 wide (1.9 -> 1.65 x the whole trunk's tokens a second) and learned more from each on
+# four texts of five, 0.007 bits/byte on average (docs/benchmarks.md, "The half trunk 320 wide")
+SHALLOW_HIDDEN = 320
 
 
 VAL_SHARE, VAL_MIN_BYTES, VAL_MAX_SHARE = 0.02, 20_000, 0.1
@@ -138,7 +145,11 @@ def vocab_size(train_bytes: int, characters: Mapping[str, int] | None = None) ->
 
 
 def model_config(vocab: int, layers: int = TRUNK_LAYERS) -> Config:
-    return preset(TRUNK, vocab_size=vocab, num_hidden_layers=layers)
+    """The trunk with `vocab` entries: all its layers, or SHALLOW_LAYERS of them SHALLOW_HIDDEN wide."""
+    if layers >= TRUNK_LAYERS:
+        return preset(TRUNK, vocab_size=vocab, num_hidden_layers=layers)
+    return preset(TRUNK, vocab_size=vocab, num_hidden_layers=layers, hidden_size=SHALLOW_HIDDEN,
+                  intermediate_size=3 * SHALLOW_HIDDEN)
 
 
 def layers(train_tokens: int, minutes: float | None, device_type: str) -> int:
@@ -193,7 +204,8 @@ def optimizer(fsdp: bool = False) -> str:
 def describe(h, config: Config) -> str:
     """The line a fresh --config auto run prints: what the rule chose (`h`: ResolvedHyperparameters)."""
     depth = config.num_hidden_layers
-    trunk = f"{TRUNK}'s trunk" + (f" at {depth} of its {TRUNK_LAYERS} layers" if depth != TRUNK_LAYERS else "")
+    trunk = f"{TRUNK}'s trunk" + (f" at {depth} of its {TRUNK_LAYERS} layers, {config.hidden_size} wide,"
+                                  if depth != TRUNK_LAYERS else "")
     return (f"--config auto: {trunk} with vocab {config.vocab_size:,}; batch {h.batch_size} x {h.seq_len}, lr "
             f"{h.learning_rate:g}, dropout {h.dropout:g}, weight decay {h.weight_decay:g}, optimizer {h.optimizer}, "
             f"lead-in {h.lead_in}, ema {h.ema:g} (docs/training.md)")

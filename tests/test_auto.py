@@ -118,7 +118,9 @@ def test_depth_follows_the_passes_the_budget_allows():
     assert auto.dropout(2 * enough, 20, "cpu") == auto.dropout_for(shallow, auto.SHALLOW_LAYERS) == 0.1
     assert auto.dropout(enough, 20, "cpu") == auto.dropout_for(auto.MAX_PASSES) == 0.2
     config = auto.model_config(1024, 4)
-    assert (config.num_hidden_layers, config.hidden_size, config.vocab_size) == (4, 256, 1024)
+    assert (config.num_hidden_layers, config.hidden_size, config.intermediate_size, config.vocab_size) == \
+        (4, auto.SHALLOW_HIDDEN, 3 * auto.SHALLOW_HIDDEN, 1024) == (4, 320, 960, 1024)
+    assert auto.model_config(1024).hidden_size == 256  # the whole trunk is tiny_10m's
     assert config.layer_types == ["linear_attention"] * 3 + ["full_attention"]  # still 3:1
 
 
@@ -150,10 +152,12 @@ def test_default_run_is_auto(tmp_path, capsys):
     # a budget too short for the whole trunk to read the text often: half of its layers, and resuming keeps them
     budget = [*args, "--out-dir", str(tmp_path / "run3"), "--max-minutes", "1"]
     assert main(budget) == 0
-    assert "--config auto: tiny_10m's trunk at 4 of its 8 layers with vocab 512" in capsys.readouterr().out
-    assert json.loads((ckpt.find_latest(tmp_path / "run3") / "config.json").read_text())["num_hidden_layers"] == 4
+    assert "--config auto: tiny_10m's trunk at 4 of its 8 layers, 320 wide, with vocab 512" in capsys.readouterr().out
+    shallow = json.loads((ckpt.find_latest(tmp_path / "run3") / "config.json").read_text())
+    assert (shallow["num_hidden_layers"], shallow["hidden_size"]) == (4, 320)
     assert main([*budget, "--steps", "2", "--resume-from", "auto"]) == 0
-    assert json.loads((ckpt.find_latest(tmp_path / "run3") / "config.json").read_text())["num_hidden_layers"] == 4
+    resumed = json.loads((ckpt.find_latest(tmp_path / "run3") / "config.json").read_text())
+    assert (resumed["num_hidden_layers"], resumed["hidden_size"]) == (4, 320)
 
 
 def test_the_pass_cap_in_steps():
