@@ -1,8 +1,8 @@
 """The GPU checks, as one script for a lent or rented NVIDIA machine. It judges: every figure that has a
 tolerance passes or fails, a table sums them up, and any failure makes the exit code 1.
 
-  1. Kernel agreement: the judged kernel (`fla` on CUDA when it imports, else `chunk`) against the plain
-     recurrence in float64 on the same inputs: outputs, final states and every input gradient. The metric
+  1. Kernel agreement: the judged kernel (`fla` on CUDA when it can run there, else `chunk`) against the
+     plain recurrence in float64 on the same inputs: outputs, final states and every input gradient. The metric
      and tolerances are fla's own tests' (fla.utils.assert_close: RMS of the difference over RMS of the
      reference; a comparison whose largest difference is <= 1e-6 passes): 5e-3 for outputs and states,
      8e-3 for dq, dk, dv and the initial state's gradient, 2e-2 for dg and dbeta. fla's tests use them
@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="gpu_check.json")
     p.add_argument("--kernel", choices=("auto", "fla", "chunk"), default="auto",
-                   help="the kernel judged on CUDA (auto: fla when it imports, else chunk; fla: required)")
+                   help="the kernel judged on CUDA (auto: fla when it can run there, else chunk; fla: required)")
     p.add_argument("--steps", type=int, default=10, help="timed small_50m training steps per kernel")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=512)

@@ -2,8 +2,9 @@
 
 - `recurrent`: the plain step-by-step reference (`naive.py`), used for decoding one token.
 - `chunk`: chunks of 64 with a hand-derived backward (`chunk.py`), for training and prefill on any device.
-- `fla`: flash-linear-attention's Triton kernels (`fla.py`), only when CUDA is available and a recent
-  enough `fla` imports. `--kernel auto` takes it on CUDA, and says once why when it cannot.
+- `fla`: flash-linear-attention's Triton kernels (`fla.py`), only when CUDA is available, a recent
+  enough `fla` imports and it trains on this GPU (`fla_problem`). `--kernel auto` takes it on CUDA, and
+  says once why when it cannot.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def fla_problem() -> str | None:
 
 
 def _fla_backward_problem(version: str) -> str | None:
-    """fla >= 0.5.2 refuses its backward on Hopper GPUs (H100, H200) under Triton 3.4.0 to 3.7.0, which
+    """fla 0.5.2 refuses its backward on Hopper GPUs (H100, H200) under Triton 3.4.0 to 3.7.0, which
     gives wrong gradients there (fla issue #640), unless tilelang takes that kernel. Found on an H100
     with torch 2.11's Triton 3.6.0: the first backward raised. Read from fla's own flags, so a fla that
     drops them (or the guard) is taken at its word."""
